@@ -1,0 +1,164 @@
+//! The `catapult` command: a thin layer of argument parsing over the library crates.
+//! Results go to stdout and files, progress and errors to stderr; exit code 0 on
+//! success, 1 on a failed run, 2 on bad input (recipe or arguments).
+
+use anyhow::Context;
+use catapult_data::{DocumentSplit, PrepareOptions};
+use catapult_trainer::{recipe, Override, RecipeError, RunOptions};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Distributed pretraining for LongCat-Flash-style mixture-of-experts models.
+#[derive(Parser)]
+#[command(name = "catapult", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model from a YAML recipe.
+    Train {
+        /// The recipe file, e.g. recipes/tiny.yaml.
+        recipe: PathBuf,
+        #[command(flatten)]
+        overrides: OverrideArgs,
+        /// Replace the outputs of an earlier run in the same run directory.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Check or print recipes.
+    Recipe {
+        #[command(subcommand)]
+        command: RecipeCommand,
+    },
+    /// Prepare datasets.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+}
+
+#[derive(Args)]
+struct OverrideArgs {
+    /// Override any recipe key, e.g. --set model.num_layers=4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum RecipeCommand {
+    /// Parse and check a recipe; exit 0 when it is valid.
+    Validate {
+        /// The recipe file.
+        file: PathBuf,
+        #[command(flatten)]
+        overrides: OverrideArgs,
+    },
+    /// Print the fully resolved recipe (defaults and overrides applied) as YAML.
+    Show {
+        /// The recipe file.
+        file: PathBuf,
+        #[command(flatten)]
+        overrides: OverrideArgs,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SplitArg {
+    /// One document per file.
+    File,
+    /// Documents separated by blank lines.
+    Paragraph,
+    /// One document per non-empty line.
+    Line,
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Turn text files into parquet shards with a `text` column.
+    Prepare {
+        /// Input text files (UTF-8), read in the order given.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Output directory for shard-NNNNN.parquet files.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// How to cut files into documents.
+        #[arg(long, value_enum, default_value = "paragraph")]
+        split: SplitArg,
+        /// Drop documents shorter than this many bytes.
+        #[arg(long, default_value_t = 1)]
+        min_chars: usize,
+        /// Documents per shard.
+        #[arg(long, default_value_t = 100_000)]
+        shard_size: usize,
+    },
+}
+
+/// A failure and the exit code it maps to.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        let error = e.into();
+        let code = if error.downcast_ref::<RecipeError>().is_some() { 2 } else { 1 };
+        Self { code, error }
+    }
+}
+
+fn load_recipe(file: &std::path::Path, overrides: &OverrideArgs) -> Result<catapult_trainer::Recipe, RecipeError> {
+    let parsed: Vec<Override> = overrides.set.iter().map(|s| Override::parse(s)).collect::<Result<_, _>>()?;
+    recipe::load(file, &parsed)
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Train { recipe, overrides, overwrite } => {
+            let recipe = load_recipe(&recipe, &overrides)?;
+            let summary = catapult_trainer::train(&recipe, &RunOptions { overwrite })?;
+            println!("validation loss: {:.4} -> {:.4}", summary.first_val_loss, summary.last_val_loss);
+            println!("checkpoint: {}", summary.checkpoint.display());
+            println!("metrics: {}", summary.metrics.display());
+        }
+        Command::Recipe { command: RecipeCommand::Validate { file, overrides } } => {
+            let r = load_recipe(&file, &overrides)?;
+            println!("{}: valid recipe `{}`", file.display(), r.name);
+        }
+        Command::Recipe { command: RecipeCommand::Show { file, overrides } } => {
+            print!("{}", load_recipe(&file, &overrides)?.to_yaml());
+        }
+        Command::Data { command: DataCommand::Prepare { inputs, output, split, min_chars, shard_size } } => {
+            let split = match split {
+                SplitArg::File => DocumentSplit::File,
+                SplitArg::Paragraph => DocumentSplit::Paragraph,
+                SplitArg::Line => DocumentSplit::Line,
+            };
+            let summary = catapult_data::prepare(&inputs, &output, &PrepareOptions { split, min_chars, shard_size })
+                .context("data prepare failed")?;
+            println!(
+                "{} documents, {} bytes, {} shard(s) in {}",
+                summary.documents,
+                summary.bytes,
+                summary.shards.len(),
+                output.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure { code, error }) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(code)
+        }
+    }
+}

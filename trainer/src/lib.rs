@@ -1,0 +1,11 @@
+//! The trainer: recipes, the LongCat-Flash model, the optimizer and the training loop.
+//! It owns what one rank computes; launching ranks and moving tokens between them live
+//! elsewhere (launcher, kernels).
+
+pub mod model;
+pub mod optim;
+pub mod recipe;
+pub mod train;
+
+pub use recipe::{Override, Recipe, RecipeError};
+pub use train::{train, RunOptions, RunSummary, TrainError};

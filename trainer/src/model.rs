@@ -1,0 +1,470 @@
+//! The LongCat-Flash model: ScMoE layers of MLA attention, dense SwiGLU FFNs and a MoE
+//! with zero-computation experts (longcat-methods sections 1-3).
+//!
+//! Read `ScMoeLayer::forward` next to section 1: the names are the same. The model knows
+//! nothing about ranks or devices beyond the tensors it is given; parallelism is applied
+//! from outside. Parameter names follow transformers' `LongcatFlashForCausalLM`
+//! (`model.layers.0.self_attn.1.q_a_proj.weight`, ...), except that the routed experts
+//! are stored stacked (`mlp.experts.gate_proj`: experts x intermediate x hidden).
+
+use crate::recipe::ModelConfig;
+use catapult_kernels::moe::{ffn_choice_mask, grouped_swiglu, ExpertDispatch};
+use tch::nn::{Init, Path};
+use tch::{Kind, Tensor};
+
+/// Epsilon of the RMSNorms inside MLA (transformers' LongcatFlashMLA uses the norm's
+/// default, 1e-6, not `rms_norm_eps`).
+const MLA_LATENT_NORM_EPS: f64 = 1e-6;
+
+fn linear(x: &Tensor, weight: &Tensor) -> Tensor {
+    x.matmul(&weight.to_kind(x.kind()).tr())
+}
+
+fn matrix(p: &Path, name: &str, out_dim: usize, in_dim: usize, std: f64) -> Tensor {
+    p.sub(name).var("weight", &[out_dim as i64, in_dim as i64], Init::Randn { mean: 0.0, stdev: std })
+}
+
+/// Root-mean-square normalization, computed in fp32, returned in the input's kind.
+#[derive(Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(p: &Path, dim: usize, eps: f64) -> Self {
+        Self { weight: p.var("weight", &[dim as i64], Init::Const(1.0)), eps }
+    }
+
+    /// `weight * x / sqrt(mean(x^2) + eps)`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let xf = x.to_kind(Kind::Float);
+        let variance = xf.square().mean_dim(-1, true, Kind::Float);
+        let normed = (xf * (variance + self.eps).rsqrt()).to_kind(x.kind());
+        normed * self.weight.to_kind(x.kind())
+    }
+}
+
+/// Rotary position embedding tables for the rope part of queries and keys.
+#[derive(Debug)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// Tables for positions 0..seq_len over `dim` rotated dimensions (fp32, as in
+    /// transformers: inv_freq = 1 / theta^(2i/dim)).
+    pub fn new(dim: usize, seq_len: usize, theta: f64, device: tch::Device) -> Self {
+        let opts = (Kind::Float, device);
+        let exponent = Tensor::arange_start_step(0, dim as i64, 2, (Kind::Int64, device)).to_kind(Kind::Float)
+            / dim as f64;
+        let inv_freq = Tensor::full([1], theta, opts).pow(&exponent).reciprocal();
+        let positions = Tensor::arange(seq_len as i64, (Kind::Int64, device)).to_kind(Kind::Float);
+        let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
+        Self { cos: freqs.cos(), sin: freqs.sin() }
+    }
+
+    /// Rotates interleaved pairs (x0, x1), (x2, x3), ... of the last axis (DeepSeek
+    /// layout) and returns them de-interleaved, [evens; odds], as transformers does; the
+    /// same layout for queries and keys leaves their dot products unchanged.
+    /// `x` is batch x heads x seq x dim.
+    pub fn apply(&self, x: &Tensor) -> Tensor {
+        let seq = x.size()[2];
+        let cos = self.cos.narrow(0, 0, seq).to_kind(x.kind());
+        let sin = self.sin.narrow(0, 0, seq).to_kind(x.kind());
+        let dim = x.size()[3];
+        let x1 = x.slice(-1, 0, dim, 2);
+        let x2 = x.slice(-1, 1, dim, 2);
+        Tensor::cat(&[&x1 * &cos - &x2 * &sin, &x2 * &cos + &x1 * &sin], -1)
+    }
+}
+
+/// Multi-head latent attention with the alpha_q / alpha_kv scale correction (section 2).
+#[derive(Debug)]
+pub struct Mla {
+    q_a_proj: Tensor,
+    q_a_layernorm: RmsNorm,
+    q_b_proj: Tensor,
+    kv_a_proj_with_mqa: Tensor,
+    kv_a_layernorm: RmsNorm,
+    kv_b_proj: Tensor,
+    o_proj: Tensor,
+    heads: i64,
+    nope_dim: i64,
+    rope_dim: i64,
+    v_dim: i64,
+    kv_rank: i64,
+    /// sqrt(d_model / q_lora_rank).
+    pub alpha_q: f64,
+    /// sqrt(d_model / kv_lora_rank).
+    pub alpha_kv: f64,
+}
+
+impl Mla {
+    fn new(p: &Path, c: &ModelConfig) -> Self {
+        let std = c.initializer_range;
+        let heads = c.num_attention_heads;
+        Self {
+            q_a_proj: matrix(p, "q_a_proj", c.q_lora_rank, c.hidden_size, std),
+            q_a_layernorm: RmsNorm::new(&p.sub("q_a_layernorm"), c.q_lora_rank, MLA_LATENT_NORM_EPS),
+            q_b_proj: matrix(p, "q_b_proj", heads * c.qk_head_dim(), c.q_lora_rank, std),
+            kv_a_proj_with_mqa: matrix(p, "kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, c.hidden_size, std),
+            kv_a_layernorm: RmsNorm::new(&p.sub("kv_a_layernorm"), c.kv_lora_rank, MLA_LATENT_NORM_EPS),
+            kv_b_proj: matrix(p, "kv_b_proj", heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, std),
+            o_proj: matrix(p, "o_proj", c.hidden_size, heads * c.v_head_dim, std),
+            heads: heads as i64,
+            nope_dim: c.qk_nope_head_dim as i64,
+            rope_dim: c.qk_rope_head_dim as i64,
+            v_dim: c.v_head_dim as i64,
+            kv_rank: c.kv_lora_rank as i64,
+            alpha_q: (c.hidden_size as f64 / c.q_lora_rank as f64).sqrt(),
+            alpha_kv: (c.hidden_size as f64 / c.kv_lora_rank as f64).sqrt(),
+        }
+    }
+
+    /// Causal self-attention over `x` (batch x seq x hidden).
+    pub fn forward(&self, x: &Tensor, rope: &Rope) -> Tensor {
+        let (b, s, _) = x.size3().expect("batch x seq x hidden");
+        let (nh, nope, rd, vd) = (self.heads, self.nope_dim, self.rope_dim, self.v_dim);
+        let q = linear(&self.q_a_layernorm.forward(&linear(x, &self.q_a_proj)), &self.q_b_proj) * self.alpha_q;
+        let q = q.view([b, s, nh, nope + rd]).transpose(1, 2);
+        let compressed = linear(x, &self.kv_a_proj_with_mqa);
+        let latent = self.kv_a_layernorm.forward(&compressed.narrow(-1, 0, self.kv_rank)) * self.alpha_kv;
+        let k_rope = compressed.narrow(-1, self.kv_rank, rd).view([b, 1, s, rd]);
+        let kv = linear(&latent, &self.kv_b_proj).view([b, s, nh, nope + vd]).transpose(1, 2);
+        let q = Tensor::cat(&[q.narrow(-1, 0, nope), rope.apply(&q.narrow(-1, nope, rd))], -1);
+        let k_rope = rope.apply(&k_rope).expand([b, nh, s, rd], false);
+        let k = Tensor::cat(&[kv.narrow(-1, 0, nope), k_rope], -1);
+        let v = kv.narrow(-1, nope, vd);
+        let scale = 1.0 / ((nope + rd) as f64).sqrt();
+        let attn = Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, scale, false);
+        linear(&attn.transpose(1, 2).reshape([b, s, nh * vd]), &self.o_proj)
+    }
+}
+
+/// Dense SwiGLU FFN: `down(silu(gate x) * up x)`.
+#[derive(Debug)]
+pub struct SwiGlu {
+    gate_proj: Tensor,
+    up_proj: Tensor,
+    down_proj: Tensor,
+}
+
+impl SwiGlu {
+    fn new(p: &Path, hidden: usize, intermediate: usize, std: f64) -> Self {
+        Self {
+            gate_proj: matrix(p, "gate_proj", intermediate, hidden, std),
+            up_proj: matrix(p, "up_proj", intermediate, hidden, std),
+            down_proj: matrix(p, "down_proj", hidden, intermediate, std),
+        }
+    }
+
+    /// The FFN on `x` (... x hidden).
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        linear(&(linear(x, &self.gate_proj).silu() * linear(x, &self.up_proj)), &self.down_proj)
+    }
+}
+
+/// The MoE: fp32 softmax router over N FFN + Z zero experts, top-K over p + b, gate
+/// weights gamma * p from the unbiased p (section 3).
+#[derive(Debug)]
+pub struct Moe {
+    router: Tensor,
+    /// Expert bias b (a buffer: affects selection only, never the gate weights).
+    pub expert_bias: Tensor,
+    gate_proj: Tensor,
+    up_proj: Tensor,
+    down_proj: Tensor,
+    n_ffn: i64,
+    n_total: i64,
+    top_k: i64,
+    gamma: f64,
+}
+
+/// What the MoE did, for metrics and (later) the expert-bias controller.
+#[derive(Debug)]
+pub struct MoeOutput {
+    /// The MoE branch output, batch x seq x hidden.
+    pub output: Tensor,
+    /// Selections per expert (N FFN then Z zero), i64, summed over the tokens.
+    pub selections: Tensor,
+}
+
+impl Moe {
+    fn new(p: &Path, c: &ModelConfig) -> Self {
+        let std = c.initializer_range;
+        let (n, z) = (c.n_routed_experts as i64, c.zero_expert_num as i64);
+        let (h, i) = (c.hidden_size as i64, c.expert_ffn_hidden_size as i64);
+        let router = p.sub("router");
+        let experts = p.sub("experts");
+        let init = Init::Randn { mean: 0.0, stdev: std };
+        Self {
+            router: matrix(&router, "classifier", (n + z) as usize, c.hidden_size, std),
+            expert_bias: router.zeros_no_train("e_score_correction_bias", &[n + z]),
+            gate_proj: experts.var("gate_proj", &[n, i, h], init),
+            up_proj: experts.var("up_proj", &[n, i, h], init),
+            down_proj: experts.var("down_proj", &[n, h, i], init),
+            n_ffn: n,
+            n_total: n + z,
+            top_k: c.moe_topk as i64,
+            gamma: c.routed_scaling_factor,
+        }
+    }
+
+    /// `MoE(u) = sum_{selected FFN i} g_i FFN_i(u) + (sum_{selected zero i} g_i) u`.
+    pub fn forward(&self, u: &Tensor) -> MoeOutput {
+        let shape = u.size();
+        let hidden = shape[shape.len() - 1];
+        let x = u.reshape([-1, hidden]);
+        let probs = linear(&x.to_kind(Kind::Float), &self.router).softmax(-1, Kind::Float);
+        let (_, choice) = (probs.detach() + &self.expert_bias).topk(self.top_k, -1, true, true);
+        let weights = probs.gather(1, &choice, false) * self.gamma;
+        let dispatch = ExpertDispatch::new(&choice, self.n_ffn, self.n_total);
+        let kind = x.kind();
+        let expert_out = grouped_swiglu(
+            &dispatch.gather(&x),
+            &dispatch.counts,
+            &self.gate_proj.to_kind(kind),
+            &self.up_proj.to_kind(kind),
+            &self.down_proj.to_kind(kind),
+        );
+        let is_ffn = ffn_choice_mask(&choice, self.n_ffn, Kind::Float);
+        let output = dispatch.combine(&expert_out, &weights, &is_ffn, &x).view(shape.as_slice());
+        MoeOutput { output, selections: dispatch.selections }
+    }
+}
+
+/// One shortcut-connected MoE layer (section 1).
+#[derive(Debug)]
+pub struct ScMoeLayer {
+    norm_in: [RmsNorm; 2],
+    norm_post: [RmsNorm; 2],
+    mla: [Mla; 2],
+    ffn: [SwiGlu; 2],
+    /// The layer's MoE branch.
+    pub moe: Moe,
+}
+
+impl ScMoeLayer {
+    fn new(p: &Path, c: &ModelConfig) -> Self {
+        let (h, eps, std) = (c.hidden_size, c.rms_norm_eps, c.initializer_range);
+        let norm = |name: &str, i: usize| RmsNorm::new(&p.sub(name).sub(i), h, eps);
+        Self {
+            norm_in: [norm("input_layernorm", 0), norm("input_layernorm", 1)],
+            norm_post: [norm("post_attention_layernorm", 0), norm("post_attention_layernorm", 1)],
+            mla: [Mla::new(&p.sub("self_attn").sub(0), c), Mla::new(&p.sub("self_attn").sub(1), c)],
+            ffn: [
+                SwiGlu::new(&p.sub("mlps").sub(0), h, c.ffn_hidden_size, std),
+                SwiGlu::new(&p.sub("mlps").sub(1), h, c.ffn_hidden_size, std),
+            ],
+            moe: Moe::new(&p.sub("mlp"), c),
+        }
+    }
+
+    /// The layer on `x` (batch x seq x hidden); also returns the MoE's selections.
+    pub fn forward(&self, x: &Tensor, rope: &Rope) -> (Tensor, Tensor) {
+        let h1 = x + self.mla[0].forward(&self.norm_in[0].forward(x), rope);
+        let u = self.norm_post[0].forward(&h1);
+        let m = self.moe.forward(&u);
+        let h2 = &h1 + self.ffn[0].forward(&u);
+        let h3 = &h2 + self.mla[1].forward(&self.norm_in[1].forward(&h2), rope);
+        let out = &h3 + self.ffn[1].forward(&self.norm_post[1].forward(&h3)) + m.output;
+        (out, m.selections)
+    }
+}
+
+/// Embedding, ScMoE layers, final norm and an untied head.
+#[derive(Debug)]
+pub struct LongcatModel {
+    embed_tokens: Tensor,
+    /// The layers, in order.
+    pub layers: Vec<ScMoeLayer>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    rope: Rope,
+    compute_kind: Kind,
+}
+
+/// Outputs of a forward pass.
+#[derive(Debug)]
+pub struct ModelOutput {
+    /// Next-token logits, batch x seq x vocab, fp32.
+    pub logits: Tensor,
+    /// The last layer's hidden state before the final norm (for the hidden z-loss).
+    pub last_hidden: Tensor,
+    /// Per layer, selections per expert (i64, N FFN then Z zero).
+    pub selections: Vec<Tensor>,
+}
+
+impl LongcatModel {
+    /// Creates the parameters under `root` (normal(0, initializer_range) matrices, unit
+    /// norms, zero expert bias), in a fixed order so that a seed fixes every value. The
+    /// RoPE tables are made on `device`, where the parameters are expected to end up.
+    pub fn new(root: &Path, c: &ModelConfig, max_seq_len: usize, compute_kind: Kind, device: tch::Device) -> Self {
+        let model = root.sub("model");
+        let std = c.initializer_range;
+        let embed_tokens = model.sub("embed_tokens").var(
+            "weight",
+            &[c.vocab_size as i64, c.hidden_size as i64],
+            Init::Randn { mean: 0.0, stdev: std },
+        );
+        let layers = (0..c.num_layers).map(|i| ScMoeLayer::new(&model.sub("layers").sub(i), c)).collect();
+        let norm = RmsNorm::new(&model.sub("norm"), c.hidden_size, c.rms_norm_eps);
+        let lm_head = matrix(root, "lm_head", c.vocab_size, c.hidden_size, std);
+        let rope = Rope::new(c.qk_rope_head_dim, max_seq_len, c.rope_theta, device);
+        Self { embed_tokens, layers, norm, lm_head, rope, compute_kind }
+    }
+
+    /// Logits for `tokens` (batch x seq, i64).
+    pub fn forward(&self, tokens: &Tensor) -> ModelOutput {
+        let mut h = Tensor::embedding(&self.embed_tokens, tokens, -1, false, false).to_kind(self.compute_kind);
+        let mut selections = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let (out, sel) = layer.forward(&h, &self.rope);
+            h = out;
+            selections.push(sel);
+        }
+        let logits = linear(&self.norm.forward(&h), &self.lm_head).to_kind(Kind::Float);
+        ModelOutput { logits, last_hidden: h, selections }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recipe::ModelConfig;
+    use tch::{nn::VarStore, Device};
+
+    fn config() -> ModelConfig {
+        ModelConfig {
+            vocab_size: 300,
+            hidden_size: 32,
+            num_layers: 2,
+            num_attention_heads: 2,
+            q_lora_rank: 8,
+            kv_lora_rank: 2,
+            qk_nope_head_dim: 8,
+            qk_rope_head_dim: 4,
+            v_head_dim: 6,
+            ffn_hidden_size: 48,
+            expert_ffn_hidden_size: 12,
+            n_routed_experts: 4,
+            zero_expert_num: 2,
+            moe_topk: 3,
+            target_ffn_experts: Some(2),
+            routed_scaling_factor: 1.5,
+            rope_theta: 10000.0,
+            rms_norm_eps: 1e-5,
+            initializer_range: 0.2,
+        }
+    }
+
+    fn moe(c: &ModelConfig) -> (VarStore, Moe) {
+        tch::manual_seed(11);
+        let vs = VarStore::new(Device::Cpu);
+        let m = Moe::new(&vs.root(), c);
+        (vs, m)
+    }
+
+    #[test]
+    fn mla_scale_factors_are_sqrt_width_over_rank() {
+        let c = config();
+        let vs = VarStore::new(Device::Cpu);
+        let mla = Mla::new(&vs.root(), &c);
+        assert_eq!(mla.alpha_q, (32.0f64 / 8.0).sqrt());
+        assert_eq!(mla.alpha_kv, (32.0f64 / 2.0).sqrt());
+        assert_eq!(mla.alpha_kv, 4.0);
+    }
+
+    #[test]
+    fn zero_experts_return_their_input_times_their_gate() {
+        let c = config();
+        let (_vs, m) = moe(&c);
+        // A bias that only zero experts can win: every selection is a zero expert.
+        let mut bias = m.expert_bias.shallow_clone();
+        tch::no_grad(|| bias.copy_(&Tensor::from_slice(&[-10.0f32, -10.0, -10.0, -10.0, 10.0, 10.0])));
+        let m = Moe { top_k: 2, ..m };
+        let u = Tensor::randn([3, 5, 32], (Kind::Float, Device::Cpu));
+        let out = m.forward(&u);
+        let x = u.reshape([-1, 32]);
+        let probs = linear(&x, &m.router).softmax(-1, Kind::Float);
+        let gate = probs.narrow(1, 4, 2).sum_dim_intlist(-1, true, Kind::Float) * 1.5;
+        let expected = (x * gate).view([3, 5, 32]);
+        assert!(out.output.allclose(&expected, 1e-6, 1e-6, false));
+        assert_eq!(Vec::<i64>::try_from(&out.selections).unwrap(), vec![0, 0, 0, 0, 15, 15]);
+    }
+
+    #[test]
+    fn without_zero_experts_and_k_equal_n_the_moe_is_the_dense_weighted_sum() {
+        let c = ModelConfig { zero_expert_num: 0, moe_topk: 4, target_ffn_experts: None, ..config() };
+        let (_vs, m) = moe(&c);
+        let u = Tensor::randn([2, 7, 32], (Kind::Float, Device::Cpu));
+        let out = m.forward(&u).output;
+        let x = u.reshape([-1, 32]);
+        let probs = linear(&x, &m.router).softmax(-1, Kind::Float);
+        let mut dense = Tensor::zeros_like(&x);
+        for e in 0..4 {
+            let h = linear(&x, &m.gate_proj.get(e)).silu() * linear(&x, &m.up_proj.get(e));
+            dense += linear(&h, &m.down_proj.get(e)) * probs.narrow(1, e, 1) * 1.5;
+        }
+        let diff = (out - dense.view([2, 7, 32])).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "max difference {diff}");
+    }
+
+    #[test]
+    fn gamma_scales_the_moe_output() {
+        let c = config();
+        let (_vs, m1) = moe(&c);
+        let (_vs2, m3) = moe(&ModelConfig { routed_scaling_factor: 4.5, ..c });
+        let u = Tensor::randn([2, 6, 32], (Kind::Float, Device::Cpu));
+        let a = m1.forward(&u).output;
+        let b = m3.forward(&u).output;
+        let diff = (b - a * 3.0).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "max difference {diff}");
+    }
+
+    #[test]
+    fn expert_bias_changes_selection_but_not_weights() {
+        let c = ModelConfig { zero_expert_num: 0, moe_topk: 1, target_ffn_experts: None, ..config() };
+        let (_vs, m) = moe(&c);
+        let u = Tensor::randn([1, 4, 32], (Kind::Float, Device::Cpu));
+        let mut bias = m.expert_bias.shallow_clone();
+        // Force expert 2 for every token: the output must be g_2 * FFN_2 with g from p.
+        tch::no_grad(|| bias.copy_(&Tensor::from_slice(&[0.0f32, 0.0, 5.0, 0.0])));
+        let out = m.forward(&u);
+        let x = u.reshape([-1, 32]);
+        let probs = linear(&x, &m.router).softmax(-1, Kind::Float);
+        let h = linear(&x, &m.gate_proj.get(2)).silu() * linear(&x, &m.up_proj.get(2));
+        let expected = linear(&h, &m.down_proj.get(2)) * probs.narrow(1, 2, 1) * 1.5;
+        assert!(out.output.view([4, 32]).allclose(&expected, 1e-5, 1e-6, false));
+        assert_eq!(Vec::<i64>::try_from(&out.selections).unwrap(), vec![0, 0, 4, 0]);
+    }
+
+    #[test]
+    fn model_is_causal_and_gradients_reach_every_parameter() {
+        let c = config();
+        tch::manual_seed(5);
+        let vs = VarStore::new(Device::Cpu);
+        let model = LongcatModel::new(&vs.root(), &c, 16, Kind::Float, Device::Cpu);
+        let tokens = Tensor::randint(256, [2, 10], (Kind::Int64, Device::Cpu));
+        let out = model.forward(&tokens);
+        assert_eq!(out.logits.size(), vec![2, 10, 300]);
+        // Changing a later token must not change earlier logits.
+        let mut changed = tokens.copy();
+        let _ = changed.get(0).get(7).fill_(3);
+        let out2 = model.forward(&changed);
+        assert!(out.logits.narrow(1, 0, 7).equal(&out2.logits.narrow(1, 0, 7)));
+        assert!(!out.logits.narrow(1, 7, 3).equal(&out2.logits.narrow(1, 7, 3)));
+        out.logits.square().mean(Kind::Float).backward();
+        let mut names: Vec<_> = vs.variables().into_iter().collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, t) in names.iter().filter(|(_, t)| t.requires_grad()) {
+            let g = t.grad();
+            assert!(g.defined(), "{name} got no gradient");
+            if !name.contains("experts") {
+                assert!(g.abs().sum(Kind::Float).double_value(&[]) > 0.0, "{name} has a zero gradient");
+            }
+        }
+    }
+}

@@ -1,0 +1,837 @@
+//! Recipes: the YAML file that fully describes a training run, parsed into typed structs.
+//!
+//! This module owns parsing, `--set` overrides and the semantic checks that must pass
+//! before any rank starts. It knows nothing about tensors or processes. Every error names
+//! the file (or the `--set` argument), the field's dotted path, the problem and the fix.
+
+use serde::{Deserialize, Serialize};
+use serde_yaml_ng::Value;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Number of ids the byte-level tokenizer uses (256 bytes plus the end-of-document id).
+pub const BYTE_VOCAB: usize = catapult_data::ByteTokenizer::VOCAB_SIZE;
+
+/// A whole training run: model shape, data, optimization, system and outputs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Run name; the default output directory is `runs/<name>`.
+    pub name: String,
+    /// Seed for initialization and data order.
+    #[serde(default = "defaults::seed")]
+    pub seed: u64,
+    /// Where and in what precision the run computes.
+    #[serde(default)]
+    pub system: SystemConfig,
+    /// Model shape (LongCat-Flash layer, MLA, router and experts).
+    pub model: ModelConfig,
+    /// Training corpus and sequence layout.
+    pub data: DataConfig,
+    /// Optimization: steps, batch, learning-rate schedule, AdamW.
+    pub train: TrainConfig,
+    /// Where checkpoints and metrics go.
+    #[serde(default)]
+    pub output: OutputConfig,
+}
+
+/// Compute device.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// Host CPU (the default).
+    #[default]
+    Cpu,
+    /// The first CUDA device.
+    Cuda,
+}
+
+/// Floating-point format of the forward and backward compute (weights stay fp32).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit floats everywhere (the default, and the only choice that is fast on CPU).
+    #[default]
+    Fp32,
+    /// bfloat16 matrix math with fp32 master weights, router and loss.
+    Bf16,
+}
+
+/// Device, threads and precision.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SystemConfig {
+    /// `cpu` or `cuda`.
+    pub device: DeviceKind,
+    /// Intra-op threads on CPU (0 = libtorch's default).
+    pub threads: usize,
+    /// `fp32` or `bf16`.
+    pub precision: Precision,
+}
+
+impl Default for SystemConfig {
+    fn default() -> Self {
+        Self { device: DeviceKind::Cpu, threads: 0, precision: Precision::Fp32 }
+    }
+}
+
+/// Model shape; field names follow transformers' `LongcatFlashConfig` where one exists.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Vocabulary rows of the embedding and the head (at least the tokenizer's size).
+    pub vocab_size: usize,
+    /// Model width d_model.
+    pub hidden_size: usize,
+    /// Number of ScMoE layers (each has two attention blocks).
+    pub num_layers: usize,
+    /// Attention heads per MLA block.
+    pub num_attention_heads: usize,
+    /// Rank of the query compression.
+    pub q_lora_rank: usize,
+    /// Rank of the key/value compression.
+    pub kv_lora_rank: usize,
+    /// Per-head query/key dimension without RoPE.
+    pub qk_nope_head_dim: usize,
+    /// Per-head query/key dimension with RoPE (even).
+    pub qk_rope_head_dim: usize,
+    /// Per-head value dimension.
+    pub v_head_dim: usize,
+    /// Intermediate size of the two dense SwiGLU FFNs per layer.
+    pub ffn_hidden_size: usize,
+    /// Intermediate size of each routed SwiGLU expert.
+    pub expert_ffn_hidden_size: usize,
+    /// N: FFN experts per MoE.
+    pub n_routed_experts: usize,
+    /// Z: zero-computation (identity) experts per MoE.
+    #[serde(default)]
+    pub zero_expert_num: usize,
+    /// K: experts selected per token.
+    pub moe_topk: usize,
+    /// K_e: target expected number of FFN experts per token (defaults to K).
+    #[serde(default)]
+    pub target_ffn_experts: Option<usize>,
+    /// gamma: the routed scaling factor multiplying the gate weights.
+    #[serde(default = "defaults::one")]
+    pub routed_scaling_factor: f64,
+    /// RoPE base.
+    #[serde(default = "defaults::rope_theta")]
+    pub rope_theta: f64,
+    /// Epsilon of the block RMSNorms.
+    #[serde(default = "defaults::rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    /// Standard deviation of the normal initialization of matrices.
+    #[serde(default = "defaults::init_std")]
+    pub initializer_range: f64,
+}
+
+impl ModelConfig {
+    /// K_e, the target number of FFN experts per token.
+    pub fn target_ffn_experts(&self) -> usize {
+        self.target_ffn_experts.unwrap_or(self.moe_topk)
+    }
+    /// Per-head query/key dimension (nope + rope).
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+    /// All experts of a MoE, FFN and zero.
+    pub fn total_experts(&self) -> usize {
+        self.n_routed_experts + self.zero_expert_num
+    }
+}
+
+/// Learning-rate schedule after warmup.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Cosine decay from `lr` to `min_lr` over the steps after warmup.
+    #[default]
+    Cosine,
+    /// Warmup-stable-decay: constant `lr`, then linear decay to `min_lr` over the last
+    /// `decay_fraction` of the steps.
+    Wsd,
+}
+
+/// Training corpus and sequence layout.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// A parquet file or a directory of parquet shards (see `catapult data prepare`).
+    pub path: PathBuf,
+    /// Name of the text column.
+    #[serde(default = "defaults::text_column")]
+    pub text_column: String,
+    /// Tokenizer: `bytes` (byte-level, 256 ids plus end-of-document).
+    #[serde(default = "defaults::tokenizer")]
+    pub tokenizer: String,
+    /// Tokens per training sequence.
+    pub seq_len: usize,
+    /// Fraction of documents held out for validation (chosen by a hash of the document's
+    /// index, so the split does not depend on the seed).
+    #[serde(default = "defaults::valid_fraction")]
+    pub valid_fraction: f64,
+}
+
+/// Optimization and its schedule.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Sequences per optimizer step.
+    pub global_batch_size: usize,
+    /// Sequences per forward/backward; gradients accumulate over
+    /// global_batch_size / micro_batch_size micro-batches.
+    pub micro_batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate.
+    #[serde(default)]
+    pub min_lr: f64,
+    /// Linear warmup steps.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// `cosine` or `wsd`.
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// WSD only: fraction of the steps spent decaying.
+    #[serde(default = "defaults::decay_fraction")]
+    pub decay_fraction: f64,
+    /// AdamW beta1.
+    #[serde(default = "defaults::beta1")]
+    pub beta1: f64,
+    /// AdamW beta2.
+    #[serde(default = "defaults::beta2")]
+    pub beta2: f64,
+    /// AdamW epsilon (LongCat-Flash: 1e-16, see longcat-methods section 6).
+    #[serde(default = "defaults::adam_eps")]
+    pub adam_eps: f64,
+    /// Decoupled weight decay on matrices (norm weights and biases get none).
+    #[serde(default = "defaults::weight_decay")]
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0 disables).
+    #[serde(default = "defaults::one")]
+    pub grad_clip: f64,
+    /// Validation every this many steps (and at step 0 and the end).
+    #[serde(default = "defaults::eval_every")]
+    pub eval_every: usize,
+    /// Validation sequences per evaluation.
+    #[serde(default = "defaults::eval_sequences")]
+    pub eval_sequences: usize,
+    /// Metrics line every this many steps.
+    #[serde(default = "defaults::one_usize")]
+    pub log_every: usize,
+}
+
+/// Where a run writes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Run directory (default `runs/<name>`).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+}
+
+mod defaults {
+    pub fn seed() -> u64 {
+        1234
+    }
+    pub fn one() -> f64 {
+        1.0
+    }
+    pub fn one_usize() -> usize {
+        1
+    }
+    pub fn rope_theta() -> f64 {
+        10000.0
+    }
+    pub fn rms_norm_eps() -> f64 {
+        1e-5
+    }
+    pub fn init_std() -> f64 {
+        0.02
+    }
+    pub fn text_column() -> String {
+        "text".into()
+    }
+    pub fn tokenizer() -> String {
+        "bytes".into()
+    }
+    pub fn valid_fraction() -> f64 {
+        0.02
+    }
+    pub fn decay_fraction() -> f64 {
+        0.2
+    }
+    pub fn beta1() -> f64 {
+        0.9
+    }
+    pub fn beta2() -> f64 {
+        0.95
+    }
+    pub fn adam_eps() -> f64 {
+        1e-16
+    }
+    pub fn weight_decay() -> f64 {
+        0.1
+    }
+    pub fn eval_every() -> usize {
+        50
+    }
+    pub fn eval_sequences() -> usize {
+        32
+    }
+}
+
+/// Why a recipe was rejected. The Display text is the whole message a user sees.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecipeError {
+    /// The file could not be read.
+    Read { file: PathBuf, reason: String },
+    /// The YAML itself is malformed.
+    Syntax { file: PathBuf, line: Option<usize>, reason: String },
+    /// A key that the recipe schema does not have.
+    UnknownKey {
+        origin: String,
+        path: String,
+        line: Option<usize>,
+        suggestion: Option<String>,
+        valid: Vec<String>,
+    },
+    /// A value of the wrong type, or a missing required key.
+    BadValue { origin: String, path: String, line: Option<usize>, reason: String },
+    /// A malformed `--set` argument.
+    BadOverride { arg: String, reason: String },
+    /// Values that parse but do not make sense together.
+    Inconsistent { file: String, fields: Vec<String>, problem: String, fix: String },
+}
+
+fn at_line(line: &Option<usize>) -> String {
+    line.map(|l| format!(" (line {l})")).unwrap_or_default()
+}
+
+impl fmt::Display for RecipeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RecipeError::Read { file, reason } => {
+                write!(f, "cannot read recipe {}: {reason}", file.display())
+            }
+            RecipeError::Syntax { file, line, reason } => {
+                write!(f, "{}{}: invalid YAML: {reason}", file.display(), at_line(line))
+            }
+            RecipeError::UnknownKey { origin, path, line, suggestion, valid } => {
+                write!(f, "{origin}: unknown key `{path}`{}", at_line(line))?;
+                match suggestion {
+                    Some(s) => write!(f, "; did you mean `{s}`?"),
+                    None => write!(f, "; valid keys here: {}", valid.join(", ")),
+                }
+            }
+            RecipeError::BadValue { origin, path, line, reason } => {
+                write!(f, "{origin}: `{path}`{}: {reason}", at_line(line))
+            }
+            RecipeError::BadOverride { arg, reason } => {
+                write!(f, "--set {arg}: {reason}")
+            }
+            RecipeError::Inconsistent { file, fields, problem, fix } => {
+                let names: Vec<String> = fields.iter().map(|x| format!("`{x}`")).collect();
+                write!(f, "{file}: {}: {problem}; {fix}", names.join(" and "))
+            }
+        }
+    }
+}
+
+impl std::error::Error for RecipeError {}
+
+/// A `--set dotted.path=value` override.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Override {
+    /// The argument as the user wrote it.
+    pub arg: String,
+    /// Path components.
+    pub path: Vec<String>,
+    /// The value, parsed as a YAML scalar (so `4` is a number, `cuda` a string).
+    pub value: Value,
+}
+
+impl Override {
+    /// Parses `a.b.c=value`.
+    pub fn parse(arg: &str) -> Result<Self, RecipeError> {
+        let bad = |reason: &str| RecipeError::BadOverride { arg: arg.into(), reason: reason.into() };
+        let (key, raw) =
+            arg.split_once('=').ok_or_else(|| bad("expected KEY=VALUE, e.g. model.num_layers=4"))?;
+        let path: Vec<String> = key.trim().split('.').map(str::to_string).collect();
+        if path.iter().any(|p| p.is_empty()) {
+            return Err(bad("the key has an empty component; write it like train.steps=100"));
+        }
+        let value: Value = serde_yaml_ng::from_str(raw)
+            .map_err(|e| bad(&format!("the value is not valid YAML ({e})")))?;
+        Ok(Self { arg: arg.into(), path, value })
+    }
+
+    fn apply(&self, root: &mut Value) -> Result<(), RecipeError> {
+        let mut node = root;
+        for (i, part) in self.path.iter().enumerate() {
+            let Value::Mapping(map) = node else {
+                return Err(RecipeError::BadOverride {
+                    arg: self.arg.clone(),
+                    reason: format!("`{}` is not a section", self.path[..i].join(".")),
+                });
+            };
+            let key = Value::String(part.clone());
+            if i + 1 == self.path.len() {
+                map.insert(key, self.value.clone());
+                return Ok(());
+            }
+            node = map.entry(key).or_insert_with(|| Value::Mapping(Default::default()));
+        }
+        Ok(())
+    }
+}
+
+/// Loads a recipe file, applies overrides and runs every semantic check.
+pub fn load(file: &Path, overrides: &[Override]) -> Result<Recipe, RecipeError> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| RecipeError::Read { file: file.into(), reason: e.to_string() })?;
+    parse(&text, &file.display().to_string(), overrides)
+}
+
+/// Parses recipe text (`origin` names it in errors), applies overrides, validates.
+pub fn parse(text: &str, origin: &str, overrides: &[Override]) -> Result<Recipe, RecipeError> {
+    // First pass on the text itself, so that errors carry the file's line numbers.
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    let first: Result<Recipe, _> = serde_path_to_error::deserialize(de);
+    let recipe = match first {
+        Ok(r) if overrides.is_empty() => r,
+        Ok(_) => {
+            let mut tree: Value = serde_yaml_ng::from_str(text).map_err(|e| syntax(origin, e))?;
+            for o in overrides {
+                o.apply(&mut tree)?;
+            }
+            let result: Result<Recipe, _> = serde_path_to_error::deserialize(tree);
+            result.map_err(|e| {
+                let path = e.path().to_string();
+                let culprit = overrides
+                    .iter()
+                    .rev()
+                    .find(|o| path.starts_with(&o.path.join(".")) || is_unknown(e.inner()))
+                    .map(|o| format!("--set {}", o.arg))
+                    .unwrap_or_else(|| origin.to_string());
+                classify(&culprit, &path, None, e.into_inner())
+            })?
+        }
+        Err(e) => {
+            let path = e.path().to_string();
+            let line = e.inner().location().map(|l| l.line());
+            if e.inner().to_string().contains("did not find expected")
+                || e.inner().to_string().contains("while parsing")
+                || e.inner().to_string().contains("while scanning")
+            {
+                return Err(RecipeError::Syntax {
+                    file: origin.into(),
+                    line,
+                    reason: e.into_inner().to_string(),
+                });
+            }
+            return Err(classify(origin, &path, line, e.into_inner()));
+        }
+    };
+    validate(&recipe, origin)?;
+    Ok(recipe)
+}
+
+fn syntax(origin: &str, e: serde_yaml_ng::Error) -> RecipeError {
+    RecipeError::Syntax {
+        file: origin.into(),
+        line: e.location().map(|l| l.line()),
+        reason: e.to_string(),
+    }
+}
+
+fn is_unknown(e: &serde_yaml_ng::Error) -> bool {
+    e.to_string().starts_with("unknown field")
+}
+
+/// Turns serde's message into a RecipeError with the full dotted path.
+fn classify(origin: &str, path: &str, line: Option<usize>, e: serde_yaml_ng::Error) -> RecipeError {
+    let msg = e.to_string();
+    // serde: "unknown field `foo`, expected one of `a`, `b`" (or "expected `a`"),
+    // possibly followed by " at line L column C".
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        let key = rest.split('`').next().unwrap_or_default().to_string();
+        let expected_part = rest.split_once("expected").map(|x| x.1).unwrap_or_default();
+        let expected_part = expected_part.split(" at line").next().unwrap_or_default();
+        let valid: Vec<String> = expected_part
+            .split('`')
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 1)
+            .map(|(_, s)| s.to_string())
+            .collect();
+        let parent = path.trim_end_matches(&key).trim_end_matches('.');
+        let parent = if parent == "." { "" } else { parent };
+        let full = if parent.is_empty() { key.clone() } else { format!("{parent}.{key}") };
+        let suggestion = valid
+            .iter()
+            .map(|v| (strsim::jaro_winkler(&key, v), v))
+            .filter(|(score, _)| *score > 0.7)
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, v)| if parent.is_empty() { v.clone() } else { format!("{parent}.{v}") });
+        return RecipeError::UnknownKey { origin: origin.into(), path: full, line, suggestion, valid };
+    }
+    let reason = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+    let (path, reason) = if let Some(field) = reason.strip_prefix("missing field `") {
+        let field = field.split('`').next().unwrap_or_default();
+        let full = if path.is_empty() || path == "." {
+            field.to_string()
+        } else {
+            format!("{path}.{field}")
+        };
+        (full, "is required but missing; add it to the recipe".to_string())
+    } else {
+        (path.to_string(), reason)
+    };
+    RecipeError::BadValue { origin: origin.into(), path, line, reason }
+}
+
+/// Semantic checks that the types cannot express. Each names the fields involved.
+pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
+    let err = |fields: &[&str], problem: String, fix: &str| {
+        Err(RecipeError::Inconsistent {
+            file: origin.into(),
+            fields: fields.iter().map(|s| s.to_string()).collect(),
+            problem,
+            fix: fix.into(),
+        })
+    };
+    let m = &r.model;
+    let positive = [
+        ("model.hidden_size", m.hidden_size),
+        ("model.num_layers", m.num_layers),
+        ("model.num_attention_heads", m.num_attention_heads),
+        ("model.q_lora_rank", m.q_lora_rank),
+        ("model.kv_lora_rank", m.kv_lora_rank),
+        ("model.v_head_dim", m.v_head_dim),
+        ("model.ffn_hidden_size", m.ffn_hidden_size),
+        ("model.expert_ffn_hidden_size", m.expert_ffn_hidden_size),
+        ("model.moe_topk", m.moe_topk),
+        ("data.seq_len", r.data.seq_len),
+        ("train.steps", r.train.steps),
+        ("train.global_batch_size", r.train.global_batch_size),
+        ("train.micro_batch_size", r.train.micro_batch_size),
+        ("train.eval_every", r.train.eval_every),
+        ("train.eval_sequences", r.train.eval_sequences),
+        ("train.log_every", r.train.log_every),
+    ];
+    for (name, v) in positive {
+        if v == 0 {
+            return err(&[name], "must be at least 1".into(), "set a positive value");
+        }
+    }
+    if m.qk_rope_head_dim == 0 || m.qk_rope_head_dim % 2 != 0 {
+        return err(
+            &["model.qk_rope_head_dim"],
+            format!("is {}, but RoPE rotates pairs of dimensions", m.qk_rope_head_dim),
+            "use a positive even number",
+        );
+    }
+    if m.q_lora_rank > m.hidden_size || m.kv_lora_rank > m.hidden_size {
+        return err(
+            &["model.q_lora_rank", "model.kv_lora_rank", "model.hidden_size"],
+            format!(
+                "the compression ranks ({}, {}) exceed the width {}",
+                m.q_lora_rank, m.kv_lora_rank, m.hidden_size
+            ),
+            "use ranks no larger than hidden_size",
+        );
+    }
+    if m.n_routed_experts == 0 {
+        return err(&["model.n_routed_experts"], "must be at least 1".into(), "add FFN experts");
+    }
+    if m.moe_topk > m.total_experts() {
+        return err(
+            &["model.moe_topk", "model.n_routed_experts", "model.zero_expert_num"],
+            format!(
+                "top-K = {} exceeds the {} experts (N = {} FFN + Z = {} zero)",
+                m.moe_topk,
+                m.total_experts(),
+                m.n_routed_experts,
+                m.zero_expert_num
+            ),
+            "lower moe_topk or add experts",
+        );
+    }
+    let ke = m.target_ffn_experts();
+    if ke > m.moe_topk || ke > m.n_routed_experts {
+        return err(
+            &["model.target_ffn_experts", "model.moe_topk"],
+            format!(
+                "K_e = {ke} exceeds top-K = {} or the {} FFN experts",
+                m.moe_topk, m.n_routed_experts
+            ),
+            "K_e must satisfy K_e <= K and K_e <= n_routed_experts",
+        );
+    }
+    if ke < m.moe_topk && m.zero_expert_num == 0 {
+        return err(
+            &["model.target_ffn_experts", "model.zero_expert_num"],
+            format!("K_e = {ke} < K = {} needs zero experts, but Z = 0", m.moe_topk),
+            "add zero experts or set target_ffn_experts equal to moe_topk",
+        );
+    }
+    if !(m.routed_scaling_factor > 0.0) {
+        return err(
+            &["model.routed_scaling_factor"],
+            format!("is {}", m.routed_scaling_factor),
+            "gamma must be positive (LongCat-Flash uses 6.0)",
+        );
+    }
+    if r.data.tokenizer != "bytes" {
+        return err(
+            &["data.tokenizer"],
+            format!("`{}` is not a known tokenizer", r.data.tokenizer),
+            "use `bytes` (trained BPE tokenizers come with the data pipeline)",
+        );
+    }
+    if m.vocab_size < BYTE_VOCAB {
+        return err(
+            &["model.vocab_size", "data.tokenizer"],
+            format!("{} rows cannot hold the tokenizer's {BYTE_VOCAB} ids", m.vocab_size),
+            "raise vocab_size",
+        );
+    }
+    if !(0.0..1.0).contains(&r.data.valid_fraction) || r.data.valid_fraction <= 0.0 {
+        return err(
+            &["data.valid_fraction"],
+            format!("is {}", r.data.valid_fraction),
+            "use a fraction in (0, 1), e.g. 0.02",
+        );
+    }
+    let t = &r.train;
+    if t.global_batch_size % t.micro_batch_size != 0 {
+        return err(
+            &["train.global_batch_size", "train.micro_batch_size"],
+            format!(
+                "the global batch {} is not divisible by the micro-batch {}",
+                t.global_batch_size, t.micro_batch_size
+            ),
+            "make global_batch_size a multiple of micro_batch_size",
+        );
+    }
+    if !(t.lr > 0.0) || t.min_lr < 0.0 || t.min_lr > t.lr {
+        return err(
+            &["train.lr", "train.min_lr"],
+            format!("lr = {}, min_lr = {}", t.lr, t.min_lr),
+            "need 0 <= min_lr <= lr and lr > 0",
+        );
+    }
+    if t.warmup_steps > t.steps {
+        return err(
+            &["train.warmup_steps", "train.steps"],
+            format!("{} warmup steps exceed {} steps", t.warmup_steps, t.steps),
+            "shorten the warmup",
+        );
+    }
+    if !(0.0..=1.0).contains(&t.decay_fraction) {
+        return err(&["train.decay_fraction"], format!("is {}", t.decay_fraction), "use 0..1");
+    }
+    for (name, b) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+        if !(0.0..1.0).contains(&b) {
+            return err(&[name], format!("is {b}"), "use a value in [0, 1)");
+        }
+    }
+    if !(t.adam_eps > 0.0) {
+        return err(&["train.adam_eps"], format!("is {}", t.adam_eps), "use e.g. 1e-16");
+    }
+    Ok(())
+}
+
+impl Recipe {
+    /// The run directory: `output.dir`, or `runs/<name>`.
+    pub fn run_dir(&self) -> PathBuf {
+        self.output.dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&self.name))
+    }
+
+    /// The recipe as YAML with every default filled in.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml_ng::to_string(self).expect("a recipe always serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "name: t
+model:
+  vocab_size: 272
+  hidden_size: 64
+  num_layers: 1
+  num_attention_heads: 2
+  q_lora_rank: 32
+  kv_lora_rank: 16
+  qk_nope_head_dim: 8
+  qk_rope_head_dim: 8
+  v_head_dim: 8
+  ffn_hidden_size: 64
+  expert_ffn_hidden_size: 16
+  n_routed_experts: 4
+  zero_expert_num: 2
+  moe_topk: 2
+  target_ffn_experts: 1
+data:
+  path: x
+  seq_len: 16
+train:
+  steps: 10
+  global_batch_size: 4
+  micro_batch_size: 2
+  lr: 0.001
+";
+
+    fn with(key: &str) -> Result<Recipe, RecipeError> {
+        parse(GOOD, "r.yaml", &[Override::parse(key).unwrap()])
+    }
+
+    fn message(r: Result<Recipe, RecipeError>) -> String {
+        r.expect_err("the recipe should be rejected").to_string()
+    }
+
+    #[test]
+    fn good_recipe_parses_with_defaults() {
+        let r = parse(GOOD, "r.yaml", &[]).unwrap();
+        assert_eq!(r.train.adam_eps, 1e-16);
+        assert_eq!(r.model.target_ffn_experts(), 1);
+        assert_eq!(r.run_dir(), PathBuf::from("runs/t"));
+    }
+
+    #[test]
+    fn resolved_recipe_round_trips() {
+        let r = parse(GOOD, "r.yaml", &[]).unwrap();
+        let again = parse(&r.to_yaml(), "shown.yaml", &[]).unwrap();
+        assert_eq!(r, again);
+    }
+
+    #[test]
+    fn unknown_key_names_path_line_and_closest_key() {
+        let text = GOOD.replace("  num_layers: 1", "  num_layer: 1");
+        let m = message(parse(&text, "r.yaml", &[]));
+        assert!(m.contains("r.yaml"), "{m}");
+        assert!(m.contains("`model.num_layer`"), "{m}");
+        assert!(m.contains("line 5"), "{m}");
+        assert!(m.contains("did you mean `model.num_layers`"), "{m}");
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_named() {
+        let text = format!("{GOOD}trian:\n  steps: 3\n");
+        let m = message(parse(&text, "r.yaml", &[]));
+        assert!(m.contains("unknown key `trian`"), "{m}");
+        assert!(m.contains("did you mean `train`"), "{m}");
+    }
+
+    #[test]
+    fn wrong_type_names_path_and_expected_type() {
+        let text = GOOD.replace("hidden_size: 64", "hidden_size: wide");
+        let m = message(parse(&text, "r.yaml", &[]));
+        assert!(m.contains("`model.hidden_size`"), "{m}");
+        assert!(m.contains("line 4"), "{m}");
+        assert!(m.contains("expected usize"), "{m}");
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let text = GOOD.replace("  seq_len: 16\n", "");
+        let m = message(parse(&text, "r.yaml", &[]));
+        assert!(m.contains("`data.seq_len`"), "{m}");
+        assert!(m.contains("required"), "{m}");
+    }
+
+    #[test]
+    fn override_sets_any_key() {
+        let r = with("model.num_layers=3").unwrap();
+        assert_eq!(r.model.num_layers, 3);
+        let r = with("system.device=cuda").unwrap();
+        assert_eq!(r.system.device, DeviceKind::Cuda);
+    }
+
+    #[test]
+    fn override_of_unknown_key_names_the_argument() {
+        let m = message(with("model.layers=4"));
+        assert!(m.contains("--set model.layers=4"), "{m}");
+        assert!(m.contains("`model.layers`"), "{m}");
+    }
+
+    #[test]
+    fn override_with_wrong_type_names_path() {
+        let m = message(with("train.steps=many"));
+        assert!(m.contains("`train.steps`"), "{m}");
+        assert!(m.contains("--set train.steps=many"), "{m}");
+    }
+
+    #[test]
+    fn malformed_override_is_rejected() {
+        let e = Override::parse("train.steps").unwrap_err().to_string();
+        assert!(e.contains("KEY=VALUE"), "{e}");
+    }
+
+    #[test]
+    fn topk_larger_than_experts_is_rejected() {
+        let m = message(with("model.moe_topk=7"));
+        assert!(m.contains("`model.moe_topk`"), "{m}");
+        assert!(m.contains("exceeds the 6 experts"), "{m}");
+    }
+
+    #[test]
+    fn target_ffn_experts_above_topk_is_rejected() {
+        let m = message(with("model.target_ffn_experts=3"));
+        assert!(m.contains("`model.target_ffn_experts`"), "{m}");
+        assert!(m.contains("K_e = 3"), "{m}");
+    }
+
+    #[test]
+    fn ke_below_k_without_zero_experts_is_rejected() {
+        let m = message(parse(
+            GOOD,
+            "r.yaml",
+            &[Override::parse("model.zero_expert_num=0").unwrap()],
+        ));
+        assert!(m.contains("`model.zero_expert_num`"), "{m}");
+    }
+
+    #[test]
+    fn odd_rope_dim_is_rejected() {
+        let m = message(with("model.qk_rope_head_dim=7"));
+        assert!(m.contains("`model.qk_rope_head_dim`"), "{m}");
+        assert!(m.contains("even"), "{m}");
+    }
+
+    #[test]
+    fn batch_not_divisible_by_micro_batch_is_rejected() {
+        let m = message(with("train.micro_batch_size=3"));
+        assert!(m.contains("`train.global_batch_size` and `train.micro_batch_size`"), "{m}");
+    }
+
+    #[test]
+    fn small_vocab_is_rejected() {
+        let m = message(with("model.vocab_size=100"));
+        assert!(m.contains("`model.vocab_size`"), "{m}");
+    }
+
+    #[test]
+    fn rank_above_width_is_rejected() {
+        let m = message(with("model.q_lora_rank=128"));
+        assert!(m.contains("`model.q_lora_rank`"), "{m}");
+    }
+
+    #[test]
+    fn warmup_longer_than_run_is_rejected() {
+        let m = message(with("train.warmup_steps=11"));
+        assert!(m.contains("`train.warmup_steps`"), "{m}");
+    }
+
+    #[test]
+    fn bad_enum_value_names_path() {
+        let m = message(with("system.precision=fp8"));
+        assert!(m.contains("`system.precision`"), "{m}");
+        assert!(m.contains("fp32"), "{m}");
+    }
+}

@@ -1,0 +1,270 @@
+//! The training loop, visibly: get batch, forward, backward, clip, step, log.
+//!
+//! It composes the pieces that own their state (model parameters, `AdamW`, the data
+//! order) and writes the run directory: `metrics.jsonl`, `recipe.yaml` and the final
+//! checkpoint under `checkpoint/`.
+
+use crate::model::LongcatModel;
+use crate::optim::{learning_rate, AdamW};
+use crate::recipe::{DeviceKind, Precision, Recipe};
+use catapult_data::{read_documents, PackedSequences, SequenceOrder, Split};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+/// Errors of a training run; each names what failed and how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The recipe asks for something this machine or dataset cannot give.
+    #[error("{0}")]
+    Setup(String),
+    /// Reading the dataset failed.
+    #[error("data.path: {0}")]
+    Data(#[from] catapult_data::DataError),
+    /// Writing outputs failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// Writing the checkpoint failed.
+    #[error(transparent)]
+    Checkpoint(#[from] catapult_checkpoints::CheckpointError),
+}
+
+/// How `train` behaves beyond the recipe.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Replace an existing run directory's outputs instead of refusing.
+    pub overwrite: bool,
+}
+
+/// Where a finished run put its outputs.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// The final checkpoint directory.
+    pub checkpoint: PathBuf,
+    /// The JSON-lines metrics file.
+    pub metrics: PathBuf,
+    /// Validation loss before the first step.
+    pub first_val_loss: f64,
+    /// Validation loss after the last step.
+    pub last_val_loss: f64,
+}
+
+/// Sequences a micro-batch needs, as inputs and targets (micro_batch x seq_len, i64).
+fn batch(data: &PackedSequences, indices: impl Iterator<Item = usize>, device: Device) -> (Tensor, Tensor) {
+    let mut ids: Vec<i64> = Vec::new();
+    let mut rows = 0;
+    for i in indices {
+        ids.extend(data.sequence(i).iter().map(|&t| t as i64));
+        rows += 1;
+    }
+    let all = Tensor::from_slice(&ids).view([rows, -1]).to_device(device);
+    let len = all.size()[1] - 1;
+    (all.narrow(1, 0, len), all.narrow(1, 1, len))
+}
+
+fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
+    let vocab = logits.size()[2];
+    logits.view([-1, vocab]).cross_entropy_for_logits(&targets.reshape([-1]))
+}
+
+fn device_for(recipe: &Recipe) -> Result<Device, TrainError> {
+    match recipe.system.device {
+        DeviceKind::Cpu => Ok(Device::Cpu),
+        DeviceKind::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        DeviceKind::Cuda => Err(TrainError::Setup(
+            "system.device is `cuda` but libtorch sees no CUDA device; run on a GPU machine \
+             or set system.device=cpu"
+                .into(),
+        )),
+    }
+}
+
+/// The model and its parameters, built deterministically from the recipe's seed.
+pub struct BuiltModel {
+    /// Owner of every tensor (parameters and buffers).
+    pub vars: VarStore,
+    /// The forward pass.
+    pub model: LongcatModel,
+}
+
+/// Builds the model on the CPU from `recipe.seed` (so the initial weights do not depend
+/// on the device) and moves it to `device`.
+pub fn build_model(recipe: &Recipe, device: Device) -> BuiltModel {
+    tch::manual_seed(recipe.seed as i64);
+    let mut vars = VarStore::new(Device::Cpu);
+    let kind = match recipe.system.precision {
+        Precision::Fp32 => Kind::Float,
+        Precision::Bf16 => Kind::BFloat16,
+    };
+    let model = LongcatModel::new(&vars.root(), &recipe.model, recipe.data.seq_len, kind, device);
+    // set_data in place: the model's handles see the moved tensors.
+    vars.set_device(device);
+    BuiltModel { vars, model }
+}
+
+/// Every variable of the store, sorted by name.
+pub fn named_tensors(vars: &VarStore) -> Vec<(String, Tensor)> {
+    let mut named: Vec<(String, Tensor)> = vars.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+fn mean_loss(model: &LongcatModel, data: &PackedSequences, count: usize, micro: usize, device: Device) -> f64 {
+    tch::no_grad(|| {
+        let count = count.min(data.len());
+        let mut total = 0.0;
+        let mut start = 0;
+        while start < count {
+            let end = (start + micro).min(count);
+            let (inputs, targets) = batch(data, start..end, device);
+            let loss = cross_entropy(&model.forward(&inputs).logits, &targets).double_value(&[]);
+            total += loss * (end - start) as f64;
+            start = end;
+        }
+        total / count as f64
+    })
+}
+
+struct Metrics {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Metrics {
+    fn create(path: PathBuf) -> Result<Self, TrainError> {
+        let file = std::fs::File::create(&path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
+        Ok(Self { file, path })
+    }
+
+    fn write(&mut self, value: serde_json::Value) -> Result<(), TrainError> {
+        writeln!(self.file, "{value}").map_err(|source| TrainError::Io { path: self.path.clone(), source })
+    }
+}
+
+fn prepare_run_dir(dir: &Path, recipe: &Recipe, opts: &RunOptions) -> Result<(), TrainError> {
+    let io = |source| TrainError::Io { path: dir.into(), source };
+    if dir.join("metrics.jsonl").exists() && !opts.overwrite {
+        return Err(TrainError::Setup(format!(
+            "{} already holds a run; pass --overwrite to replace it, or set output.dir to a new directory",
+            dir.display()
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(io)?;
+    std::fs::write(dir.join("recipe.yaml"), recipe.to_yaml()).map_err(io)
+}
+
+/// Trains `recipe` to the end and writes the run directory.
+pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainError> {
+    let device = device_for(recipe)?;
+    if recipe.system.threads > 0 {
+        tch::set_num_threads(recipe.system.threads as i32);
+    }
+    let docs = read_documents(&recipe.data.path, &recipe.data.text_column)?;
+    let (seq_len, valid_fraction) = (recipe.data.seq_len, recipe.data.valid_fraction);
+    let train_data = PackedSequences::new(&docs, Split::Train, valid_fraction, seq_len);
+    let valid_data = PackedSequences::new(&docs, Split::Validation, valid_fraction, seq_len);
+    drop(docs);
+    if train_data.is_empty() || valid_data.is_empty() {
+        return Err(TrainError::Setup(format!(
+            "data.path {}: the corpus is too small for one sequence of data.seq_len = {seq_len} \
+             in both the training and validation splits; use more text or a shorter seq_len",
+            recipe.data.path.display()
+        )));
+    }
+
+    let run_dir = recipe.run_dir();
+    prepare_run_dir(&run_dir, recipe, opts)?;
+    let mut metrics = Metrics::create(run_dir.join("metrics.jsonl"))?;
+
+    let built = build_model(recipe, device);
+    let model = &built.model;
+    let params: Vec<(String, Tensor)> =
+        named_tensors(&built.vars).into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    let mut optimizer = AdamW::new(params, &recipe.train);
+    let mut order = SequenceOrder::new(recipe.seed, train_data.len());
+
+    let t = &recipe.train;
+    let micro_batches = t.global_batch_size / t.micro_batch_size;
+    let n_ffn = recipe.model.n_routed_experts as i64;
+    let layers = recipe.model.num_layers as f64;
+    let eval = |model: &LongcatModel| mean_loss(model, &valid_data, t.eval_sequences, t.micro_batch_size, device);
+
+    let first_val_loss = eval(model);
+    metrics.write(serde_json::json!({"step": 0, "val_loss": first_val_loss}))?;
+    let mut last_val_loss = first_val_loss;
+
+    let progress = ProgressBar::new(t.steps as u64);
+    progress.set_style(
+        ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .expect("static template"),
+    );
+    progress.set_prefix(recipe.name.clone());
+    let mut position = 0u64;
+    let mut tokens_seen = 0u64;
+    let started = Instant::now();
+    for step in 0..t.steps {
+        let step_start = Instant::now();
+        let lr = learning_rate(t, step);
+        let mut loss_sum = 0.0;
+        let mut ffn_selections = 0i64;
+        let mut routed_tokens = 0i64;
+        for _ in 0..micro_batches {
+            let indices: Vec<usize> =
+                (0..t.micro_batch_size).map(|j| order.index(position + j as u64)).collect();
+            position += t.micro_batch_size as u64;
+            let (inputs, targets) = batch(&train_data, indices.into_iter(), device);
+            let out = model.forward(&inputs);
+            let loss = cross_entropy(&out.logits, &targets);
+            (&loss / micro_batches as f64).backward();
+            loss_sum += loss.double_value(&[]);
+            for sel in &out.selections {
+                ffn_selections += sel.narrow(0, 0, n_ffn).sum(Kind::Int64).int64_value(&[]);
+            }
+            routed_tokens += inputs.numel() as i64;
+        }
+        let grad_norm = optimizer.clip_grad_norm(t.grad_clip);
+        optimizer.step(lr);
+        let step_tokens = (t.global_batch_size * seq_len) as u64;
+        tokens_seen += step_tokens;
+        let loss = loss_sum / micro_batches as f64;
+        let tokens_per_s = step_tokens as f64 / step_start.elapsed().as_secs_f64();
+        let done = step + 1;
+        if done % t.log_every == 0 || done == t.steps {
+            metrics.write(serde_json::json!({
+                "step": done,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_s,
+                "tokens": tokens_seen,
+                "ffn_experts_per_token": ffn_selections as f64 / (routed_tokens as f64 * layers),
+                "elapsed_s": started.elapsed().as_secs_f64(),
+            }))?;
+        }
+        if done % t.eval_every == 0 || done == t.steps {
+            last_val_loss = eval(model);
+            metrics.write(serde_json::json!({"step": done, "val_loss": last_val_loss}))?;
+        }
+        progress.set_message(format!("loss {loss:.4} | {tokens_per_s:.0} tok/s | val {last_val_loss:.4}"));
+        progress.inc(1);
+    }
+    progress.finish();
+
+    let checkpoint = run_dir.join("checkpoint");
+    let meta = serde_json::json!({
+        "step": t.steps,
+        "tokens": tokens_seen,
+        "data_position": position,
+        "catapult_version": env!("CARGO_PKG_VERSION"),
+        "recipe": serde_json::to_value(recipe).expect("recipes serialize"),
+    });
+    catapult_checkpoints::save(&checkpoint, &named_tensors(&built.vars), &meta)?;
+    Ok(RunSummary { checkpoint, metrics: metrics.path, first_val_loss, last_val_loss })
+}
