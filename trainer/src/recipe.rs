@@ -448,14 +448,25 @@ fn syntax(origin: &str, e: serde_yaml_ng::Error) -> RecipeError {
 }
 
 fn is_unknown(e: &serde_yaml_ng::Error) -> bool {
-    e.to_string().starts_with("unknown field")
+    e.to_string().contains("unknown field `")
+}
+
+/// How alike a mistyped key and a valid key are, in 0..=1: Jaro-Winkler, or 0.9 when one
+/// contains the other (`layers` for `num_layers`).
+fn closeness(typed: &str, valid: &str) -> f64 {
+    let contained = typed.len() >= 3 && (valid.contains(typed) || typed.contains(valid));
+    strsim::jaro_winkler(typed, valid).max(if contained { 0.9 } else { 0.0 })
 }
 
 /// Turns serde's message into a RecipeError with the full dotted path.
 fn classify(origin: &str, path: &str, line: Option<usize>, e: serde_yaml_ng::Error) -> RecipeError {
-    let msg = e.to_string();
-    // serde: "unknown field `foo`, expected one of `a`, `b`" (or "expected `a`"),
-    // possibly followed by " at line L column C".
+    let full_msg = e.to_string();
+    // serde_yaml_ng: "[PATH: ]MESSAGE[ at line L column C]", where MESSAGE is serde's, e.g.
+    // "unknown field `foo`, expected one of `a`, `b`" or "missing field `x`".
+    let msg = match full_msg.split_once(": ") {
+        Some((prefix, rest)) if !prefix.contains(' ') => rest.to_string(),
+        _ => full_msg.clone(),
+    };
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         let key = rest.split('`').next().unwrap_or_default().to_string();
         let expected_part = rest.split_once("expected").map(|x| x.1).unwrap_or_default();
@@ -471,8 +482,8 @@ fn classify(origin: &str, path: &str, line: Option<usize>, e: serde_yaml_ng::Err
         let full = if parent.is_empty() { key.clone() } else { format!("{parent}.{key}") };
         let suggestion = valid
             .iter()
-            .map(|v| (strsim::jaro_winkler(&key, v), v))
-            .filter(|(score, _)| *score > 0.7)
+            .map(|v| (closeness(&key, v), v))
+            .filter(|(score, _)| *score > 0.8)
             .max_by(|a, b| a.0.total_cmp(&b.0))
             .map(|(_, v)| if parent.is_empty() { v.clone() } else { format!("{parent}.{v}") });
         return RecipeError::UnknownKey { origin: origin.into(), path: full, line, suggestion, valid };
@@ -765,6 +776,14 @@ train:
         let m = message(with("train.steps=many"));
         assert!(m.contains("`train.steps`"), "{m}");
         assert!(m.contains("--set train.steps=many"), "{m}");
+    }
+
+    #[test]
+    fn unrelated_unknown_key_lists_valid_keys_instead_of_guessing() {
+        let text = GOOD.replace("  num_layers: 1", "  num_layers: 1\n  zzz: 1");
+        let m = message(parse(&text, "r.yaml", &[]));
+        assert!(m.contains("unknown key `model.zzz`"), "{m}");
+        assert!(m.contains("valid keys here: vocab_size, hidden_size"), "{m}");
     }
 
     #[test]
