@@ -1,0 +1,105 @@
+//! End-to-end: recipe commands and data preparation through the built binary.
+
+use catapult_tests::*;
+
+fn tiny() -> std::path::PathBuf {
+    workspace().join("recipes").join("tiny.yaml")
+}
+
+#[test]
+fn every_recipe_in_the_repository_validates() {
+    let dir = scratch("validate-all");
+    let mut count = 0;
+    for entry in std::fs::read_dir(workspace().join("recipes")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            run_ok(catapult(&dir).args(["recipe", "validate"]).arg(&path));
+            count += 1;
+        }
+    }
+    assert!(count >= 1);
+}
+
+#[test]
+fn recipe_show_prints_the_resolved_recipe_with_overrides() {
+    let dir = scratch("show");
+    let out = run_ok(catapult(&dir).args(["recipe", "show"]).arg(tiny()).args(["--set", "model.num_layers=5"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("num_layers: 5"), "{text}");
+    // Defaults are filled in.
+    assert!(text.contains("rms_norm_eps:"), "{text}");
+    assert!(text.contains("beta2:"), "{text}");
+}
+
+#[test]
+fn bad_recipe_fails_before_training_naming_the_field() {
+    let dir = scratch("bad-recipe");
+    let bad = dir.join("bad.yaml");
+    let text = std::fs::read_to_string(tiny()).unwrap().replace("moe_topk: 3", "moe_topk: 30");
+    std::fs::write(&bad, text).unwrap();
+    let out = catapult(&dir)
+        .arg("train")
+        .arg(&bad)
+        .args(["--set", &format!("output.dir={}", dir.join("run").display())])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "bad input exits with 2");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.yaml") && err.contains("`model.moe_topk`"), "{err}");
+    assert!(!dir.join("run").exists(), "nothing may be written for a rejected recipe");
+}
+
+#[test]
+fn unknown_key_in_file_names_line_and_suggestion() {
+    let dir = scratch("unknown-key");
+    let bad = dir.join("typo.yaml");
+    let text = std::fs::read_to_string(tiny()).unwrap().replace("  warmup_steps:", "  warmup_step:");
+    std::fs::write(&bad, &text).unwrap();
+    let line = text.lines().position(|l| l.contains("warmup_step:")).unwrap() + 1;
+    let out = catapult(&dir).args(["recipe", "validate"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`train.warmup_step`"), "{err}");
+    assert!(err.contains(&format!("line {line}")), "{err}");
+    assert!(err.contains("did you mean `train.warmup_steps`"), "{err}");
+}
+
+#[test]
+fn missing_dataset_is_a_clear_error() {
+    let dir = scratch("no-data");
+    let out = catapult(&dir)
+        .arg("train")
+        .arg(tiny())
+        .args(["--set", "data.path=does/not/exist"])
+        .args(["--set", &format!("output.dir={}", dir.join("run").display())])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does/not/exist") && err.contains("catapult data prepare"), "{err}");
+}
+
+#[test]
+fn data_prepare_writes_parquet_that_training_reads() {
+    let dir = scratch("prepare");
+    let text: String = (0..400).map(|i| format!("Document number {i} says hello to the world.\n\n")).collect();
+    std::fs::write(dir.join("in.txt"), text).unwrap();
+    let out = run_ok(catapult(&dir).args(["data", "prepare", "in.txt", "-o", "shards", "--shard-size", "150"]));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("400 documents") && stdout.contains("3 shard(s)"), "{stdout}");
+    run_ok(catapult(&dir).arg("train").arg(tiny()).args([
+        "--set",
+        "data.path=shards",
+        "--set",
+        "data.seq_len=32",
+        "--set",
+        "data.valid_fraction=0.1",
+        "--set",
+        "train.steps=2",
+        "--set",
+        "train.warmup_steps=0",
+        "--set",
+        "output.dir=run",
+    ]));
+    assert!(dir.join("run/checkpoint/model.safetensors").exists());
+}
