@@ -35,28 +35,51 @@ pub const META_FILE: &str = "meta.json";
 /// Writes `tensors` (sorted by name here, so the file's bytes depend only on the values)
 /// and `meta` into `dir`. Each file is written under a temporary name and renamed into
 /// place, so a crash never leaves a truncated file under the final name.
-pub fn save(dir: &Path, tensors: &[(String, Tensor)], meta: &serde_json::Value) -> Result<PathBuf, CheckpointError> {
-    std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io { path: dir.into(), source })?;
-    let mut sorted: Vec<(&str, Tensor)> =
-        tensors.iter().map(|(n, t)| (n.as_str(), t.to_device(tch::Device::Cpu).contiguous())).collect();
+pub fn save(
+    dir: &Path,
+    tensors: &[(String, Tensor)],
+    meta: &serde_json::Value,
+) -> Result<PathBuf, CheckpointError> {
+    std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io {
+        path: dir.into(),
+        source,
+    })?;
+    let mut sorted: Vec<(&str, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.to_device(tch::Device::Cpu).contiguous()))
+        .collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
     let model = dir.join(MODEL_FILE);
     let tmp = dir.join(format!("{MODEL_FILE}.tmp"));
-    Tensor::write_safetensors(&sorted, &tmp)
-        .map_err(|e| CheckpointError::Tensors { path: model.clone(), reason: e.to_string() })?;
-    std::fs::rename(&tmp, &model).map_err(|source| CheckpointError::Io { path: model.clone(), source })?;
+    Tensor::write_safetensors(&sorted, &tmp).map_err(|e| CheckpointError::Tensors {
+        path: model.clone(),
+        reason: e.to_string(),
+    })?;
+    std::fs::rename(&tmp, &model).map_err(|source| CheckpointError::Io {
+        path: model.clone(),
+        source,
+    })?;
     let meta_path = dir.join(META_FILE);
     let meta_tmp = dir.join(format!("{META_FILE}.tmp"));
     let text = serde_json::to_string_pretty(meta).expect("JSON values serialize");
-    std::fs::write(&meta_tmp, text).map_err(|source| CheckpointError::Io { path: meta_tmp.clone(), source })?;
-    std::fs::rename(&meta_tmp, &meta_path).map_err(|source| CheckpointError::Io { path: meta_path, source })?;
+    std::fs::write(&meta_tmp, text).map_err(|source| CheckpointError::Io {
+        path: meta_tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&meta_tmp, &meta_path).map_err(|source| CheckpointError::Io {
+        path: meta_path,
+        source,
+    })?;
     Ok(model)
 }
 
 /// Reads every tensor of a checkpoint directory's model file, by name.
 pub fn load_model(dir: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
     let path = dir.join(MODEL_FILE);
-    Tensor::read_safetensors(&path).map_err(|e| CheckpointError::Tensors { path, reason: e.to_string() })
+    Tensor::read_safetensors(&path).map_err(|e| CheckpointError::Tensors {
+        path,
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -68,7 +91,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("catapult-ckpt-{}", std::process::id()));
         let a = Tensor::randn([3, 4], (tch::Kind::Float, tch::Device::Cpu));
         let b = Tensor::arange(5, (tch::Kind::Int64, tch::Device::Cpu));
-        let tensors = vec![("z.b".to_string(), b.shallow_clone()), ("a.a".to_string(), a.shallow_clone())];
+        let tensors = vec![
+            ("z.b".to_string(), b.shallow_clone()),
+            ("a.a".to_string(), a.shallow_clone()),
+        ];
         save(&dir, &tensors, &serde_json::json!({"step": 3})).unwrap();
         let back = load_model(&dir).unwrap();
         let names: Vec<&str> = back.iter().map(|(n, _)| n.as_str()).collect();

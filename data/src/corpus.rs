@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 /// The parquet shards of a dataset, in name order (so the order never depends on the
 /// filesystem's listing order).
 pub fn shard_paths(path: &Path) -> Result<Vec<PathBuf>, DataError> {
-    let io = |source| DataError::Io { path: path.to_path_buf(), source };
+    let io = |source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     if path.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }
@@ -61,41 +64,60 @@ fn read_shard(shard: &Path, column: &str, docs: &mut Vec<String>) -> Result<(), 
         path: shard.into(),
         reason: e.to_string(),
     };
-    let file =
-        std::fs::File::open(shard).map_err(|source| DataError::Io { path: shard.into(), source })?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet_err)?;
-    let field = builder.schema().field_with_name(column).map_err(|_| DataError::Column {
+    let file = std::fs::File::open(shard).map_err(|source| DataError::Io {
         path: shard.into(),
-        problem: format!(
-            "has no column `{column}` (columns: {})",
-            builder
-                .schema()
-                .fields()
-                .iter()
-                .map(|f| f.name().as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        source,
     })?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet_err)?;
+    let field = builder
+        .schema()
+        .field_with_name(column)
+        .map_err(|_| DataError::Column {
+            path: shard.into(),
+            problem: format!(
+                "has no column `{column}` (columns: {})",
+                builder
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })?;
     if !matches!(field.data_type(), DataType::Utf8 | DataType::LargeUtf8) {
         return Err(DataError::Column {
             path: shard.into(),
-            problem: format!("column `{column}` has type {}, not string", field.data_type()),
+            problem: format!(
+                "column `{column}` has type {}, not string",
+                field.data_type()
+            ),
         });
     }
     let mask = ProjectionMask::columns(builder.parquet_schema(), [column]);
     let reader = builder.with_projection(mask).build().map_err(parquet_err)?;
     for batch in reader {
-        let batch = batch.map_err(|e| DataError::Parquet { path: shard.into(), reason: e.to_string() })?;
+        let batch = batch.map_err(|e| DataError::Parquet {
+            path: shard.into(),
+            reason: e.to_string(),
+        })?;
         let col = batch.column(0);
         match col.data_type() {
             DataType::Utf8 => {
                 let a = col.as_string::<i32>();
-                docs.extend((0..a.len()).filter(|&i| a.is_valid(i)).map(|i| a.value(i).to_string()));
+                docs.extend(
+                    (0..a.len())
+                        .filter(|&i| a.is_valid(i))
+                        .map(|i| a.value(i).to_string()),
+                );
             }
             _ => {
                 let a = col.as_string::<i64>();
-                docs.extend((0..a.len()).filter(|&i| a.is_valid(i)).map(|i| a.value(i).to_string()));
+                docs.extend(
+                    (0..a.len())
+                        .filter(|&i| a.is_valid(i))
+                        .map(|i| a.value(i).to_string()),
+                );
             }
         }
     }

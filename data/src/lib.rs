@@ -31,7 +31,9 @@ pub enum DataError {
         source: std::io::Error,
     },
     /// A parquet file that cannot be read or written.
-    #[error("{path}: not a readable parquet file ({reason}); re-create it with `catapult data prepare`")]
+    #[error(
+        "{path}: not a readable parquet file ({reason}); re-create it with `catapult data prepare`"
+    )]
     Parquet {
         /// The shard.
         path: PathBuf,

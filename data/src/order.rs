@@ -49,7 +49,12 @@ impl SequenceOrder {
     /// An order over `len` (> 0) sequences.
     pub fn new(seed: u64, len: usize) -> Self {
         assert!(len > 0, "SequenceOrder needs at least one sequence");
-        let mut order = Self { seed, len, epoch: 0, permutation: Vec::new() };
+        let mut order = Self {
+            seed,
+            len,
+            epoch: 0,
+            permutation: Vec::new(),
+        };
         order.shuffle(0);
         order
     }
@@ -93,9 +98,18 @@ mod tests {
 
     #[test]
     fn same_seed_same_order_other_seed_other_order() {
-        let a: Vec<usize> = { let mut o = SequenceOrder::new(1, 30); (0..30).map(|p| o.index(p)).collect() };
-        let b: Vec<usize> = { let mut o = SequenceOrder::new(1, 30); (0..30).map(|p| o.index(p)).collect() };
-        let c: Vec<usize> = { let mut o = SequenceOrder::new(2, 30); (0..30).map(|p| o.index(p)).collect() };
+        let a: Vec<usize> = {
+            let mut o = SequenceOrder::new(1, 30);
+            (0..30).map(|p| o.index(p)).collect()
+        };
+        let b: Vec<usize> = {
+            let mut o = SequenceOrder::new(1, 30);
+            (0..30).map(|p| o.index(p)).collect()
+        };
+        let c: Vec<usize> = {
+            let mut o = SequenceOrder::new(2, 30);
+            (0..30).map(|p| o.index(p)).collect()
+        };
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

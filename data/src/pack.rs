@@ -16,7 +16,7 @@ pub enum Split {
 /// Whether document `index` is held out. A hash of the index, not of the seed, so the
 /// split stays the same when the seed changes.
 pub fn is_validation_document(index: usize, valid_fraction: f64) -> bool {
-    let h = SplitMix64::new(index as u64 ^ 0x5eed_0f_da7a).next_u64();
+    let h = SplitMix64::new(index as u64 ^ 0x005e_ed0f_da7a).next_u64();
     (h as f64 / u64::MAX as f64) < valid_fraction
 }
 

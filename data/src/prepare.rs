@@ -44,28 +44,47 @@ pub struct PrepareSummary {
 
 /// Reads `inputs` in order, cuts them into documents and writes `out/shard-NNNNN.parquet`.
 /// Shards are written to a temporary name and renamed, so a partial shard never appears.
-pub fn prepare(inputs: &[PathBuf], out: &Path, opts: &PrepareOptions) -> Result<PrepareSummary, DataError> {
+pub fn prepare(
+    inputs: &[PathBuf],
+    out: &Path,
+    opts: &PrepareOptions,
+) -> Result<PrepareSummary, DataError> {
     if opts.shard_size == 0 {
-        return Err(DataError::Empty { path: out.into(), problem: "--shard-size must be at least 1".into() });
+        return Err(DataError::Empty {
+            path: out.into(),
+            problem: "--shard-size must be at least 1".into(),
+        });
     }
     let mut documents = Vec::new();
     for input in inputs {
-        let text = std::fs::read_to_string(input)
-            .map_err(|source| DataError::Io { path: input.clone(), source })?;
+        let text = std::fs::read_to_string(input).map_err(|source| DataError::Io {
+            path: input.clone(),
+            source,
+        })?;
         let pieces: Vec<String> = match opts.split {
             DocumentSplit::File => vec![text.trim().to_string()],
             DocumentSplit::Line => text.lines().map(|l| l.trim().to_string()).collect(),
             DocumentSplit::Paragraph => paragraphs(&text),
         };
-        documents.extend(pieces.into_iter().filter(|d| !d.is_empty() && d.len() >= opts.min_chars));
+        documents.extend(
+            pieces
+                .into_iter()
+                .filter(|d| !d.is_empty() && d.len() >= opts.min_chars),
+        );
     }
     if documents.is_empty() {
         return Err(DataError::Empty {
             path: inputs.first().cloned().unwrap_or_default(),
-            problem: format!("no document of at least {} characters in the inputs", opts.min_chars),
+            problem: format!(
+                "no document of at least {} characters in the inputs",
+                opts.min_chars
+            ),
         });
     }
-    std::fs::create_dir_all(out).map_err(|source| DataError::Io { path: out.into(), source })?;
+    std::fs::create_dir_all(out).map_err(|source| DataError::Io {
+        path: out.into(),
+        source,
+    })?;
     let schema = Arc::new(Schema::new(vec![Field::new("text", DataType::Utf8, false)]));
     let mut shards = Vec::new();
     for (i, chunk) in documents.chunks(opts.shard_size).enumerate() {
@@ -74,7 +93,11 @@ pub fn prepare(inputs: &[PathBuf], out: &Path, opts: &PrepareOptions) -> Result<
         shards.push(path);
     }
     let bytes = documents.iter().map(String::len).sum();
-    Ok(PrepareSummary { shards, documents: documents.len(), bytes })
+    Ok(PrepareSummary {
+        shards,
+        documents: documents.len(),
+        bytes,
+    })
 }
 
 fn paragraphs(text: &str) -> Vec<String> {
@@ -100,18 +123,31 @@ fn paragraphs(text: &str) -> Vec<String> {
 
 fn write_shard(path: &Path, schema: &Arc<Schema>, docs: &[String]) -> Result<(), DataError> {
     let tmp = path.with_extension("parquet.tmp");
-    let parquet_err = |e: parquet::errors::ParquetError| DataError::Parquet { path: path.into(), reason: e.to_string() };
-    let file = std::fs::File::create(&tmp).map_err(|source| DataError::Io { path: tmp.clone(), source })?;
+    let parquet_err = |e: parquet::errors::ParquetError| DataError::Parquet {
+        path: path.into(),
+        reason: e.to_string(),
+    };
+    let file = std::fs::File::create(&tmp).map_err(|source| DataError::Io {
+        path: tmp.clone(),
+        source,
+    })?;
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
         .build();
-    let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(parquet_err)?;
+    let mut writer =
+        ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(parquet_err)?;
     let column: ArrayRef = Arc::new(StringArray::from_iter_values(docs.iter()));
-    let batch = RecordBatch::try_new(schema.clone(), vec![column])
-        .map_err(|e| DataError::Parquet { path: path.into(), reason: e.to_string() })?;
+    let batch =
+        RecordBatch::try_new(schema.clone(), vec![column]).map_err(|e| DataError::Parquet {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
     writer.write(&batch).map_err(parquet_err)?;
     writer.close().map_err(parquet_err)?;
-    std::fs::rename(&tmp, path).map_err(|source| DataError::Io { path: path.into(), source })?;
+    std::fs::rename(&tmp, path).map_err(|source| DataError::Io {
+        path: path.into(),
+        source,
+    })?;
     Ok(())
 }
 
@@ -131,8 +167,16 @@ mod tests {
     fn prepared_shards_read_back_in_order() {
         let dir = tempdir("roundtrip");
         let input = dir.join("in.txt");
-        std::fs::write(&input, "first doc\nline two\n\n\nsecond\n\nx\n\nthird one\n").unwrap();
-        let opts = PrepareOptions { split: DocumentSplit::Paragraph, min_chars: 2, shard_size: 2 };
+        std::fs::write(
+            &input,
+            "first doc\nline two\n\n\nsecond\n\nx\n\nthird one\n",
+        )
+        .unwrap();
+        let opts = PrepareOptions {
+            split: DocumentSplit::Paragraph,
+            min_chars: 2,
+            shard_size: 2,
+        };
         let summary = prepare(&[input], &dir.join("out"), &opts).unwrap();
         assert_eq!(summary.documents, 3);
         assert_eq!(summary.shards.len(), 2);
@@ -145,9 +189,15 @@ mod tests {
         let dir = tempdir("column");
         let input = dir.join("in.txt");
         std::fs::write(&input, "some text here\n").unwrap();
-        let opts = PrepareOptions { split: DocumentSplit::File, min_chars: 0, shard_size: 10 };
+        let opts = PrepareOptions {
+            split: DocumentSplit::File,
+            min_chars: 0,
+            shard_size: 10,
+        };
         prepare(&[input], &dir.join("out"), &opts).unwrap();
-        let err = read_documents(&dir.join("out"), "content").unwrap_err().to_string();
+        let err = read_documents(&dir.join("out"), "content")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("shard-00000.parquet"), "{err}");
         assert!(err.contains("no column `content`"), "{err}");
         assert!(err.contains("columns: text"), "{err}");

@@ -37,7 +37,14 @@ impl ExpertDispatch {
         let counts: Vec<i64> = Vec::<i64>::try_from(&selections.narrow(0, 0, n_ffn))
             .expect("selection counts are i64");
         let ffn_rows: i64 = counts.iter().sum();
-        Self { ffn_slots: order.narrow(0, 0, ffn_rows), inverse, counts, selections, tokens, top_k }
+        Self {
+            ffn_slots: order.narrow(0, 0, ffn_rows),
+            inverse,
+            counts,
+            selections,
+            tokens,
+            top_k,
+        }
     }
 
     /// Rows computed by FFN experts.
@@ -51,7 +58,10 @@ impl ExpertDispatch {
         let (t, h) = x.size2().expect("x must be tokens x hidden");
         // Replicate each token K times (backward: a sum over K) and take rows without
         // repeats (backward: a scatter to distinct rows): deterministic on every device.
-        let slots = x.unsqueeze(1).expand([t, self.top_k, h], false).reshape([t * self.top_k, h]);
+        let slots = x
+            .unsqueeze(1)
+            .expand([t, self.top_k, h], false)
+            .reshape([t * self.top_k, h]);
         slots.index_select(0, &self.ffn_slots)
     }
 
@@ -61,7 +71,10 @@ impl ExpertDispatch {
     pub fn combine(&self, y_ffn: &Tensor, weights: &Tensor, is_ffn: &Tensor, x: &Tensor) -> Tensor {
         let h = x.size()[1];
         let all_slots = self.tokens * self.top_k;
-        let pad = Tensor::zeros([all_slots - self.ffn_rows(), h], (y_ffn.kind(), y_ffn.device()));
+        let pad = Tensor::zeros(
+            [all_slots - self.ffn_rows(), h],
+            (y_ffn.kind(), y_ffn.device()),
+        );
         let by_slot = Tensor::cat(&[y_ffn, &pad], 0).index_select(0, &self.inverse);
         let by_slot = by_slot.reshape([self.tokens, self.top_k, h]);
         let ffn_w = (weights * is_ffn).to_kind(y_ffn.kind());
@@ -74,7 +87,13 @@ impl ExpertDispatch {
 /// SwiGLU experts over expert-sorted rows: rows `[o_e, o_e + counts[e])` go through expert
 /// e, `down_e(silu(gate_e x) * up_e x)`. Weights are stacked: gate and up are
 /// experts x intermediate x hidden, down is experts x hidden x intermediate.
-pub fn grouped_swiglu(x_sorted: &Tensor, counts: &[i64], gate: &Tensor, up: &Tensor, down: &Tensor) -> Tensor {
+pub fn grouped_swiglu(
+    x_sorted: &Tensor,
+    counts: &[i64],
+    gate: &Tensor,
+    up: &Tensor,
+    down: &Tensor,
+) -> Tensor {
     let gates = gate.unbind(0);
     let ups = up.unbind(0);
     let downs = down.unbind(0);
@@ -105,7 +124,15 @@ mod tests {
     use super::*;
     use tch::Device;
 
-    fn reference_moe(x: &Tensor, idx: &Tensor, w: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor, n_ffn: i64) -> Tensor {
+    fn reference_moe(
+        x: &Tensor,
+        idx: &Tensor,
+        w: &Tensor,
+        gate: &Tensor,
+        up: &Tensor,
+        down: &Tensor,
+        n_ffn: i64,
+    ) -> Tensor {
         // Token-by-token loop: the plain definition the grouped path must equal.
         let (t, k) = idx.size2().unwrap();
         let mut rows = Vec::new();

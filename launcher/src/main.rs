@@ -107,40 +107,79 @@ struct Failure {
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
         let error = e.into();
-        let code = if error.downcast_ref::<RecipeError>().is_some() { 2 } else { 1 };
+        let code = if error.downcast_ref::<RecipeError>().is_some() {
+            2
+        } else {
+            1
+        };
         Self { code, error }
     }
 }
 
-fn load_recipe(file: &std::path::Path, overrides: &OverrideArgs) -> Result<catapult_trainer::Recipe, RecipeError> {
-    let parsed: Vec<Override> = overrides.set.iter().map(|s| Override::parse(s)).collect::<Result<_, _>>()?;
+fn load_recipe(
+    file: &std::path::Path,
+    overrides: &OverrideArgs,
+) -> Result<catapult_trainer::Recipe, RecipeError> {
+    let parsed: Vec<Override> = overrides
+        .set
+        .iter()
+        .map(|s| Override::parse(s))
+        .collect::<Result<_, _>>()?;
     recipe::load(file, &parsed)
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Train { recipe, overrides, overwrite } => {
+        Command::Train {
+            recipe,
+            overrides,
+            overwrite,
+        } => {
             let recipe = load_recipe(&recipe, &overrides)?;
             let summary = catapult_trainer::train(&recipe, &RunOptions { overwrite })?;
-            println!("validation loss: {:.4} -> {:.4}", summary.first_val_loss, summary.last_val_loss);
+            println!(
+                "validation loss: {:.4} -> {:.4}",
+                summary.first_val_loss, summary.last_val_loss
+            );
             println!("checkpoint: {}", summary.checkpoint.display());
             println!("metrics: {}", summary.metrics.display());
         }
-        Command::Recipe { command: RecipeCommand::Validate { file, overrides } } => {
+        Command::Recipe {
+            command: RecipeCommand::Validate { file, overrides },
+        } => {
             let r = load_recipe(&file, &overrides)?;
             println!("{}: valid recipe `{}`", file.display(), r.name);
         }
-        Command::Recipe { command: RecipeCommand::Show { file, overrides } } => {
+        Command::Recipe {
+            command: RecipeCommand::Show { file, overrides },
+        } => {
             print!("{}", load_recipe(&file, &overrides)?.to_yaml());
         }
-        Command::Data { command: DataCommand::Prepare { inputs, output, split, min_chars, shard_size } } => {
+        Command::Data {
+            command:
+                DataCommand::Prepare {
+                    inputs,
+                    output,
+                    split,
+                    min_chars,
+                    shard_size,
+                },
+        } => {
             let split = match split {
                 SplitArg::File => DocumentSplit::File,
                 SplitArg::Paragraph => DocumentSplit::Paragraph,
                 SplitArg::Line => DocumentSplit::Line,
             };
-            let summary = catapult_data::prepare(&inputs, &output, &PrepareOptions { split, min_chars, shard_size })
-                .context("data prepare failed")?;
+            let summary = catapult_data::prepare(
+                &inputs,
+                &output,
+                &PrepareOptions {
+                    split,
+                    min_chars,
+                    shard_size,
+                },
+            )
+            .context("data prepare failed")?;
             println!(
                 "{} documents, {} bytes, {} shard(s) in {}",
                 summary.documents,

@@ -7,14 +7,23 @@ use std::sync::OnceLock;
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf()
 }
 
 /// The release binary built by `cargo build --release` (scripts/test builds it first).
 pub fn catapult_binary() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"));
     let bin = target.join("release").join("catapult");
-    assert!(bin.exists(), "{} is missing: run `cargo build --release` (scripts/test does) before the tests", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release` (scripts/test does) before the tests",
+        bin.display()
+    );
     bin
 }
 
@@ -77,5 +86,9 @@ pub fn file_hash(path: &Path) -> String {
 
 /// Whether an NVIDIA GPU is visible (tests that need one skip without it).
 pub fn gpu_available() -> bool {
-    Command::new("nvidia-smi").arg("-L").output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("nvidia-smi")
+        .arg("-L")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }

@@ -23,7 +23,12 @@ fn every_recipe_in_the_repository_validates() {
 #[test]
 fn recipe_show_prints_the_resolved_recipe_with_overrides() {
     let dir = scratch("show");
-    let out = run_ok(catapult(&dir).args(["recipe", "show"]).arg(tiny()).args(["--set", "model.num_layers=5"]));
+    let out = run_ok(
+        catapult(&dir)
+            .args(["recipe", "show"])
+            .arg(tiny())
+            .args(["--set", "model.num_layers=5"]),
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("num_layers: 5"), "{text}");
     // Defaults are filled in.
@@ -35,28 +40,49 @@ fn recipe_show_prints_the_resolved_recipe_with_overrides() {
 fn bad_recipe_fails_before_training_naming_the_field() {
     let dir = scratch("bad-recipe");
     let bad = dir.join("bad.yaml");
-    let text = std::fs::read_to_string(tiny()).unwrap().replace("moe_topk: 3", "moe_topk: 30");
+    let text = std::fs::read_to_string(tiny())
+        .unwrap()
+        .replace("moe_topk: 3", "moe_topk: 30");
     std::fs::write(&bad, text).unwrap();
     let out = catapult(&dir)
         .arg("train")
         .arg(&bad)
-        .args(["--set", &format!("output.dir={}", dir.join("run").display())])
+        .args([
+            "--set",
+            &format!("output.dir={}", dir.join("run").display()),
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "bad input exits with 2");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad.yaml") && err.contains("`model.moe_topk`"), "{err}");
-    assert!(!dir.join("run").exists(), "nothing may be written for a rejected recipe");
+    assert!(
+        err.contains("bad.yaml") && err.contains("`model.moe_topk`"),
+        "{err}"
+    );
+    assert!(
+        !dir.join("run").exists(),
+        "nothing may be written for a rejected recipe"
+    );
 }
 
 #[test]
 fn unknown_key_in_file_names_line_and_suggestion() {
     let dir = scratch("unknown-key");
     let bad = dir.join("typo.yaml");
-    let text = std::fs::read_to_string(tiny()).unwrap().replace("  warmup_steps:", "  warmup_step:");
+    let text = std::fs::read_to_string(tiny())
+        .unwrap()
+        .replace("  warmup_steps:", "  warmup_step:");
     std::fs::write(&bad, &text).unwrap();
-    let line = text.lines().position(|l| l.contains("warmup_step:")).unwrap() + 1;
-    let out = catapult(&dir).args(["recipe", "validate"]).arg(&bad).output().unwrap();
+    let line = text
+        .lines()
+        .position(|l| l.contains("warmup_step:"))
+        .unwrap()
+        + 1;
+    let out = catapult(&dir)
+        .args(["recipe", "validate"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("`train.warmup_step`"), "{err}");
@@ -71,22 +97,41 @@ fn missing_dataset_is_a_clear_error() {
         .arg("train")
         .arg(tiny())
         .args(["--set", "data.path=does/not/exist"])
-        .args(["--set", &format!("output.dir={}", dir.join("run").display())])
+        .args([
+            "--set",
+            &format!("output.dir={}", dir.join("run").display()),
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("does/not/exist") && err.contains("catapult data prepare"), "{err}");
+    assert!(
+        err.contains("does/not/exist") && err.contains("catapult data prepare"),
+        "{err}"
+    );
 }
 
 #[test]
 fn data_prepare_writes_parquet_that_training_reads() {
     let dir = scratch("prepare");
-    let text: String = (0..400).map(|i| format!("Document number {i} says hello to the world.\n\n")).collect();
+    let text: String = (0..400)
+        .map(|i| format!("Document number {i} says hello to the world.\n\n"))
+        .collect();
     std::fs::write(dir.join("in.txt"), text).unwrap();
-    let out = run_ok(catapult(&dir).args(["data", "prepare", "in.txt", "-o", "shards", "--shard-size", "150"]));
+    let out = run_ok(catapult(&dir).args([
+        "data",
+        "prepare",
+        "in.txt",
+        "-o",
+        "shards",
+        "--shard-size",
+        "150",
+    ]));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("400 documents") && stdout.contains("3 shard(s)"), "{stdout}");
+    assert!(
+        stdout.contains("400 documents") && stdout.contains("3 shard(s)"),
+        "{stdout}"
+    );
     run_ok(catapult(&dir).arg("train").arg(tiny()).args([
         "--set",
         "data.path=shards",

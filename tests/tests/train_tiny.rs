@@ -8,8 +8,10 @@ fn train(dir: &Path, extra: &[&str]) -> std::process::Output {
     let recipe = workspace().join("recipes").join("tiny.yaml");
     let mut cmd = catapult(dir);
     cmd.arg("train").arg(&recipe);
-    cmd.arg("--set").arg(format!("data.path={}", corpus().display()));
-    cmd.arg("--set").arg(format!("output.dir={}", dir.join("run").display()));
+    cmd.arg("--set")
+        .arg(format!("data.path={}", corpus().display()));
+    cmd.arg("--set")
+        .arg(format!("output.dir={}", dir.join("run").display()));
     // Short variants: no warmup unless a test asks for one.
     cmd.arg("--set").arg("train.warmup_steps=0");
     for e in extra {
@@ -21,9 +23,19 @@ fn train(dir: &Path, extra: &[&str]) -> std::process::Output {
 #[test]
 fn short_tiny_run_cuts_validation_loss_below_60_percent() {
     let dir = scratch("loss");
-    let out = train(&dir, &["train.steps=40", "train.eval_every=20", "train.warmup_steps=5"]);
+    let out = train(
+        &dir,
+        &[
+            "train.steps=40",
+            "train.eval_every=20",
+            "train.warmup_steps=5",
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("checkpoint:") && stdout.contains("metrics:"), "{stdout}");
+    assert!(
+        stdout.contains("checkpoint:") && stdout.contains("metrics:"),
+        "{stdout}"
+    );
     let lines = metrics(&dir.join("run/metrics.jsonl"));
     let val: Vec<(u64, f64)> = lines
         .iter()
@@ -32,15 +44,24 @@ fn short_tiny_run_cuts_validation_loss_below_60_percent() {
     assert_eq!(val.first().unwrap().0, 0);
     assert_eq!(val.last().unwrap().0, 40);
     let (first, last) = (val.first().unwrap().1, val.last().unwrap().1);
-    assert!(last < 0.6 * first, "validation loss {first} -> {last} is not below 60%");
+    assert!(
+        last < 0.6 * first,
+        "validation loss {first} -> {last} is not below 60%"
+    );
     let train_lines: Vec<_> = lines.iter().filter(|l| l.get("loss").is_some()).collect();
     assert_eq!(train_lines.len(), 4, "log_every 10 over 40 steps");
     for l in train_lines {
         for key in ["lr", "grad_norm", "tokens_per_s", "ffn_experts_per_token"] {
-            assert!(l[key].as_f64().is_some_and(f64::is_finite), "{key} missing in {l}");
+            assert!(
+                l[key].as_f64().is_some_and(f64::is_finite),
+                "{key} missing in {l}"
+            );
         }
         let per_token = l["ffn_experts_per_token"].as_f64().unwrap();
-        assert!((0.0..=3.0).contains(&per_token), "{per_token} outside 0..=K");
+        assert!(
+            (0.0..=3.0).contains(&per_token),
+            "{per_token} outside 0..=K"
+        );
     }
     assert!(dir.join("run/checkpoint/model.safetensors").exists());
 }
@@ -62,10 +83,24 @@ fn same_recipe_and_seed_give_bitwise_identical_weights() {
 #[test]
 fn bf16_training_runs_and_stays_finite() {
     let dir = scratch("bf16");
-    train(&dir, &["train.steps=4", "train.eval_every=2", "system.precision=bf16"]);
+    train(
+        &dir,
+        &[
+            "train.steps=4",
+            "train.eval_every=2",
+            "system.precision=bf16",
+        ],
+    );
     let lines = metrics(&dir.join("run/metrics.jsonl"));
-    let last = lines.iter().rev().find_map(|l| l.get("val_loss")?.as_f64()).unwrap();
-    assert!(last.is_finite() && last < 5.7, "bf16 validation loss {last}");
+    let last = lines
+        .iter()
+        .rev()
+        .find_map(|l| l.get("val_loss")?.as_f64())
+        .unwrap();
+    assert!(
+        last.is_finite() && last < 5.7,
+        "bf16 validation loss {last}"
+    );
 }
 
 #[test]
@@ -75,7 +110,10 @@ fn cuda_training_runs_where_a_gpu_exists() {
         return;
     }
     let dir = scratch("cuda");
-    train(&dir, &["train.steps=10", "train.eval_every=5", "system.device=cuda"]);
+    train(
+        &dir,
+        &["train.steps=10", "train.eval_every=5", "system.device=cuda"],
+    );
     let lines = metrics(&dir.join("run/metrics.jsonl"));
     assert!(lines.iter().any(|l| l.get("tokens_per_s").is_some()));
 }
@@ -89,11 +127,17 @@ fn existing_run_directory_is_not_overwritten_silently() {
         .arg("train")
         .arg(&recipe)
         .args(["--set", &format!("data.path={}", corpus().display())])
-        .args(["--set", &format!("output.dir={}", dir.join("run").display())])
+        .args([
+            "--set",
+            &format!("output.dir={}", dir.join("run").display()),
+        ])
         .args(["--set", "train.steps=1", "--set", "train.warmup_steps=0"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("already holds a run") && err.contains("--overwrite"), "{err}");
+    assert!(
+        err.contains("already holds a run") && err.contains("--overwrite"),
+        "{err}"
+    );
 }

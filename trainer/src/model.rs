@@ -21,7 +21,14 @@ fn linear(x: &Tensor, weight: &Tensor) -> Tensor {
 }
 
 fn matrix(p: &Path, name: &str, out_dim: usize, in_dim: usize, std: f64) -> Tensor {
-    p.sub(name).var("weight", &[out_dim as i64, in_dim as i64], Init::Randn { mean: 0.0, stdev: std })
+    p.sub(name).var(
+        "weight",
+        &[out_dim as i64, in_dim as i64],
+        Init::Randn {
+            mean: 0.0,
+            stdev: std,
+        },
+    )
 }
 
 /// Root-mean-square normalization, computed in fp32, returned in the input's kind.
@@ -33,7 +40,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     fn new(p: &Path, dim: usize, eps: f64) -> Self {
-        Self { weight: p.var("weight", &[dim as i64], Init::Const(1.0)), eps }
+        Self {
+            weight: p.var("weight", &[dim as i64], Init::Const(1.0)),
+            eps,
+        }
     }
 
     /// `weight * x / sqrt(mean(x^2) + eps)`.
@@ -57,12 +67,16 @@ impl Rope {
     /// transformers: inv_freq = 1 / theta^(2i/dim)).
     pub fn new(dim: usize, seq_len: usize, theta: f64, device: tch::Device) -> Self {
         let opts = (Kind::Float, device);
-        let exponent = Tensor::arange_start_step(0, dim as i64, 2, (Kind::Int64, device)).to_kind(Kind::Float)
+        let exponent = Tensor::arange_start_step(0, dim as i64, 2, (Kind::Int64, device))
+            .to_kind(Kind::Float)
             / dim as f64;
         let inv_freq = Tensor::full([1], theta, opts).pow(&exponent).reciprocal();
         let positions = Tensor::arange(seq_len as i64, (Kind::Int64, device)).to_kind(Kind::Float);
         let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
-        Self { cos: freqs.cos(), sin: freqs.sin() }
+        Self {
+            cos: freqs.cos(),
+            sin: freqs.sin(),
+        }
     }
 
     /// Rotates interleaved pairs (x0, x1), (x2, x3), ... of the last axis (DeepSeek
@@ -107,11 +121,31 @@ impl Mla {
         let heads = c.num_attention_heads;
         Self {
             q_a_proj: matrix(p, "q_a_proj", c.q_lora_rank, c.hidden_size, std),
-            q_a_layernorm: RmsNorm::new(&p.sub("q_a_layernorm"), c.q_lora_rank, MLA_LATENT_NORM_EPS),
+            q_a_layernorm: RmsNorm::new(
+                &p.sub("q_a_layernorm"),
+                c.q_lora_rank,
+                MLA_LATENT_NORM_EPS,
+            ),
             q_b_proj: matrix(p, "q_b_proj", heads * c.qk_head_dim(), c.q_lora_rank, std),
-            kv_a_proj_with_mqa: matrix(p, "kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, c.hidden_size, std),
-            kv_a_layernorm: RmsNorm::new(&p.sub("kv_a_layernorm"), c.kv_lora_rank, MLA_LATENT_NORM_EPS),
-            kv_b_proj: matrix(p, "kv_b_proj", heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, std),
+            kv_a_proj_with_mqa: matrix(
+                p,
+                "kv_a_proj_with_mqa",
+                c.kv_lora_rank + c.qk_rope_head_dim,
+                c.hidden_size,
+                std,
+            ),
+            kv_a_layernorm: RmsNorm::new(
+                &p.sub("kv_a_layernorm"),
+                c.kv_lora_rank,
+                MLA_LATENT_NORM_EPS,
+            ),
+            kv_b_proj: matrix(
+                p,
+                "kv_b_proj",
+                heads * (c.qk_nope_head_dim + c.v_head_dim),
+                c.kv_lora_rank,
+                std,
+            ),
             o_proj: matrix(p, "o_proj", c.hidden_size, heads * c.v_head_dim, std),
             heads: heads as i64,
             nope_dim: c.qk_nope_head_dim as i64,
@@ -127,18 +161,31 @@ impl Mla {
     pub fn forward(&self, x: &Tensor, rope: &Rope) -> Tensor {
         let (b, s, _) = x.size3().expect("batch x seq x hidden");
         let (nh, nope, rd, vd) = (self.heads, self.nope_dim, self.rope_dim, self.v_dim);
-        let q = linear(&self.q_a_layernorm.forward(&linear(x, &self.q_a_proj)), &self.q_b_proj) * self.alpha_q;
+        let q = linear(
+            &self.q_a_layernorm.forward(&linear(x, &self.q_a_proj)),
+            &self.q_b_proj,
+        ) * self.alpha_q;
         let q = q.view([b, s, nh, nope + rd]).transpose(1, 2);
         let compressed = linear(x, &self.kv_a_proj_with_mqa);
-        let latent = self.kv_a_layernorm.forward(&compressed.narrow(-1, 0, self.kv_rank)) * self.alpha_kv;
+        let latent = self
+            .kv_a_layernorm
+            .forward(&compressed.narrow(-1, 0, self.kv_rank))
+            * self.alpha_kv;
         let k_rope = compressed.narrow(-1, self.kv_rank, rd).view([b, 1, s, rd]);
-        let kv = linear(&latent, &self.kv_b_proj).view([b, s, nh, nope + vd]).transpose(1, 2);
-        let q = Tensor::cat(&[q.narrow(-1, 0, nope), rope.apply(&q.narrow(-1, nope, rd))], -1);
+        let kv = linear(&latent, &self.kv_b_proj)
+            .view([b, s, nh, nope + vd])
+            .transpose(1, 2);
+        let q = Tensor::cat(
+            &[q.narrow(-1, 0, nope), rope.apply(&q.narrow(-1, nope, rd))],
+            -1,
+        );
         let k_rope = rope.apply(&k_rope).expand([b, nh, s, rd], false);
         let k = Tensor::cat(&[kv.narrow(-1, 0, nope), k_rope], -1);
         let v = kv.narrow(-1, nope, vd);
         let scale = 1.0 / ((nope + rd) as f64).sqrt();
-        let attn = Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, scale, false);
+        let attn = Tensor::scaled_dot_product_attention::<Tensor>(
+            &q, &k, &v, None, 0.0, true, scale, false,
+        );
         linear(&attn.transpose(1, 2).reshape([b, s, nh * vd]), &self.o_proj)
     }
 }
@@ -162,7 +209,10 @@ impl SwiGlu {
 
     /// The FFN on `x` (... x hidden).
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        linear(&(linear(x, &self.gate_proj).silu() * linear(x, &self.up_proj)), &self.down_proj)
+        linear(
+            &(linear(x, &self.gate_proj).silu() * linear(x, &self.up_proj)),
+            &self.down_proj,
+        )
     }
 }
 
@@ -198,7 +248,10 @@ impl Moe {
         let (h, i) = (c.hidden_size as i64, c.expert_ffn_hidden_size as i64);
         let router = p.sub("router");
         let experts = p.sub("experts");
-        let init = Init::Randn { mean: 0.0, stdev: std };
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: std,
+        };
         Self {
             router: matrix(&router, "classifier", (n + z) as usize, c.hidden_size, std),
             expert_bias: router.zeros_no_train("e_score_correction_bias", &[n + z]),
@@ -230,8 +283,13 @@ impl Moe {
             &self.down_proj.to_kind(kind),
         );
         let is_ffn = ffn_choice_mask(&choice, self.n_ffn, Kind::Float);
-        let output = dispatch.combine(&expert_out, &weights, &is_ffn, &x).view(shape.as_slice());
-        MoeOutput { output, selections: dispatch.selections }
+        let output = dispatch
+            .combine(&expert_out, &weights, &is_ffn, &x)
+            .view(shape.as_slice());
+        MoeOutput {
+            output,
+            selections: dispatch.selections,
+        }
     }
 }
 
@@ -252,8 +310,14 @@ impl ScMoeLayer {
         let norm = |name: &str, i: usize| RmsNorm::new(&p.sub(name).sub(i), h, eps);
         Self {
             norm_in: [norm("input_layernorm", 0), norm("input_layernorm", 1)],
-            norm_post: [norm("post_attention_layernorm", 0), norm("post_attention_layernorm", 1)],
-            mla: [Mla::new(&p.sub("self_attn").sub(0), c), Mla::new(&p.sub("self_attn").sub(1), c)],
+            norm_post: [
+                norm("post_attention_layernorm", 0),
+                norm("post_attention_layernorm", 1),
+            ],
+            mla: [
+                Mla::new(&p.sub("self_attn").sub(0), c),
+                Mla::new(&p.sub("self_attn").sub(1), c),
+            ],
             ffn: [
                 SwiGlu::new(&p.sub("mlps").sub(0), h, c.ffn_hidden_size, std),
                 SwiGlu::new(&p.sub("mlps").sub(1), h, c.ffn_hidden_size, std),
@@ -301,24 +365,43 @@ impl LongcatModel {
     /// Creates the parameters under `root` (normal(0, initializer_range) matrices, unit
     /// norms, zero expert bias), in a fixed order so that a seed fixes every value. The
     /// RoPE tables are made on `device`, where the parameters are expected to end up.
-    pub fn new(root: &Path, c: &ModelConfig, max_seq_len: usize, compute_kind: Kind, device: tch::Device) -> Self {
+    pub fn new(
+        root: &Path,
+        c: &ModelConfig,
+        max_seq_len: usize,
+        compute_kind: Kind,
+        device: tch::Device,
+    ) -> Self {
         let model = root.sub("model");
         let std = c.initializer_range;
         let embed_tokens = model.sub("embed_tokens").var(
             "weight",
             &[c.vocab_size as i64, c.hidden_size as i64],
-            Init::Randn { mean: 0.0, stdev: std },
+            Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
         );
-        let layers = (0..c.num_layers).map(|i| ScMoeLayer::new(&model.sub("layers").sub(i), c)).collect();
+        let layers = (0..c.num_layers)
+            .map(|i| ScMoeLayer::new(&model.sub("layers").sub(i), c))
+            .collect();
         let norm = RmsNorm::new(&model.sub("norm"), c.hidden_size, c.rms_norm_eps);
         let lm_head = matrix(root, "lm_head", c.vocab_size, c.hidden_size, std);
         let rope = Rope::new(c.qk_rope_head_dim, max_seq_len, c.rope_theta, device);
-        Self { embed_tokens, layers, norm, lm_head, rope, compute_kind }
+        Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            compute_kind,
+        }
     }
 
     /// Logits for `tokens` (batch x seq, i64).
     pub fn forward(&self, tokens: &Tensor) -> ModelOutput {
-        let mut h = Tensor::embedding(&self.embed_tokens, tokens, -1, false, false).to_kind(self.compute_kind);
+        let mut h = Tensor::embedding(&self.embed_tokens, tokens, -1, false, false)
+            .to_kind(self.compute_kind);
         let mut selections = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             let (out, sel) = layer.forward(&h, &self.rope);
@@ -326,7 +409,11 @@ impl LongcatModel {
             selections.push(sel);
         }
         let logits = linear(&self.norm.forward(&h), &self.lm_head).to_kind(Kind::Float);
-        ModelOutput { logits, last_hidden: h, selections }
+        ModelOutput {
+            logits,
+            last_hidden: h,
+            selections,
+        }
     }
 }
 
@@ -383,7 +470,11 @@ mod tests {
         let (_vs, m) = moe(&c);
         // A bias that only zero experts can win: every selection is a zero expert.
         let mut bias = m.expert_bias.shallow_clone();
-        tch::no_grad(|| bias.copy_(&Tensor::from_slice(&[-10.0f32, -10.0, -10.0, -10.0, 10.0, 10.0])));
+        tch::no_grad(|| {
+            bias.copy_(&Tensor::from_slice(&[
+                -10.0f32, -10.0, -10.0, -10.0, 10.0, 10.0,
+            ]))
+        });
         let m = Moe { top_k: 2, ..m };
         let u = Tensor::randn([3, 5, 32], (Kind::Float, Device::Cpu));
         let out = m.forward(&u);
@@ -392,12 +483,20 @@ mod tests {
         let gate = probs.narrow(1, 4, 2).sum_dim_intlist(-1, true, Kind::Float) * 1.5;
         let expected = (x * gate).view([3, 5, 32]);
         assert!(out.output.allclose(&expected, 1e-6, 1e-6, false));
-        assert_eq!(Vec::<i64>::try_from(&out.selections).unwrap(), vec![0, 0, 0, 0, 15, 15]);
+        assert_eq!(
+            Vec::<i64>::try_from(&out.selections).unwrap(),
+            vec![0, 0, 0, 0, 15, 15]
+        );
     }
 
     #[test]
     fn without_zero_experts_and_k_equal_n_the_moe_is_the_dense_weighted_sum() {
-        let c = ModelConfig { zero_expert_num: 0, moe_topk: 4, target_ffn_experts: None, ..config() };
+        let c = ModelConfig {
+            zero_expert_num: 0,
+            moe_topk: 4,
+            target_ffn_experts: None,
+            ..config()
+        };
         let (_vs, m) = moe(&c);
         let u = Tensor::randn([2, 7, 32], (Kind::Float, Device::Cpu));
         let out = m.forward(&u).output;
@@ -416,7 +515,10 @@ mod tests {
     fn gamma_scales_the_moe_output() {
         let c = config();
         let (_vs, m1) = moe(&c);
-        let (_vs2, m3) = moe(&ModelConfig { routed_scaling_factor: 4.5, ..c });
+        let (_vs2, m3) = moe(&ModelConfig {
+            routed_scaling_factor: 4.5,
+            ..c
+        });
         let u = Tensor::randn([2, 6, 32], (Kind::Float, Device::Cpu));
         let a = m1.forward(&u).output;
         let b = m3.forward(&u).output;
@@ -426,7 +528,12 @@ mod tests {
 
     #[test]
     fn expert_bias_changes_selection_but_not_weights() {
-        let c = ModelConfig { zero_expert_num: 0, moe_topk: 1, target_ffn_experts: None, ..config() };
+        let c = ModelConfig {
+            zero_expert_num: 0,
+            moe_topk: 1,
+            target_ffn_experts: None,
+            ..config()
+        };
         let (_vs, m) = moe(&c);
         let u = Tensor::randn([1, 4, 32], (Kind::Float, Device::Cpu));
         let mut bias = m.expert_bias.shallow_clone();
@@ -437,8 +544,14 @@ mod tests {
         let probs = linear(&x, &m.router).softmax(-1, Kind::Float);
         let h = linear(&x, &m.gate_proj.get(2)).silu() * linear(&x, &m.up_proj.get(2));
         let expected = linear(&h, &m.down_proj.get(2)) * probs.narrow(1, 2, 1) * 1.5;
-        assert!(out.output.view([4, 32]).allclose(&expected, 1e-5, 1e-6, false));
-        assert_eq!(Vec::<i64>::try_from(&out.selections).unwrap(), vec![0, 0, 4, 0]);
+        assert!(out
+            .output
+            .view([4, 32])
+            .allclose(&expected, 1e-5, 1e-6, false));
+        assert_eq!(
+            Vec::<i64>::try_from(&out.selections).unwrap(),
+            vec![0, 0, 4, 0]
+        );
     }
 
     #[test]
@@ -451,11 +564,17 @@ mod tests {
         let out = model.forward(&tokens);
         assert_eq!(out.logits.size(), vec![2, 10, 300]);
         // Changing a later token must not change earlier logits.
-        let mut changed = tokens.copy();
+        let changed = tokens.copy();
         let _ = changed.get(0).get(7).fill_(3);
         let out2 = model.forward(&changed);
-        assert!(out.logits.narrow(1, 0, 7).equal(&out2.logits.narrow(1, 0, 7)));
-        assert!(!out.logits.narrow(1, 7, 3).equal(&out2.logits.narrow(1, 7, 3)));
+        assert!(out
+            .logits
+            .narrow(1, 0, 7)
+            .equal(&out2.logits.narrow(1, 0, 7)));
+        assert!(!out
+            .logits
+            .narrow(1, 7, 3)
+            .equal(&out2.logits.narrow(1, 7, 3)));
         out.logits.square().mean(Kind::Float).backward();
         let mut names: Vec<_> = vs.variables().into_iter().collect();
         names.sort_by(|a, b| a.0.cmp(&b.0));
@@ -463,7 +582,10 @@ mod tests {
             let g = t.grad();
             assert!(g.defined(), "{name} got no gradient");
             if !name.contains("experts") {
-                assert!(g.abs().sum(Kind::Float).double_value(&[]) > 0.0, "{name} has a zero gradient");
+                assert!(
+                    g.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+                    "{name} has a zero gradient"
+                );
             }
         }
     }

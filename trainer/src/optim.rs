@@ -47,9 +47,15 @@ impl AdamW {
     /// Returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
         tch::no_grad(|| {
-            let squares: Vec<Tensor> =
-                self.params.iter().map(|(_, p)| p.grad().to_kind(Kind::Float).square().sum(Kind::Float)).collect();
-            let norm = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt().double_value(&[]);
+            let squares: Vec<Tensor> = self
+                .params
+                .iter()
+                .map(|(_, p)| p.grad().to_kind(Kind::Float).square().sum(Kind::Float))
+                .collect();
+            let norm = Tensor::stack(&squares, 0)
+                .sum(Kind::Float)
+                .sqrt()
+                .double_value(&[]);
             if max_norm > 0.0 && norm > max_norm {
                 let scale = max_norm / (norm + 1e-6);
                 for (_, p) in &self.params {
@@ -161,7 +167,9 @@ mod tests {
         let p = Tensor::from_slice(&[1.0f64, -2.0]).set_requires_grad(true);
         let mut opt = AdamW::new(vec![("w".into(), p.shallow_clone())], &t);
         // Vectors get no weight decay; the first Adam step moves by lr * sign(g).
-        (&p * Tensor::from_slice(&[3.0f64, -0.5])).sum(Kind::Double).backward();
+        (&p * Tensor::from_slice(&[3.0f64, -0.5]))
+            .sum(Kind::Double)
+            .backward();
         opt.step(0.01);
         let expected = Tensor::from_slice(&[1.0 - 0.01, -2.0 + 0.01]);
         assert!(p.allclose(&expected, 1e-7, 1e-9, false), "{p}");
@@ -174,7 +182,9 @@ mod tests {
         let t = config(Schedule::Cosine);
         let p = Tensor::from_slice(&[0.0f64, 0.0]).set_requires_grad(true);
         let mut opt = AdamW::new(vec![("w".into(), p.shallow_clone())], &t);
-        (&p * Tensor::from_slice(&[3.0f64, 4.0])).sum(Kind::Double).backward();
+        (&p * Tensor::from_slice(&[3.0f64, 4.0]))
+            .sum(Kind::Double)
+            .backward();
         let norm = opt.clip_grad_norm(1.0);
         assert!((norm - 5.0).abs() < 1e-12);
         let g = p.grad();

@@ -71,7 +71,11 @@ pub struct SystemConfig {
 
 impl Default for SystemConfig {
     fn default() -> Self {
-        Self { device: DeviceKind::Cpu, threads: 0, precision: Precision::Fp32 }
+        Self {
+            device: DeviceKind::Cpu,
+            threads: 0,
+            precision: Precision::Fp32,
+        }
     }
 }
 
@@ -289,7 +293,11 @@ pub enum RecipeError {
     /// The file could not be read.
     Read { file: PathBuf, reason: String },
     /// The YAML itself is malformed.
-    Syntax { file: PathBuf, line: Option<usize>, reason: String },
+    Syntax {
+        file: PathBuf,
+        line: Option<usize>,
+        reason: String,
+    },
     /// A key that the recipe schema does not have.
     UnknownKey {
         origin: String,
@@ -299,11 +307,21 @@ pub enum RecipeError {
         valid: Vec<String>,
     },
     /// A value of the wrong type, or a missing required key.
-    BadValue { origin: String, path: String, line: Option<usize>, reason: String },
+    BadValue {
+        origin: String,
+        path: String,
+        line: Option<usize>,
+        reason: String,
+    },
     /// A malformed `--set` argument.
     BadOverride { arg: String, reason: String },
     /// Values that parse but do not make sense together.
-    Inconsistent { file: String, fields: Vec<String>, problem: String, fix: String },
+    Inconsistent {
+        file: String,
+        fields: Vec<String>,
+        problem: String,
+        fix: String,
+    },
 }
 
 fn at_line(line: &Option<usize>) -> String {
@@ -317,22 +335,43 @@ impl fmt::Display for RecipeError {
                 write!(f, "cannot read recipe {}: {reason}", file.display())
             }
             RecipeError::Syntax { file, line, reason } => {
-                write!(f, "{}{}: invalid YAML: {reason}", file.display(), at_line(line))
+                write!(
+                    f,
+                    "{}{}: invalid YAML: {reason}",
+                    file.display(),
+                    at_line(line)
+                )
             }
-            RecipeError::UnknownKey { origin, path, line, suggestion, valid } => {
+            RecipeError::UnknownKey {
+                origin,
+                path,
+                line,
+                suggestion,
+                valid,
+            } => {
                 write!(f, "{origin}: unknown key `{path}`{}", at_line(line))?;
                 match suggestion {
                     Some(s) => write!(f, "; did you mean `{s}`?"),
                     None => write!(f, "; valid keys here: {}", valid.join(", ")),
                 }
             }
-            RecipeError::BadValue { origin, path, line, reason } => {
+            RecipeError::BadValue {
+                origin,
+                path,
+                line,
+                reason,
+            } => {
                 write!(f, "{origin}: `{path}`{}: {reason}", at_line(line))
             }
             RecipeError::BadOverride { arg, reason } => {
                 write!(f, "--set {arg}: {reason}")
             }
-            RecipeError::Inconsistent { file, fields, problem, fix } => {
+            RecipeError::Inconsistent {
+                file,
+                fields,
+                problem,
+                fix,
+            } => {
                 let names: Vec<String> = fields.iter().map(|x| format!("`{x}`")).collect();
                 write!(f, "{file}: {}: {problem}; {fix}", names.join(" and "))
             }
@@ -356,16 +395,26 @@ pub struct Override {
 impl Override {
     /// Parses `a.b.c=value`.
     pub fn parse(arg: &str) -> Result<Self, RecipeError> {
-        let bad = |reason: &str| RecipeError::BadOverride { arg: arg.into(), reason: reason.into() };
-        let (key, raw) =
-            arg.split_once('=').ok_or_else(|| bad("expected KEY=VALUE, e.g. model.num_layers=4"))?;
+        let bad = |reason: &str| RecipeError::BadOverride {
+            arg: arg.into(),
+            reason: reason.into(),
+        };
+        let (key, raw) = arg
+            .split_once('=')
+            .ok_or_else(|| bad("expected KEY=VALUE, e.g. model.num_layers=4"))?;
         let path: Vec<String> = key.trim().split('.').map(str::to_string).collect();
         if path.iter().any(|p| p.is_empty()) {
-            return Err(bad("the key has an empty component; write it like train.steps=100"));
+            return Err(bad(
+                "the key has an empty component; write it like train.steps=100",
+            ));
         }
         let value: Value = serde_yaml_ng::from_str(raw)
             .map_err(|e| bad(&format!("the value is not valid YAML ({e})")))?;
-        Ok(Self { arg: arg.into(), path, value })
+        Ok(Self {
+            arg: arg.into(),
+            path,
+            value,
+        })
     }
 
     fn apply(&self, root: &mut Value) -> Result<(), RecipeError> {
@@ -382,7 +431,9 @@ impl Override {
                 map.insert(key, self.value.clone());
                 return Ok(());
             }
-            node = map.entry(key).or_insert_with(|| Value::Mapping(Default::default()));
+            node = map
+                .entry(key)
+                .or_insert_with(|| Value::Mapping(Default::default()));
         }
         Ok(())
     }
@@ -390,8 +441,10 @@ impl Override {
 
 /// Loads a recipe file, applies overrides and runs every semantic check.
 pub fn load(file: &Path, overrides: &[Override]) -> Result<Recipe, RecipeError> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| RecipeError::Read { file: file.into(), reason: e.to_string() })?;
+    let text = std::fs::read_to_string(file).map_err(|e| RecipeError::Read {
+        file: file.into(),
+        reason: e.to_string(),
+    })?;
     parse(&text, &file.display().to_string(), overrides)
 }
 
@@ -479,14 +532,30 @@ fn classify(origin: &str, path: &str, line: Option<usize>, e: serde_yaml_ng::Err
             .collect();
         let parent = path.trim_end_matches(&key).trim_end_matches('.');
         let parent = if parent == "." { "" } else { parent };
-        let full = if parent.is_empty() { key.clone() } else { format!("{parent}.{key}") };
+        let full = if parent.is_empty() {
+            key.clone()
+        } else {
+            format!("{parent}.{key}")
+        };
         let suggestion = valid
             .iter()
             .map(|v| (closeness(&key, v), v))
             .filter(|(score, _)| *score > 0.8)
             .max_by(|a, b| a.0.total_cmp(&b.0))
-            .map(|(_, v)| if parent.is_empty() { v.clone() } else { format!("{parent}.{v}") });
-        return RecipeError::UnknownKey { origin: origin.into(), path: full, line, suggestion, valid };
+            .map(|(_, v)| {
+                if parent.is_empty() {
+                    v.clone()
+                } else {
+                    format!("{parent}.{v}")
+                }
+            });
+        return RecipeError::UnknownKey {
+            origin: origin.into(),
+            path: full,
+            line,
+            suggestion,
+            valid,
+        };
     }
     let reason = msg.split(" at line ").next().unwrap_or(&msg).to_string();
     let (path, reason) = if let Some(field) = reason.strip_prefix("missing field `") {
@@ -496,11 +565,24 @@ fn classify(origin: &str, path: &str, line: Option<usize>, e: serde_yaml_ng::Err
         } else {
             format!("{path}.{field}")
         };
-        (full, "is required but missing; add it to the recipe".to_string())
+        (
+            full,
+            "is required but missing; add it to the recipe".to_string(),
+        )
     } else {
         (path.to_string(), reason)
     };
-    RecipeError::BadValue { origin: origin.into(), path, line, reason }
+    RecipeError::BadValue {
+        origin: origin.into(),
+        path,
+        line,
+        reason,
+    }
+}
+
+/// True for a number above zero (false for NaN).
+fn positive(x: f64) -> bool {
+    x > 0.0
 }
 
 /// Semantic checks that the types cannot express. Each names the fields involved.
@@ -514,7 +596,7 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
         })
     };
     let m = &r.model;
-    let positive = [
+    let counts = [
         ("model.hidden_size", m.hidden_size),
         ("model.num_layers", m.num_layers),
         ("model.num_attention_heads", m.num_attention_heads),
@@ -532,21 +614,28 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
         ("train.eval_sequences", r.train.eval_sequences),
         ("train.log_every", r.train.log_every),
     ];
-    for (name, v) in positive {
+    for (name, v) in counts {
         if v == 0 {
             return err(&[name], "must be at least 1".into(), "set a positive value");
         }
     }
-    if m.qk_rope_head_dim == 0 || m.qk_rope_head_dim % 2 != 0 {
+    if m.qk_rope_head_dim == 0 || !m.qk_rope_head_dim.is_multiple_of(2) {
         return err(
             &["model.qk_rope_head_dim"],
-            format!("is {}, but RoPE rotates pairs of dimensions", m.qk_rope_head_dim),
+            format!(
+                "is {}, but RoPE rotates pairs of dimensions",
+                m.qk_rope_head_dim
+            ),
             "use a positive even number",
         );
     }
     if m.q_lora_rank > m.hidden_size || m.kv_lora_rank > m.hidden_size {
         return err(
-            &["model.q_lora_rank", "model.kv_lora_rank", "model.hidden_size"],
+            &[
+                "model.q_lora_rank",
+                "model.kv_lora_rank",
+                "model.hidden_size",
+            ],
             format!(
                 "the compression ranks ({}, {}) exceed the width {}",
                 m.q_lora_rank, m.kv_lora_rank, m.hidden_size
@@ -555,11 +644,19 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
         );
     }
     if m.n_routed_experts == 0 {
-        return err(&["model.n_routed_experts"], "must be at least 1".into(), "add FFN experts");
+        return err(
+            &["model.n_routed_experts"],
+            "must be at least 1".into(),
+            "add FFN experts",
+        );
     }
     if m.moe_topk > m.total_experts() {
         return err(
-            &["model.moe_topk", "model.n_routed_experts", "model.zero_expert_num"],
+            &[
+                "model.moe_topk",
+                "model.n_routed_experts",
+                "model.zero_expert_num",
+            ],
             format!(
                 "top-K = {} exceeds the {} experts (N = {} FFN + Z = {} zero)",
                 m.moe_topk,
@@ -584,11 +681,14 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
     if ke < m.moe_topk && m.zero_expert_num == 0 {
         return err(
             &["model.target_ffn_experts", "model.zero_expert_num"],
-            format!("K_e = {ke} < K = {} needs zero experts, but Z = 0", m.moe_topk),
+            format!(
+                "K_e = {ke} < K = {} needs zero experts, but Z = 0",
+                m.moe_topk
+            ),
             "add zero experts or set target_ffn_experts equal to moe_topk",
         );
     }
-    if !(m.routed_scaling_factor > 0.0) {
+    if !positive(m.routed_scaling_factor) {
         return err(
             &["model.routed_scaling_factor"],
             format!("is {}", m.routed_scaling_factor),
@@ -605,7 +705,10 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
     if m.vocab_size < BYTE_VOCAB {
         return err(
             &["model.vocab_size", "data.tokenizer"],
-            format!("{} rows cannot hold the tokenizer's {BYTE_VOCAB} ids", m.vocab_size),
+            format!(
+                "{} rows cannot hold the tokenizer's {BYTE_VOCAB} ids",
+                m.vocab_size
+            ),
             "raise vocab_size",
         );
     }
@@ -617,7 +720,7 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
         );
     }
     let t = &r.train;
-    if t.global_batch_size % t.micro_batch_size != 0 {
+    if !t.global_batch_size.is_multiple_of(t.micro_batch_size) {
         return err(
             &["train.global_batch_size", "train.micro_batch_size"],
             format!(
@@ -627,7 +730,7 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
             "make global_batch_size a multiple of micro_batch_size",
         );
     }
-    if !(t.lr > 0.0) || t.min_lr < 0.0 || t.min_lr > t.lr {
+    if !positive(t.lr) || t.min_lr < 0.0 || t.min_lr > t.lr {
         return err(
             &["train.lr", "train.min_lr"],
             format!("lr = {}, min_lr = {}", t.lr, t.min_lr),
@@ -642,15 +745,23 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
         );
     }
     if !(0.0..=1.0).contains(&t.decay_fraction) {
-        return err(&["train.decay_fraction"], format!("is {}", t.decay_fraction), "use 0..1");
+        return err(
+            &["train.decay_fraction"],
+            format!("is {}", t.decay_fraction),
+            "use 0..1",
+        );
     }
     for (name, b) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
         if !(0.0..1.0).contains(&b) {
             return err(&[name], format!("is {b}"), "use a value in [0, 1)");
         }
     }
-    if !(t.adam_eps > 0.0) {
-        return err(&["train.adam_eps"], format!("is {}", t.adam_eps), "use e.g. 1e-16");
+    if !positive(t.adam_eps) {
+        return err(
+            &["train.adam_eps"],
+            format!("is {}", t.adam_eps),
+            "use e.g. 1e-16",
+        );
     }
     Ok(())
 }
@@ -658,7 +769,10 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
 impl Recipe {
     /// The run directory: `output.dir`, or `runs/<name>`.
     pub fn run_dir(&self) -> PathBuf {
-        self.output.dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&self.name))
+        self.output
+            .dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join(&self.name))
     }
 
     /// The recipe as YAML with every default filled in.
@@ -783,7 +897,10 @@ train:
         let text = GOOD.replace("  num_layers: 1", "  num_layers: 1\n  zzz: 1");
         let m = message(parse(&text, "r.yaml", &[]));
         assert!(m.contains("unknown key `model.zzz`"), "{m}");
-        assert!(m.contains("valid keys here: vocab_size, hidden_size"), "{m}");
+        assert!(
+            m.contains("valid keys here: vocab_size, hidden_size"),
+            "{m}"
+        );
     }
 
     #[test]
@@ -826,7 +943,10 @@ train:
     #[test]
     fn batch_not_divisible_by_micro_batch_is_rejected() {
         let m = message(with("train.micro_batch_size=3"));
-        assert!(m.contains("`train.global_batch_size` and `train.micro_batch_size`"), "{m}");
+        assert!(
+            m.contains("`train.global_batch_size` and `train.micro_batch_size`"),
+            "{m}"
+        );
     }
 
     #[test]

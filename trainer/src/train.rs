@@ -57,7 +57,11 @@ pub struct RunSummary {
 }
 
 /// Sequences a micro-batch needs, as inputs and targets (micro_batch x seq_len, i64).
-fn batch(data: &PackedSequences, indices: impl Iterator<Item = usize>, device: Device) -> (Tensor, Tensor) {
+fn batch(
+    data: &PackedSequences,
+    indices: impl Iterator<Item = usize>,
+    device: Device,
+) -> (Tensor, Tensor) {
     let mut ids: Vec<i64> = Vec::new();
     let mut rows = 0;
     for i in indices {
@@ -71,7 +75,9 @@ fn batch(data: &PackedSequences, indices: impl Iterator<Item = usize>, device: D
 
 fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
     let vocab = logits.size()[2];
-    logits.view([-1, vocab]).cross_entropy_for_logits(&targets.reshape([-1]))
+    logits
+        .view([-1, vocab])
+        .cross_entropy_for_logits(&targets.reshape([-1]))
 }
 
 fn device_for(recipe: &Recipe) -> Result<Device, TrainError> {
@@ -103,7 +109,13 @@ pub fn build_model(recipe: &Recipe, device: Device) -> BuiltModel {
         Precision::Fp32 => Kind::Float,
         Precision::Bf16 => Kind::BFloat16,
     };
-    let model = LongcatModel::new(&vars.root(), &recipe.model, recipe.data.seq_len, kind, device);
+    let model = LongcatModel::new(
+        &vars.root(),
+        &recipe.model,
+        recipe.data.seq_len,
+        kind,
+        device,
+    );
     // set_data in place: the model's handles see the moved tensors.
     vars.set_device(device);
     BuiltModel { vars, model }
@@ -116,7 +128,13 @@ pub fn named_tensors(vars: &VarStore) -> Vec<(String, Tensor)> {
     named
 }
 
-fn mean_loss(model: &LongcatModel, data: &PackedSequences, count: usize, micro: usize, device: Device) -> f64 {
+fn mean_loss(
+    model: &LongcatModel,
+    data: &PackedSequences,
+    count: usize,
+    micro: usize,
+    device: Device,
+) -> f64 {
     tch::no_grad(|| {
         let count = count.min(data.len());
         let mut total = 0.0;
@@ -139,17 +157,26 @@ struct Metrics {
 
 impl Metrics {
     fn create(path: PathBuf) -> Result<Self, TrainError> {
-        let file = std::fs::File::create(&path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
+        let file = std::fs::File::create(&path).map_err(|source| TrainError::Io {
+            path: path.clone(),
+            source,
+        })?;
         Ok(Self { file, path })
     }
 
     fn write(&mut self, value: serde_json::Value) -> Result<(), TrainError> {
-        writeln!(self.file, "{value}").map_err(|source| TrainError::Io { path: self.path.clone(), source })
+        writeln!(self.file, "{value}").map_err(|source| TrainError::Io {
+            path: self.path.clone(),
+            source,
+        })
     }
 }
 
 fn prepare_run_dir(dir: &Path, recipe: &Recipe, opts: &RunOptions) -> Result<(), TrainError> {
-    let io = |source| TrainError::Io { path: dir.into(), source };
+    let io = |source| TrainError::Io {
+        path: dir.into(),
+        source,
+    };
     if dir.join("metrics.jsonl").exists() && !opts.overwrite {
         return Err(TrainError::Setup(format!(
             "{} already holds a run; pass --overwrite to replace it, or set output.dir to a new directory",
@@ -185,8 +212,10 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
 
     let built = build_model(recipe, device);
     let model = &built.model;
-    let params: Vec<(String, Tensor)> =
-        named_tensors(&built.vars).into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    let params: Vec<(String, Tensor)> = named_tensors(&built.vars)
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
     let mut optimizer = AdamW::new(params, &recipe.train);
     let mut order = SequenceOrder::new(recipe.seed, train_data.len());
 
@@ -194,7 +223,15 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
     let micro_batches = t.global_batch_size / t.micro_batch_size;
     let n_ffn = recipe.model.n_routed_experts as i64;
     let layers = recipe.model.num_layers as f64;
-    let eval = |model: &LongcatModel| mean_loss(model, &valid_data, t.eval_sequences, t.micro_batch_size, device);
+    let eval = |model: &LongcatModel| {
+        mean_loss(
+            model,
+            &valid_data,
+            t.eval_sequences,
+            t.micro_batch_size,
+            device,
+        )
+    };
 
     let first_val_loss = eval(model);
     metrics.write(serde_json::json!({"step": 0, "val_loss": first_val_loss}))?;
@@ -202,8 +239,10 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
 
     let progress = ProgressBar::new(t.steps as u64);
     progress.set_style(
-        ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-            .expect("static template"),
+        ProgressStyle::with_template(
+            "{prefix} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("static template"),
     );
     progress.set_prefix(recipe.name.clone());
     let mut position = 0u64;
@@ -216,8 +255,9 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         let mut ffn_selections = 0i64;
         let mut routed_tokens = 0i64;
         for _ in 0..micro_batches {
-            let indices: Vec<usize> =
-                (0..t.micro_batch_size).map(|j| order.index(position + j as u64)).collect();
+            let indices: Vec<usize> = (0..t.micro_batch_size)
+                .map(|j| order.index(position + j as u64))
+                .collect();
             position += t.micro_batch_size as u64;
             let (inputs, targets) = batch(&train_data, indices.into_iter(), device);
             let out = model.forward(&inputs);
@@ -252,7 +292,9 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
             last_val_loss = eval(model);
             metrics.write(serde_json::json!({"step": done, "val_loss": last_val_loss}))?;
         }
-        progress.set_message(format!("loss {loss:.4} | {tokens_per_s:.0} tok/s | val {last_val_loss:.4}"));
+        progress.set_message(format!(
+            "loss {loss:.4} | {tokens_per_s:.0} tok/s | val {last_val_loss:.4}"
+        ));
         progress.inc(1);
     }
     progress.finish();
@@ -266,5 +308,10 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         "recipe": serde_json::to_value(recipe).expect("recipes serialize"),
     });
     catapult_checkpoints::save(&checkpoint, &named_tensors(&built.vars), &meta)?;
-    Ok(RunSummary { checkpoint, metrics: metrics.path, first_val_loss, last_val_loss })
+    Ok(RunSummary {
+        checkpoint,
+        metrics: metrics.path,
+        first_val_loss,
+        last_val_loss,
+    })
 }
