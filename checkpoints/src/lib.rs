@@ -33,8 +33,7 @@ pub const MODEL_FILE: &str = "model.safetensors";
 pub const META_FILE: &str = "meta.json";
 
 /// Writes `tensors` (sorted by name here, so the file's bytes depend only on the values)
-/// and `meta` into `dir`. Each file is written under a temporary name and renamed into
-/// place, so a crash never leaves a truncated file under the final name.
+/// and `meta` into `dir` as `model.safetensors` and `meta.json`.
 pub fn save(
     dir: &Path,
     tensors: &[(String, Tensor)],
@@ -44,33 +43,49 @@ pub fn save(
         path: dir.into(),
         source,
     })?;
+    let model = dir.join(MODEL_FILE);
+    write_tensors(&model, tensors)?;
+    let text = serde_json::to_string_pretty(meta).expect("JSON values serialize");
+    write_atomically(&dir.join(META_FILE), text.as_bytes())?;
+    Ok(model)
+}
+
+/// Writes a safetensors file with `tensors` sorted by name, under a temporary name that is
+/// renamed into place, so a crash never leaves a truncated file under the final name.
+pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), CheckpointError> {
     let mut sorted: Vec<(&str, Tensor)> = tensors
         .iter()
         .map(|(n, t)| (n.as_str(), t.to_device(tch::Device::Cpu).contiguous()))
         .collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
-    let model = dir.join(MODEL_FILE);
-    let tmp = dir.join(format!("{MODEL_FILE}.tmp"));
+    let tmp = temporary(path);
     Tensor::write_safetensors(&sorted, &tmp).map_err(|e| CheckpointError::Tensors {
-        path: model.clone(),
+        path: path.into(),
         reason: e.to_string(),
     })?;
-    std::fs::rename(&tmp, &model).map_err(|source| CheckpointError::Io {
-        path: model.clone(),
+    std::fs::rename(&tmp, path).map_err(|source| CheckpointError::Io {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let tmp = temporary(path);
+    std::fs::write(&tmp, bytes).map_err(|source| CheckpointError::Io {
+        path: tmp.clone(),
         source,
     })?;
-    let meta_path = dir.join(META_FILE);
-    let meta_tmp = dir.join(format!("{META_FILE}.tmp"));
-    let text = serde_json::to_string_pretty(meta).expect("JSON values serialize");
-    std::fs::write(&meta_tmp, text).map_err(|source| CheckpointError::Io {
-        path: meta_tmp.clone(),
+    std::fs::rename(&tmp, path).map_err(|source| CheckpointError::Io {
+        path: path.into(),
         source,
-    })?;
-    std::fs::rename(&meta_tmp, &meta_path).map_err(|source| CheckpointError::Io {
-        path: meta_path,
-        source,
-    })?;
-    Ok(model)
+    })
+}
+
+fn temporary(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
 }
 
 /// Reads every tensor of a checkpoint directory's model file, by name.

@@ -34,6 +34,15 @@ enum Command {
         #[command(subcommand)]
         command: RecipeCommand,
     },
+    /// Export a checkpoint to the Hugging Face format (config.json + model.safetensors)
+    /// that transformers' LongcatFlashForCausalLM loads.
+    Export {
+        /// A checkpoint directory written by `catapult train` (e.g. runs/tiny/checkpoint).
+        checkpoint: PathBuf,
+        /// Output directory for the Hugging Face files.
+        #[arg(long, value_name = "OUT_DIR")]
+        hf: PathBuf,
+    },
     /// Prepare datasets.
     Data {
         #[command(subcommand)]
@@ -57,13 +66,24 @@ enum RecipeCommand {
         #[command(flatten)]
         overrides: OverrideArgs,
     },
-    /// Print the fully resolved recipe (defaults and overrides applied) as YAML.
+    /// Print the fully resolved recipe (defaults and overrides applied).
     Show {
         /// The recipe file.
         file: PathBuf,
         #[command(flatten)]
         overrides: OverrideArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "yaml")]
+        format: ShowFormat,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ShowFormat {
+    /// YAML, as recipes are written.
+    Yaml,
+    /// JSON, for scripts.
+    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -144,6 +164,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             println!("checkpoint: {}", summary.checkpoint.display());
             println!("metrics: {}", summary.metrics.display());
         }
+        Command::Export { checkpoint, hf } => {
+            catapult_trainer::export::export_hf(&checkpoint, &hf)?;
+            println!("exported {} to {}", checkpoint.display(), hf.display());
+        }
         Command::Recipe {
             command: RecipeCommand::Validate { file, overrides },
         } => {
@@ -151,9 +175,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
             println!("{}: valid recipe `{}`", file.display(), r.name);
         }
         Command::Recipe {
-            command: RecipeCommand::Show { file, overrides },
+            command:
+                RecipeCommand::Show {
+                    file,
+                    overrides,
+                    format,
+                },
         } => {
-            print!("{}", load_recipe(&file, &overrides)?.to_yaml());
+            let recipe = load_recipe(&file, &overrides)?;
+            match format {
+                ShowFormat::Yaml => print!("{}", recipe.to_yaml()),
+                ShowFormat::Json => println!("{}", serde_json::to_string_pretty(&recipe)?),
+            }
         }
         Command::Data {
             command:

@@ -2,9 +2,13 @@
 //! It owns what one rank computes; launching ranks and moving tokens between them live
 //! elsewhere (launcher, kernels).
 
+pub mod bias_control;
+pub mod export;
+pub mod losses;
 pub mod model;
 pub mod optim;
 pub mod recipe;
+pub mod router_metrics;
 pub mod train;
 
 pub use recipe::{Override, Recipe, RecipeError};

@@ -220,7 +220,8 @@ impl SwiGlu {
 /// weights gamma * p from the unbiased p (section 3).
 #[derive(Debug)]
 pub struct Moe {
-    router: Tensor,
+    /// Router weight W_r, (N + Z) x hidden, fp32.
+    pub router: Tensor,
     /// Expert bias b (a buffer: affects selection only, never the gate weights).
     pub expert_bias: Tensor,
     gate_proj: Tensor,
@@ -239,6 +240,8 @@ pub struct MoeOutput {
     pub output: Tensor,
     /// Selections per expert (N FFN then Z zero), i64, summed over the tokens.
     pub selections: Tensor,
+    /// Router probabilities p, tokens x (N + Z), fp32 (for the load-balance loss).
+    pub probs: Tensor,
 }
 
 impl Moe {
@@ -289,6 +292,7 @@ impl Moe {
         MoeOutput {
             output,
             selections: dispatch.selections,
+            probs,
         }
     }
 }
@@ -326,15 +330,15 @@ impl ScMoeLayer {
         }
     }
 
-    /// The layer on `x` (batch x seq x hidden); also returns the MoE's selections.
-    pub fn forward(&self, x: &Tensor, rope: &Rope) -> (Tensor, Tensor) {
+    /// The layer on `x` (batch x seq x hidden); also returns what the MoE did.
+    pub fn forward(&self, x: &Tensor, rope: &Rope) -> (Tensor, MoeOutput) {
         let h1 = x + self.mla[0].forward(&self.norm_in[0].forward(x), rope);
         let u = self.norm_post[0].forward(&h1);
         let m = self.moe.forward(&u);
         let h2 = &h1 + self.ffn[0].forward(&u);
         let h3 = &h2 + self.mla[1].forward(&self.norm_in[1].forward(&h2), rope);
-        let out = &h3 + self.ffn[1].forward(&self.norm_post[1].forward(&h3)) + m.output;
-        (out, m.selections)
+        let out = &h3 + self.ffn[1].forward(&self.norm_post[1].forward(&h3)) + &m.output;
+        (out, m)
     }
 }
 
@@ -357,8 +361,8 @@ pub struct ModelOutput {
     pub logits: Tensor,
     /// The last layer's hidden state before the final norm (for the hidden z-loss).
     pub last_hidden: Tensor,
-    /// Per layer, selections per expert (i64, N FFN then Z zero).
-    pub selections: Vec<Tensor>,
+    /// Per layer, what the MoE did (selections per expert, router probabilities).
+    pub moe: Vec<MoeOutput>,
 }
 
 impl LongcatModel {
@@ -402,17 +406,17 @@ impl LongcatModel {
     pub fn forward(&self, tokens: &Tensor) -> ModelOutput {
         let mut h = Tensor::embedding(&self.embed_tokens, tokens, -1, false, false)
             .to_kind(self.compute_kind);
-        let mut selections = Vec::with_capacity(self.layers.len());
+        let mut moe = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            let (out, sel) = layer.forward(&h, &self.rope);
+            let (out, m) = layer.forward(&h, &self.rope);
             h = out;
-            selections.push(sel);
+            moe.push(m);
         }
         let logits = linear(&self.norm.forward(&h), &self.lm_head).to_kind(Kind::Float);
         ModelOutput {
             logits,
             last_hidden: h,
-            selections,
+            moe,
         }
     }
 }
@@ -424,27 +428,7 @@ mod tests {
     use tch::{nn::VarStore, Device};
 
     fn config() -> ModelConfig {
-        ModelConfig {
-            vocab_size: 300,
-            hidden_size: 32,
-            num_layers: 2,
-            num_attention_heads: 2,
-            q_lora_rank: 8,
-            kv_lora_rank: 2,
-            qk_nope_head_dim: 8,
-            qk_rope_head_dim: 4,
-            v_head_dim: 6,
-            ffn_hidden_size: 48,
-            expert_ffn_hidden_size: 12,
-            n_routed_experts: 4,
-            zero_expert_num: 2,
-            moe_topk: 3,
-            target_ffn_experts: Some(2),
-            routed_scaling_factor: 1.5,
-            rope_theta: 10000.0,
-            rms_norm_eps: 1e-5,
-            initializer_range: 0.2,
-        }
+        crate::recipe::tests_support::model_config(4, 2, 3, 2, 2)
     }
 
     fn moe(c: &ModelConfig) -> (VarStore, Moe) {
@@ -563,18 +547,16 @@ mod tests {
         let tokens = Tensor::randint(256, [2, 10], (Kind::Int64, Device::Cpu));
         let out = model.forward(&tokens);
         assert_eq!(out.logits.size(), vec![2, 10, 300]);
-        // Changing a later token must not change earlier logits.
+        // Changing a later token must not change earlier logits. Only up to rounding: the
+        // changed token may be routed to other experts, which changes the row counts of
+        // the grouped expert matmuls and so the blocking of the BLAS kernels.
         let changed = tokens.copy();
         let _ = changed.get(0).get(7).fill_(3);
         let out2 = model.forward(&changed);
-        assert!(out
-            .logits
-            .narrow(1, 0, 7)
-            .equal(&out2.logits.narrow(1, 0, 7)));
-        assert!(!out
-            .logits
-            .narrow(1, 7, 3)
-            .equal(&out2.logits.narrow(1, 7, 3)));
+        let early = (out.logits.narrow(1, 0, 7) - out2.logits.narrow(1, 0, 7)).abs().max();
+        let late = (out.logits.narrow(1, 7, 3) - out2.logits.narrow(1, 7, 3)).abs().max();
+        assert!(early.double_value(&[]) < 1e-5, "earlier positions moved by {early}");
+        assert!(late.double_value(&[]) > 1e-3, "later positions did not change: {late}");
         out.logits.square().mean(Kind::Float).backward();
         let mut names: Vec<_> = vs.variables().into_iter().collect();
         names.sort_by(|a, b| a.0.cmp(&b.0));

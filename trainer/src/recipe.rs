@@ -26,6 +26,9 @@ pub struct Recipe {
     pub system: SystemConfig,
     /// Model shape (LongCat-Flash layer, MLA, router and experts).
     pub model: ModelConfig,
+    /// MoE training methods: expert-bias control, auxiliary losses, router metrics.
+    #[serde(default)]
+    pub moe: MoeConfig,
     /// Training corpus and sequence layout.
     pub data: DataConfig,
     /// Optimization: steps, batch, learning-rate schedule, AdamW.
@@ -141,6 +144,105 @@ impl ModelConfig {
     /// All experts of a MoE, FFN and zero.
     pub fn total_experts(&self) -> usize {
         self.n_routed_experts + self.zero_expert_num
+    }
+}
+
+/// How the expert bias b is updated each optimizer step (longcat-methods section 4).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BiasMode {
+    /// b stays at 0.
+    Off,
+    /// The report's rule: delta b = Ki(t) e (the PID with Kp = Kd = 0).
+    #[default]
+    Longcat,
+    /// General velocity-form PID with Kp, Ki(t), Kd.
+    Pid,
+    /// DeepSeek-V3's rule: delta b = sign_rate * sign(e).
+    Sign,
+}
+
+/// Decay schedule of Ki (mu).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KiSchedule {
+    /// Ki constant.
+    #[default]
+    Constant,
+    /// Ki * ki_decay_ratio^floor(t / ki_decay_interval), floored at ki_min.
+    Step,
+    /// Cosine from Ki to ki_min over train.steps.
+    Cosine,
+}
+
+/// Expert-bias controller settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BiasControlConfig {
+    /// `longcat` (default), `pid`, `sign` or `off`.
+    pub mode: BiasMode,
+    /// Proportional gain (pid mode only).
+    pub kp: f64,
+    /// Integral gain mu at step 0.
+    pub ki: f64,
+    /// Derivative gain (pid mode only).
+    pub kd: f64,
+    /// Ki's decay: `constant`, `step` or `cosine`.
+    pub ki_schedule: KiSchedule,
+    /// Step schedule: updates between decays.
+    pub ki_decay_interval: usize,
+    /// Step schedule: factor per decay.
+    pub ki_decay_ratio: f64,
+    /// Floor of the step and cosine schedules.
+    pub ki_min: f64,
+    /// Sign mode: the step u.
+    pub sign_rate: f64,
+    /// Also adapt zero-expert biases (they stay frozen at 0 by default).
+    pub adapt_zero_experts: bool,
+}
+
+impl Default for BiasControlConfig {
+    fn default() -> Self {
+        Self {
+            mode: BiasMode::Longcat,
+            kp: 0.0,
+            ki: 0.01,
+            kd: 0.0,
+            ki_schedule: KiSchedule::Constant,
+            ki_decay_interval: 1000,
+            ki_decay_ratio: 0.5,
+            ki_min: 0.0,
+            sign_rate: 0.001,
+            adapt_zero_experts: false,
+        }
+    }
+}
+
+/// MoE training methods beyond the forward pass.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MoeConfig {
+    /// The expert-bias controller.
+    pub bias_control: BiasControlConfig,
+    /// alpha of the device-level load-balance loss (0 disables).
+    pub load_balance_coeff: f64,
+    /// D: groups of FFN experts for that loss (the expert-parallel size once EP exists).
+    pub load_balance_groups: usize,
+    /// lambda of the hidden z-loss (0 disables; the report uses 1e-7 .. 1e-6).
+    pub z_loss_coeff: f64,
+    /// Router health metrics every this many steps.
+    pub metrics_every: usize,
+}
+
+impl Default for MoeConfig {
+    fn default() -> Self {
+        Self {
+            bias_control: BiasControlConfig::default(),
+            load_balance_coeff: 0.0,
+            load_balance_groups: 1,
+            z_loss_coeff: 0.0,
+            metrics_every: 10,
+        }
     }
 }
 
@@ -695,6 +797,56 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
             "gamma must be positive (LongCat-Flash uses 6.0)",
         );
     }
+    let moe = &r.moe;
+    if moe.load_balance_groups == 0 || !m.n_routed_experts.is_multiple_of(moe.load_balance_groups) {
+        return err(
+            &["moe.load_balance_groups", "model.n_routed_experts"],
+            format!(
+                "D = {} groups do not divide the {} FFN experts",
+                moe.load_balance_groups, m.n_routed_experts
+            ),
+            "choose D dividing n_routed_experts",
+        );
+    }
+    if moe.load_balance_coeff < 0.0 || moe.z_loss_coeff < 0.0 {
+        return err(
+            &["moe.load_balance_coeff", "moe.z_loss_coeff"],
+            "must not be negative".into(),
+            "use 0 to disable a loss",
+        );
+    }
+    if moe.metrics_every == 0 {
+        return err(&["moe.metrics_every"], "must be at least 1".into(), "set a positive value");
+    }
+    let bc = &moe.bias_control;
+    if bc.mode == BiasMode::Longcat && (bc.kp != 0.0 || bc.kd != 0.0) {
+        return err(
+            &["moe.bias_control.mode", "moe.bias_control.kp", "moe.bias_control.kd"],
+            "mode `longcat` is the PID with Kp = Kd = 0, but Kp or Kd is set".into(),
+            "use mode `pid` for proportional or derivative terms",
+        );
+    }
+    if bc.ki < 0.0 || bc.ki_min < 0.0 || bc.ki_min > bc.ki {
+        return err(
+            &["moe.bias_control.ki", "moe.bias_control.ki_min"],
+            format!("ki = {}, ki_min = {}", bc.ki, bc.ki_min),
+            "need 0 <= ki_min <= ki",
+        );
+    }
+    if bc.ki_schedule == KiSchedule::Step && (bc.ki_decay_interval == 0 || !(0.0..=1.0).contains(&bc.ki_decay_ratio)) {
+        return err(
+            &["moe.bias_control.ki_decay_interval", "moe.bias_control.ki_decay_ratio"],
+            format!("interval {}, ratio {}", bc.ki_decay_interval, bc.ki_decay_ratio),
+            "use a positive interval and a ratio in [0, 1]",
+        );
+    }
+    if bc.adapt_zero_experts && m.zero_expert_num == 0 {
+        return err(
+            &["moe.bias_control.adapt_zero_experts", "model.zero_expert_num"],
+            "there are no zero experts to adapt".into(),
+            "add zero experts or set adapt_zero_experts: false",
+        );
+    }
     if r.data.tokenizer != "bytes" {
         return err(
             &["data.tokenizer"],
@@ -778,6 +930,37 @@ impl Recipe {
     /// The recipe as YAML with every default filled in.
     pub fn to_yaml(&self) -> String {
         serde_yaml_ng::to_string(self).expect("a recipe always serializes")
+    }
+}
+
+/// Small configurations for unit tests across the crate.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::ModelConfig;
+
+    /// A small model with `n` FFN experts, `z` zero experts, top-`k`, K_e = `ke`.
+    pub fn model_config(n: usize, z: usize, k: usize, ke: usize, layers: usize) -> ModelConfig {
+        ModelConfig {
+            vocab_size: 300,
+            hidden_size: 32,
+            num_layers: layers,
+            num_attention_heads: 2,
+            q_lora_rank: 8,
+            kv_lora_rank: 2,
+            qk_nope_head_dim: 8,
+            qk_rope_head_dim: 4,
+            v_head_dim: 6,
+            ffn_hidden_size: 48,
+            expert_ffn_hidden_size: 12,
+            n_routed_experts: n,
+            zero_expert_num: z,
+            moe_topk: k,
+            target_ffn_experts: Some(ke),
+            routed_scaling_factor: 1.5,
+            rope_theta: 10000.0,
+            rms_norm_eps: 1e-5,
+            initializer_range: 0.2,
+        }
     }
 }
 
@@ -965,6 +1148,19 @@ train:
     fn warmup_longer_than_run_is_rejected() {
         let m = message(with("train.warmup_steps=11"));
         assert!(m.contains("`train.warmup_steps`"), "{m}");
+    }
+
+    #[test]
+    fn groups_not_dividing_experts_are_rejected() {
+        let m = message(with("moe.load_balance_groups=3"));
+        assert!(m.contains("`moe.load_balance_groups` and `model.n_routed_experts`"), "{m}");
+    }
+
+    #[test]
+    fn longcat_mode_with_proportional_gain_is_rejected() {
+        let m = message(with("moe.bias_control.kp=0.1"));
+        assert!(m.contains("`moe.bias_control.mode`"), "{m}");
+        assert!(with("moe.bias_control.mode=pid").is_ok());
     }
 
     #[test]

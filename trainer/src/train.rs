@@ -4,7 +4,10 @@
 //! order) and writes the run directory: `metrics.jsonl`, `recipe.yaml` and the final
 //! checkpoint under `checkpoint/`.
 
+use crate::bias_control::ExpertBiasController;
+use crate::losses::{hidden_z_loss, load_balance_loss, BalanceShape};
 use crate::model::LongcatModel;
+use crate::router_metrics::{load_spread, router_similarity};
 use crate::optim::{learning_rate, AdamW};
 use crate::recipe::{DeviceKind, Precision, Recipe};
 use catapult_data::{read_documents, PackedSequences, SequenceOrder, Split};
@@ -216,13 +219,15 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         .into_iter()
         .filter(|(_, t)| t.requires_grad())
         .collect();
+    let param_count: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
     let mut optimizer = AdamW::new(params, &recipe.train);
+    let mut controller =
+        ExpertBiasController::new(&recipe.moe.bias_control, &recipe.model, recipe.train.steps);
     let mut order = SequenceOrder::new(recipe.seed, train_data.len());
 
     let t = &recipe.train;
     let micro_batches = t.global_batch_size / t.micro_batch_size;
-    let n_ffn = recipe.model.n_routed_experts as i64;
-    let layers = recipe.model.num_layers as f64;
+    let shape = balance_shape(recipe);
     let eval = |model: &LongcatModel| {
         mean_loss(
             model,
@@ -250,32 +255,33 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
     let started = Instant::now();
     for step in 0..t.steps {
         let step_start = Instant::now();
+        let done = step + 1;
         let lr = learning_rate(t, step);
-        let mut loss_sum = 0.0;
-        let mut ffn_selections = 0i64;
-        let mut routed_tokens = 0i64;
-        for _ in 0..micro_batches {
+        let router_metrics_due = done % recipe.moe.metrics_every == 0 || done == t.steps;
+        let mut stats = StepStats::new(recipe, device);
+        for micro in 0..micro_batches {
             let indices: Vec<usize> = (0..t.micro_batch_size)
                 .map(|j| order.index(position + j as u64))
                 .collect();
             position += t.micro_batch_size as u64;
             let (inputs, targets) = batch(&train_data, indices.into_iter(), device);
-            let out = model.forward(&inputs);
-            let loss = cross_entropy(&out.logits, &targets);
-            (&loss / micro_batches as f64).backward();
-            loss_sum += loss.double_value(&[]);
-            for sel in &out.selections {
-                ffn_selections += sel.narrow(0, 0, n_ffn).sum(Kind::Int64).int64_value(&[]);
-            }
-            routed_tokens += inputs.numel() as i64;
+            let measure_rg = router_metrics_due && micro == 0;
+            micro_step(model, recipe, shape, &inputs, &targets, micro_batches, measure_rg, &mut stats);
         }
         let grad_norm = optimizer.clip_grad_norm(t.grad_clip);
         optimizer.step(lr);
+        // Global-batch counts: summed over micro-batches here, and over ranks by one
+        // reduction of this tensor once there are several.
+        let counts: Vec<Vec<i64>> = Vec::try_from(&stats.counts).expect("counts are i64");
+        let bias = controller.update(&counts, stats.tokens);
+        set_expert_bias(model, bias);
+
         let step_tokens = (t.global_batch_size * seq_len) as u64;
         tokens_seen += step_tokens;
-        let loss = loss_sum / micro_batches as f64;
+        let loss = stats.lm_loss / micro_batches as f64;
         let tokens_per_s = step_tokens as f64 / step_start.elapsed().as_secs_f64();
-        let done = step + 1;
+        let per_layer = ffn_experts_per_token(&counts, recipe.model.n_routed_experts, stats.tokens);
+        let overall = per_layer.iter().sum::<f64>() / per_layer.len() as f64;
         if done % t.log_every == 0 || done == t.steps {
             metrics.write(serde_json::json!({
                 "step": done,
@@ -284,16 +290,48 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
                 "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_s,
                 "tokens": tokens_seen,
-                "ffn_experts_per_token": ffn_selections as f64 / (routed_tokens as f64 * layers),
+                "ffn_experts_per_token": overall,
+                "load_balance_loss": stats.balance_loss / micro_batches as f64,
+                "z_loss": stats.z_loss / micro_batches as f64,
                 "elapsed_s": started.elapsed().as_secs_f64(),
             }))?;
+        }
+        if router_metrics_due {
+            let (load_min, load_max, load_cv) = load_spread(&counts, recipe.model.n_routed_experts);
+            let similarity = model.layers.iter().map(|l| router_similarity(&l.moe.router)).sum::<f64>()
+                / model.layers.len() as f64;
+            let grad_rms = grad_norm / (param_count as f64).sqrt();
+            metrics.write(serde_json::json!({
+                "step": done,
+                "router": {
+                    "ffn_experts_per_token": overall,
+                    "ffn_experts_per_token_per_layer": per_layer,
+                    "target_ffn_experts": recipe.model.target_ffn_experts(),
+                    "expert_load_min": load_min,
+                    "expert_load_max": load_max,
+                    "expert_load_cv": load_cv,
+                    "gradient_ratio_rg": stats.gradient_ratio,
+                    "router_cosine_similarity": similarity,
+                    "hidden_rms": stats.hidden_rms,
+                    "grad_rms": grad_rms,
+                    "adam_eps": t.adam_eps,
+                    "bias_ki": controller.ki(),
+                }
+            }))?;
+            if stats.gradient_ratio >= 0.1 {
+                progress.println(format!(
+                    "warning: step {done}: R_g = {:.3} >= 0.1: the load-balance loss dominates the \
+                     router's gradient; lower moe.load_balance_coeff",
+                    stats.gradient_ratio
+                ));
+            }
         }
         if done % t.eval_every == 0 || done == t.steps {
             last_val_loss = eval(model);
             metrics.write(serde_json::json!({"step": done, "val_loss": last_val_loss}))?;
         }
         progress.set_message(format!(
-            "loss {loss:.4} | {tokens_per_s:.0} tok/s | val {last_val_loss:.4}"
+            "loss {loss:.4} | {tokens_per_s:.0} tok/s | val {last_val_loss:.4} | ffn/tok {overall:.2}"
         ));
         progress.inc(1);
     }
@@ -304,6 +342,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         "step": t.steps,
         "tokens": tokens_seen,
         "data_position": position,
+        "expert_bias_controller": controller.state(),
         "catapult_version": env!("CARGO_PKG_VERSION"),
         "recipe": serde_json::to_value(recipe).expect("recipes serialize"),
     });
@@ -314,4 +353,111 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         first_val_loss,
         last_val_loss,
     })
+}
+
+/// The load-balance loss's view of the recipe.
+fn balance_shape(recipe: &Recipe) -> BalanceShape {
+    let m = &recipe.model;
+    BalanceShape {
+        n_ffn: m.n_routed_experts as i64,
+        n_zero: m.zero_expert_num as i64,
+        top_k: m.moe_topk as i64,
+        target_ffn: m.target_ffn_experts() as i64,
+        groups: recipe.moe.load_balance_groups as i64,
+    }
+}
+
+/// What one optimizer step accumulates over its micro-batches.
+struct StepStats {
+    /// Selections per layer and expert (layers x (N + Z), i64).
+    counts: Tensor,
+    tokens: i64,
+    lm_loss: f64,
+    balance_loss: f64,
+    z_loss: f64,
+    gradient_ratio: f64,
+    hidden_rms: f64,
+}
+
+impl StepStats {
+    fn new(recipe: &Recipe, device: Device) -> Self {
+        let shape = [recipe.model.num_layers as i64, recipe.model.total_experts() as i64];
+        Self {
+            counts: Tensor::zeros(shape, (Kind::Int64, device)),
+            tokens: 0,
+            lm_loss: 0.0,
+            balance_loss: 0.0,
+            z_loss: 0.0,
+            gradient_ratio: 0.0,
+            hidden_rms: 0.0,
+        }
+    }
+}
+
+/// Forward and backward of one micro-batch; gradients accumulate in the parameters.
+/// With `measure_rg`, also R_g = ||grad_P L_LB|| / ||grad_P L_LM|| (section 6), where the
+/// gradient with respect to the batch-averaged probability vector P is the per-token
+/// gradient summed over tokens, over all layers.
+#[allow(clippy::too_many_arguments)]
+fn micro_step(
+    model: &LongcatModel,
+    recipe: &Recipe,
+    shape: BalanceShape,
+    inputs: &Tensor,
+    targets: &Tensor,
+    micro_batches: usize,
+    measure_rg: bool,
+    stats: &mut StepStats,
+) {
+    let out = model.forward(inputs);
+    let lm_loss = cross_entropy(&out.logits, targets);
+    let alpha = recipe.moe.load_balance_coeff;
+    let balance_terms: Vec<Tensor> = out
+        .moe
+        .iter()
+        .map(|m| load_balance_loss(&m.probs, &m.selections, shape, alpha))
+        .collect();
+    let balance = Tensor::stack(&balance_terms, 0).sum(Kind::Float);
+    let z_loss = hidden_z_loss(&out.last_hidden, recipe.moe.z_loss_coeff);
+    if measure_rg {
+        let probs: Vec<&Tensor> = out.moe.iter().map(|m| &m.probs).collect();
+        let grad_norm = |loss: &Tensor| {
+            let grads = Tensor::run_backward(&[loss], &probs, true, false);
+            let summed: Vec<Tensor> =
+                grads.iter().map(|g| g.sum_dim_intlist(0, false, Kind::Float)).collect();
+            Tensor::cat(&summed, 0).norm().double_value(&[])
+        };
+        let lm = grad_norm(&lm_loss);
+        stats.gradient_ratio = if alpha > 0.0 { grad_norm(&balance) / lm.max(1e-30) } else { 0.0 };
+        stats.hidden_rms = tch::no_grad(|| {
+            out.last_hidden.to_kind(Kind::Float).square().mean(Kind::Float).sqrt().double_value(&[])
+        });
+    }
+    let total = &lm_loss + &balance + &z_loss;
+    (total / micro_batches as f64).backward();
+    stats.lm_loss += lm_loss.double_value(&[]);
+    stats.balance_loss += balance.double_value(&[]);
+    stats.z_loss += z_loss.double_value(&[]);
+    let layer_counts: Vec<Tensor> = out.moe.iter().map(|m| m.selections.shallow_clone()).collect();
+    stats.counts += Tensor::stack(&layer_counts, 0);
+    stats.tokens += inputs.numel() as i64;
+}
+
+/// Average number of FFN experts per token, per layer.
+fn ffn_experts_per_token(counts: &[Vec<i64>], n_ffn: usize, tokens: i64) -> Vec<f64> {
+    counts
+        .iter()
+        .map(|layer| layer[..n_ffn].iter().sum::<i64>() as f64 / tokens as f64)
+        .collect()
+}
+
+/// Writes the controller's biases into the model's expert-bias buffers.
+fn set_expert_bias(model: &LongcatModel, bias: &[Vec<f64>]) {
+    tch::no_grad(|| {
+        for (layer, b) in model.layers.iter().zip(bias) {
+            let values: Vec<f32> = b.iter().map(|&x| x as f32).collect();
+            let mut buffer = layer.moe.expert_bias.shallow_clone();
+            buffer.copy_(&Tensor::from_slice(&values));
+        }
+    });
 }
