@@ -141,3 +141,106 @@ fn existing_run_directory_is_not_overwritten_silently() {
         "{err}"
     );
 }
+
+#[test]
+fn expert_bias_control_holds_ffn_experts_per_token_at_target() {
+    let dir = scratch("bias-control");
+    train(
+        &dir,
+        &[
+            "train.steps=250",
+            "train.eval_every=250",
+            "train.warmup_steps=10",
+            "train.log_every=5",
+            "moe.bias_control.ki=0.02",
+        ],
+    );
+    let lines = metrics(&dir.join("run/metrics.jsonl"));
+    let per_token: Vec<(u64, f64)> = lines
+        .iter()
+        .filter(|l| l.get("loss").is_some())
+        .map(|l| {
+            (
+                l["step"].as_u64().unwrap(),
+                l["ffn_experts_per_token"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    // Without control the router picks ~K = 3 FFN experts per token; K_e = 2.
+    assert!(per_token[0].1 > 2.8, "{:?}", per_token[0]);
+    let tail: Vec<f64> = per_token
+        .iter()
+        .filter(|(s, _)| *s > 200)
+        .map(|(_, v)| *v)
+        .collect();
+    assert!(tail.len() >= 10);
+    for v in &tail {
+        assert!(
+            (v - 2.0).abs() / 2.0 <= 0.05,
+            "FFN experts per token {v} not within 5% of K_e = 2: {tail:?}"
+        );
+    }
+    let router: Vec<&serde_json::Value> = lines.iter().filter_map(|l| l.get("router")).collect();
+    assert!(!router.is_empty());
+    for r in &router {
+        for key in [
+            "expert_load_min",
+            "expert_load_max",
+            "expert_load_cv",
+            "gradient_ratio_rg",
+            "router_cosine_similarity",
+            "hidden_rms",
+            "grad_rms",
+        ] {
+            assert!(
+                r[key].as_f64().is_some_and(f64::is_finite),
+                "{key} missing in {r}"
+            );
+        }
+        assert_eq!(
+            r["ffn_experts_per_token_per_layer"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("run/checkpoint/meta.json")).unwrap(),
+    )
+    .unwrap();
+    let bias = &meta["expert_bias_controller"]["bias"];
+    assert_eq!(
+        bias.as_array().unwrap().len(),
+        2,
+        "controller state is saved per layer"
+    );
+    assert_eq!(meta["expert_bias_controller"]["updates"], 250);
+}
+
+#[test]
+fn exported_checkpoint_has_transformers_names() {
+    let dir = scratch("export");
+    train(&dir, &["train.steps=1", "train.eval_every=1"]);
+    run_ok(catapult(&dir).args(["export", "run/checkpoint", "--hf", "hf"]));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("hf/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["model_type"], "longcat_flash");
+    assert_eq!(config["zero_expert_num"], 4);
+    let python = workspace().join(".venv/bin/python3");
+    let out = run_ok(
+        std::process::Command::new(python)
+            .arg("-c")
+            .arg(
+                "import sys; from safetensors import safe_open\n\
+         f = safe_open(sys.argv[1], 'pt')\n\
+         print(tuple(f.get_slice('model.layers.1.mlp.experts.gate_up_proj').get_shape()))\n\
+         print(len(list(f.keys())))",
+            )
+            .arg(dir.join("hf/model.safetensors")),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    // (N + Z) x 2I x H = 12 x 128 x 128 for the tiny recipe.
+    assert!(text.contains("(12, 128, 128)"), "{text}");
+}

@@ -125,15 +125,15 @@ impl ExpertBiasController {
         for (layer, layer_counts) in counts.iter().enumerate() {
             let e = self.errors(layer_counts, tokens);
             let s = &mut self.state;
-            for i in 0..e.len() {
+            for (i, &error) in e.iter().enumerate() {
                 let frozen = i >= self.n_ffn && !self.config.adapt_zero_experts;
                 if frozen {
                     continue;
                 }
                 let (e1, e2) = (s.prev_error[layer][i], s.prev_error2[layer][i]);
                 let delta = match self.config.mode {
-                    BiasMode::Sign => self.config.sign_rate * sign(e[i]),
-                    _ => kp * (e[i] - e1) + ki * e[i] + kd * (e[i] - 2.0 * e1 + e2),
+                    BiasMode::Sign => self.config.sign_rate * sign(error),
+                    _ => kp * (error - e1) + ki * error + kd * (error - 2.0 * e1 + e2),
                 };
                 s.bias[layer][i] += delta;
             }
@@ -161,7 +161,11 @@ mod tests {
     use tch::{Device, Kind, Tensor};
 
     fn config(mode: BiasMode) -> BiasControlConfig {
-        BiasControlConfig { mode, ki: 0.01, ..BiasControlConfig::default() }
+        BiasControlConfig {
+            mode,
+            ki: 0.01,
+            ..BiasControlConfig::default()
+        }
     }
 
     #[test]
@@ -173,12 +177,18 @@ mod tests {
         let tokens = 10;
         c.update(&counts, tokens);
         // target FFN = (2/3)/4 = 1/6; assigned_i = T_i / 30.
-        let expected: Vec<f64> =
-            [10.0, 4.0, 0.0, 6.0].iter().map(|t| 0.01 * (1.0 / 6.0 - t / 30.0)).collect();
-        for i in 0..4 {
-            assert!((c.bias()[0][i] - expected[i]).abs() < 1e-15, "expert {i}");
+        let expected: Vec<f64> = [10.0, 4.0, 0.0, 6.0]
+            .iter()
+            .map(|t| 0.01 * (1.0 / 6.0 - t / 30.0))
+            .collect();
+        for (i, want) in expected.iter().enumerate() {
+            assert!((c.bias()[0][i] - want).abs() < 1e-15, "expert {i}");
         }
-        assert_eq!(&c.bias()[0][4..], &[0.0, 0.0], "zero-expert biases stay frozen at 0");
+        assert_eq!(
+            &c.bias()[0][4..],
+            &[0.0, 0.0],
+            "zero-expert biases stay frozen at 0"
+        );
         // Integral behaviour: a second identical step doubles the bias.
         c.update(&counts, tokens);
         assert!((c.bias()[0][0] - 2.0 * expected[0]).abs() < 1e-15);
@@ -187,7 +197,13 @@ mod tests {
     #[test]
     fn pid_mode_is_the_velocity_form() {
         let m = model_config(2, 0, 1, 1, 1);
-        let cfg = BiasControlConfig { mode: BiasMode::Pid, kp: 0.5, ki: 0.1, kd: 0.25, ..Default::default() };
+        let cfg = BiasControlConfig {
+            mode: BiasMode::Pid,
+            kp: 0.5,
+            ki: 0.1,
+            kd: 0.25,
+            ..Default::default()
+        };
         let mut c = ExpertBiasController::new(&cfg, &m, 100);
         let steps = [vec![vec![8, 2]], vec![vec![6, 4]], vec![vec![3, 7]]];
         let mut b = 0.0;
@@ -205,7 +221,11 @@ mod tests {
     #[test]
     fn sign_mode_matches_deepseek_rule() {
         let m = model_config(3, 0, 1, 1, 1);
-        let cfg = BiasControlConfig { mode: BiasMode::Sign, sign_rate: 0.001, ..Default::default() };
+        let cfg = BiasControlConfig {
+            mode: BiasMode::Sign,
+            sign_rate: 0.001,
+            ..Default::default()
+        };
         let mut c = ExpertBiasController::new(&cfg, &m, 100);
         c.update(&[vec![5, 1, 4]], 10);
         // target 1/3 each: expert 0 overloaded, 1 underloaded, 2 over (0.4 > 1/3).
@@ -230,8 +250,14 @@ mod tests {
             seen.push(c.ki());
             c.update(&[vec![1, 1]], 1);
         }
-        assert_eq!((seen[0], seen[9], seen[10], seen[20], seen[30]), (0.1, 0.1, 0.05, 0.025, 0.02));
-        let cosine = BiasControlConfig { ki_schedule: KiSchedule::Cosine, ..step };
+        assert_eq!(
+            (seen[0], seen[9], seen[10], seen[20], seen[30]),
+            (0.1, 0.1, 0.05, 0.025, 0.02)
+        );
+        let cosine = BiasControlConfig {
+            ki_schedule: KiSchedule::Cosine,
+            ..step
+        };
         let mut c = ExpertBiasController::new(&cosine, &m, 10);
         assert_eq!(c.ki(), 0.1);
         for _ in 0..5 {
@@ -246,13 +272,23 @@ mod tests {
     fn simulated_routing_converges_to_target_ffn_experts() {
         let (n, z, k, ke) = (16usize, 8usize, 6usize, 4usize);
         let m = model_config(n, z, k, ke, 1);
-        let cfg = BiasControlConfig { mode: BiasMode::Longcat, ki: 0.05, ..Default::default() };
+        let cfg = BiasControlConfig {
+            mode: BiasMode::Longcat,
+            ki: 0.05,
+            ..Default::default()
+        };
         let mut c = ExpertBiasController::new(&cfg, &m, 600);
         tch::manual_seed(0);
         let tokens = 2048i64;
         let opts = (Kind::Float, Device::Cpu);
         // FFN experts start strongly preferred: ~K FFN experts per token before control.
-        let skew = Tensor::cat(&[Tensor::full([n as i64], 1.0, opts), Tensor::full([z as i64], -1.0, opts)], 0);
+        let skew = Tensor::cat(
+            &[
+                Tensor::full([n as i64], 1.0, opts),
+                Tensor::full([z as i64], -1.0, opts),
+            ],
+            0,
+        );
         let base = Tensor::randn([tokens, (n + z) as i64], opts) + skew;
         let mut history = Vec::new();
         for _ in 0..600 {
@@ -260,14 +296,25 @@ mod tests {
             let p = logits.softmax(-1, Kind::Float);
             let b: Vec<f32> = c.bias()[0].iter().map(|&x| x as f32).collect();
             let (_, choice) = (&p + Tensor::from_slice(&b)).topk(k as i64, -1, true, true);
-            let counts: Vec<i64> =
-                Vec::try_from(choice.reshape([-1]).bincount::<Tensor>(None, (n + z) as i64)).unwrap();
+            let counts: Vec<i64> = Vec::try_from(
+                choice
+                    .reshape([-1])
+                    .bincount::<Tensor>(None, (n + z) as i64),
+            )
+            .unwrap();
             history.push(counts[..n].iter().sum::<i64>() as f64 / tokens as f64);
             c.update(&[counts], tokens);
         }
-        assert!(history[0] > 5.0, "the simulation must start far from K_e: {}", history[0]);
+        assert!(
+            history[0] > 5.0,
+            "the simulation must start far from K_e: {}",
+            history[0]
+        );
         for (step, &avg) in history.iter().enumerate().skip(400) {
-            assert!((avg - ke as f64).abs() / ke as f64 <= 0.02, "step {step}: {avg} FFN experts per token");
+            assert!(
+                (avg - ke as f64).abs() / ke as f64 <= 0.02,
+                "step {step}: {avg} FFN experts per token"
+            );
         }
     }
 }

@@ -84,12 +84,19 @@ pub fn hf_config(m: &ModelConfig, max_positions: usize) -> serde_json::Value {
 }
 
 /// Our tensors under transformers' names and shapes.
-pub fn hf_tensors(m: &ModelConfig, ours: &[(String, Tensor)], source: &Path) -> Result<Vec<(String, Tensor)>, ExportError> {
+pub fn hf_tensors(
+    m: &ModelConfig,
+    ours: &[(String, Tensor)],
+    source: &Path,
+) -> Result<Vec<(String, Tensor)>, ExportError> {
     let find = |name: &str| {
         ours.iter()
             .find(|(n, _)| n == name)
             .map(|(_, t)| t.shallow_clone())
-            .ok_or_else(|| ExportError::Missing { path: source.into(), name: name.into() })
+            .ok_or_else(|| ExportError::Missing {
+                path: source.into(),
+                name: name.into(),
+            })
     };
     let mut out = Vec::with_capacity(ours.len());
     for (name, tensor) in ours {
@@ -98,8 +105,14 @@ pub fn hf_tensors(m: &ModelConfig, ours: &[(String, Tensor)], source: &Path) -> 
             let up = find(&format!("{prefix}up_proj"))?;
             let fused = Tensor::cat(&[tensor, &up], 1);
             let s = fused.size();
-            let zero_rows = Tensor::zeros([m.zero_expert_num as i64, s[1], s[2]], (fused.kind(), fused.device()));
-            out.push((format!("{prefix}gate_up_proj"), Tensor::cat(&[fused, zero_rows], 0)));
+            let zero_rows = Tensor::zeros(
+                [m.zero_expert_num as i64, s[1], s[2]],
+                (fused.kind(), fused.device()),
+            );
+            out.push((
+                format!("{prefix}gate_up_proj"),
+                Tensor::cat(&[fused, zero_rows], 0),
+            ));
         } else if name.ends_with(".mlp.experts.up_proj") {
             continue;
         } else {
@@ -113,15 +126,26 @@ pub fn hf_tensors(m: &ModelConfig, ours: &[(String, Tensor)], source: &Path) -> 
 /// writes `config.json` and `model.safetensors` into `out`.
 pub fn export_hf(checkpoint: &Path, out: &Path) -> Result<(), ExportError> {
     let meta_path = checkpoint.join(catapult_checkpoints::META_FILE);
-    let meta_err = |problem: String| ExportError::Meta { path: meta_path.clone(), problem };
+    let meta_err = |problem: String| ExportError::Meta {
+        path: meta_path.clone(),
+        problem,
+    };
     let text = std::fs::read_to_string(&meta_path).map_err(|e| meta_err(e.to_string()))?;
-    let meta: serde_json::Value = serde_json::from_str(&text).map_err(|e| meta_err(e.to_string()))?;
+    let meta: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| meta_err(e.to_string()))?;
     let recipe: Recipe = serde_json::from_value(meta["recipe"].clone())
         .map_err(|e| meta_err(format!("no valid `recipe` ({e})")))?;
     let tensors = catapult_checkpoints::load_model(checkpoint)?;
-    let hf = hf_tensors(&recipe.model, &tensors, &checkpoint.join(catapult_checkpoints::MODEL_FILE))?;
+    let hf = hf_tensors(
+        &recipe.model,
+        &tensors,
+        &checkpoint.join(catapult_checkpoints::MODEL_FILE),
+    )?;
     let config = hf_config(&recipe.model, recipe.data.seq_len);
-    std::fs::create_dir_all(out).map_err(|source| ExportError::Io { path: out.into(), source })?;
+    std::fs::create_dir_all(out).map_err(|source| ExportError::Io {
+        path: out.into(),
+        source,
+    })?;
     catapult_checkpoints::write_tensors(&out.join("model.safetensors"), &hf)?;
     let body = serde_json::to_string_pretty(&config).expect("JSON values serialize");
     catapult_checkpoints::write_atomically(&out.join("config.json"), body.as_bytes())?;

@@ -24,17 +24,31 @@ pub struct BalanceShape {
 /// times the group's selections for FFN groups and 1 / ((K - K_e) T) times the zero
 /// experts' selections for group D + 1 (absent when K = K_e or Z = 0), so f_j = 1 at
 /// the target balance.
-pub fn load_balance_loss(probs: &Tensor, selections: &Tensor, s: BalanceShape, alpha: f64) -> Tensor {
+pub fn load_balance_loss(
+    probs: &Tensor,
+    selections: &Tensor,
+    s: BalanceShape,
+    alpha: f64,
+) -> Tensor {
     let tokens = probs.size()[0] as f64;
     let kind = probs.kind();
     let mean_p = probs.mean_dim(0, false, kind);
-    let group_p = mean_p.narrow(0, 0, s.n_ffn).reshape([s.groups, -1]).sum_dim_intlist(1, false, kind);
-    let group_sel = selections.narrow(0, 0, s.n_ffn).reshape([s.groups, -1]).sum_dim_intlist(1, false, Kind::Int64);
+    let group_p = mean_p
+        .narrow(0, 0, s.n_ffn)
+        .reshape([s.groups, -1])
+        .sum_dim_intlist(1, false, kind);
+    let group_sel = selections
+        .narrow(0, 0, s.n_ffn)
+        .reshape([s.groups, -1])
+        .sum_dim_intlist(1, false, Kind::Int64);
     let f = group_sel.to_kind(kind) * (s.groups as f64 / (s.target_ffn as f64 * tokens));
     let mut loss = (f * group_p).sum(kind);
     if s.n_zero > 0 && s.top_k > s.target_ffn {
         let zero_p = mean_p.narrow(0, s.n_ffn, s.n_zero).sum(kind);
-        let zero_sel = selections.narrow(0, s.n_ffn, s.n_zero).sum(Kind::Int64).to_kind(kind);
+        let zero_sel = selections
+            .narrow(0, s.n_ffn, s.n_zero)
+            .sum(Kind::Int64)
+            .to_kind(kind);
         let f_zero = zero_sel / ((s.top_k - s.target_ffn) as f64 * tokens);
         loss += f_zero * zero_p;
     }
@@ -44,7 +58,11 @@ pub fn load_balance_loss(probs: &Tensor, selections: &Tensor, s: BalanceShape, a
 /// `lambda / T * sum_t (log sum_i exp|z_{t,i}|)^2` over the tokens of `hidden`
 /// (... x hidden), computed in fp32 (or fp64 for fp64 input).
 pub fn hidden_z_loss(hidden: &Tensor, lambda: f64) -> Tensor {
-    let kind = if hidden.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+    let kind = if hidden.kind() == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    };
     let z = hidden.to_kind(kind);
     let width = z.size()[z.dim() - 1];
     let lse = z.reshape([-1, width]).abs().logsumexp([-1], false);
@@ -56,7 +74,13 @@ mod tests {
     use super::*;
     use tch::Device;
 
-    const SHAPE: BalanceShape = BalanceShape { n_ffn: 4, n_zero: 2, top_k: 3, target_ffn: 2, groups: 2 };
+    const SHAPE: BalanceShape = BalanceShape {
+        n_ffn: 4,
+        n_zero: 2,
+        top_k: 3,
+        target_ffn: 2,
+        groups: 2,
+    };
 
     fn example() -> (Tensor, Tensor) {
         let probs = Tensor::from_slice(&[
@@ -95,14 +119,18 @@ mod tests {
         let flat = x.detach().reshape([-1]);
         let h = 1e-6;
         for i in 0..flat.size()[0] {
-            let mut plus = flat.copy();
-            let mut minus = flat.copy();
+            let plus = flat.copy();
+            let minus = flat.copy();
             let _ = plus.get(i).g_add_scalar_(h);
             let _ = minus.get(i).g_add_scalar_(-h);
-            let numeric =
-                (f(&plus.view(x.size().as_slice())).double_value(&[]) - f(&minus.view(x.size().as_slice())).double_value(&[])) / (2.0 * h);
+            let numeric = (f(&plus.view(x.size().as_slice())).double_value(&[])
+                - f(&minus.view(x.size().as_slice())).double_value(&[]))
+                / (2.0 * h);
             let a = analytic.reshape([-1]).double_value(&[i]);
-            assert!((a - numeric).abs() < 1e-7 * (1.0 + numeric.abs()), "element {i}: {a} vs {numeric}");
+            assert!(
+                (a - numeric).abs() < 1e-7 * (1.0 + numeric.abs()),
+                "element {i}: {a} vs {numeric}"
+            );
         }
     }
 
@@ -115,7 +143,9 @@ mod tests {
     #[test]
     fn z_loss_equals_hand_computation_and_its_gradient_matches() {
         let z = Tensor::from_slice(&[1.0f64, -2.0, 0.5, 0.0]).reshape([2, 2]);
-        let expected = ((1f64.exp() + 2f64.exp()).ln().powi(2) + (0.5f64.exp() + 1.0).ln().powi(2)) / 2.0 * 1e-3;
+        let expected = ((1f64.exp() + 2f64.exp()).ln().powi(2) + (0.5f64.exp() + 1.0).ln().powi(2))
+            / 2.0
+            * 1e-3;
         let got = hidden_z_loss(&z, 1e-3).double_value(&[]);
         assert!((got - expected).abs() < 1e-9, "{got} vs {expected}");
         let x = Tensor::from_slice(&[0.3f64, -1.2, 2.0, 0.7, -0.4, 1.1]).reshape([3, 2]);

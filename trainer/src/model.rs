@@ -553,10 +553,20 @@ mod tests {
         let changed = tokens.copy();
         let _ = changed.get(0).get(7).fill_(3);
         let out2 = model.forward(&changed);
-        let early = (out.logits.narrow(1, 0, 7) - out2.logits.narrow(1, 0, 7)).abs().max();
-        let late = (out.logits.narrow(1, 7, 3) - out2.logits.narrow(1, 7, 3)).abs().max();
-        assert!(early.double_value(&[]) < 1e-5, "earlier positions moved by {early}");
-        assert!(late.double_value(&[]) > 1e-3, "later positions did not change: {late}");
+        let early = (out.logits.narrow(1, 0, 7) - out2.logits.narrow(1, 0, 7))
+            .abs()
+            .max();
+        let late = (out.logits.narrow(1, 7, 3) - out2.logits.narrow(1, 7, 3))
+            .abs()
+            .max();
+        assert!(
+            early.double_value(&[]) < 1e-5,
+            "earlier positions moved by {early}"
+        );
+        assert!(
+            late.double_value(&[]) > 1e-3,
+            "later positions did not change: {late}"
+        );
         out.logits.square().mean(Kind::Float).backward();
         let mut names: Vec<_> = vs.variables().into_iter().collect();
         names.sort_by(|a, b| a.0.cmp(&b.0));

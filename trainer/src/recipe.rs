@@ -816,12 +816,20 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
         );
     }
     if moe.metrics_every == 0 {
-        return err(&["moe.metrics_every"], "must be at least 1".into(), "set a positive value");
+        return err(
+            &["moe.metrics_every"],
+            "must be at least 1".into(),
+            "set a positive value",
+        );
     }
     let bc = &moe.bias_control;
     if bc.mode == BiasMode::Longcat && (bc.kp != 0.0 || bc.kd != 0.0) {
         return err(
-            &["moe.bias_control.mode", "moe.bias_control.kp", "moe.bias_control.kd"],
+            &[
+                "moe.bias_control.mode",
+                "moe.bias_control.kp",
+                "moe.bias_control.kd",
+            ],
             "mode `longcat` is the PID with Kp = Kd = 0, but Kp or Kd is set".into(),
             "use mode `pid` for proportional or derivative terms",
         );
@@ -833,16 +841,27 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
             "need 0 <= ki_min <= ki",
         );
     }
-    if bc.ki_schedule == KiSchedule::Step && (bc.ki_decay_interval == 0 || !(0.0..=1.0).contains(&bc.ki_decay_ratio)) {
+    if bc.ki_schedule == KiSchedule::Step
+        && (bc.ki_decay_interval == 0 || !(0.0..=1.0).contains(&bc.ki_decay_ratio))
+    {
         return err(
-            &["moe.bias_control.ki_decay_interval", "moe.bias_control.ki_decay_ratio"],
-            format!("interval {}, ratio {}", bc.ki_decay_interval, bc.ki_decay_ratio),
+            &[
+                "moe.bias_control.ki_decay_interval",
+                "moe.bias_control.ki_decay_ratio",
+            ],
+            format!(
+                "interval {}, ratio {}",
+                bc.ki_decay_interval, bc.ki_decay_ratio
+            ),
             "use a positive interval and a ratio in [0, 1]",
         );
     }
     if bc.adapt_zero_experts && m.zero_expert_num == 0 {
         return err(
-            &["moe.bias_control.adapt_zero_experts", "model.zero_expert_num"],
+            &[
+                "moe.bias_control.adapt_zero_experts",
+                "model.zero_expert_num",
+            ],
             "there are no zero experts to adapt".into(),
             "add zero experts or set adapt_zero_experts: false",
         );
@@ -1153,7 +1172,10 @@ train:
     #[test]
     fn groups_not_dividing_experts_are_rejected() {
         let m = message(with("moe.load_balance_groups=3"));
-        assert!(m.contains("`moe.load_balance_groups` and `model.n_routed_experts`"), "{m}");
+        assert!(
+            m.contains("`moe.load_balance_groups` and `model.n_routed_experts`"),
+            "{m}"
+        );
     }
 
     #[test]

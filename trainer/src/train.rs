@@ -7,9 +7,9 @@
 use crate::bias_control::ExpertBiasController;
 use crate::losses::{hidden_z_loss, load_balance_loss, BalanceShape};
 use crate::model::LongcatModel;
-use crate::router_metrics::{load_spread, router_similarity};
 use crate::optim::{learning_rate, AdamW};
 use crate::recipe::{DeviceKind, Precision, Recipe};
+use crate::router_metrics::{load_spread, router_similarity};
 use catapult_data::{read_documents, PackedSequences, SequenceOrder, Split};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
@@ -266,7 +266,16 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
             position += t.micro_batch_size as u64;
             let (inputs, targets) = batch(&train_data, indices.into_iter(), device);
             let measure_rg = router_metrics_due && micro == 0;
-            micro_step(model, recipe, shape, &inputs, &targets, micro_batches, measure_rg, &mut stats);
+            micro_step(
+                model,
+                recipe,
+                shape,
+                &inputs,
+                &targets,
+                micro_batches,
+                measure_rg,
+                &mut stats,
+            );
         }
         let grad_norm = optimizer.clip_grad_norm(t.grad_clip);
         optimizer.step(lr);
@@ -298,7 +307,11 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         }
         if router_metrics_due {
             let (load_min, load_max, load_cv) = load_spread(&counts, recipe.model.n_routed_experts);
-            let similarity = model.layers.iter().map(|l| router_similarity(&l.moe.router)).sum::<f64>()
+            let similarity = model
+                .layers
+                .iter()
+                .map(|l| router_similarity(&l.moe.router))
+                .sum::<f64>()
                 / model.layers.len() as f64;
             let grad_rms = grad_norm / (param_count as f64).sqrt();
             metrics.write(serde_json::json!({
@@ -381,7 +394,10 @@ struct StepStats {
 
 impl StepStats {
     fn new(recipe: &Recipe, device: Device) -> Self {
-        let shape = [recipe.model.num_layers as i64, recipe.model.total_experts() as i64];
+        let shape = [
+            recipe.model.num_layers as i64,
+            recipe.model.total_experts() as i64,
+        ];
         Self {
             counts: Tensor::zeros(shape, (Kind::Int64, device)),
             tokens: 0,
@@ -423,14 +439,25 @@ fn micro_step(
         let probs: Vec<&Tensor> = out.moe.iter().map(|m| &m.probs).collect();
         let grad_norm = |loss: &Tensor| {
             let grads = Tensor::run_backward(&[loss], &probs, true, false);
-            let summed: Vec<Tensor> =
-                grads.iter().map(|g| g.sum_dim_intlist(0, false, Kind::Float)).collect();
+            let summed: Vec<Tensor> = grads
+                .iter()
+                .map(|g| g.sum_dim_intlist(0, false, Kind::Float))
+                .collect();
             Tensor::cat(&summed, 0).norm().double_value(&[])
         };
         let lm = grad_norm(&lm_loss);
-        stats.gradient_ratio = if alpha > 0.0 { grad_norm(&balance) / lm.max(1e-30) } else { 0.0 };
+        stats.gradient_ratio = if alpha > 0.0 {
+            grad_norm(&balance) / lm.max(1e-30)
+        } else {
+            0.0
+        };
         stats.hidden_rms = tch::no_grad(|| {
-            out.last_hidden.to_kind(Kind::Float).square().mean(Kind::Float).sqrt().double_value(&[])
+            out.last_hidden
+                .to_kind(Kind::Float)
+                .square()
+                .mean(Kind::Float)
+                .sqrt()
+                .double_value(&[])
         });
     }
     let total = &lm_loss + &balance + &z_loss;
@@ -438,7 +465,11 @@ fn micro_step(
     stats.lm_loss += lm_loss.double_value(&[]);
     stats.balance_loss += balance.double_value(&[]);
     stats.z_loss += z_loss.double_value(&[]);
-    let layer_counts: Vec<Tensor> = out.moe.iter().map(|m| m.selections.shallow_clone()).collect();
+    let layer_counts: Vec<Tensor> = out
+        .moe
+        .iter()
+        .map(|m| m.selections.shallow_clone())
+        .collect();
     stats.counts += Tensor::stack(&layer_counts, 0);
     stats.tokens += inputs.numel() as i64;
 }

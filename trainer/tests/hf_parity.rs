@@ -33,7 +33,8 @@ fn check_case(name: &str, sets: &[&str]) {
     tch::no_grad(|| {
         for layer in &built.model.layers {
             let mut b = layer.moe.expert_bias.shallow_clone();
-            let values = Tensor::randn([experts], (Kind::Float, Device::Cpu)) * (0.5 / experts as f64);
+            let values =
+                Tensor::randn([experts], (Kind::Float, Device::Cpu)) * (0.5 / experts as f64);
             b.copy_(&values);
         }
     });
@@ -52,7 +53,11 @@ fn check_case(name: &str, sets: &[&str]) {
     .unwrap();
 
     let python = root.join(".venv").join("bin").join("python3");
-    assert!(python.exists(), "{} is missing: run scripts/setup", python.display());
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/setup",
+        python.display()
+    );
     let out = Command::new(&python)
         .arg(root.join("tests").join("python").join("hf_parity.py"))
         .arg(dir.join("hf"))
