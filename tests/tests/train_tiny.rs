@@ -244,3 +244,53 @@ fn exported_checkpoint_has_transformers_names() {
     // (N + Z) x 2I x H = 12 x 128 x 128 for the tiny recipe.
     assert!(text.contains("(12, 128, 128)"), "{text}");
 }
+
+#[test]
+fn mtp_loss_switches_on_at_its_start_step() {
+    let dir = scratch("mtp");
+    train(
+        &dir,
+        &[
+            "train.steps=6",
+            "train.eval_every=6",
+            "train.log_every=1",
+            "model.mtp_layers=1",
+            "train.mtp_start_step=3",
+        ],
+    );
+    let lines = metrics(&dir.join("run/metrics.jsonl"));
+    let mtp: Vec<(u64, f64)> = lines
+        .iter()
+        .filter(|l| l.get("loss").is_some())
+        .map(|l| (l["step"].as_u64().unwrap(), l["mtp_loss"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(mtp.len(), 6);
+    for (step, loss) in mtp {
+        // Metrics count steps from 1; step index 3 (the 4th step) is the first with MTP.
+        if step <= 3 {
+            assert_eq!(loss, 0.0, "step {step}");
+        } else {
+            assert!(loss > 1.0 && loss.is_finite(), "step {step}: {loss}");
+        }
+    }
+    run_ok(catapult(&dir).args(["export", "run/checkpoint", "--hf", "hf"]));
+    let python = workspace().join(".venv/bin/python3");
+    let out = run_ok(
+        std::process::Command::new(python)
+            .arg("-c")
+            .arg("import sys; from safetensors import safe_open\nprint(sorted(k for k in safe_open(sys.argv[1], 'pt').keys() if '.mtp.' in k))")
+            .arg(dir.join("hf/model.safetensors")),
+    );
+    let keys = String::from_utf8_lossy(&out.stdout);
+    for name in [
+        "model.mtp.embed_tokens.weight",
+        "model.mtp.layers.0.eh_proj.weight",
+        "model.mtp.layers.0.enorm.m.weight",
+        "model.mtp.layers.0.hnorm.m.weight",
+        "model.mtp.layers.0.self_attn.q_a_proj.weight",
+        "model.mtp.layers.0.transformer_layer.mlp.gate_proj.weight",
+        "model.mtp.norm.weight",
+    ] {
+        assert!(keys.contains(name), "{name} missing from {keys}");
+    }
+}

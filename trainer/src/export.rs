@@ -119,6 +119,14 @@ pub fn hf_tensors(
             out.push((name.clone(), tensor.shallow_clone()));
         }
     }
+    if m.mtp_layers > 0 {
+        // The released checkpoint carries the MTP layer's embedding under its own name;
+        // ours shares the main embedding.
+        out.push((
+            "model.mtp.embed_tokens.weight".into(),
+            find("model.embed_tokens.weight")?,
+        ));
+    }
     Ok(out)
 }
 

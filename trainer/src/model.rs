@@ -342,6 +342,59 @@ impl ScMoeLayer {
     }
 }
 
+/// The multi-token-prediction layer (section 10): from the main model's last hidden
+/// state at t and the embedding of token t+1, predict token t+2 with one dense layer
+/// (MLA + SwiGLU, no MoE), its own final norm, and the shared embedding and head.
+/// Names follow the released checkpoint (`model.mtp.layers.0.eh_proj.weight`, ...).
+#[derive(Debug)]
+pub struct MtpLayer {
+    eh_proj: Tensor,
+    enorm: RmsNorm,
+    hnorm: RmsNorm,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+    self_attn: Mla,
+    mlp: SwiGlu,
+    norm: RmsNorm,
+}
+
+impl MtpLayer {
+    fn new(p: &Path, c: &ModelConfig) -> Self {
+        let (h, eps, std) = (c.hidden_size, c.rms_norm_eps, c.initializer_range);
+        let layer = p.sub("layers").sub(0);
+        Self {
+            eh_proj: matrix(&layer, "eh_proj", h, 2 * h, std),
+            enorm: RmsNorm::new(&layer.sub("enorm").sub("m"), h, eps),
+            hnorm: RmsNorm::new(&layer.sub("hnorm").sub("m"), h, eps),
+            input_layernorm: RmsNorm::new(&layer.sub("input_layernorm"), h, eps),
+            post_attention_layernorm: RmsNorm::new(&layer.sub("post_attention_layernorm"), h, eps),
+            self_attn: Mla::new(&layer.sub("self_attn"), c),
+            mlp: SwiGlu::new(
+                &layer.sub("transformer_layer").sub("mlp"),
+                h,
+                c.ffn_hidden_size,
+                std,
+            ),
+            norm: RmsNorm::new(&p.sub("norm"), h, eps),
+        }
+    }
+
+    /// `h = eh_proj([enorm(emb_next); hnorm(h_main)])`, the dense layer, the final norm.
+    fn forward(&self, emb_next: &Tensor, h_main: &Tensor, rope: &Rope) -> Tensor {
+        let joined = Tensor::cat(
+            &[self.enorm.forward(emb_next), self.hnorm.forward(h_main)],
+            -1,
+        );
+        let x = linear(&joined, &self.eh_proj);
+        let x = &x
+            + self
+                .self_attn
+                .forward(&self.input_layernorm.forward(&x), rope);
+        let x = &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x));
+        self.norm.forward(&x)
+    }
+}
+
 /// Embedding, ScMoE layers, final norm and an untied head.
 #[derive(Debug)]
 pub struct LongcatModel {
@@ -350,6 +403,8 @@ pub struct LongcatModel {
     pub layers: Vec<ScMoeLayer>,
     norm: RmsNorm,
     lm_head: Tensor,
+    /// The optional multi-token-prediction layer.
+    pub mtp: Option<MtpLayer>,
     rope: Rope,
     compute_kind: Kind,
 }
@@ -391,15 +446,32 @@ impl LongcatModel {
             .collect();
         let norm = RmsNorm::new(&model.sub("norm"), c.hidden_size, c.rms_norm_eps);
         let lm_head = matrix(root, "lm_head", c.vocab_size, c.hidden_size, std);
+        // Created last, so enabling it leaves every other initial value unchanged.
+        let mtp = (c.mtp_layers > 0).then(|| MtpLayer::new(&model.sub("mtp"), c));
         let rope = Rope::new(c.qk_rope_head_dim, max_seq_len, c.rope_theta, device);
         Self {
             embed_tokens,
             layers,
             norm,
             lm_head,
+            mtp,
             rope,
             compute_kind,
         }
+    }
+
+    /// MTP logits (batch x (seq - 1) x vocab, fp32): position t predicts token t+2 from
+    /// the main model's last hidden state at t and the embedding of token t+1. None
+    /// without an MTP layer.
+    pub fn forward_mtp(&self, tokens: &Tensor, main: &ModelOutput) -> Option<Tensor> {
+        let mtp = self.mtp.as_ref()?;
+        let seq = tokens.size()[1];
+        let next = tokens.narrow(1, 1, seq - 1);
+        let emb_next = Tensor::embedding(&self.embed_tokens, &next, -1, false, false)
+            .to_kind(self.compute_kind);
+        let h_main = main.last_hidden.narrow(1, 0, seq - 1);
+        let hidden = mtp.forward(&emb_next, &h_main, &self.rope);
+        Some(linear(&hidden, &self.lm_head).to_kind(Kind::Float))
     }
 
     /// Logits for `tokens` (batch x seq, i64).
@@ -536,6 +608,35 @@ mod tests {
             Vec::<i64>::try_from(&out.selections).unwrap(),
             vec![0, 0, 4, 0]
         );
+    }
+
+    #[test]
+    fn mtp_position_t_sees_tokens_up_to_t_plus_one_only() {
+        let c = ModelConfig {
+            mtp_layers: 1,
+            ..config()
+        };
+        tch::manual_seed(5);
+        let vs = VarStore::new(Device::Cpu);
+        let model = LongcatModel::new(&vs.root(), &c, 16, Kind::Float, Device::Cpu);
+        let tokens = Tensor::randint(256, [1, 10], (Kind::Int64, Device::Cpu));
+        let logits = model.forward_mtp(&tokens, &model.forward(&tokens)).unwrap();
+        assert_eq!(logits.size(), vec![1, 9, 300]);
+        // Token 6 is the "next" input of position 5: positions <= 4 must not move.
+        let changed = tokens.copy();
+        let _ = changed.get(0).get(6).fill_(7);
+        let again = model
+            .forward_mtp(&changed, &model.forward(&changed))
+            .unwrap();
+        let early = (logits.narrow(1, 0, 5) - again.narrow(1, 0, 5)).abs().max();
+        let at = (logits.narrow(1, 5, 1) - again.narrow(1, 5, 1)).abs().max();
+        assert!(early.double_value(&[]) < 1e-5, "{early}");
+        assert!(at.double_value(&[]) > 1e-4, "{at}");
+        let names: Vec<String> = vs.variables().into_keys().collect();
+        assert!(names.contains(&"model.mtp.layers.0.eh_proj.weight".to_string()));
+        assert!(names
+            .contains(&"model.mtp.layers.0.transformer_layer.mlp.down_proj.weight".to_string()));
+        assert!(names.contains(&"model.mtp.norm.weight".to_string()));
     }
 
     #[test]

@@ -13,7 +13,8 @@ pub struct AdamW {
     exp_avg: Vec<Tensor>,
     exp_avg_sq: Vec<Tensor>,
     decay: Vec<bool>,
-    step: i64,
+    /// Updates applied to each parameter (a parameter joins late when its loss does).
+    steps: Vec<i32>,
     beta1: f64,
     beta2: f64,
     eps: f64,
@@ -29,8 +30,8 @@ impl AdamW {
             exp_avg: params.iter().map(|(_, p)| zeros(p)).collect(),
             exp_avg_sq: params.iter().map(|(_, p)| zeros(p)).collect(),
             decay: params.iter().map(|(_, p)| p.dim() >= 2).collect(),
+            steps: vec![0; params.len()],
             params,
-            step: 0,
             beta1: t.beta1,
             beta2: t.beta2,
             eps: t.adam_eps,
@@ -50,6 +51,7 @@ impl AdamW {
             let squares: Vec<Tensor> = self
                 .params
                 .iter()
+                .filter(|(_, p)| p.grad().defined())
                 .map(|(_, p)| p.grad().to_kind(Kind::Float).square().sum(Kind::Float))
                 .collect();
             let norm = Tensor::stack(&squares, 0)
@@ -58,7 +60,7 @@ impl AdamW {
                 .double_value(&[]);
             if max_norm > 0.0 && norm > max_norm {
                 let scale = max_norm / (norm + 1e-6);
-                for (_, p) in &self.params {
+                for (_, p) in self.params.iter().filter(|(_, p)| p.grad().defined()) {
                     let mut g = p.grad();
                     let _ = g.g_mul_scalar_(scale);
                 }
@@ -69,12 +71,17 @@ impl AdamW {
 
     /// One AdamW update with learning rate `lr`, then clears the gradients.
     pub fn step(&mut self, lr: f64) {
-        self.step += 1;
-        let bias1 = 1.0 - self.beta1.powi(self.step as i32);
-        let bias2 = 1.0 - self.beta2.powi(self.step as i32);
         tch::no_grad(|| {
             for (i, (_, p)) in self.params.iter_mut().enumerate() {
                 let g = p.grad();
+                if !g.defined() {
+                    // Not in this step's graph (the MTP layer before it is switched on):
+                    // no update, moments untouched.
+                    continue;
+                }
+                self.steps[i] += 1;
+                let bias1 = 1.0 - self.beta1.powi(self.steps[i]);
+                let bias2 = 1.0 - self.beta2.powi(self.steps[i]);
                 let m = &mut self.exp_avg[i];
                 let v = &mut self.exp_avg_sq[i];
                 *m = &*m * self.beta1 + &g * (1.0 - self.beta1);
@@ -140,6 +147,8 @@ mod tests {
             eval_every: 1,
             eval_sequences: 1,
             log_every: 1,
+            mtp_loss_weight: 0.3,
+            mtp_start_step: 0,
         }
     }
 

@@ -130,6 +130,10 @@ pub struct ModelConfig {
     /// Standard deviation of the normal initialization of matrices.
     #[serde(default = "defaults::init_std")]
     pub initializer_range: f64,
+    /// Multi-token-prediction layers (0 or 1): one dense MLA + SwiGLU layer predicting
+    /// token t+2 (longcat-methods section 10). Named as in the released checkpoint.
+    #[serde(default)]
+    pub mtp_layers: usize,
 }
 
 impl ModelConfig {
@@ -327,6 +331,12 @@ pub struct TrainConfig {
     /// Metrics line every this many steps.
     #[serde(default = "defaults::one_usize")]
     pub log_every: usize,
+    /// Weight of the multi-token-prediction loss (needs model.mtp_layers = 1).
+    #[serde(default = "defaults::mtp_loss_weight")]
+    pub mtp_loss_weight: f64,
+    /// Step from which the MTP loss is added (its parameters get no gradient before).
+    #[serde(default)]
+    pub mtp_start_step: usize,
 }
 
 /// Where a run writes.
@@ -380,6 +390,9 @@ mod defaults {
     }
     pub fn weight_decay() -> f64 {
         0.1
+    }
+    pub fn mtp_loss_weight() -> f64 {
+        0.3
     }
     pub fn eval_every() -> usize {
         50
@@ -797,6 +810,20 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
             "gamma must be positive (LongCat-Flash uses 6.0)",
         );
     }
+    if m.mtp_layers > 1 {
+        return err(
+            &["model.mtp_layers"],
+            format!("is {}, but one MTP layer is supported", m.mtp_layers),
+            "use 0 or 1",
+        );
+    }
+    if m.mtp_layers == 1 && r.data.seq_len < 2 {
+        return err(
+            &["model.mtp_layers", "data.seq_len"],
+            "predicting token t+2 needs sequences of at least 2 tokens".into(),
+            "raise seq_len",
+        );
+    }
     let moe = &r.moe;
     if moe.load_balance_groups == 0 || !m.n_routed_experts.is_multiple_of(moe.load_balance_groups) {
         return err(
@@ -979,6 +1006,7 @@ pub(crate) mod tests_support {
             rope_theta: 10000.0,
             rms_norm_eps: 1e-5,
             initializer_range: 0.2,
+            mtp_layers: 0,
         }
     }
 }

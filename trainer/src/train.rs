@@ -258,7 +258,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         let done = step + 1;
         let lr = learning_rate(t, step);
         let router_metrics_due = done % recipe.moe.metrics_every == 0 || done == t.steps;
-        let mut stats = StepStats::new(recipe, device);
+        let mut stats = StepStats::new(recipe, device, step);
         for micro in 0..micro_batches {
             let indices: Vec<usize> = (0..t.micro_batch_size)
                 .map(|j| order.index(position + j as u64))
@@ -302,6 +302,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
                 "ffn_experts_per_token": overall,
                 "load_balance_loss": stats.balance_loss / micro_batches as f64,
                 "z_loss": stats.z_loss / micro_batches as f64,
+                "mtp_loss": stats.mtp_loss / micro_batches as f64,
                 "elapsed_s": started.elapsed().as_secs_f64(),
             }))?;
         }
@@ -388,12 +389,15 @@ struct StepStats {
     lm_loss: f64,
     balance_loss: f64,
     z_loss: f64,
+    mtp_loss: f64,
+    /// The optimizer step (0-based) these micro-batches belong to.
+    step: usize,
     gradient_ratio: f64,
     hidden_rms: f64,
 }
 
 impl StepStats {
-    fn new(recipe: &Recipe, device: Device) -> Self {
+    fn new(recipe: &Recipe, device: Device, step: usize) -> Self {
         let shape = [
             recipe.model.num_layers as i64,
             recipe.model.total_experts() as i64,
@@ -404,6 +408,8 @@ impl StepStats {
             lm_loss: 0.0,
             balance_loss: 0.0,
             z_loss: 0.0,
+            mtp_loss: 0.0,
+            step,
             gradient_ratio: 0.0,
             hidden_rms: 0.0,
         }
@@ -460,11 +466,20 @@ fn micro_step(
                 .double_value(&[])
         });
     }
-    let total = &lm_loss + &balance + &z_loss;
+    let mtp_on = model.mtp.is_some() && stats.step >= recipe.train.mtp_start_step;
+    let mtp_loss = match model.forward_mtp(inputs, &out).filter(|_| mtp_on) {
+        Some(logits) => {
+            let seq = targets.size()[1];
+            cross_entropy(&logits, &targets.narrow(1, 1, seq - 1))
+        }
+        None => Tensor::zeros([], (Kind::Float, inputs.device())),
+    };
+    let total = &lm_loss + &balance + &z_loss + &mtp_loss * recipe.train.mtp_loss_weight;
     (total / micro_batches as f64).backward();
     stats.lm_loss += lm_loss.double_value(&[]);
     stats.balance_loss += balance.double_value(&[]);
     stats.z_loss += z_loss.double_value(&[]);
+    stats.mtp_loss += mtp_loss.double_value(&[]);
     let layer_counts: Vec<Tensor> = out
         .moe
         .iter()
