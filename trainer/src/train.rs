@@ -440,7 +440,11 @@ fn micro_step(
         .map(|m| load_balance_loss(&m.probs, &m.selections, shape, alpha))
         .collect();
     let balance = Tensor::stack(&balance_terms, 0).sum(Kind::Float);
-    let z_loss = hidden_z_loss(&out.last_hidden, recipe.moe.z_loss_coeff);
+    let z_loss = if recipe.moe.z_loss_coeff > 0.0 {
+        hidden_z_loss(&out.last_hidden, recipe.moe.z_loss_coeff)
+    } else {
+        Tensor::zeros([], (Kind::Float, inputs.device()))
+    };
     if measure_rg {
         let probs: Vec<&Tensor> = out.moe.iter().map(|m| &m.probs).collect();
         let grad_norm = |loss: &Tensor| {
@@ -467,7 +471,12 @@ fn micro_step(
         });
     }
     let mtp_on = model.mtp.is_some() && stats.step >= recipe.train.mtp_start_step;
-    let mtp_loss = match model.forward_mtp(inputs, &out).filter(|_| mtp_on) {
+    let mtp_logits = if mtp_on {
+        model.forward_mtp(inputs, &out)
+    } else {
+        None
+    };
+    let mtp_loss = match mtp_logits {
         Some(logits) => {
             let seq = targets.size()[1];
             cross_entropy(&logits, &targets.narrow(1, 1, seq - 1))
