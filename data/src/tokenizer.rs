@@ -15,20 +15,6 @@ impl ByteTokenizer {
         out.extend(text.bytes().map(u32::from));
         out.push(Self::EOD);
     }
-
-    /// Text of a sequence of ids (`EOD` shown as a newline-separated marker; invalid UTF-8
-    /// replaced), for debugging and samples.
-    pub fn decode(&self, ids: &[u32]) -> String {
-        let mut bytes = Vec::with_capacity(ids.len());
-        for &id in ids {
-            if id == Self::EOD {
-                bytes.extend_from_slice(b"\n<|eod|>\n");
-            } else if id < 256 {
-                bytes.push(id as u8);
-            }
-        }
-        String::from_utf8_lossy(&bytes).into_owned()
-    }
 }
 
 #[cfg(test)]
@@ -40,6 +26,5 @@ mod tests {
         let mut ids = Vec::new();
         ByteTokenizer.encode_document("hé", &mut ids);
         assert_eq!(ids, vec![104, 0xc3, 0xa9, ByteTokenizer::EOD]);
-        assert_eq!(ByteTokenizer.decode(&ids[..3]), "hé");
     }
 }

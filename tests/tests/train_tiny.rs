@@ -112,10 +112,21 @@ fn cuda_training_runs_where_a_gpu_exists() {
     let dir = scratch("cuda");
     train(
         &dir,
-        &["train.steps=10", "train.eval_every=5", "system.device=cuda"],
+        &[
+            "train.steps=20",
+            "train.eval_every=20",
+            "system.device=cuda",
+        ],
     );
     let lines = metrics(&dir.join("run/metrics.jsonl"));
-    assert!(lines.iter().any(|l| l.get("tokens_per_s").is_some()));
+    let val: Vec<f64> = lines
+        .iter()
+        .filter_map(|l| l.get("val_loss")?.as_f64())
+        .collect();
+    assert!(
+        val[val.len() - 1] < 0.8 * val[0],
+        "CUDA validation loss {val:?} did not fall"
+    );
 }
 
 #[test]

@@ -39,11 +39,6 @@ impl AdamW {
         }
     }
 
-    /// The parameters, in update order.
-    pub fn params(&self) -> &[(String, Tensor)] {
-        &self.params
-    }
-
     /// Global L2 norm of the gradients; scales them to at most `max_norm` when it is > 0.
     /// Returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
@@ -127,7 +122,6 @@ pub fn learning_rate(t: &TrainConfig, step: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
 
     fn config(schedule: Schedule) -> TrainConfig {
         TrainConfig {
@@ -183,7 +177,6 @@ mod tests {
         let expected = Tensor::from_slice(&[1.0 - 0.01, -2.0 + 0.01]);
         assert!(p.allclose(&expected, 1e-7, 1e-9, false), "{p}");
         assert!(!p.grad().defined() || p.grad().abs().sum(Kind::Double).double_value(&[]) == 0.0);
-        let _ = Device::Cpu;
     }
 
     #[test]

@@ -578,10 +578,16 @@ pub fn parse(text: &str, origin: &str, overrides: &[Override]) -> Result<Recipe,
             let result: Result<Recipe, _> = serde_path_to_error::deserialize(tree);
             result.map_err(|e| {
                 let path = e.path().to_string();
+                // The file alone parsed, so the error lies in an override: the last one
+                // whose key is on the error's path (an unknown key's error may stop at
+                // its parent section).
                 let culprit = overrides
                     .iter()
                     .rev()
-                    .find(|o| path.starts_with(&o.path.join(".")) || is_unknown(e.inner()))
+                    .find(|o| {
+                        let key = o.path.join(".");
+                        path.starts_with(&key) || key.starts_with(&path)
+                    })
                     .map(|o| format!("--set {}", o.arg))
                     .unwrap_or_else(|| origin.to_string());
                 classify(&culprit, &path, None, e.into_inner())
@@ -613,10 +619,6 @@ fn syntax(origin: &str, e: serde_yaml_ng::Error) -> RecipeError {
         line: e.location().map(|l| l.line()),
         reason: e.to_string(),
     }
-}
-
-fn is_unknown(e: &serde_yaml_ng::Error) -> bool {
-    e.to_string().contains("unknown field `")
 }
 
 /// How alike a mistyped key and a valid key are, in 0..=1: Jaro-Winkler, or 0.9 when one
@@ -656,7 +658,9 @@ fn classify(origin: &str, path: &str, line: Option<usize>, e: serde_yaml_ng::Err
             .iter()
             .map(|v| (closeness(&key, v), v))
             .filter(|(score, _)| *score > 0.8)
-            .max_by(|a, b| a.0.total_cmp(&b.0))
+            // On a tie the key listed first in the schema wins (`num_layers` before
+            // `mtp_layers`): max_by would return the last.
+            .reduce(|best, next| if next.0 > best.0 { next } else { best })
             .map(|(_, v)| {
                 if parent.is_empty() {
                     v.clone()
@@ -1113,6 +1117,7 @@ train:
         let m = message(with("model.layers=4"));
         assert!(m.contains("--set model.layers=4"), "{m}");
         assert!(m.contains("`model.layers`"), "{m}");
+        assert!(m.contains("did you mean `model.num_layers`?"), "{m}");
     }
 
     #[test]

@@ -434,16 +434,21 @@ fn micro_step(
     let out = model.forward(inputs);
     let lm_loss = cross_entropy(&out.logits, targets);
     let alpha = recipe.moe.load_balance_coeff;
-    let balance_terms: Vec<Tensor> = out
-        .moe
-        .iter()
-        .map(|m| load_balance_loss(&m.probs, &m.selections, shape, alpha))
-        .collect();
-    let balance = Tensor::stack(&balance_terms, 0).sum(Kind::Float);
+    let zero = || Tensor::zeros([], (Kind::Float, inputs.device()));
+    let balance = if alpha > 0.0 {
+        let terms: Vec<Tensor> = out
+            .moe
+            .iter()
+            .map(|m| load_balance_loss(&m.probs, &m.selections, shape, alpha))
+            .collect();
+        Tensor::stack(&terms, 0).sum(Kind::Float)
+    } else {
+        zero()
+    };
     let z_loss = if recipe.moe.z_loss_coeff > 0.0 {
         hidden_z_loss(&out.last_hidden, recipe.moe.z_loss_coeff)
     } else {
-        Tensor::zeros([], (Kind::Float, inputs.device()))
+        zero()
     };
     if measure_rg {
         let probs: Vec<&Tensor> = out.moe.iter().map(|m| &m.probs).collect();
@@ -481,7 +486,7 @@ fn micro_step(
             let seq = targets.size()[1];
             cross_entropy(&logits, &targets.narrow(1, 1, seq - 1))
         }
-        None => Tensor::zeros([], (Kind::Float, inputs.device())),
+        None => zero(),
     };
     let total = &lm_loss + &balance + &z_loss + &mtp_loss * recipe.train.mtp_loss_weight;
     (total / micro_batches as f64).backward();
