@@ -1,4 +1,6 @@
-//! Reading documents back from parquet shards (a file, or a directory of `*.parquet`).
+//! Reading whole local parquet datasets into memory (a file, or a directory of
+//! `*.parquet`): for small inputs such as tokenizer training. Training streams through
+//! `Pipeline` instead.
 
 use crate::DataError;
 use arrow_array::cast::AsArray;
@@ -20,7 +22,7 @@ pub fn shard_paths(path: &Path) -> Result<Vec<PathBuf>, DataError> {
     }
     if !path.exists() {
         return Err(DataError::Empty {
-            path: path.into(),
+            location: path.display().to_string(),
             problem: "does not exist; create it with `catapult data prepare TEXT... -o DIR` \
                       or point data.path at a parquet file or directory"
                 .into(),
@@ -37,7 +39,7 @@ pub fn shard_paths(path: &Path) -> Result<Vec<PathBuf>, DataError> {
     shards.sort();
     if shards.is_empty() {
         return Err(DataError::Empty {
-            path: path.into(),
+            location: path.display().to_string(),
             problem: "holds no *.parquet shards; create them with `catapult data prepare`".into(),
         });
     }
@@ -52,7 +54,7 @@ pub fn read_documents(path: &Path, text_column: &str) -> Result<Vec<String>, Dat
     }
     if docs.is_empty() {
         return Err(DataError::Empty {
-            path: path.into(),
+            location: path.display().to_string(),
             problem: format!("the `{text_column}` column holds no documents"),
         });
     }
@@ -61,7 +63,7 @@ pub fn read_documents(path: &Path, text_column: &str) -> Result<Vec<String>, Dat
 
 fn read_shard(shard: &Path, column: &str, docs: &mut Vec<String>) -> Result<(), DataError> {
     let parquet_err = |e: parquet::errors::ParquetError| DataError::Parquet {
-        path: shard.into(),
+        location: shard.display().to_string(),
         reason: e.to_string(),
     };
     let file = std::fs::File::open(shard).map_err(|source| DataError::Io {
@@ -73,7 +75,7 @@ fn read_shard(shard: &Path, column: &str, docs: &mut Vec<String>) -> Result<(), 
         .schema()
         .field_with_name(column)
         .map_err(|_| DataError::Column {
-            path: shard.into(),
+            location: shard.display().to_string(),
             problem: format!(
                 "has no column `{column}` (columns: {})",
                 builder
@@ -87,7 +89,7 @@ fn read_shard(shard: &Path, column: &str, docs: &mut Vec<String>) -> Result<(), 
         })?;
     if !matches!(field.data_type(), DataType::Utf8 | DataType::LargeUtf8) {
         return Err(DataError::Column {
-            path: shard.into(),
+            location: shard.display().to_string(),
             problem: format!(
                 "column `{column}` has type {}, not string",
                 field.data_type()
@@ -98,7 +100,7 @@ fn read_shard(shard: &Path, column: &str, docs: &mut Vec<String>) -> Result<(), 
     let reader = builder.with_projection(mask).build().map_err(parquet_err)?;
     for batch in reader {
         let batch = batch.map_err(|e| DataError::Parquet {
-            path: shard.into(),
+            location: shard.display().to_string(),
             reason: e.to_string(),
         })?;
         let col = batch.column(0);

@@ -1,5 +1,4 @@
-//! The deterministic order in which training sequences are visited: a fresh seeded
-//! permutation per epoch. Its whole state is one position, so resuming is exact.
+//! The pipeline's one source of randomness: a seeded, counter-keyed generator.
 
 /// SplitMix64: a tiny, well-mixed, seedable generator. Used instead of an external RNG
 /// so that the sequence of numbers can never change under a dependency upgrade.
@@ -35,82 +34,23 @@ impl SplitMix64 {
     }
 }
 
-/// Visits `0..len` epoch after epoch, each epoch in a permutation drawn from
-/// (seed, epoch). `index(position)` is a pure function of its arguments.
-#[derive(Debug, Clone)]
-pub struct SequenceOrder {
-    seed: u64,
-    len: usize,
-    epoch: u64,
-    permutation: Vec<usize>,
-}
-
-impl SequenceOrder {
-    /// An order over `len` (> 0) sequences.
-    pub fn new(seed: u64, len: usize) -> Self {
-        assert!(len > 0, "SequenceOrder needs at least one sequence");
-        let mut order = Self {
-            seed,
-            len,
-            epoch: 0,
-            permutation: Vec::new(),
-        };
-        order.shuffle(0);
-        order
-    }
-
-    fn shuffle(&mut self, epoch: u64) {
-        let mut rng = SplitMix64::new(self.seed ^ epoch.wrapping_mul(0xA076_1D64_78BD_642F));
-        self.permutation = (0..self.len).collect();
-        for i in (1..self.len).rev() {
-            let j = rng.below(i as u64 + 1) as usize;
-            self.permutation.swap(i, j);
-        }
-        self.epoch = epoch;
-    }
-
-    /// The sequence visited at global `position` (counting from 0 across epochs).
-    pub fn index(&mut self, position: u64) -> usize {
-        let epoch = position / self.len as u64;
-        if epoch != self.epoch {
-            self.shuffle(epoch);
-        }
-        self.permutation[(position % self.len as u64) as usize]
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn each_epoch_is_a_permutation_and_epochs_differ() {
-        let mut order = SequenceOrder::new(7, 50);
-        let e0: Vec<usize> = (0..50).map(|p| order.index(p)).collect();
-        let e1: Vec<usize> = (50..100).map(|p| order.index(p)).collect();
-        let mut sorted = e0.clone();
-        sorted.sort();
-        assert_eq!(sorted, (0..50).collect::<Vec<_>>());
-        assert_ne!(e0, e1);
-        // Going back to an earlier epoch reproduces it exactly.
-        assert_eq!((0..50).map(|p| order.index(p)).collect::<Vec<_>>(), e0);
-    }
-
-    #[test]
-    fn same_seed_same_order_other_seed_other_order() {
-        let a: Vec<usize> = {
-            let mut o = SequenceOrder::new(1, 30);
-            (0..30).map(|p| o.index(p)).collect()
-        };
-        let b: Vec<usize> = {
-            let mut o = SequenceOrder::new(1, 30);
-            (0..30).map(|p| o.index(p)).collect()
-        };
-        let c: Vec<usize> = {
-            let mut o = SequenceOrder::new(2, 30);
-            (0..30).map(|p| o.index(p)).collect()
-        };
-        assert_eq!(a, b);
-        assert_ne!(a, c);
+    fn below_is_uniform_enough_and_seeded() {
+        let mut a = SplitMix64::new(7);
+        let mut b = SplitMix64::new(7);
+        let mut counts = [0usize; 5];
+        for _ in 0..50_000 {
+            let x = a.below(5);
+            assert_eq!(x, b.below(5));
+            counts[x as usize] += 1;
+        }
+        for c in counts {
+            assert!((c as f64 / 10_000.0 - 1.0).abs() < 0.05, "{counts:?}");
+        }
+        assert_ne!(SplitMix64::new(1).next_u64(), SplitMix64::new(2).next_u64());
     }
 }

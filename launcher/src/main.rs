@@ -2,8 +2,8 @@
 //! Results go to stdout and files, progress and errors to stderr; exit code 0 on
 //! success, 1 on a failed run, 2 on bad input (recipe or arguments).
 
-use anyhow::Context;
-use catapult_data::{DocumentSplit, PrepareOptions};
+mod data_cmd;
+
 use catapult_trainer::{recipe, Override, RecipeError, RunOptions};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -43,15 +43,15 @@ enum Command {
         #[arg(long, value_name = "OUT_DIR")]
         hf: PathBuf,
     },
-    /// Prepare datasets.
+    /// Prepare datasets, train tokenizers, inspect the data stream.
     Data {
         #[command(subcommand)]
-        command: DataCommand,
+        command: data_cmd::DataCommand,
     },
 }
 
 #[derive(Args)]
-struct OverrideArgs {
+pub struct OverrideArgs {
     /// Override any recipe key, e.g. --set model.num_layers=4 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -86,40 +86,8 @@ enum ShowFormat {
     Json,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum SplitArg {
-    /// One document per file.
-    File,
-    /// Documents separated by blank lines.
-    Paragraph,
-    /// One document per non-empty line.
-    Line,
-}
-
-#[derive(Subcommand)]
-enum DataCommand {
-    /// Turn text files into parquet shards with a `text` column.
-    Prepare {
-        /// Input text files (UTF-8), read in the order given.
-        #[arg(required = true)]
-        inputs: Vec<PathBuf>,
-        /// Output directory for shard-NNNNN.parquet files.
-        #[arg(short, long)]
-        output: PathBuf,
-        /// How to cut files into documents.
-        #[arg(long, value_enum, default_value = "paragraph")]
-        split: SplitArg,
-        /// Drop documents shorter than this many bytes.
-        #[arg(long, default_value_t = 1)]
-        min_chars: usize,
-        /// Documents per shard.
-        #[arg(long, default_value_t = 100_000)]
-        shard_size: usize,
-    },
-}
-
 /// A failure and the exit code it maps to.
-struct Failure {
+pub struct Failure {
     code: u8,
     error: anyhow::Error,
 }
@@ -136,7 +104,7 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
     }
 }
 
-fn load_recipe(
+pub fn load_recipe(
     file: &std::path::Path,
     overrides: &OverrideArgs,
 ) -> Result<catapult_trainer::Recipe, RecipeError> {
@@ -188,39 +156,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 ShowFormat::Json => println!("{}", serde_json::to_string_pretty(&recipe)?),
             }
         }
-        Command::Data {
-            command:
-                DataCommand::Prepare {
-                    inputs,
-                    output,
-                    split,
-                    min_chars,
-                    shard_size,
-                },
-        } => {
-            let split = match split {
-                SplitArg::File => DocumentSplit::File,
-                SplitArg::Paragraph => DocumentSplit::Paragraph,
-                SplitArg::Line => DocumentSplit::Line,
-            };
-            let summary = catapult_data::prepare(
-                &inputs,
-                &output,
-                &PrepareOptions {
-                    split,
-                    min_chars,
-                    shard_size,
-                },
-            )
-            .context("data prepare failed")?;
-            println!(
-                "{} documents, {} bytes, {} shard(s) in {}",
-                summary.documents,
-                summary.bytes,
-                summary.shards.len(),
-                output.display()
-            );
-        }
+        Command::Data { command } => data_cmd::run(command)?,
     }
     Ok(())
 }

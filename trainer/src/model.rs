@@ -157,8 +157,10 @@ impl Mla {
         }
     }
 
-    /// Causal self-attention over `x` (batch x seq x hidden).
-    pub fn forward(&self, x: &Tensor, rope: &Rope) -> Tensor {
+    /// Causal self-attention over `x` (batch x seq x hidden). `mask` (batch x 1 x seq x
+    /// seq, bool, true = attend) replaces the causal mask, e.g. to keep attention
+    /// within documents.
+    pub fn forward(&self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>) -> Tensor {
         let (b, s, _) = x.size3().expect("batch x seq x hidden");
         let (nh, nope, rd, vd) = (self.heads, self.nope_dim, self.rope_dim, self.v_dim);
         let q = linear(
@@ -183,9 +185,14 @@ impl Mla {
         let k = Tensor::cat(&[kv.narrow(-1, 0, nope), k_rope], -1);
         let v = kv.narrow(-1, nope, vd);
         let scale = 1.0 / ((nope + rd) as f64).sqrt();
-        let attn = Tensor::scaled_dot_product_attention::<Tensor>(
-            &q, &k, &v, None, 0.0, true, scale, false,
-        );
+        let attn = match mask {
+            None => Tensor::scaled_dot_product_attention::<Tensor>(
+                &q, &k, &v, None, 0.0, true, scale, false,
+            ),
+            Some(m) => {
+                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, false)
+            }
+        };
         linear(&attn.transpose(1, 2).reshape([b, s, nh * vd]), &self.o_proj)
     }
 }
@@ -331,12 +338,12 @@ impl ScMoeLayer {
     }
 
     /// The layer on `x` (batch x seq x hidden); also returns what the MoE did.
-    pub fn forward(&self, x: &Tensor, rope: &Rope) -> (Tensor, MoeOutput) {
-        let h1 = x + self.mla[0].forward(&self.norm_in[0].forward(x), rope);
+    pub fn forward(&self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>) -> (Tensor, MoeOutput) {
+        let h1 = x + self.mla[0].forward(&self.norm_in[0].forward(x), rope, mask);
         let u = self.norm_post[0].forward(&h1);
         let m = self.moe.forward(&u);
         let h2 = &h1 + self.ffn[0].forward(&u);
-        let h3 = &h2 + self.mla[1].forward(&self.norm_in[1].forward(&h2), rope);
+        let h3 = &h2 + self.mla[1].forward(&self.norm_in[1].forward(&h2), rope, mask);
         let out = &h3 + self.ffn[1].forward(&self.norm_post[1].forward(&h3)) + &m.output;
         (out, m)
     }
@@ -380,7 +387,13 @@ impl MtpLayer {
     }
 
     /// `h = eh_proj([enorm(emb_next); hnorm(h_main)])`, the dense layer, the final norm.
-    fn forward(&self, emb_next: &Tensor, h_main: &Tensor, rope: &Rope) -> Tensor {
+    fn forward(
+        &self,
+        emb_next: &Tensor,
+        h_main: &Tensor,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+    ) -> Tensor {
         let joined = Tensor::cat(
             &[self.enorm.forward(emb_next), self.hnorm.forward(h_main)],
             -1,
@@ -389,7 +402,7 @@ impl MtpLayer {
         let x = &x
             + self
                 .self_attn
-                .forward(&self.input_layernorm.forward(&x), rope);
+                .forward(&self.input_layernorm.forward(&x), rope, mask);
         let x = &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x));
         self.norm.forward(&x)
     }
@@ -464,23 +477,41 @@ impl LongcatModel {
     /// the main model's last hidden state at t and the embedding of token t+1. None
     /// without an MTP layer.
     pub fn forward_mtp(&self, tokens: &Tensor, main: &ModelOutput) -> Option<Tensor> {
+        self.forward_mtp_masked(tokens, main, None)
+    }
+
+    /// `forward_mtp` with an attention mask over all `seq` positions (the MTP layer
+    /// uses its first `seq - 1` rows and columns).
+    pub fn forward_mtp_masked(
+        &self,
+        tokens: &Tensor,
+        main: &ModelOutput,
+        mask: Option<&Tensor>,
+    ) -> Option<Tensor> {
         let mtp = self.mtp.as_ref()?;
         let seq = tokens.size()[1];
         let next = tokens.narrow(1, 1, seq - 1);
         let emb_next = Tensor::embedding(&self.embed_tokens, &next, -1, false, false)
             .to_kind(self.compute_kind);
         let h_main = main.last_hidden.narrow(1, 0, seq - 1);
-        let hidden = mtp.forward(&emb_next, &h_main, &self.rope);
+        let mask = mask.map(|m| m.narrow(2, 0, seq - 1).narrow(3, 0, seq - 1));
+        let hidden = mtp.forward(&emb_next, &h_main, &self.rope, mask.as_ref());
         Some(linear(&hidden, &self.lm_head).to_kind(Kind::Float))
     }
 
     /// Logits for `tokens` (batch x seq, i64).
     pub fn forward(&self, tokens: &Tensor) -> ModelOutput {
+        self.forward_masked(tokens, None)
+    }
+
+    /// `forward` with an attention mask (batch x 1 x seq x seq, bool, true = attend)
+    /// in place of the causal one.
+    pub fn forward_masked(&self, tokens: &Tensor, mask: Option<&Tensor>) -> ModelOutput {
         let mut h = Tensor::embedding(&self.embed_tokens, tokens, -1, false, false)
             .to_kind(self.compute_kind);
         let mut moe = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            let (out, m) = layer.forward(&h, &self.rope);
+            let (out, m) = layer.forward(&h, &self.rope, mask);
             h = out;
             moe.push(m);
         }

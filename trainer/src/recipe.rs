@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_yaml_ng::Value;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -262,24 +263,189 @@ pub enum Schedule {
     Wsd,
 }
 
-/// Training corpus and sequence layout.
+/// Training corpus, tokenizer and sequence layout; the streaming pipeline's settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// A parquet file or a directory of parquet shards (see `catapult data prepare`).
-    pub path: PathBuf,
+    /// One dataset (shorthand for a single entry in `datasets`): a local directory or
+    /// parquet file, a `file://`, `s3://`, `gs://` or `az://` prefix, or a glob of shards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
     /// Name of the text column.
     #[serde(default = "defaults::text_column")]
     pub text_column: String,
-    /// Tokenizer: `bytes` (byte-level, 256 ids plus end-of-document).
+    /// Name of a pre-tokenized column (a list of ids); unset reads text unless the
+    /// dataset's index says it was pre-tokenized with this recipe's tokenizer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_column: Option<String>,
+    /// A weighted mixture of datasets (instead of `path`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub datasets: Vec<DatasetConfig>,
+    /// Later phases: new weights and/or sequence length from a global token count on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseConfig>,
+    /// Tokenizer: `bytes` (byte-level, 256 ids plus end-of-document) or the path of a
+    /// tokenizer.json (see `catapult data tokenizer train`).
     #[serde(default = "defaults::tokenizer")]
     pub tokenizer: String,
-    /// Tokens per training sequence.
+    /// The tokenizer.json's end-of-document token (default: the first of
+    /// `<|endoftext|>`, `</s>`, `<|end_of_text|>`, `<eos>` it has).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eod_token: Option<String>,
+    /// Tokens per training sequence (of the first phase).
     pub seq_len: usize,
     /// Fraction of documents held out for validation (chosen by a hash of the document's
-    /// index, so the split does not depend on the seed).
+    /// global row, so the split does not depend on the seed).
     #[serde(default = "defaults::valid_fraction")]
     pub valid_fraction: f64,
+    /// Canonical streams the data is dealt into; the data-parallel size must divide it
+    /// and it must divide the global batch. The order does not depend on the world size.
+    #[serde(default = "defaults::streams")]
+    pub streams: usize,
+    /// Sequences per shuffle block of each stream.
+    #[serde(default = "defaults::shuffle_buffer")]
+    pub shuffle_buffer: usize,
+    /// Sequences per mixture window of each stream: every window holds each dataset's
+    /// share exactly.
+    #[serde(default = "defaults::mixture_window")]
+    pub mixture_window: usize,
+    /// Background threads that read and tokenize.
+    #[serde(default = "defaults::data_workers")]
+    pub workers: usize,
+    /// Read-ahead budget in MiB (decoded, tokenized row groups waiting to be used).
+    #[serde(default = "defaults::read_ahead_mb")]
+    pub read_ahead_mb: u64,
+    /// Mask attention across document boundaries inside a packed sequence.
+    #[serde(default)]
+    pub mask_documents: bool,
+    /// Object-store access.
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+/// One dataset of a mixture.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    /// Name used in phases, metrics and the data state.
+    pub name: String,
+    /// Where the shards are (as `data.path`).
+    pub path: String,
+    /// Mixture weight in the first phase (weights need not sum to 1).
+    #[serde(default = "defaults::weight")]
+    pub weight: f64,
+    /// Text column (default: `data.text_column`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_column: Option<String>,
+    /// Pre-tokenized column (default: `data.tokens_column`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_column: Option<String>,
+}
+
+/// A later data phase.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PhaseConfig {
+    /// Global tokens seen when the phase begins (it starts at the first batch boundary
+    /// at or after this count).
+    pub start_tokens: u64,
+    /// New weights by dataset name; datasets not named keep their weight.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub weights: BTreeMap<String, f64>,
+    /// New sequence length; unset keeps the previous one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq_len: Option<usize>,
+}
+
+/// How object stores are reached; credentials come from the standard environment
+/// variables, never from the recipe.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Endpoint of an S3-compatible store, e.g. `http://127.0.0.1:8333`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Region (default `AWS_REGION`, else us-east-1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Retries of a failed list or read, with exponential backoff.
+    #[serde(default = "defaults::retries")]
+    pub retries: u32,
+    /// Wait before the first retry, in milliseconds (doubles each time).
+    #[serde(default = "defaults::backoff_ms")]
+    pub backoff_ms: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            region: None,
+            retries: defaults::retries(),
+            backoff_ms: defaults::backoff_ms(),
+        }
+    }
+}
+
+impl StorageConfig {
+    /// The data crate's view.
+    pub fn options(&self) -> catapult_data::StorageOptions {
+        catapult_data::StorageOptions {
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            retries: self.retries,
+            backoff: std::time::Duration::from_millis(self.backoff_ms),
+        }
+    }
+}
+
+impl DataConfig {
+    /// The datasets as a list (the `path` shorthand becomes one dataset named `data`).
+    pub fn dataset_list(&self) -> Vec<DatasetConfig> {
+        match &self.path {
+            Some(path) if self.datasets.is_empty() => vec![DatasetConfig {
+                name: "data".into(),
+                path: path.clone(),
+                weight: 1.0,
+                text_column: None,
+                tokens_column: None,
+            }],
+            _ => self.datasets.clone(),
+        }
+    }
+
+    /// The phases with every field resolved; the first starts at token 0.
+    pub fn resolved_phases(&self) -> Vec<catapult_data::Phase> {
+        let list = self.dataset_list();
+        let mut current = catapult_data::Phase {
+            start_tokens: 0,
+            weights: list.iter().map(|d| d.weight).collect(),
+            seq_len: self.seq_len,
+        };
+        let mut out = vec![current.clone()];
+        for p in &self.phases {
+            current.start_tokens = p.start_tokens;
+            for (name, w) in &p.weights {
+                if let Some(i) = list.iter().position(|d| &d.name == name) {
+                    current.weights[i] = *w;
+                }
+            }
+            if let Some(len) = p.seq_len {
+                current.seq_len = len;
+            }
+            out.push(current.clone());
+        }
+        out
+    }
+
+    /// The longest sequence of any phase.
+    pub fn max_seq_len(&self) -> usize {
+        self.resolved_phases()
+            .iter()
+            .map(|p| p.seq_len)
+            .max()
+            .unwrap_or(self.seq_len)
+    }
 }
 
 /// Optimization and its schedule.
@@ -375,6 +541,30 @@ mod defaults {
     }
     pub fn valid_fraction() -> f64 {
         0.02
+    }
+    pub fn streams() -> usize {
+        8
+    }
+    pub fn shuffle_buffer() -> usize {
+        64
+    }
+    pub fn mixture_window() -> usize {
+        100
+    }
+    pub fn data_workers() -> usize {
+        2
+    }
+    pub fn read_ahead_mb() -> u64 {
+        256
+    }
+    pub fn weight() -> f64 {
+        1.0
+    }
+    pub fn retries() -> u32 {
+        4
+    }
+    pub fn backoff_ms() -> u64 {
+        200
     }
     pub fn decay_fraction() -> f64 {
         0.2
@@ -699,6 +889,165 @@ fn classify(origin: &str, path: &str, line: Option<usize>, e: serde_yaml_ng::Err
     }
 }
 
+/// The data section's checks: datasets, phases, streams and the tokenizer (loaded here,
+/// so a missing tokenizer.json fails before any rank starts).
+fn validate_data(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
+    let err = |fields: &[&str], problem: String, fix: &str| {
+        Err(RecipeError::Inconsistent {
+            file: origin.into(),
+            fields: fields.iter().map(|s| s.to_string()).collect(),
+            problem,
+            fix: fix.into(),
+        })
+    };
+    let d = &r.data;
+    match (&d.path, d.datasets.is_empty()) {
+        (None, true) => {
+            return err(
+                &["data.path", "data.datasets"],
+                "no training data is named".into(),
+                "set data.path to a prepared dataset, or list data.datasets",
+            )
+        }
+        (Some(_), false) => {
+            return err(
+                &["data.path", "data.datasets"],
+                "both are set".into(),
+                "use data.path for one dataset or data.datasets for a mixture, not both",
+            )
+        }
+        _ => {}
+    }
+    let list = d.dataset_list();
+    for (i, ds) in list.iter().enumerate() {
+        if list[..i].iter().any(|o| o.name == ds.name) {
+            return err(
+                &[&format!("data.datasets[{i}].name")],
+                format!("`{}` is used twice", ds.name),
+                "give every dataset its own name",
+            );
+        }
+        if !(ds.weight >= 0.0 && ds.weight.is_finite()) {
+            return err(
+                &[&format!("data.datasets[{i}].weight")],
+                format!("is {}", ds.weight),
+                "use a finite weight >= 0",
+            );
+        }
+    }
+    let mut previous = 0;
+    for (i, p) in d.phases.iter().enumerate() {
+        let field = format!("data.phases[{i}]");
+        if p.start_tokens <= previous {
+            return err(
+                &[&format!("{field}.start_tokens")],
+                format!(
+                    "{} does not come after the previous phase's start ({previous})",
+                    p.start_tokens
+                ),
+                "list phases in increasing start_tokens, all above 0",
+            );
+        }
+        previous = p.start_tokens;
+        for (name, w) in &p.weights {
+            if !list.iter().any(|ds| &ds.name == name) {
+                return err(
+                    &[&format!("{field}.weights.{name}")],
+                    format!("no dataset is named `{name}`"),
+                    &format!(
+                        "use one of: {}",
+                        list.iter()
+                            .map(|ds| ds.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+            }
+            if !(*w >= 0.0 && w.is_finite()) {
+                return err(
+                    &[&format!("{field}.weights.{name}")],
+                    format!("is {w}"),
+                    "use a finite weight >= 0",
+                );
+            }
+        }
+        if p.seq_len == Some(0) {
+            return err(
+                &[&format!("{field}.seq_len")],
+                "must be at least 1".into(),
+                "set a positive length",
+            );
+        }
+    }
+    for (i, phase) in d.resolved_phases().iter().enumerate() {
+        if phase.weights.iter().sum::<f64>() <= 0.0 {
+            let field = if i == 0 {
+                "data.datasets".to_string()
+            } else {
+                format!("data.phases[{}].weights", i - 1)
+            };
+            return err(
+                &[&field],
+                "every weight is 0".into(),
+                "give at least one dataset a positive weight",
+            );
+        }
+    }
+    let g = r.train.global_batch_size;
+    if d.streams == 0 || !g.is_multiple_of(d.streams) {
+        let divisors: Vec<String> = (1..=g.min(64))
+            .filter(|k| g.is_multiple_of(*k))
+            .map(|k| k.to_string())
+            .collect();
+        return err(
+            &["data.streams", "train.global_batch_size"],
+            format!(
+                "{} streams cannot split a global batch of {g} sequences evenly",
+                d.streams
+            ),
+            &format!(
+                "set data.streams to a divisor of the global batch ({})",
+                divisors.join(", ")
+            ),
+        );
+    }
+    for (name, v) in [
+        ("data.shuffle_buffer", d.shuffle_buffer as u64),
+        ("data.mixture_window", d.mixture_window as u64),
+        ("data.workers", d.workers as u64),
+        ("data.read_ahead_mb", d.read_ahead_mb),
+    ] {
+        if v == 0 {
+            return err(&[name], "must be at least 1".into(), "set a positive value");
+        }
+    }
+    let tokenizer = match catapult_data::Tokenizer::load(&d.tokenizer, d.eod_token.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            return err(
+                &["data.tokenizer"],
+                e.to_string(),
+                "fix data.tokenizer (or data.eod_token)",
+            )
+        }
+    };
+    if r.model.vocab_size < tokenizer.vocab_size() {
+        return err(
+            &["model.vocab_size", "data.tokenizer"],
+            format!(
+                "{} rows cannot hold the tokenizer's {} ids",
+                r.model.vocab_size,
+                tokenizer.vocab_size()
+            ),
+            &format!(
+                "raise model.vocab_size to at least {}",
+                tokenizer.vocab_size()
+            ),
+        );
+    }
+    Ok(())
+}
+
 /// True for a number above zero (false for NaN).
 fn positive(x: f64) -> bool {
     x > 0.0
@@ -897,23 +1246,7 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
             "add zero experts or set adapt_zero_experts: false",
         );
     }
-    if r.data.tokenizer != "bytes" {
-        return err(
-            &["data.tokenizer"],
-            format!("`{}` is not a known tokenizer", r.data.tokenizer),
-            "use `bytes` (trained BPE tokenizers come with the data pipeline)",
-        );
-    }
-    if m.vocab_size < BYTE_VOCAB {
-        return err(
-            &["model.vocab_size", "data.tokenizer"],
-            format!(
-                "{} rows cannot hold the tokenizer's {BYTE_VOCAB} ids",
-                m.vocab_size
-            ),
-            "raise vocab_size",
-        );
-    }
+    validate_data(r, origin)?;
     if !(0.0..1.0).contains(&r.data.valid_fraction) || r.data.valid_fraction <= 0.0 {
         return err(
             &["data.valid_fraction"],
@@ -969,6 +1302,35 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
 }
 
 impl Recipe {
+    /// The data pipeline's configuration.
+    pub fn pipeline_config(&self) -> catapult_data::PipelineConfig {
+        let d = &self.data;
+        catapult_data::PipelineConfig {
+            datasets: d
+                .dataset_list()
+                .into_iter()
+                .map(|ds| catapult_data::DatasetSpec {
+                    name: ds.name,
+                    location: ds.path,
+                    text_column: ds.text_column.unwrap_or_else(|| d.text_column.clone()),
+                    tokens_column: ds.tokens_column.or_else(|| d.tokens_column.clone()),
+                })
+                .collect(),
+            phases: d.resolved_phases(),
+            global_batch: self.train.global_batch_size,
+            streams: d.streams,
+            shuffle_buffer: d.shuffle_buffer,
+            mixture_window: d.mixture_window,
+            workers: d.workers,
+            read_ahead_bytes: d.read_ahead_mb << 20,
+            valid_fraction: d.valid_fraction,
+            seed: self.seed,
+            tokenizer: d.tokenizer.clone(),
+            eod_token: d.eod_token.clone(),
+            storage: d.storage.options(),
+        }
+    }
+
     /// The run directory: `output.dir`, or `runs/<name>`.
     pub fn run_dir(&self) -> PathBuf {
         self.output

@@ -10,7 +10,7 @@ use crate::model::LongcatModel;
 use crate::optim::{learning_rate, AdamW};
 use crate::recipe::{DeviceKind, Precision, Recipe};
 use crate::router_metrics::{load_spread, router_similarity};
-use catapult_data::{read_documents, PackedSequences, SequenceOrder, Split};
+use catapult_data::{Batch, Pipeline};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,7 +24,7 @@ pub enum TrainError {
     #[error("{0}")]
     Setup(String),
     /// Reading the dataset failed.
-    #[error("data.path: {0}")]
+    #[error("{0}")]
     Data(#[from] catapult_data::DataError),
     /// Writing outputs failed.
     #[error("{path}: {source}")]
@@ -59,21 +59,27 @@ pub struct RunSummary {
     pub last_val_loss: f64,
 }
 
-/// Sequences a micro-batch needs, as inputs and targets (micro_batch x seq_len, i64).
-fn batch(
-    data: &PackedSequences,
-    indices: impl Iterator<Item = usize>,
-    device: Device,
-) -> (Tensor, Tensor) {
-    let mut ids: Vec<i64> = Vec::new();
-    let mut rows = 0;
-    for i in indices {
-        ids.extend(data.sequence(i).iter().map(|&t| t as i64));
-        rows += 1;
-    }
-    let all = Tensor::from_slice(&ids).view([rows, -1]).to_device(device);
+/// Inputs and targets (rows x seq_len, i64) of `sequences` (each seq_len + 1 ids).
+fn batch_tensors(sequences: &[Vec<u32>], device: Device) -> (Tensor, Tensor) {
+    let ids: Vec<i64> = sequences.iter().flatten().map(|&t| t as i64).collect();
+    let all = Tensor::from_slice(&ids)
+        .view([sequences.len() as i64, -1])
+        .to_device(device);
     let len = all.size()[1] - 1;
     (all.narrow(1, 0, len), all.narrow(1, 1, len))
+}
+
+/// Attention mask keeping each position within its document (and causal): batch x 1 x
+/// seq x seq, true = attend. `segments` holds a segment id per input position.
+pub fn document_mask(segments: &[u32], rows: usize, device: Device) -> Tensor {
+    let seg: Vec<i64> = segments.iter().map(|&s| s as i64).collect();
+    let seg = Tensor::from_slice(&seg)
+        .view([rows as i64, -1])
+        .to_device(device);
+    let len = seg.size()[1];
+    let same = seg.unsqueeze(2).eq_tensor(&seg.unsqueeze(1));
+    let causal = Tensor::ones([len, len], (Kind::Bool, device)).tril(0);
+    (same.logical_and(&causal)).unsqueeze(1)
 }
 
 fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
@@ -115,7 +121,7 @@ pub fn build_model(recipe: &Recipe, device: Device) -> BuiltModel {
     let model = LongcatModel::new(
         &vars.root(),
         &recipe.model,
-        recipe.data.seq_len,
+        recipe.data.max_seq_len(),
         kind,
         device,
     );
@@ -131,25 +137,15 @@ pub fn named_tensors(vars: &VarStore) -> Vec<(String, Tensor)> {
     named
 }
 
-fn mean_loss(
-    model: &LongcatModel,
-    data: &PackedSequences,
-    count: usize,
-    micro: usize,
-    device: Device,
-) -> f64 {
+fn mean_loss(model: &LongcatModel, sequences: &[Vec<u32>], micro: usize, device: Device) -> f64 {
     tch::no_grad(|| {
-        let count = count.min(data.len());
         let mut total = 0.0;
-        let mut start = 0;
-        while start < count {
-            let end = (start + micro).min(count);
-            let (inputs, targets) = batch(data, start..end, device);
+        for chunk in sequences.chunks(micro) {
+            let (inputs, targets) = batch_tensors(chunk, device);
             let loss = cross_entropy(&model.forward(&inputs).logits, &targets).double_value(&[]);
-            total += loss * (end - start) as f64;
-            start = end;
+            total += loss * chunk.len() as f64;
         }
-        total / count as f64
+        total / sequences.len() as f64
     })
 }
 
@@ -196,16 +192,13 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
     if recipe.system.threads > 0 {
         tch::set_num_threads(recipe.system.threads as i32);
     }
-    let docs = read_documents(&recipe.data.path, &recipe.data.text_column)?;
-    let (seq_len, valid_fraction) = (recipe.data.seq_len, recipe.data.valid_fraction);
-    let train_data = PackedSequences::new(&docs, Split::Train, valid_fraction, seq_len);
-    let valid_data = PackedSequences::new(&docs, Split::Validation, valid_fraction, seq_len);
-    drop(docs);
-    if train_data.is_empty() || valid_data.is_empty() {
+    let mut pipeline = Pipeline::open(recipe.pipeline_config(), 0, 1)?;
+    let valid = pipeline.validation(recipe.train.eval_sequences, recipe.data.seq_len)?;
+    if let Some((name, _)) = valid.iter().find(|(_, v)| v.is_empty()) {
         return Err(TrainError::Setup(format!(
-            "data.path {}: the corpus is too small for one sequence of data.seq_len = {seq_len} \
-             in both the training and validation splits; use more text or a shorter seq_len",
-            recipe.data.path.display()
+            "dataset `{name}`: its held-out documents (data.valid_fraction = {}) do not fill one \
+             sequence of data.seq_len = {}; use more text, a larger valid_fraction or a shorter seq_len",
+            recipe.data.valid_fraction, recipe.data.seq_len
         )));
     }
 
@@ -223,23 +216,35 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
     let mut optimizer = AdamW::new(params, &recipe.train);
     let mut controller =
         ExpertBiasController::new(&recipe.moe.bias_control, &recipe.model, recipe.train.steps);
-    let mut order = SequenceOrder::new(recipe.seed, train_data.len());
 
     let t = &recipe.train;
     let micro_batches = t.global_batch_size / t.micro_batch_size;
     let shape = balance_shape(recipe);
-    let eval = |model: &LongcatModel| {
-        mean_loss(
-            model,
-            &valid_data,
-            t.eval_sequences,
-            t.micro_batch_size,
-            device,
-        )
+    // Validation loss: the mean over datasets of each one's held-out loss.
+    let eval = |model: &LongcatModel, step: usize| {
+        let losses: Vec<(String, f64)> = valid
+            .iter()
+            .map(|(name, seqs)| {
+                (
+                    name.clone(),
+                    mean_loss(model, seqs, t.micro_batch_size, device),
+                )
+            })
+            .collect();
+        let mean = losses.iter().map(|(_, l)| l).sum::<f64>() / losses.len() as f64;
+        let mut line = serde_json::json!({"step": step, "val_loss": mean});
+        if losses.len() > 1 {
+            line["val_loss_by_dataset"] = losses
+                .into_iter()
+                .map(|(n, l)| (n, serde_json::Value::from(l)))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
+        (mean, line)
     };
 
-    let first_val_loss = eval(model);
-    metrics.write(serde_json::json!({"step": 0, "val_loss": first_val_loss}))?;
+    let (first_val_loss, line) = eval(model, 0);
+    metrics.write(line)?;
     let mut last_val_loss = first_val_loss;
 
     let progress = ProgressBar::new(t.steps as u64);
@@ -250,8 +255,8 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         .expect("static template"),
     );
     progress.set_prefix(recipe.name.clone());
-    let mut position = 0u64;
     let mut tokens_seen = 0u64;
+    let mut data_wait = 0.0f64;
     let started = Instant::now();
     for step in 0..t.steps {
         let step_start = Instant::now();
@@ -259,12 +264,22 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         let lr = learning_rate(t, step);
         let router_metrics_due = done % recipe.moe.metrics_every == 0 || done == t.steps;
         let mut stats = StepStats::new(recipe, device, step);
+        let wait_start = Instant::now();
+        let batch: Batch = pipeline.next_batch()?;
+        let waited = wait_start.elapsed().as_secs_f64();
+        data_wait += waited;
+        let seq_len = batch.seq_len;
+        let segments = recipe.data.mask_documents.then(|| batch.segment_ids());
         for micro in 0..micro_batches {
-            let indices: Vec<usize> = (0..t.micro_batch_size)
-                .map(|j| order.index(position + j as u64))
-                .collect();
-            position += t.micro_batch_size as u64;
-            let (inputs, targets) = batch(&train_data, indices.into_iter(), device);
+            let rows = micro * t.micro_batch_size..(micro + 1) * t.micro_batch_size;
+            let (inputs, targets) = batch_tensors(&batch.sequences[rows.clone()], device);
+            let mask = segments.as_ref().map(|seg| {
+                document_mask(
+                    &seg[rows.start * seq_len..rows.end * seq_len],
+                    t.micro_batch_size,
+                    device,
+                )
+            });
             let measure_rg = router_metrics_due && micro == 0;
             micro_step(
                 model,
@@ -272,6 +287,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
                 shape,
                 &inputs,
                 &targets,
+                mask.as_ref(),
                 micro_batches,
                 measure_rg,
                 &mut stats,
@@ -299,6 +315,9 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
                 "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_s,
                 "tokens": tokens_seen,
+                "seq_len": seq_len,
+                "data_phase": batch.phase,
+                "data_wait_s": waited,
                 "ffn_experts_per_token": overall,
                 "load_balance_loss": stats.balance_loss / micro_batches as f64,
                 "z_loss": stats.z_loss / micro_batches as f64,
@@ -341,8 +360,9 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
             }
         }
         if done % t.eval_every == 0 || done == t.steps {
-            last_val_loss = eval(model);
-            metrics.write(serde_json::json!({"step": done, "val_loss": last_val_loss}))?;
+            let (loss, line) = eval(model, done);
+            last_val_loss = loss;
+            metrics.write(line)?;
         }
         progress.set_message(format!(
             "loss {loss:.4} | {tokens_per_s:.0} tok/s | val {last_val_loss:.4} | ffn/tok {overall:.2}"
@@ -355,7 +375,8 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
     let meta = serde_json::json!({
         "step": t.steps,
         "tokens": tokens_seen,
-        "data_position": position,
+        "data_state": pipeline.state(),
+        "data_wait_s": data_wait,
         "expert_bias_controller": controller.state(),
         "catapult_version": env!("CARGO_PKG_VERSION"),
         "recipe": serde_json::to_value(recipe).expect("recipes serialize"),
@@ -427,11 +448,12 @@ fn micro_step(
     shape: BalanceShape,
     inputs: &Tensor,
     targets: &Tensor,
+    mask: Option<&Tensor>,
     micro_batches: usize,
     measure_rg: bool,
     stats: &mut StepStats,
 ) {
-    let out = model.forward(inputs);
+    let out = model.forward_masked(inputs, mask);
     let lm_loss = cross_entropy(&out.logits, targets);
     let alpha = recipe.moe.load_balance_coeff;
     let zero = || Tensor::zeros([], (Kind::Float, inputs.device()));
@@ -477,7 +499,7 @@ fn micro_step(
     }
     let mtp_on = model.mtp.is_some() && stats.step >= recipe.train.mtp_start_step;
     let mtp_logits = if mtp_on {
-        model.forward_mtp(inputs, &out)
+        model.forward_mtp_masked(inputs, &out, mask)
     } else {
         None
     };

@@ -1,0 +1,317 @@
+//! Where datasets live: local paths and `file://`, `s3://`, `gs://` and `az://` URLs, all
+//! through `object_store`. Credentials come from each cloud's standard environment
+//! variables (`AWS_ACCESS_KEY_ID`, `GOOGLE_SERVICE_ACCOUNT`, `AZURE_STORAGE_ACCOUNT_KEY`,
+//! ...); an explicit endpoint serves S3-compatible stores. Every remote call is retried
+//! with exponential backoff on transient errors, and the final error names the object.
+
+use crate::DataError;
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjPath;
+use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// How to reach object stores.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StorageOptions {
+    /// Endpoint of an S3-compatible store (e.g. `http://127.0.0.1:8333`); None uses
+    /// `AWS_ENDPOINT_URL` or the cloud's default.
+    pub endpoint: Option<String>,
+    /// Region; None uses `AWS_REGION` or `us-east-1`.
+    pub region: Option<String>,
+    /// Attempts after the first one for a transient failure.
+    pub retries: u32,
+    /// Wait before the first retry; doubles on each attempt (capped at 10 s).
+    pub backoff: Duration,
+}
+
+impl Default for StorageOptions {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            region: None,
+            retries: 4,
+            backoff: Duration::from_millis(200),
+        }
+    }
+}
+
+/// The I/O runtime shared by every store client. Two threads: I/O waits, it does not
+/// compute (tokenization has its own worker threads).
+pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("catapult-io")
+            .enable_all()
+            .build()
+            .expect("the I/O runtime starts")
+    })
+}
+
+/// An object store and a location inside it, with the user's spelling kept for messages.
+#[derive(Clone)]
+pub struct Location {
+    /// The store.
+    pub store: Arc<dyn ObjectStore>,
+    /// The key (a file or a prefix) inside the store.
+    pub key: ObjPath,
+    /// What the user wrote, for error messages.
+    pub display: String,
+    /// Options the store was opened with.
+    pub options: StorageOptions,
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Location({})", self.display)
+    }
+}
+
+impl Location {
+    /// Opens `location`: a local path, or a `file://`, `s3://`, `gs://` or `az://` URL.
+    pub fn open(location: &str, options: &StorageOptions) -> Result<Self, DataError> {
+        let store_err = |reason: String| DataError::Store {
+            location: location.to_string(),
+            reason,
+        };
+        // Our own retry loop handles transient errors (with messages that name the
+        // object), so the HTTP clients do not retry underneath it.
+        let no_retry = RetryConfig {
+            max_retries: 0,
+            ..RetryConfig::default()
+        };
+        let client = ClientOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(120));
+        let (store, key): (Arc<dyn ObjectStore>, ObjPath) = if let Some((scheme, _)) =
+            location.split_once("://")
+        {
+            let url = url::Url::parse(location)
+                .map_err(|e| store_err(format!("not a valid URL ({e})")))?;
+            let key = ObjPath::from_url_path(url.path())
+                .map_err(|e| store_err(format!("bad object path ({e})")))?;
+            let built: Result<Arc<dyn ObjectStore>, object_store::Error> = match scheme {
+                "file" => Ok(Arc::new(LocalFileSystem::new())),
+                "s3" | "s3a" => {
+                    let mut b = AmazonS3Builder::from_env()
+                        .with_url(location)
+                        .with_retry(no_retry)
+                        .with_client_options(client);
+                    if let Some(endpoint) = &options.endpoint {
+                        b = b
+                            .with_endpoint(endpoint)
+                            .with_allow_http(endpoint.starts_with("http://"))
+                            .with_virtual_hosted_style_request(false);
+                    } else if std::env::var("AWS_ENDPOINT_URL")
+                        .is_ok_and(|e| e.starts_with("http://"))
+                    {
+                        b = b.with_allow_http(true);
+                    }
+                    if let Some(region) = &options.region {
+                        b = b.with_region(region);
+                    } else if std::env::var("AWS_REGION").is_err()
+                        && std::env::var("AWS_DEFAULT_REGION").is_err()
+                    {
+                        b = b.with_region("us-east-1");
+                    }
+                    b.build().map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
+                }
+                "gs" => GoogleCloudStorageBuilder::from_env()
+                    .with_url(location)
+                    .with_retry(no_retry)
+                    .with_client_options(client)
+                    .build()
+                    .map(|s| Arc::new(s) as Arc<dyn ObjectStore>),
+                "az" | "azure" | "abfs" | "abfss" => MicrosoftAzureBuilder::from_env()
+                    .with_url(location)
+                    .with_retry(no_retry)
+                    .with_client_options(client)
+                    .build()
+                    .map(|s| Arc::new(s) as Arc<dyn ObjectStore>),
+                other => return Err(store_err(format!(
+                    "unknown scheme `{other}://`; use a local path, file://, s3://, gs:// or az://"
+                ))),
+            };
+            let store = built.map_err(|e| {
+                store_err(format!(
+                    "cannot configure the store ({e}); check the credentials in the environment \
+                     (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, GOOGLE_SERVICE_ACCOUNT, \
+                     AZURE_STORAGE_ACCOUNT_NAME/AZURE_STORAGE_ACCOUNT_KEY)"
+                ))
+            })?;
+            (store, key)
+        } else {
+            let path = std::path::Path::new(location);
+            let absolute = if path.is_absolute() {
+                path.to_path_buf()
+            } else {
+                std::env::current_dir()
+                    .map_err(|e| store_err(e.to_string()))?
+                    .join(path)
+            };
+            let key = ObjPath::from_absolute_path(&absolute)
+                .map_err(|e| store_err(format!("bad path ({e})")))?;
+            (Arc::new(LocalFileSystem::new()), key)
+        };
+        Ok(Self {
+            store,
+            key,
+            display: location.trim_end_matches('/').to_string(),
+            options: options.clone(),
+        })
+    }
+
+    /// The location of `name` under this prefix, for messages.
+    pub fn display_child(&self, name: &str) -> String {
+        format!("{}/{name}", self.display)
+    }
+
+    /// The key of `name` under this prefix.
+    pub fn child(&self, name: &str) -> ObjPath {
+        let mut key = self.key.clone();
+        for part in name.split('/') {
+            key = key.clone().join(part);
+        }
+        key
+    }
+
+    /// Every object under the prefix (recursively), sorted by key.
+    pub fn list(&self) -> Result<Vec<object_store::ObjectMeta>, DataError> {
+        let store = self.store.clone();
+        let key = self.key.clone();
+        let mut objects = retry(&self.options, &self.display, "list", || {
+            let store = store.clone();
+            let key = key.clone();
+            async move { store.list(Some(&key)).try_collect::<Vec<_>>().await }
+        })?;
+        objects.sort_by(|a, b| a.location.cmp(&b.location));
+        Ok(objects)
+    }
+
+    /// The whole object `key`, or None if it does not exist.
+    pub fn get_optional(&self, key: &ObjPath, display: &str) -> Result<Option<Vec<u8>>, DataError> {
+        let store = self.store.clone();
+        let result = retry(&self.options, display, "read", || {
+            let store = store.clone();
+            let key = key.clone();
+            async move {
+                match store.get(&key).await {
+                    Ok(r) => r.bytes().await.map(|b| Some(b.to_vec())),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }
+        })?;
+        Ok(result)
+    }
+
+    /// Metadata of `key`.
+    pub fn head(
+        &self,
+        key: &ObjPath,
+        display: &str,
+    ) -> Result<object_store::ObjectMeta, DataError> {
+        let store = self.store.clone();
+        retry(&self.options, display, "stat", || {
+            let store = store.clone();
+            let key = key.clone();
+            async move { store.head(&key).await }
+        })
+    }
+
+    /// Writes `bytes` to `key` in one request (atomic on every backend: a local write
+    /// goes to a temporary file that is renamed).
+    pub fn put(&self, key: &ObjPath, display: &str, bytes: Vec<u8>) -> Result<(), DataError> {
+        let store = self.store.clone();
+        let payload = bytes::Bytes::from(bytes);
+        retry(&self.options, display, "write", || {
+            let store = store.clone();
+            let key = key.clone();
+            let payload = payload.clone();
+            async move { store.put(&key, payload.into()).await.map(|_| ()) }
+        })
+    }
+}
+
+/// Whether an error may go away if the call is repeated.
+pub(crate) fn is_transient(e: &object_store::Error) -> bool {
+    use object_store::Error as E;
+    !matches!(
+        e,
+        E::NotFound { .. }
+            | E::InvalidPath { .. }
+            | E::NotSupported { .. }
+            | E::AlreadyExists { .. }
+            | E::Precondition { .. }
+            | E::NotModified { .. }
+            | E::NotImplemented { .. }
+            | E::PermissionDenied { .. }
+            | E::Unauthenticated { .. }
+            | E::UnknownConfigurationKey { .. }
+    )
+}
+
+/// Runs `op` on the I/O runtime, retrying transient failures with exponential backoff;
+/// warns on stderr before each retry. The final error names `display` and `what`.
+pub(crate) fn retry<T, F, Fut>(
+    options: &StorageOptions,
+    display: &str,
+    what: &str,
+    mut op: F,
+) -> Result<T, DataError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, object_store::Error>>,
+{
+    retry_with(options, display, what, is_transient, || {
+        runtime().block_on(op())
+    })
+}
+
+/// The retry loop, for any error type: `transient` decides which errors are retried.
+pub(crate) fn retry_with<T, E: std::fmt::Display>(
+    options: &StorageOptions,
+    display: &str,
+    what: &str,
+    transient: impl Fn(&E) -> bool,
+    mut op: impl FnMut() -> Result<T, E>,
+) -> Result<T, DataError> {
+    let mut wait = options.backoff;
+    let mut attempt = 0;
+    loop {
+        match op() {
+            Ok(v) => return Ok(v),
+            Err(e) if transient(&e) && attempt < options.retries => {
+                attempt += 1;
+                eprintln!(
+                    "warning: {display}: {what} failed ({e}); retry {attempt}/{} in {:.1} s",
+                    options.retries,
+                    wait.as_secs_f64()
+                );
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => {
+                let tries = if attempt > 0 {
+                    format!(" after {} attempts", attempt + 1)
+                } else {
+                    String::new()
+                };
+                return Err(DataError::Store {
+                    location: display.to_string(),
+                    reason: format!(
+                        "{what} failed{tries}: {e}; check that the store is reachable (data.storage.endpoint) \
+                         and that the object exists and the credentials allow reading it"
+                    ),
+                });
+            }
+        }
+    }
+}
