@@ -90,76 +90,77 @@ impl Location {
         let client = ClientOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(120));
-        let (store, key): (Arc<dyn ObjectStore>, ObjPath) = if let Some((scheme, _)) =
-            location.split_once("://")
-        {
-            let url = url::Url::parse(location)
-                .map_err(|e| store_err(format!("not a valid URL ({e})")))?;
-            let key = ObjPath::from_url_path(url.path())
-                .map_err(|e| store_err(format!("bad object path ({e})")))?;
-            let built: Result<Arc<dyn ObjectStore>, object_store::Error> = match scheme {
-                "file" => Ok(Arc::new(LocalFileSystem::new())),
-                "s3" | "s3a" => {
-                    let mut b = AmazonS3Builder::from_env()
+        let (store, key): (Arc<dyn ObjectStore>, ObjPath) =
+            if let Some((scheme, _)) = location.split_once("://") {
+                let url = url::Url::parse(location)
+                    .map_err(|e| store_err(format!("not a valid URL ({e})")))?;
+                let key = ObjPath::from_url_path(url.path())
+                    .map_err(|e| store_err(format!("bad object path ({e})")))?;
+                let built: Result<Arc<dyn ObjectStore>, object_store::Error> = match scheme {
+                    "file" => Ok(Arc::new(LocalFileSystem::new())),
+                    "s3" | "s3a" => {
+                        let mut b = AmazonS3Builder::from_env()
+                            .with_url(location)
+                            .with_retry(no_retry)
+                            .with_client_options(client);
+                        if let Some(endpoint) = &options.endpoint {
+                            b = b
+                                .with_endpoint(endpoint)
+                                .with_allow_http(endpoint.starts_with("http://"))
+                                .with_virtual_hosted_style_request(false);
+                        } else if std::env::var("AWS_ENDPOINT_URL")
+                            .is_ok_and(|e| e.starts_with("http://"))
+                        {
+                            b = b.with_allow_http(true);
+                        }
+                        if let Some(region) = &options.region {
+                            b = b.with_region(region);
+                        } else if std::env::var("AWS_REGION").is_err()
+                            && std::env::var("AWS_DEFAULT_REGION").is_err()
+                        {
+                            b = b.with_region("us-east-1");
+                        }
+                        b.build().map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
+                    }
+                    "gs" => GoogleCloudStorageBuilder::from_env()
                         .with_url(location)
                         .with_retry(no_retry)
-                        .with_client_options(client);
-                    if let Some(endpoint) = &options.endpoint {
-                        b = b
-                            .with_endpoint(endpoint)
-                            .with_allow_http(endpoint.starts_with("http://"))
-                            .with_virtual_hosted_style_request(false);
-                    } else if std::env::var("AWS_ENDPOINT_URL")
-                        .is_ok_and(|e| e.starts_with("http://"))
-                    {
-                        b = b.with_allow_http(true);
-                    }
-                    if let Some(region) = &options.region {
-                        b = b.with_region(region);
-                    } else if std::env::var("AWS_REGION").is_err()
-                        && std::env::var("AWS_DEFAULT_REGION").is_err()
-                    {
-                        b = b.with_region("us-east-1");
-                    }
-                    b.build().map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
-                }
-                "gs" => GoogleCloudStorageBuilder::from_env()
-                    .with_url(location)
-                    .with_retry(no_retry)
-                    .with_client_options(client)
-                    .build()
-                    .map(|s| Arc::new(s) as Arc<dyn ObjectStore>),
-                "az" | "azure" | "abfs" | "abfss" => MicrosoftAzureBuilder::from_env()
-                    .with_url(location)
-                    .with_retry(no_retry)
-                    .with_client_options(client)
-                    .build()
-                    .map(|s| Arc::new(s) as Arc<dyn ObjectStore>),
-                other => return Err(store_err(format!(
+                        .with_client_options(client)
+                        .build()
+                        .map(|s| Arc::new(s) as Arc<dyn ObjectStore>),
+                    "az" | "azure" | "abfs" | "abfss" => MicrosoftAzureBuilder::from_env()
+                        .with_url(location)
+                        .with_retry(no_retry)
+                        .with_client_options(client)
+                        .build()
+                        .map(|s| Arc::new(s) as Arc<dyn ObjectStore>),
+                    other => {
+                        return Err(store_err(format!(
                     "unknown scheme `{other}://`; use a local path, file://, s3://, gs:// or az://"
-                ))),
-            };
-            let store = built.map_err(|e| {
-                store_err(format!(
+                )))
+                    }
+                };
+                let store = built.map_err(|e| {
+                    store_err(format!(
                     "cannot configure the store ({e}); check the credentials in the environment \
                      (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, GOOGLE_SERVICE_ACCOUNT, \
                      AZURE_STORAGE_ACCOUNT_NAME/AZURE_STORAGE_ACCOUNT_KEY)"
                 ))
-            })?;
-            (store, key)
-        } else {
-            let path = std::path::Path::new(location);
-            let absolute = if path.is_absolute() {
-                path.to_path_buf()
+                })?;
+                (store, key)
             } else {
-                std::env::current_dir()
-                    .map_err(|e| store_err(e.to_string()))?
-                    .join(path)
+                let path = std::path::Path::new(location);
+                let absolute = if path.is_absolute() {
+                    path.to_path_buf()
+                } else {
+                    std::env::current_dir()
+                        .map_err(|e| store_err(e.to_string()))?
+                        .join(path)
+                };
+                let key = ObjPath::from_absolute_path(&absolute)
+                    .map_err(|e| store_err(format!("bad path ({e})")))?;
+                (Arc::new(LocalFileSystem::new()), key)
             };
-            let key = ObjPath::from_absolute_path(&absolute)
-                .map_err(|e| store_err(format!("bad path ({e})")))?;
-            (Arc::new(LocalFileSystem::new()), key)
-        };
         Ok(Self {
             store,
             key,
