@@ -159,6 +159,15 @@ impl Dataset {
             _ => (spec.location.as_str(), None),
         };
         let base = if base.is_empty() { "." } else { base };
+        if !base.contains("://") && !std::path::Path::new(base).exists() {
+            return Err(DataError::Empty {
+                location: spec.location.clone(),
+                problem:
+                    "does not exist; create a dataset with `catapult data prepare TEXT... -o DIR` \
+                          or point data.path at a parquet file, directory or URL"
+                        .into(),
+            });
+        }
         let location = Location::open(base, storage)?;
         let empty = |problem: String| DataError::Empty {
             location: spec.location.clone(),

@@ -2,6 +2,7 @@
 //! Results go to stdout and files, progress and errors to stderr; exit code 0 on
 //! success, 1 on a failed run, 2 on bad input (recipe or arguments).
 
+mod bench;
 mod data_cmd;
 
 use catapult_trainer::{recipe, Override, RecipeError, RunOptions};
@@ -42,6 +43,11 @@ enum Command {
         /// Output directory for the Hugging Face files.
         #[arg(long, value_name = "OUT_DIR")]
         hf: PathBuf,
+    },
+    /// Benchmarks that print ratios against a baseline measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
     },
     /// Prepare datasets, train tokenizers, inspect the data stream.
     Data {
@@ -157,6 +163,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Data { command } => data_cmd::run(command)?,
+        Command::Bench { command } => bench::run(command)?,
     }
     Ok(())
 }

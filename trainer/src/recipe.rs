@@ -300,7 +300,8 @@ pub struct DataConfig {
     pub valid_fraction: f64,
     /// Canonical streams the data is dealt into; the data-parallel size must divide it
     /// and it must divide the global batch. The order does not depend on the world size.
-    #[serde(default = "defaults::streams")]
+    /// Default (0): the largest power of two up to 16 that divides the global batch.
+    #[serde(default)]
     pub streams: usize,
     /// Sequences per shuffle block of each stream.
     #[serde(default = "defaults::shuffle_buffer")]
@@ -542,9 +543,6 @@ mod defaults {
     pub fn valid_fraction() -> f64 {
         0.02
     }
-    pub fn streams() -> usize {
-        8
-    }
     pub fn shuffle_buffer() -> usize {
         64
     }
@@ -758,7 +756,7 @@ pub fn parse(text: &str, origin: &str, overrides: &[Override]) -> Result<Recipe,
     // First pass on the text itself, so that errors carry the file's line numbers.
     let de = serde_yaml_ng::Deserializer::from_str(text);
     let first: Result<Recipe, _> = serde_path_to_error::deserialize(de);
-    let recipe = match first {
+    let mut recipe = match first {
         Ok(r) if overrides.is_empty() => r,
         Ok(_) => {
             let mut tree: Value = serde_yaml_ng::from_str(text).map_err(|e| syntax(origin, e))?;
@@ -799,8 +797,20 @@ pub fn parse(text: &str, origin: &str, overrides: &[Override]) -> Result<Recipe,
             return Err(classify(origin, &path, line, e.into_inner()));
         }
     };
+    // Resolved defaults that depend on other fields.
+    if recipe.data.streams == 0 {
+        recipe.data.streams = gcd(recipe.train.global_batch_size, 16);
+    }
     validate(&recipe, origin)?;
     Ok(recipe)
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 fn syntax(origin: &str, e: serde_yaml_ng::Error) -> RecipeError {
@@ -994,7 +1004,7 @@ fn validate_data(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
         }
     }
     let g = r.train.global_batch_size;
-    if d.streams == 0 || !g.is_multiple_of(d.streams) {
+    if !g.is_multiple_of(d.streams) {
         let divisors: Vec<String> = (1..=g.min(64))
             .filter(|k| g.is_multiple_of(*k))
             .map(|k| k.to_string())
@@ -1414,6 +1424,67 @@ train:
 
     fn message(r: Result<Recipe, RecipeError>) -> String {
         r.expect_err("the recipe should be rejected").to_string()
+    }
+
+    fn data_section(data: &str) -> Result<Recipe, RecipeError> {
+        let text = GOOD.replace("data:\n  path: x\n  seq_len: 16\n", data);
+        assert_ne!(text, GOOD);
+        parse(&text, "r.yaml", &[])
+    }
+
+    #[test]
+    fn streams_default_to_a_divisor_of_the_batch_and_are_checked() {
+        assert_eq!(with("train.global_batch_size=4").unwrap().data.streams, 4);
+        assert_eq!(with("train.global_batch_size=48").unwrap().data.streams, 16);
+        assert_eq!(with("train.global_batch_size=6").unwrap().data.streams, 2);
+        let m = message(with("data.streams=3"));
+        assert!(
+            m.contains("`data.streams`") && m.contains("`train.global_batch_size`"),
+            "{m}"
+        );
+        assert!(m.contains("(1, 2, 4)"), "{m}");
+    }
+
+    #[test]
+    fn mixtures_and_phases_resolve_and_are_checked() {
+        let mix = "data:\n  seq_len: 16\n  datasets:\n    - {name: web, path: a, weight: 0.7}\n    - {name: code, path: b, weight: 0.3}\n  phases:\n    - {start_tokens: 1000, weights: {code: 0.6}}\n    - {start_tokens: 5000, seq_len: 32}\n";
+        let r = data_section(mix).unwrap();
+        let phases = r.data.resolved_phases();
+        assert_eq!(phases.len(), 3);
+        assert_eq!(phases[1].weights, vec![0.7, 0.6]);
+        assert_eq!((phases[2].seq_len, phases[2].start_tokens), (32, 5000));
+        assert_eq!(phases[2].weights, vec![0.7, 0.6]);
+        assert_eq!(r.data.max_seq_len(), 32);
+        let cfg = r.pipeline_config();
+        assert_eq!(cfg.datasets[1].location, "b");
+
+        let m = message(data_section(
+            &mix.replace("weights: {code: 0.6}", "weights: {cod: 0.6}"),
+        ));
+        assert!(
+            m.contains("`data.phases[0].weights.cod`") && m.contains("web, code"),
+            "{m}"
+        );
+        let m = message(data_section(
+            &mix.replace("start_tokens: 5000", "start_tokens: 1000"),
+        ));
+        assert!(m.contains("`data.phases[1].start_tokens`"), "{m}");
+        let m = message(data_section(&mix.replace("name: code", "name: web")));
+        assert!(m.contains("used twice"), "{m}");
+        let m = message(data_section(&format!("{mix}  path: c\n")));
+        assert!(m.contains("both are set"), "{m}");
+        let m = message(data_section("data:\n  seq_len: 16\n"));
+        assert!(m.contains("no training data is named"), "{m}");
+    }
+
+    #[test]
+    fn a_missing_tokenizer_fails_at_validation() {
+        let m = message(with("data.tokenizer=/no/such/tokenizer.json"));
+        assert!(
+            m.contains("`data.tokenizer`") && m.contains("/no/such/tokenizer.json"),
+            "{m}"
+        );
+        assert!(m.contains("catapult data tokenizer train"), "{m}");
     }
 
     #[test]

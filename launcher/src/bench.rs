@@ -1,0 +1,248 @@
+//! `catapult bench data`: tokens/s the data pipeline delivers from raw-text and
+//! pre-tokenized parquet on 1 and 2 worker threads, against a baseline measured in the
+//! same run on the same files (pyarrow plus the Python `tokenizers` package), and beside
+//! the rate at which the trainer consumes tokens.
+
+use anyhow::{bail, Context};
+use catapult_data::{
+    DatasetSpec, DocumentSplit, Phase, Pipeline, PipelineConfig, PrepareOptions, ShardSize,
+    StorageOptions,
+};
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Data pipeline throughput against pyarrow + tokenizers (run from the project root).
+    Data {
+        /// Text corpus (default: the built-in KJV text from scripts/prepare-corpus).
+        #[arg(long, default_value = "data-cache/kjv.txt")]
+        text: PathBuf,
+        /// Copies of the text in the benchmark corpus.
+        #[arg(long, default_value_t = 4)]
+        repeat: usize,
+        /// BPE vocabulary trained for the benchmark.
+        #[arg(long, default_value_t = 8192)]
+        vocab_size: usize,
+        /// Recipe whose training rate is measured (20 steps).
+        #[arg(long, default_value = "recipes/tiny.yaml")]
+        recipe: PathBuf,
+        /// Python with pyarrow and tokenizers (scripts/setup's venv).
+        #[arg(long, default_value = ".venv/bin/python")]
+        python: PathBuf,
+        /// Working directory for the corpus, shards and results.
+        #[arg(long, default_value = "bench-results/data")]
+        dir: PathBuf,
+    },
+}
+
+fn spinner(msg: &str) -> ProgressBar {
+    let p = ProgressBar::new_spinner();
+    p.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("template"));
+    p.set_message(msg.to_string());
+    p.enable_steady_tick(std::time::Duration::from_millis(200));
+    p
+}
+
+/// Streams one pass over `dataset` and returns (tokens, seconds).
+fn pipeline_rate(
+    dataset: &Path,
+    tokenizer: &str,
+    workers: usize,
+    tokens: u64,
+) -> anyhow::Result<(u64, f64)> {
+    let cfg = PipelineConfig {
+        datasets: vec![DatasetSpec {
+            name: "bench".into(),
+            location: dataset.to_str().context("UTF-8 path")?.into(),
+            text_column: "text".into(),
+            tokens_column: None,
+        }],
+        phases: vec![Phase {
+            start_tokens: 0,
+            weights: vec![1.0],
+            seq_len: 1024,
+        }],
+        global_batch: 64,
+        streams: 8,
+        shuffle_buffer: 64,
+        mixture_window: 100,
+        workers,
+        read_ahead_bytes: 256 << 20,
+        valid_fraction: 0.001,
+        seed: 1,
+        tokenizer: tokenizer.into(),
+        eod_token: None,
+        storage: StorageOptions::default(),
+    };
+    let started = Instant::now();
+    let mut pipeline = Pipeline::open(cfg, 0, 1)?;
+    let mut delivered = 0u64;
+    while delivered < tokens * 95 / 100 {
+        let batch = pipeline.next_batch()?;
+        delivered += (batch.sequences.len() * batch.seq_len) as u64;
+    }
+    Ok((delivered, started.elapsed().as_secs_f64()))
+}
+
+fn baseline_rate(
+    python: &Path,
+    dataset: &Path,
+    format: &str,
+    tokenizer: &Path,
+    threads: usize,
+) -> anyhow::Result<(u64, f64)> {
+    let out = std::process::Command::new(python)
+        .arg("scripts/bench/data_baseline.py")
+        .arg(dataset)
+        .args(["--format", format, "--threads", &threads.to_string()])
+        .arg("--tokenizer")
+        .arg(tokenizer)
+        .output()
+        .with_context(|| {
+            format!(
+                "{}: cannot run the baseline (run scripts/setup)",
+                python.display()
+            )
+        })?;
+    if !out.status.success() {
+        bail!("baseline failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("baseline output")?;
+    Ok((
+        v["tokens"].as_u64().context("tokens")?,
+        v["seconds"].as_f64().context("seconds")?,
+    ))
+}
+
+pub fn run(command: BenchCommand) -> Result<(), crate::Failure> {
+    let BenchCommand::Data {
+        text,
+        repeat,
+        vocab_size,
+        recipe,
+        python,
+        dir,
+    } = command;
+    let source = std::fs::read_to_string(&text).with_context(|| {
+        format!(
+            "{}: cannot read (run scripts/prepare-corpus)",
+            text.display()
+        )
+    })?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, source.repeat(repeat))?;
+
+    let p = spinner(&format!(
+        "training a {vocab_size}-id BPE on {}",
+        text.display()
+    ));
+    let tokenizer = dir.join("tokenizer.json");
+    let lines: Vec<String> = source
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    catapult_data::train_bpe(lines.into_iter(), vocab_size, &tokenizer)?;
+    p.finish_and_clear();
+    let tok = tokenizer.to_str().context("UTF-8 path")?.to_string();
+
+    let p = spinner("writing raw-text and pre-tokenized shards");
+    let prep = |out: &Path, tokenizer: Option<String>| {
+        let _ = std::fs::remove_dir_all(out);
+        catapult_data::prepare(
+            std::slice::from_ref(&corpus),
+            out.to_str().expect("UTF-8 path"),
+            &PrepareOptions {
+                split: DocumentSplit::Paragraph,
+                min_chars: 200,
+                shard_size: ShardSize::Bytes(8 << 20),
+                row_group_size: ShardSize::Bytes(1 << 20),
+                keep_text: tokenizer.is_none(),
+                tokenizer,
+                workers: 2,
+                storage: StorageOptions::default(),
+            },
+        )
+    };
+    let text_dir = dir.join("text");
+    let tokens_dir = dir.join("tokens");
+    prep(&text_dir, None)?;
+    let index = prep(&tokens_dir, Some(tok.clone()))?.index;
+    let corpus_tokens = index.tokens.unwrap_or(0);
+    p.finish_and_clear();
+
+    let mut rows = Vec::new();
+    for (format, dataset) in [("text", &text_dir), ("tokens", &tokens_dir)] {
+        for workers in [1usize, 2] {
+            let p = spinner(&format!(
+                "{format}, {workers} worker(s): catapult, then the baseline"
+            ));
+            let (t, s) = pipeline_rate(dataset, &tok, workers, corpus_tokens)?;
+            let (bt, bs) = baseline_rate(&python, dataset, format, &tokenizer, workers)?;
+            p.finish_and_clear();
+            rows.push((format, workers, t as f64 / s, bt as f64 / bs));
+        }
+    }
+
+    let p = spinner(&format!("training {} for 20 steps", recipe.display()));
+    let overrides: Vec<catapult_trainer::Override> = [
+        "train.steps=20".to_string(),
+        "train.warmup_steps=0".to_string(),
+        "train.eval_sequences=8".to_string(),
+        format!("output.dir={}", dir.join("train-run").display()),
+    ]
+    .iter()
+    .map(|s| catapult_trainer::Override::parse(s))
+    .collect::<Result<_, _>>()?;
+    let r = catapult_trainer::recipe::load(&recipe, &overrides)?;
+    let summary = catapult_trainer::train(&r, &catapult_trainer::RunOptions { overwrite: true })?;
+    let lines = std::fs::read_to_string(&summary.metrics)?;
+    let rates: Vec<f64> = lines
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["tokens_per_s"].as_f64())
+        .collect();
+    let trainer_rate = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
+    p.finish_and_clear();
+
+    println!(
+        "data pipeline: {} MB of text, {corpus_tokens} BPE tokens ({vocab_size} ids), one pass",
+        source.len() * repeat / 1_000_000
+    );
+    println!(
+        "{:<8} {:>7} {:>16} {:>22} {:>7}",
+        "format", "workers", "catapult tok/s", "pyarrow+tokenizers tok/s", "ratio"
+    );
+    let mut results = Vec::new();
+    for (format, workers, ours, base) in &rows {
+        println!(
+            "{format:<8} {workers:>7} {ours:>16.0} {base:>24.0} {:>7.2}",
+            ours / base
+        );
+        results.push(serde_json::json!({
+            "format": format, "workers": workers, "catapult_tokens_per_s": ours,
+            "baseline_tokens_per_s": base, "ratio": ours / base,
+        }));
+    }
+    let slowest = rows.iter().map(|r| r.2).fold(f64::INFINITY, f64::min);
+    println!(
+        "trainer ({}, {} steps): consumes {trainer_rate:.0} tok/s; the slowest pipeline setting delivers {:.0}x that",
+        recipe.display(),
+        rates.len(),
+        slowest / trainer_rate
+    );
+    let report = serde_json::json!({
+        "corpus_bytes": source.len() * repeat,
+        "corpus_tokens": corpus_tokens,
+        "results": results,
+        "trainer_tokens_per_s": trainer_rate,
+    });
+    let out = dir.join("results.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+    println!("results: {}", out.display());
+    Ok(())
+}
