@@ -21,6 +21,7 @@ pub use dataset::{
 pub use order::SplitMix64;
 pub use pipeline::{
     Batch, BlockState, DataState, Phase, Pipeline, PipelineConfig, Position, StreamState, SubState,
+    ValidationSet,
 };
 pub use prepare::{prepare, DocumentSplit, PrepareOptions, PrepareSummary, ShardSize};
 pub use store::{Location, StorageOptions};

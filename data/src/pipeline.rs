@@ -67,6 +67,9 @@ pub struct PipelineConfig {
     pub storage: StorageOptions,
 }
 
+/// A dataset's name and its held-out sequences (each `seq_len + 1` ids).
+pub type ValidationSet = (String, Vec<Vec<u32>>);
+
 /// A batch: this rank's slice of one global batch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
@@ -731,14 +734,14 @@ impl Pipeline {
         if cfg.datasets.is_empty() {
             return Err(config("no dataset given".into()));
         }
-        if world == 0 || rank >= world || cfg.streams % world != 0 {
+        if world == 0 || rank >= world || !cfg.streams.is_multiple_of(world) {
             return Err(config(format!(
                 "{world} data-parallel ranks cannot share data.streams = {} streams (rank {rank}); \
                  the number of streams must be a multiple of the data-parallel size",
                 cfg.streams
             )));
         }
-        if cfg.streams == 0 || cfg.global_batch % cfg.streams != 0 {
+        if cfg.streams == 0 || !cfg.global_batch.is_multiple_of(cfg.streams) {
             return Err(config(format!(
                 "data.streams = {} must divide train.global_batch_size = {}",
                 cfg.streams, cfg.global_batch
@@ -954,7 +957,7 @@ impl Pipeline {
         &self,
         count: usize,
         seq_len: usize,
-    ) -> Result<Vec<(String, Vec<Vec<u32>>)>, DataError> {
+    ) -> Result<Vec<ValidationSet>, DataError> {
         let shared = &self.shared;
         let mut out = Vec::new();
         for dataset in &shared.datasets {
