@@ -1,7 +1,17 @@
-//! Checkpoint writing. For now a checkpoint is a directory holding `model.safetensors`
-//! (every model tensor by name, loadable from Python's `safetensors`) and `meta.json`
-//! (step, tokens seen, the resolved recipe). The sharded, verified, resumable format
-//! replaces this writer behind the same call.
+//! Checkpoints. `sharded` is the resumable format (a safetensors file and a state JSON
+//! per rank, a manifest with BLAKE3 hashes written last, a `latest` pointer) on local
+//! disk or an object store, with verified loading, retention and a background saver.
+//! `save`/`load_model` write and read a run's final single-file weights
+//! (`checkpoint/model.safetensors` + `meta.json`), the input of `catapult export`.
+
+pub mod safetensors;
+pub mod sharded;
+
+pub use safetensors::{Dtype, HostTensor};
+pub use sharded::{
+    kill_self, kill_self_on, step_dir, AsyncSaver, Checkpoints, FileEntry, Loaded, Manifest,
+    RankLayout, RankState, SaveRequest, ShardError, Slice, World,
+};
 
 use std::path::{Path, PathBuf};
 use tch::Tensor;

@@ -239,6 +239,59 @@ impl Location {
             async move { store.put(&key, payload.into()).await.map(|_| ()) }
         })
     }
+
+    /// Writes `bytes` to `key` only if no object is there (put-if-absent: an exclusive
+    /// create locally, a conditional put on object stores). Returns false when the key
+    /// already existed.
+    pub fn put_if_absent(
+        &self,
+        key: &ObjPath,
+        display: &str,
+        bytes: Vec<u8>,
+    ) -> Result<bool, DataError> {
+        let store = self.store.clone();
+        let payload = bytes::Bytes::from(bytes);
+        retry(&self.options, display, "write", || {
+            let store = store.clone();
+            let key = key.clone();
+            let payload = payload.clone();
+            async move {
+                let opts = object_store::PutOptions {
+                    mode: object_store::PutMode::Create,
+                    ..Default::default()
+                };
+                match store.put_opts(&key, payload.into(), opts).await {
+                    Ok(_) => Ok(true),
+                    Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }
+        })
+    }
+
+    /// The whole object `key`.
+    pub fn get(&self, key: &ObjPath, display: &str) -> Result<Vec<u8>, DataError> {
+        self.get_optional(key, display)?
+            .ok_or_else(|| DataError::Store {
+                location: display.to_string(),
+                reason: "does not exist".into(),
+            })
+    }
+
+    /// Deletes `key` (a missing key is not an error).
+    pub fn delete(&self, key: &ObjPath, display: &str) -> Result<(), DataError> {
+        let store = self.store.clone();
+        retry(&self.options, display, "delete", || {
+            let store = store.clone();
+            let key = key.clone();
+            async move {
+                match store.delete(&key).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+        })
+    }
 }
 
 /// Whether an error may go away if the call is repeated.

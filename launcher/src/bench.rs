@@ -199,7 +199,11 @@ pub fn run(command: BenchCommand) -> Result<(), crate::Failure> {
     .map(|s| catapult_trainer::Override::parse(s))
     .collect::<Result<_, _>>()?;
     let r = catapult_trainer::recipe::load(&recipe, &overrides)?;
-    let summary = catapult_trainer::train(&r, &catapult_trainer::RunOptions { overwrite: true })?;
+    let opts = catapult_trainer::RunOptions {
+        overwrite: true,
+        ..Default::default()
+    };
+    let summary = catapult_trainer::train(&r, &opts)?;
     let lines = std::fs::read_to_string(&summary.metrics)?;
     let rates: Vec<f64> = lines
         .lines()

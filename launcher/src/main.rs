@@ -3,6 +3,7 @@
 //! success, 1 on a failed run, 2 on bad input (recipe or arguments).
 
 mod bench;
+mod ckpt_cmd;
 mod data_cmd;
 
 use catapult_trainer::{recipe, Override, RecipeError, RunOptions};
@@ -29,6 +30,22 @@ enum Command {
         /// Replace the outputs of an earlier run in the same run directory.
         #[arg(long)]
         overwrite: bool,
+        /// Continue from a checkpoint: `auto` (the newest valid one under the recipe's
+        /// checkpoint root; a fresh start if there is none), a checkpoint root, or one
+        /// step directory.
+        #[arg(long, value_name = "auto|PATH", num_args = 0..=1, default_missing_value = "auto")]
+        resume: Option<String>,
+        /// Skip the BLAKE3 check of checkpoint files when resuming.
+        #[arg(long)]
+        no_verify: bool,
+        /// Fail when the newest checkpoint is broken instead of falling back to an earlier one.
+        #[arg(long)]
+        no_fallback: bool,
+    },
+    /// Inspect sharded checkpoints.
+    Ckpt {
+        #[command(subcommand)]
+        command: ckpt_cmd::CkptCommand,
     },
     /// Check or print recipes.
     Recipe {
@@ -128,9 +145,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
             recipe,
             overrides,
             overwrite,
+            resume,
+            no_verify,
+            no_fallback,
         } => {
             let recipe = load_recipe(&recipe, &overrides)?;
-            let summary = catapult_trainer::train(&recipe, &RunOptions { overwrite })?;
+            let opts = RunOptions {
+                overwrite,
+                resume: resume.map(|r| r.parse().expect("any string is a Resume")),
+                no_verify,
+                no_fallback,
+            };
+            let summary = catapult_trainer::train(&recipe, &opts)?;
             println!(
                 "validation loss: {:.4} -> {:.4}",
                 summary.first_val_loss, summary.last_val_loss
@@ -164,6 +190,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Data { command } => data_cmd::run(command)?,
         Command::Bench { command } => bench::run(command)?,
+        Command::Ckpt { command } => ckpt_cmd::run(command)?,
     }
     Ok(())
 }

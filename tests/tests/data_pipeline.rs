@@ -39,7 +39,7 @@ fn s3_and_local_files_give_identical_batches() {
                     "--min-chars",
                     "200",
                     "--row-group-size",
-                    "8",
+                    "2",
                 ]),
         ),
     );
@@ -227,7 +227,7 @@ fn a_trained_bpe_tokenizer_drives_a_training_run() {
                 "--min-chars",
                 "200",
                 "--row-group-size",
-                "8",
+                "2",
             ]),
     );
     let index: serde_json::Value =

@@ -3,6 +3,7 @@
 //! elsewhere (launcher, kernels).
 
 pub mod bias_control;
+pub mod checkpoint;
 pub mod export;
 pub mod losses;
 pub mod model;

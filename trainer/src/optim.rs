@@ -39,6 +39,62 @@ impl AdamW {
         }
     }
 
+    /// The moments as named tensors (`optimizer.exp_avg.NAME`, `optimizer.exp_avg_sq.NAME`)
+    /// and each parameter's update count, for checkpoints.
+    pub fn state(
+        &self,
+    ) -> (
+        Vec<(String, Tensor)>,
+        std::collections::BTreeMap<String, i32>,
+    ) {
+        let mut tensors = Vec::new();
+        let mut steps = std::collections::BTreeMap::new();
+        for (i, (name, _)) in self.params.iter().enumerate() {
+            tensors.push((
+                format!("optimizer.exp_avg.{name}"),
+                self.exp_avg[i].shallow_clone(),
+            ));
+            tensors.push((
+                format!("optimizer.exp_avg_sq.{name}"),
+                self.exp_avg_sq[i].shallow_clone(),
+            ));
+            steps.insert(name.clone(), self.steps[i]);
+        }
+        (tensors, steps)
+    }
+
+    /// Restores moments and update counts saved by `state`: `get` returns the moment
+    /// tensor saved under a name. Errors name what is missing.
+    pub fn restore(
+        &mut self,
+        get: impl Fn(&str) -> Option<Tensor>,
+        steps: &std::collections::BTreeMap<String, i32>,
+    ) -> Result<(), String> {
+        tch::no_grad(|| {
+            for (i, (name, p)) in self.params.iter().enumerate() {
+                for (kind, dst) in [
+                    ("exp_avg", &self.exp_avg[i]),
+                    ("exp_avg_sq", &self.exp_avg_sq[i]),
+                ] {
+                    let key = format!("optimizer.{kind}.{name}");
+                    let src = get(&key).ok_or_else(|| format!("the checkpoint has no {key}"))?;
+                    if src.size() != p.size() {
+                        return Err(format!(
+                            "{key} has shape {:?}, the parameter {:?}",
+                            src.size(),
+                            p.size()
+                        ));
+                    }
+                    dst.shallow_clone().copy_(&src.to_device(dst.device()));
+                }
+                self.steps[i] = *steps
+                    .get(name)
+                    .ok_or_else(|| format!("the checkpoint has no update count for {name}"))?;
+            }
+            Ok(())
+        })
+    }
+
     /// Global L2 norm of the gradients; scales them to at most `max_norm` when it is > 0.
     /// Returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {

@@ -37,6 +37,9 @@ pub struct Recipe {
     /// Where checkpoints and metrics go.
     #[serde(default)]
     pub output: OutputConfig,
+    /// Sharded, resumable checkpoints: how often, where, how many kept.
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
 }
 
 /// Compute device.
@@ -449,6 +452,44 @@ impl DataConfig {
     }
 }
 
+/// Sharded checkpoints (see `catapult ckpt`); a run always saves one at its last step.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Save every this many optimizer steps (0: only at the end).
+    #[serde(default)]
+    pub every: usize,
+    /// Root directory or object-store prefix (default: `<run dir>/checkpoints`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+    /// Keep the newest this many checkpoints...
+    #[serde(default = "defaults::keep_last")]
+    pub keep_last: usize,
+    /// ...plus every step that is a multiple of this (0: none).
+    #[serde(default)]
+    pub keep_every: u64,
+    /// Serialize, hash and write in a background thread; training blocks only for the
+    /// copy to host memory (and for a previous save still in flight).
+    #[serde(default = "defaults::yes", rename = "async")]
+    pub async_save: bool,
+    /// Object-store access for `dir`.
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            every: 0,
+            dir: None,
+            keep_last: defaults::keep_last(),
+            keep_every: 0,
+            async_save: true,
+            storage: StorageConfig::default(),
+        }
+    }
+}
+
 /// Optimization and its schedule.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -557,6 +598,12 @@ mod defaults {
     }
     pub fn weight() -> f64 {
         1.0
+    }
+    pub fn keep_last() -> usize {
+        3
+    }
+    pub fn yes() -> bool {
+        true
     }
     pub fn retries() -> u32 {
         4
@@ -1339,6 +1386,14 @@ impl Recipe {
             eod_token: d.eod_token.clone(),
             storage: d.storage.options(),
         }
+    }
+
+    /// The checkpoint root: `checkpoint.dir`, or `<run dir>/checkpoints`.
+    pub fn checkpoint_root(&self) -> String {
+        self.checkpoint
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.run_dir().join("checkpoints").display().to_string())
     }
 
     /// The run directory: `output.dir`, or `runs/<name>`.

@@ -5,11 +5,13 @@
 //! checkpoint under `checkpoint/`.
 
 use crate::bias_control::ExpertBiasController;
+use crate::checkpoint::{copy_into, from_host, to_host, Resume};
 use crate::losses::{hidden_z_loss, load_balance_loss, BalanceShape};
 use crate::model::LongcatModel;
 use crate::optim::{learning_rate, AdamW};
 use crate::recipe::{DeviceKind, Precision, Recipe};
 use crate::router_metrics::{load_spread, router_similarity};
+use catapult_checkpoints::{kill_self_on, AsyncSaver, Checkpoints, Loaded};
 use catapult_data::{Batch, Pipeline};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
@@ -37,6 +39,9 @@ pub enum TrainError {
     /// Writing the checkpoint failed.
     #[error(transparent)]
     Checkpoint(#[from] catapult_checkpoints::CheckpointError),
+    /// Saving or loading a sharded checkpoint failed.
+    #[error(transparent)]
+    Shard(#[from] catapult_checkpoints::ShardError),
 }
 
 /// How `train` behaves beyond the recipe.
@@ -44,6 +49,12 @@ pub enum TrainError {
 pub struct RunOptions {
     /// Replace an existing run directory's outputs instead of refusing.
     pub overwrite: bool,
+    /// Continue from a checkpoint.
+    pub resume: Option<Resume>,
+    /// Skip the BLAKE3 check of checkpoint files on load.
+    pub no_verify: bool,
+    /// Fail instead of falling back to an earlier checkpoint when the newest is broken.
+    pub no_fallback: bool,
 }
 
 /// Where a finished run put its outputs.
@@ -155,6 +166,38 @@ struct Metrics {
 }
 
 impl Metrics {
+    /// Reopens a run's metrics for a resumed run: lines of steps after `step` (written
+    /// before a crash, after the checkpoint) are dropped, later lines are appended.
+    fn resume(path: PathBuf, step: u64) -> Result<(Self, Vec<serde_json::Value>), TrainError> {
+        let io = |source| TrainError::Io {
+            path: path.clone(),
+            source,
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io(e)),
+        };
+        let kept: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["step"].as_u64().is_some_and(|s| s <= step))
+            .collect();
+        let mut body = String::new();
+        for v in &kept {
+            body.push_str(&v.to_string());
+            body.push('\n');
+        }
+        let tmp = path.with_extension("jsonl.tmp");
+        std::fs::write(&tmp, body).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io)?;
+        Ok((Self { file, path }, kept))
+    }
+
     fn create(path: PathBuf) -> Result<Self, TrainError> {
         let file = std::fs::File::create(&path).map_err(|source| TrainError::Io {
             path: path.clone(),
@@ -176,7 +219,7 @@ fn prepare_run_dir(dir: &Path, recipe: &Recipe, opts: &RunOptions) -> Result<(),
         path: dir.into(),
         source,
     };
-    if dir.join("metrics.jsonl").exists() && !opts.overwrite {
+    if dir.join("metrics.jsonl").exists() && !opts.overwrite && opts.resume.is_none() {
         return Err(TrainError::Setup(format!(
             "{} already holds a run; pass --overwrite to replace it, or set output.dir to a new directory",
             dir.display()
@@ -203,8 +246,15 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
     }
 
     let run_dir = recipe.run_dir();
+    let store = Checkpoints::open(
+        &recipe.checkpoint_root(),
+        &recipe.checkpoint.storage.options(),
+    )?;
+    let loaded = match &opts.resume {
+        None => None,
+        Some(resume) => find_checkpoint(recipe, &store, resume, opts)?,
+    };
     prepare_run_dir(&run_dir, recipe, opts)?;
-    let mut metrics = Metrics::create(run_dir.join("metrics.jsonl"))?;
 
     let built = build_model(recipe, device);
     let model = &built.model;
@@ -243,9 +293,38 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         (mean, line)
     };
 
-    let (first_val_loss, line) = eval(model, 0);
-    metrics.write(line)?;
+    let mut start = 0usize;
+    let mut tokens_seen = 0u64;
+    let (mut metrics, first_val_loss) = match &loaded {
+        Some(l) => {
+            restore(
+                recipe,
+                l,
+                &built,
+                &mut optimizer,
+                &mut controller,
+                &mut pipeline,
+            )?;
+            start = l.manifest.step as usize;
+            tokens_seen = l.manifest.tokens;
+            eprintln!("resuming from {} (step {start})", l.location);
+            let (m, kept) = Metrics::resume(run_dir.join("metrics.jsonl"), start as u64)?;
+            let first = kept
+                .iter()
+                .find(|v| v["step"] == 0)
+                .and_then(|v| v["val_loss"].as_f64())
+                .unwrap_or(f64::NAN);
+            (m, first)
+        }
+        None => {
+            let mut m = Metrics::create(run_dir.join("metrics.jsonl"))?;
+            let (first, line) = eval(model, 0);
+            m.write(line)?;
+            (m, first)
+        }
+    };
     let mut last_val_loss = first_val_loss;
+    let mut saver = AsyncSaver::default();
 
     let progress = ProgressBar::new(t.steps as u64);
     progress.set_style(
@@ -255,10 +334,13 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         .expect("static template"),
     );
     progress.set_prefix(recipe.name.clone());
-    let mut tokens_seen = 0u64;
+    progress.set_position(start as u64);
     let mut data_wait = 0.0f64;
     let started = Instant::now();
-    for step in 0..t.steps {
+    for step in start..t.steps {
+        // The torch RNG is a function of (seed, step), so a resumed run draws the same
+        // numbers as an uninterrupted one.
+        tch::manual_seed(recipe.seed as i64 ^ ((step as i64) << 20));
         let step_start = Instant::now();
         let done = step + 1;
         let lr = learning_rate(t, step);
@@ -367,9 +449,44 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         progress.set_message(format!(
             "loss {loss:.4} | {tokens_per_s:.0} tok/s | val {last_val_loss:.4} | ffn/tok {overall:.2}"
         ));
+        let every = recipe.checkpoint.every;
+        if (every > 0 && done % every == 0) || done == t.steps {
+            let copy_start = Instant::now();
+            let request = save_request(
+                recipe,
+                &built,
+                &optimizer,
+                &controller,
+                &pipeline,
+                done,
+                tokens_seen,
+            );
+            let copied = copy_start.elapsed().as_secs_f64();
+            let waited = if recipe.checkpoint.async_save {
+                saver.submit(
+                    store.clone(),
+                    request,
+                    recipe.checkpoint.keep_last,
+                    recipe.checkpoint.keep_every,
+                )?
+            } else {
+                store.save(request)?;
+                store.retain(recipe.checkpoint.keep_last, recipe.checkpoint.keep_every)?;
+                0.0
+            };
+            metrics.write(serde_json::json!({
+                "step": done,
+                "checkpoint": catapult_checkpoints::step_dir(done as u64),
+                "ckpt_copy_s": copied,
+                "ckpt_wait_s": waited,
+                "ckpt_block_s": copy_start.elapsed().as_secs_f64(),
+            }))?;
+        }
+        kill_self_on(&format!("step:{done}"));
         progress.inc(1);
     }
     progress.finish();
+    saver.wait()?;
 
     let checkpoint = run_dir.join("checkpoint");
     let meta = serde_json::json!({
@@ -388,6 +505,104 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         first_val_loss,
         last_val_loss,
     })
+}
+
+/// The checkpoint `resume` names, loaded (verified unless told not to).
+fn find_checkpoint(
+    recipe: &Recipe,
+    store: &Checkpoints,
+    resume: &Resume,
+    opts: &RunOptions,
+) -> Result<Option<Loaded>, TrainError> {
+    let (verify, fallback) = (!opts.no_verify, !opts.no_fallback);
+    let options = recipe.checkpoint.storage.options();
+    match resume {
+        Resume::Auto => {
+            let found = store.load_newest(verify, fallback)?;
+            if found.is_none() {
+                eprintln!("no checkpoint under {}: starting from step 0", store.root());
+            }
+            Ok(found)
+        }
+        Resume::Path(path) => {
+            let trimmed = path.trim_end_matches('/');
+            let (parent, last) = trimmed.rsplit_once('/').unwrap_or((".", trimmed));
+            match last.strip_prefix("step-").and_then(|n| n.parse::<u64>().ok()) {
+                Some(step) => Ok(Some(Checkpoints::open(parent, &options)?.load(step, verify)?)),
+                None => Checkpoints::open(trimmed, &options)?
+                    .load_newest(verify, fallback)?
+                    .map(Some)
+                    .ok_or_else(|| {
+                        TrainError::Setup(format!(
+                            "--resume {path}: no checkpoint there (a step-NNNNNNNN directory with a \
+                             manifest.json); check the path or use --resume auto"
+                        ))
+                    }),
+            }
+        }
+    }
+}
+
+/// Puts a loaded checkpoint's state into the model, optimizer, controller and pipeline.
+fn restore(
+    recipe: &Recipe,
+    loaded: &Loaded,
+    built: &BuiltModel,
+    optimizer: &mut AdamW,
+    controller: &mut ExpertBiasController,
+    pipeline: &mut Pipeline,
+) -> Result<(), TrainError> {
+    crate::checkpoint::check_model(recipe, loaded).map_err(TrainError::Setup)?;
+    let bad = |problem: String| TrainError::Setup(format!("{}: {problem}", loaded.location));
+    for (name, var) in named_tensors(&built.vars) {
+        let saved = loaded
+            .tensors
+            .get(&name)
+            .ok_or_else(|| bad(format!("no tensor {name}")))?;
+        copy_into(&var, saved, &name).map_err(bad)?;
+    }
+    let state = &loaded.states[0];
+    let steps: std::collections::BTreeMap<String, i32> =
+        serde_json::from_value(state["optimizer_steps"].clone())
+            .map_err(|e| bad(format!("optimizer_steps: {e}")))?;
+    optimizer
+        .restore(|k| loaded.tensors.get(k).map(from_host), &steps)
+        .map_err(bad)?;
+    controller.restore(
+        serde_json::from_value(state["expert_bias_controller"].clone())
+            .map_err(|e| bad(format!("expert_bias_controller: {e}")))?,
+    );
+    set_expert_bias(&built.model, controller.bias());
+    let data: catapult_data::DataState = serde_json::from_value(state["data_state"].clone())
+        .map_err(|e| bad(format!("data_state: {e}")))?;
+    pipeline.restore(&data)?;
+    Ok(())
+}
+
+/// What rank 0 saves: host copies of the model and optimizer tensors, and the state.
+fn save_request(
+    recipe: &Recipe,
+    built: &BuiltModel,
+    optimizer: &AdamW,
+    controller: &ExpertBiasController,
+    pipeline: &Pipeline,
+    step: usize,
+    tokens: u64,
+) -> catapult_checkpoints::SaveRequest {
+    let mut tensors: Vec<_> = named_tensors(&built.vars)
+        .iter()
+        .map(|(n, t)| to_host(n, t))
+        .collect();
+    let (moments, steps) = optimizer.state();
+    tensors.extend(moments.iter().map(|(n, t)| to_host(n, t)));
+    let state = serde_json::json!({
+        "data_state": pipeline.state(),
+        "expert_bias_controller": controller.state(),
+        "optimizer_steps": steps,
+        "scheduler": {"step": step, "next_lr": learning_rate(&recipe.train, step.min(recipe.train.steps.saturating_sub(1)))},
+        "rng": {"torch": "manual_seed(seed ^ (step << 20)) before every step", "data": "counter-based, in data_state"},
+    });
+    crate::checkpoint::request(recipe, step as u64, tokens, tensors, state)
 }
 
 /// The load-balance loss's view of the recipe.

@@ -1,0 +1,153 @@
+//! The safetensors file format, written and read here so the bytes are a function of the
+//! tensors alone (names sorted, no hash-ordered metadata): an 8-byte little-endian header
+//! length, a JSON header `{name: {dtype, shape, data_offsets}}` padded with spaces to a
+//! multiple of 8 bytes, then the tensors' bytes back to back. Python's `safetensors`
+//! reads these files.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Element types used by checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Dtype {
+    /// 32-bit float.
+    F32,
+    /// bfloat16.
+    BF16,
+    /// 16-bit float.
+    F16,
+    /// 64-bit signed integer.
+    I64,
+    /// 32-bit signed integer.
+    I32,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 | Dtype::I32 => 4,
+            Dtype::BF16 | Dtype::F16 => 2,
+            Dtype::I64 => 8,
+        }
+    }
+}
+
+/// One tensor on the host: name, type, shape and little-endian bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    /// Name in the file.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Raw bytes (`numel * dtype.size()`).
+    pub data: Vec<u8>,
+}
+
+impl HostTensor {
+    /// Elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data_offsets: [usize; 2],
+}
+
+/// The file's bytes for `tensors` (sorted by name; names must be unique).
+pub fn serialize(tensors: &[HostTensor]) -> Vec<u8> {
+    let mut order: Vec<&HostTensor> = tensors.iter().collect();
+    order.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut header = BTreeMap::new();
+    let mut offset = 0;
+    for t in &order {
+        header.insert(
+            t.name.clone(),
+            Entry {
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                data_offsets: [offset, offset + t.data.len()],
+            },
+        );
+        offset += t.data.len();
+    }
+    let mut json = serde_json::to_vec(&header).expect("the header serializes");
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + offset);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    for t in order {
+        out.extend_from_slice(&t.data);
+    }
+    out
+}
+
+/// The tensors of a safetensors file, by name; an error says what is malformed.
+pub fn deserialize(bytes: &[u8]) -> Result<Vec<HostTensor>, String> {
+    if bytes.len() < 8 {
+        return Err("shorter than the 8-byte header length".into());
+    }
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    if 8 + n > bytes.len() {
+        return Err(format!("header length {n} runs past the end of the file"));
+    }
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| format!("bad header ({e})"))?;
+    let data = &bytes[8 + n..];
+    let mut out = Vec::new();
+    for (name, value) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let e: Entry = serde_json::from_value(value).map_err(|e| format!("tensor {name}: {e}"))?;
+        let [begin, end] = e.data_offsets;
+        let expected = e.shape.iter().product::<usize>() * e.dtype.size();
+        if end < begin || end > data.len() || end - begin != expected {
+            return Err(format!("tensor {name}: offsets {begin}..{end} do not fit"));
+        }
+        out.push(HostTensor {
+            name,
+            dtype: e.dtype,
+            shape: e.shape,
+            data: data[begin..end].to_vec(),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_orders_by_name() {
+        let a = HostTensor {
+            name: "b".into(),
+            dtype: Dtype::F32,
+            shape: vec![2],
+            data: vec![1, 2, 3, 4, 5, 6, 7, 8],
+        };
+        let b = HostTensor {
+            name: "a".into(),
+            dtype: Dtype::I64,
+            shape: vec![1],
+            data: vec![9; 8],
+        };
+        let bytes = serialize(&[a.clone(), b.clone()]);
+        assert_eq!(serialize(&[b.clone(), a.clone()]), bytes);
+        assert_eq!(
+            (8 + u64::from_le_bytes(bytes[..8].try_into().unwrap())) % 8,
+            0
+        );
+        assert_eq!(deserialize(&bytes).unwrap(), vec![b, a]);
+        assert!(deserialize(&bytes[..bytes.len() - 1]).is_err());
+    }
+}

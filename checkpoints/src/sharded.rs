@@ -1,0 +1,578 @@
+//! The sharded checkpoint format, on local disk or an object store:
+//!
+//! ```text
+//! ROOT/step-00000100/rank-00000.safetensors   model and optimizer tensors rank 0 owns
+//! ROOT/step-00000100/rank-00000.json          its non-tensor state and tensor slices
+//! ROOT/step-00000100/manifest.json            written LAST: files, sizes, BLAKE3, recipe,
+//!                                             world layout, step, tokens, version
+//! ROOT/latest                                 "step-00000100", written after the manifest
+//! ```
+//!
+//! A step directory without a readable manifest is not a checkpoint. Files are written
+//! whole (local writes go to a temporary name and are renamed; object puts are atomic)
+//! and the manifest is put-if-absent, so a crash at any point leaves the previous
+//! checkpoint or the new one, never a loadable half.
+
+use crate::safetensors::{deserialize, serialize, HostTensor};
+use catapult_data::{Location, StorageOptions};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Name of the manifest inside a step directory.
+pub const MANIFEST: &str = "manifest.json";
+/// Name of the pointer to the newest complete checkpoint.
+pub const LATEST: &str = "latest";
+
+/// Errors of the sharded format; each names the checkpoint, file and rank involved.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    /// Listing, reading or writing the store failed.
+    #[error(transparent)]
+    Store(#[from] catapult_data::DataError),
+    /// A file's hash or size differs from the manifest's.
+    #[error("{location}: rank {rank}'s file {file} is corrupt ({problem}); the checkpoint cannot be trusted")]
+    Corrupt {
+        /// The step directory.
+        location: String,
+        /// The file.
+        file: String,
+        /// The rank that wrote it.
+        rank: usize,
+        /// Expected and found.
+        problem: String,
+    },
+    /// Something that is not a usable checkpoint.
+    #[error("{location}: {problem}")]
+    Invalid {
+        /// The checkpoint or file.
+        location: String,
+        /// What is wrong and the fix.
+        problem: String,
+    },
+}
+
+/// How a tensor held by one rank is a slice of the full tensor (along dim 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slice {
+    /// First row of the full tensor this rank holds.
+    pub start: usize,
+    /// Rows of the full tensor.
+    pub full: usize,
+}
+
+/// What one rank saves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankState {
+    /// The rank.
+    pub rank: usize,
+    /// Tensors it owns (whole, or a dim-0 slice recorded in `slices`).
+    pub tensors: Vec<HostTensor>,
+    /// Tensors that are slices of a larger tensor.
+    pub slices: BTreeMap<String, Slice>,
+    /// Non-tensor state (data state, controller, RNG, scheduler position, ...).
+    pub state: serde_json::Value,
+}
+
+/// One rank's place in the world.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankLayout {
+    /// The rank.
+    pub rank: usize,
+    /// Its data-parallel index.
+    pub data_parallel_rank: usize,
+    /// The routed experts it owns, [start, end).
+    pub experts: [usize; 2],
+}
+
+/// The world a checkpoint was written by.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct World {
+    /// Data-parallel size.
+    pub data_parallel: usize,
+    /// Expert-parallel size.
+    pub expert_parallel: usize,
+    /// Every rank, with the experts it owns.
+    pub ranks: Vec<RankLayout>,
+}
+
+/// A file listed in the manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Name inside the step directory.
+    pub name: String,
+    /// The rank that wrote it.
+    pub rank: usize,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// BLAKE3 of the contents.
+    pub blake3: String,
+}
+
+/// The manifest: the checkpoint's table of contents, written last.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always `catapult-checkpoint`.
+    pub format: String,
+    /// Format version.
+    pub version: u32,
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Tokens trained on.
+    pub tokens: u64,
+    /// Version of catapult that wrote it.
+    pub catapult_version: String,
+    /// Who owned what.
+    pub world: World,
+    /// Every file with size and hash.
+    pub files: Vec<FileEntry>,
+    /// The resolved recipe.
+    pub recipe: serde_json::Value,
+}
+
+/// Everything `save` needs.
+#[derive(Debug, Clone)]
+pub struct SaveRequest {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Tokens trained on.
+    pub tokens: u64,
+    /// The resolved recipe.
+    pub recipe: serde_json::Value,
+    /// The world layout.
+    pub world: World,
+    /// What each rank saves.
+    pub ranks: Vec<RankState>,
+}
+
+/// A loaded checkpoint: full tensors (slices assembled) and each rank's state.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// Where it was loaded from.
+    pub location: String,
+    /// Full tensors by name.
+    pub tensors: BTreeMap<String, HostTensor>,
+    /// Each rank's state, by rank.
+    pub states: Vec<serde_json::Value>,
+}
+
+impl Loaded {
+    /// The rows of `name` that rank `part` of `parts` owns under an even dim-0 split:
+    /// resharding to another expert-parallel layout.
+    pub fn slice_for(&self, name: &str, part: usize, parts: usize) -> Option<HostTensor> {
+        let t = self.tensors.get(name)?;
+        let rows = *t.shape.first()?;
+        if parts == 0 || rows % parts != 0 {
+            return None;
+        }
+        let per = rows / parts;
+        let row_bytes = t.data.len() / rows.max(1);
+        let mut shape = t.shape.clone();
+        shape[0] = per;
+        Some(HostTensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape,
+            data: t.data[part * per * row_bytes..(part + 1) * per * row_bytes].to_vec(),
+        })
+    }
+}
+
+/// `step-NNNNNNNN`.
+pub fn step_dir(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+fn rank_file(rank: usize, ext: &str) -> String {
+    format!("rank-{rank:05}.{ext}")
+}
+
+/// Crash points for tests (`CATAPULT_FAULT=save:PHASE:STEP`): the process kills itself
+/// with SIGKILL there. Phases: `mid-shard` (half a shard written under its final name),
+/// `before-manifest` (all shards written), `mid-manifest` (half a manifest written).
+fn fault(phase: &str, step: u64) -> bool {
+    std::env::var("CATAPULT_FAULT").is_ok_and(|f| f == format!("save:{phase}:{step}"))
+}
+
+/// Crash point for tests: SIGKILL this process when `CATAPULT_FAULT` equals `point`
+/// (e.g. `step:7`, after step 7's checkpoint was handed to the saver).
+pub fn kill_self_on(point: &str) {
+    if std::env::var("CATAPULT_FAULT").is_ok_and(|f| f == point) {
+        kill_self();
+    }
+}
+
+/// Ends the process at once, as a crash or an OOM killer would.
+pub fn kill_self() -> ! {
+    // SAFETY: kill(2) on our own pid with SIGKILL has no memory effects.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+    unreachable!("SIGKILL cannot be caught")
+}
+
+/// A checkpoint root: a local directory or an object-store prefix.
+#[derive(Debug, Clone)]
+pub struct Checkpoints {
+    location: Location,
+}
+
+impl Checkpoints {
+    /// Opens the root (nothing is created until a save).
+    pub fn open(root: &str, storage: &StorageOptions) -> Result<Self, ShardError> {
+        Ok(Self {
+            location: Location::open(root, storage)?,
+        })
+    }
+
+    /// The root, as given.
+    pub fn root(&self) -> &str {
+        &self.location.display
+    }
+
+    fn path(&self, rel: &str) -> (object_store::path::Path, String) {
+        (self.location.child(rel), self.location.display_child(rel))
+    }
+
+    fn put(&self, rel: &str, bytes: Vec<u8>) -> Result<(), ShardError> {
+        let (key, display) = self.path(rel);
+        Ok(self.location.put(&key, &display, bytes)?)
+    }
+
+    fn get(&self, rel: &str) -> Result<Vec<u8>, ShardError> {
+        let (key, display) = self.path(rel);
+        Ok(self.location.get(&key, &display)?)
+    }
+
+    /// Writes a checkpoint: every rank's files, then the manifest (put-if-absent), then
+    /// the `latest` pointer.
+    pub fn save(&self, req: SaveRequest) -> Result<Manifest, ShardError> {
+        let dir = step_dir(req.step);
+        let mut files = Vec::new();
+        for r in &req.ranks {
+            let tensors = serialize(&r.tensors);
+            let name = rank_file(r.rank, "safetensors");
+            if fault("mid-shard", req.step) {
+                self.put(
+                    &format!("{dir}/{name}"),
+                    tensors[..tensors.len() / 2].to_vec(),
+                )?;
+                kill_self();
+            }
+            let state = serde_json::to_vec_pretty(&serde_json::json!({
+                "rank": r.rank,
+                "slices": r.slices,
+                "state": r.state,
+            }))
+            .expect("JSON values serialize");
+            for (name, bytes) in [(name, tensors), (rank_file(r.rank, "json"), state)] {
+                files.push(FileEntry {
+                    name: name.clone(),
+                    rank: r.rank,
+                    bytes: bytes.len() as u64,
+                    blake3: blake3::hash(&bytes).to_hex().to_string(),
+                });
+                self.put(&format!("{dir}/{name}"), bytes)?;
+            }
+        }
+        if fault("before-manifest", req.step) {
+            kill_self();
+        }
+        let manifest = Manifest {
+            format: "catapult-checkpoint".into(),
+            version: 1,
+            step: req.step,
+            tokens: req.tokens,
+            catapult_version: env!("CARGO_PKG_VERSION").into(),
+            world: req.world,
+            files,
+            recipe: req.recipe,
+        };
+        let bytes = serde_json::to_vec_pretty(&manifest).expect("the manifest serializes");
+        let rel = format!("{dir}/{MANIFEST}");
+        if fault("mid-manifest", req.step) {
+            self.put(&rel, bytes[..bytes.len() / 2].to_vec())?;
+            kill_self();
+        }
+        let (key, display) = self.path(&rel);
+        if !self.location.put_if_absent(&key, &display, bytes.clone())? {
+            // A manifest is already there: an identical one (a repeated save of the same
+            // state) is fine; anything else is a different run's checkpoint.
+            if self.get(&rel)? != bytes {
+                return Err(ShardError::Invalid {
+                    location: display,
+                    problem: "a different checkpoint of this step already exists; \
+                              delete it or write to another checkpoint.dir"
+                        .into(),
+                });
+            }
+        }
+        self.put(LATEST, dir.into_bytes())?;
+        Ok(manifest)
+    }
+
+    /// Steps that have a manifest, ascending.
+    pub fn steps(&self) -> Result<Vec<u64>, ShardError> {
+        let prefix = self.location.key.parts().count();
+        let mut steps: Vec<u64> = self
+            .location
+            .list()?
+            .into_iter()
+            .filter_map(|m| {
+                let parts: Vec<String> = m
+                    .location
+                    .parts()
+                    .skip(prefix)
+                    .map(|p| p.as_ref().to_string())
+                    .collect();
+                match parts.as_slice() {
+                    [dir, file] if file == MANIFEST => dir.strip_prefix("step-")?.parse().ok(),
+                    _ => None,
+                }
+            })
+            .collect();
+        steps.sort_unstable();
+        steps.dedup();
+        Ok(steps)
+    }
+
+    /// The `latest` pointer's step, if any.
+    pub fn latest(&self) -> Result<Option<u64>, ShardError> {
+        let (key, display) = self.path(LATEST);
+        Ok(self
+            .location
+            .get_optional(&key, &display)?
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|s| s.trim().strip_prefix("step-")?.parse().ok()))
+    }
+
+    /// The manifest of `step`.
+    pub fn manifest(&self, step: u64) -> Result<Manifest, ShardError> {
+        let rel = format!("{}/{MANIFEST}", step_dir(step));
+        let bytes = self.get(&rel)?;
+        serde_json::from_slice(&bytes).map_err(|e| ShardError::Invalid {
+            location: self.location.display_child(&rel),
+            problem: format!("unreadable manifest ({e}); the save that wrote it did not finish"),
+        })
+    }
+
+    /// Reads every file of `step`, checking sizes and (with `verify`) hashes.
+    fn read_files(
+        &self,
+        step: u64,
+        verify: bool,
+    ) -> Result<(Manifest, BTreeMap<String, Vec<u8>>), ShardError> {
+        let manifest = self.manifest(step)?;
+        let dir = step_dir(step);
+        let mut out = BTreeMap::new();
+        for f in &manifest.files {
+            let bytes = self.get(&format!("{dir}/{}", f.name))?;
+            let corrupt = |problem: String| ShardError::Corrupt {
+                location: self.location.display_child(&dir),
+                file: f.name.clone(),
+                rank: f.rank,
+                problem,
+            };
+            if bytes.len() as u64 != f.bytes {
+                return Err(corrupt(format!(
+                    "{} bytes, the manifest says {}",
+                    bytes.len(),
+                    f.bytes
+                )));
+            }
+            if verify {
+                let found = blake3::hash(&bytes).to_hex().to_string();
+                if found != f.blake3 {
+                    return Err(corrupt(format!(
+                        "BLAKE3 {found}, the manifest says {}",
+                        f.blake3
+                    )));
+                }
+            }
+            out.insert(f.name.clone(), bytes);
+        }
+        Ok((manifest, out))
+    }
+
+    /// Checks every file of `step` against the manifest.
+    pub fn verify(&self, step: u64) -> Result<Manifest, ShardError> {
+        Ok(self.read_files(step, true)?.0)
+    }
+
+    /// Loads `step`, assembling sliced tensors into full ones.
+    pub fn load(&self, step: u64, verify: bool) -> Result<Loaded, ShardError> {
+        let (manifest, files) = self.read_files(step, verify)?;
+        let location = self.location.display_child(&step_dir(step));
+        let invalid = |problem: String| ShardError::Invalid {
+            location: location.clone(),
+            problem,
+        };
+        let ranks = manifest.world.ranks.len().max(1);
+        let mut states = vec![serde_json::Value::Null; ranks];
+        let mut pieces: BTreeMap<String, Vec<(Slice, HostTensor)>> = BTreeMap::new();
+        let mut tensors = BTreeMap::new();
+        for rank in 0..ranks {
+            let json: serde_json::Value = match files.get(&rank_file(rank, "json")) {
+                Some(b) => serde_json::from_slice(b)
+                    .map_err(|e| invalid(format!("rank {rank} state: {e}")))?,
+                None => return Err(invalid(format!("rank {rank} has no state file"))),
+            };
+            let slices: BTreeMap<String, Slice> = serde_json::from_value(json["slices"].clone())
+                .map_err(|e| invalid(format!("rank {rank} slices: {e}")))?;
+            states[rank] = json["state"].clone();
+            let bytes = files
+                .get(&rank_file(rank, "safetensors"))
+                .ok_or_else(|| invalid(format!("rank {rank} has no tensor file")))?;
+            for t in deserialize(bytes).map_err(|e| invalid(format!("rank {rank} tensors: {e}")))? {
+                match slices.get(&t.name) {
+                    Some(s) => pieces.entry(t.name.clone()).or_default().push((*s, t)),
+                    None => {
+                        tensors.insert(t.name.clone(), t);
+                    }
+                }
+            }
+        }
+        for (name, mut parts) in pieces {
+            parts.sort_by_key(|(s, _)| s.start);
+            let full = parts[0].0.full;
+            let mut shape = parts[0].1.shape.clone();
+            let mut data = Vec::new();
+            let mut next = 0;
+            for (s, t) in &parts {
+                if s.start != next || s.full != full {
+                    return Err(invalid(format!(
+                        "the slices of {name} do not tile rows 0..{full}"
+                    )));
+                }
+                next += t.shape[0];
+                data.extend_from_slice(&t.data);
+            }
+            if next != full {
+                return Err(invalid(format!(
+                    "the slices of {name} cover {next} of {full} rows"
+                )));
+            }
+            shape[0] = full;
+            tensors.insert(
+                name.clone(),
+                HostTensor {
+                    name,
+                    dtype: parts[0].1.dtype,
+                    shape,
+                    data,
+                },
+            );
+        }
+        Ok(Loaded {
+            manifest,
+            location,
+            tensors,
+            states,
+        })
+    }
+
+    /// The newest checkpoint that loads (and verifies, with `verify`). A broken one is
+    /// skipped with a warning on stderr naming the file and rank, unless `fallback` is
+    /// false, in which case its error is returned. None when there is no checkpoint.
+    pub fn load_newest(&self, verify: bool, fallback: bool) -> Result<Option<Loaded>, ShardError> {
+        for step in self.steps()?.into_iter().rev() {
+            match self.load(step, verify) {
+                Ok(l) => return Ok(Some(l)),
+                Err(e) if fallback => {
+                    eprintln!(
+                        "warning: skipping checkpoint {}: {e}; falling back to an earlier one",
+                        step_dir(step)
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Deletes checkpoints older than the newest complete one, except the last
+    /// `keep_last` and every step that is a multiple of `keep_every` (0: none). The
+    /// manifest goes first, so a half-deleted checkpoint is never loadable. Returns the
+    /// deleted steps.
+    pub fn retain(&self, keep_last: usize, keep_every: u64) -> Result<Vec<u64>, ShardError> {
+        let steps = self.steps()?;
+        let keep_from = steps.len().saturating_sub(keep_last.max(1));
+        let mut deleted = Vec::new();
+        for (i, &step) in steps.iter().enumerate() {
+            if i >= keep_from || (keep_every > 0 && step % keep_every == 0) {
+                continue;
+            }
+            let dir = step_dir(step);
+            let manifest = self.manifest(step).ok();
+            let (key, display) = self.path(&format!("{dir}/{MANIFEST}"));
+            self.location.delete(&key, &display)?;
+            if let Some(m) = manifest {
+                for f in m.files {
+                    let (key, display) = self.path(&format!("{dir}/{}", f.name));
+                    self.location.delete(&key, &display)?;
+                }
+            }
+            deleted.push(step);
+        }
+        Ok(deleted)
+    }
+}
+
+/// Saves in a background thread, at most one at a time; dropping it waits for the save
+/// in flight, so the process never exits in the middle of one.
+#[derive(Debug, Default)]
+pub struct AsyncSaver {
+    in_flight: Option<std::thread::JoinHandle<Result<Manifest, ShardError>>>,
+}
+
+impl AsyncSaver {
+    /// Starts saving `req` (then applying retention) in the background. Waits first for
+    /// the previous save; returns the seconds waited.
+    pub fn submit(
+        &mut self,
+        store: Checkpoints,
+        req: SaveRequest,
+        keep_last: usize,
+        keep_every: u64,
+    ) -> Result<f64, ShardError> {
+        let started = std::time::Instant::now();
+        self.wait()?;
+        let waited = started.elapsed().as_secs_f64();
+        self.in_flight = Some(
+            std::thread::Builder::new()
+                .name("catapult-ckpt".into())
+                .spawn(move || {
+                    let manifest = store.save(req)?;
+                    store.retain(keep_last, keep_every)?;
+                    Ok(manifest)
+                })
+                .expect("spawn the checkpoint thread"),
+        );
+        Ok(waited)
+    }
+
+    /// Waits for the save in flight, if any, and returns its manifest.
+    pub fn wait(&mut self) -> Result<Option<Manifest>, ShardError> {
+        match self.in_flight.take() {
+            Some(h) => h
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(ShardError::Invalid {
+                        location: "checkpoint thread".into(),
+                        problem: "panicked".into(),
+                    })
+                })
+                .map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Drop for AsyncSaver {
+    fn drop(&mut self) {
+        if let Err(e) = self.wait() {
+            eprintln!("error: the last checkpoint save failed: {e}");
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! `catapult ckpt list|verify|show`: what sharded checkpoints a root holds, whether their
+//! files match their manifests, and what is inside one.
+
+use catapult_checkpoints::{step_dir, Checkpoints, Dtype, ShardError};
+use catapult_data::StorageOptions;
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum CkptCommand {
+    /// Checkpoints under a root (a run's `checkpoints/` directory or an object-store prefix).
+    List {
+        /// The checkpoint root.
+        root: String,
+        /// S3-compatible endpoint for s3:// roots.
+        #[arg(long)]
+        endpoint: Option<String>,
+    },
+    /// Check every file of a checkpoint (a step directory) or of every checkpoint under a
+    /// root against its manifest's sizes and BLAKE3 hashes; exit 1 on a mismatch.
+    Verify {
+        /// A step directory or a root.
+        path: String,
+        /// S3-compatible endpoint for s3:// paths.
+        #[arg(long)]
+        endpoint: Option<String>,
+    },
+    /// Manifest summary, parameter counts and sizes of one checkpoint.
+    Show {
+        /// A step directory, or a root (its newest checkpoint).
+        path: String,
+        /// S3-compatible endpoint for s3:// paths.
+        #[arg(long)]
+        endpoint: Option<String>,
+    },
+}
+
+fn open(path: &str, endpoint: &Option<String>) -> Result<(Checkpoints, Option<u64>), ShardError> {
+    let options = StorageOptions {
+        endpoint: endpoint.clone(),
+        ..StorageOptions::default()
+    };
+    let trimmed = path.trim_end_matches('/');
+    let (parent, last) = trimmed.rsplit_once('/').unwrap_or((".", trimmed));
+    match last
+        .strip_prefix("step-")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        Some(step) => Ok((Checkpoints::open(parent, &options)?, Some(step))),
+        None => Ok((Checkpoints::open(trimmed, &options)?, None)),
+    }
+}
+
+fn human(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b => format!("{:.1} KiB", b as f64 / 1024.0),
+    }
+}
+
+pub fn run(command: CkptCommand) -> Result<(), crate::Failure> {
+    match command {
+        CkptCommand::List { root, endpoint } => {
+            let (store, _) = open(&root, &endpoint)?;
+            let latest = store.latest()?;
+            let steps = store.steps()?;
+            if steps.is_empty() {
+                println!("{}: no checkpoints", store.root());
+            }
+            println!(
+                "{:<15} {:>12} {:>6} {:>11}  latest",
+                "checkpoint", "tokens", "files", "size"
+            );
+            for step in steps {
+                match store.manifest(step) {
+                    Ok(m) => println!(
+                        "{:<15} {:>12} {:>6} {:>11}  {}",
+                        step_dir(step),
+                        m.tokens,
+                        m.files.len(),
+                        human(m.files.iter().map(|f| f.bytes).sum()),
+                        if latest == Some(step) { "*" } else { "" }
+                    ),
+                    Err(e) => println!("{:<15} unreadable: {e}", step_dir(step)),
+                }
+            }
+        }
+        CkptCommand::Verify { path, endpoint } => {
+            let (store, step) = open(&path, &endpoint)?;
+            let steps = match step {
+                Some(s) => vec![s],
+                None => store.steps()?,
+            };
+            let mut bad = 0;
+            for s in &steps {
+                match store.verify(*s) {
+                    Ok(m) => println!("{}: ok ({} files)", step_dir(*s), m.files.len()),
+                    Err(e) => {
+                        bad += 1;
+                        println!("{}: FAILED: {e}", step_dir(*s));
+                    }
+                }
+            }
+            if bad > 0 {
+                return Err(anyhow::anyhow!(
+                    "{bad} of {} checkpoint(s) failed verification",
+                    steps.len()
+                )
+                .into());
+            }
+        }
+        CkptCommand::Show { path, endpoint } => {
+            let (store, step) = open(&path, &endpoint)?;
+            let step = match step {
+                Some(s) => s,
+                None => *store
+                    .steps()?
+                    .last()
+                    .ok_or_else(|| anyhow::anyhow!("{path}: no checkpoints"))?,
+            };
+            let loaded = store.load(step, false)?;
+            let m = &loaded.manifest;
+            println!(
+                "checkpoint {} (catapult {})",
+                loaded.location, m.catapult_version
+            );
+            println!("step {}, tokens {}", m.step, m.tokens);
+            println!(
+                "world: data-parallel {}, expert-parallel {}; experts per rank: {}",
+                m.world.data_parallel,
+                m.world.expert_parallel,
+                m.world
+                    .ranks
+                    .iter()
+                    .map(|r| format!("rank {} [{}, {})", r.rank, r.experts[0], r.experts[1]))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            if let Some(name) = m.recipe["name"].as_str() {
+                println!("recipe: {name}");
+            }
+            let mut groups: std::collections::BTreeMap<&str, (usize, u64, u64)> =
+                Default::default();
+            for t in loaded.tensors.values() {
+                let group = if t.name.starts_with("optimizer.") {
+                    "optimizer"
+                } else {
+                    "model"
+                };
+                let e = groups.entry(group).or_default();
+                e.0 += 1;
+                e.1 += t.numel() as u64;
+                e.2 += t.data.len() as u64;
+            }
+            for (group, (count, numel, bytes)) in groups {
+                println!(
+                    "{group:<10} {count:>5} tensors {numel:>14} values {:>11}",
+                    human(bytes)
+                );
+            }
+            let dtypes: std::collections::BTreeSet<String> = loaded
+                .tensors
+                .values()
+                .map(|t| format!("{:?}", t.dtype as Dtype))
+                .collect();
+            println!(
+                "dtypes: {}",
+                dtypes.into_iter().collect::<Vec<_>>().join(", ")
+            );
+            for f in &m.files {
+                println!(
+                    "  {:<24} rank {:<3} {:>11}  blake3 {}",
+                    f.name,
+                    f.rank,
+                    human(f.bytes),
+                    &f.blake3[..16]
+                );
+            }
+        }
+    }
+    Ok(())
+}
