@@ -249,35 +249,29 @@ impl Checkpoints {
     /// the `latest` pointer.
     pub fn save(&self, req: SaveRequest) -> Result<Manifest, ShardError> {
         let dir = step_dir(req.step);
+        // Everything is encoded and hashed before anything is written, so an existing
+        // checkpoint of this step can be compared first and is never touched.
+        let mut encoded: Vec<(String, Vec<u8>)> = Vec::new();
         let mut files = Vec::new();
         for r in &req.ranks {
-            let tensors = serialize(&r.tensors);
-            let name = rank_file(r.rank, "safetensors");
-            if fault("mid-shard", req.step) {
-                self.put(
-                    &format!("{dir}/{name}"),
-                    tensors[..tensors.len() / 2].to_vec(),
-                )?;
-                kill_self();
-            }
             let state = serde_json::to_vec_pretty(&serde_json::json!({
                 "rank": r.rank,
                 "slices": r.slices,
                 "state": r.state,
             }))
             .expect("JSON values serialize");
-            for (name, bytes) in [(name, tensors), (rank_file(r.rank, "json"), state)] {
+            for (name, bytes) in [
+                (rank_file(r.rank, "safetensors"), serialize(&r.tensors)),
+                (rank_file(r.rank, "json"), state),
+            ] {
                 files.push(FileEntry {
                     name: name.clone(),
                     rank: r.rank,
                     bytes: bytes.len() as u64,
                     blake3: blake3::hash(&bytes).to_hex().to_string(),
                 });
-                self.put(&format!("{dir}/{name}"), bytes)?;
+                encoded.push((name, bytes));
             }
-        }
-        if fault("before-manifest", req.step) {
-            kill_self();
         }
         let manifest = Manifest {
             format: "catapult-checkpoint".into(),
@@ -291,22 +285,48 @@ impl Checkpoints {
         };
         let bytes = serde_json::to_vec_pretty(&manifest).expect("the manifest serializes");
         let rel = format!("{dir}/{MANIFEST}");
+        let (key, display) = self.path(&rel);
+        if let Some(existing) = self.location.get_optional(&key, &display)? {
+            if existing == bytes {
+                // The same state saved again (a resumed deterministic run). Rewriting the
+                // files repairs any that were damaged; each write matches the manifest.
+                for (name, data) in encoded {
+                    self.put(&format!("{dir}/{name}"), data)?;
+                }
+                self.put(LATEST, dir.into_bytes())?;
+                return Ok(manifest);
+            }
+            if serde_json::from_slice::<Manifest>(&existing).is_ok() {
+                return Err(ShardError::Invalid {
+                    location: display,
+                    problem: "a different checkpoint of this step already exists; delete it \
+                              or write to another checkpoint.dir"
+                        .into(),
+                });
+            }
+            // A torn manifest (a crash while it was written on a store without atomic
+            // puts) marks an unfinished save: replace it.
+            self.location.delete(&key, &display)?;
+        }
+        for (name, data) in encoded {
+            if name.ends_with(".safetensors") && fault("mid-shard", req.step) {
+                self.put(&format!("{dir}/{name}"), data[..data.len() / 2].to_vec())?;
+                kill_self();
+            }
+            self.put(&format!("{dir}/{name}"), data)?;
+        }
+        if fault("before-manifest", req.step) {
+            kill_self();
+        }
         if fault("mid-manifest", req.step) {
             self.put(&rel, bytes[..bytes.len() / 2].to_vec())?;
             kill_self();
         }
-        let (key, display) = self.path(&rel);
-        if !self.location.put_if_absent(&key, &display, bytes.clone())? {
-            // A manifest is already there: an identical one (a repeated save of the same
-            // state) is fine; anything else is a different run's checkpoint.
-            if self.get(&rel)? != bytes {
-                return Err(ShardError::Invalid {
-                    location: display,
-                    problem: "a different checkpoint of this step already exists; \
-                              delete it or write to another checkpoint.dir"
-                        .into(),
-                });
-            }
+        if !self.location.put_if_absent(&key, &display, bytes)? {
+            return Err(ShardError::Invalid {
+                location: display,
+                problem: "another process wrote this checkpoint's manifest at the same time".into(),
+            });
         }
         self.put(LATEST, dir.into_bytes())?;
         Ok(manifest)
@@ -574,5 +594,178 @@ impl Drop for AsyncSaver {
         if let Err(e) = self.wait() {
             eprintln!("error: the last checkpoint save failed: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::safetensors::Dtype;
+
+    fn tensor(name: &str, rows: usize, cols: usize, seed: u8) -> HostTensor {
+        HostTensor {
+            name: name.into(),
+            dtype: Dtype::F32,
+            shape: vec![rows, cols],
+            data: (0..rows * cols * 4)
+                .map(|i| (i as u8).wrapping_mul(seed))
+                .collect(),
+        }
+    }
+
+    fn rows(t: &HostTensor, start: usize, end: usize) -> HostTensor {
+        let row = t.data.len() / t.shape[0];
+        HostTensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: vec![end - start, t.shape[1]],
+            data: t.data[start * row..end * row].to_vec(),
+        }
+    }
+
+    fn root(name: &str) -> String {
+        let dir =
+            std::env::temp_dir().join(format!("catapult-shards-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir.display().to_string()
+    }
+
+    /// A 2-rank expert-parallel checkpoint: the dense tensor on rank 0, the 4 experts'
+    /// stacked weights split 2 + 2.
+    fn two_rank_request(step: u64, dense: &HostTensor, experts: &HostTensor) -> SaveRequest {
+        let rank = |r: usize| RankState {
+            rank: r,
+            tensors: if r == 0 {
+                vec![dense.clone(), rows(experts, 0, 2)]
+            } else {
+                vec![rows(experts, 2, 4)]
+            },
+            slices: [(
+                experts.name.clone(),
+                Slice {
+                    start: 2 * r,
+                    full: 4,
+                },
+            )]
+            .into(),
+            state: serde_json::json!({"rank": r}),
+        };
+        SaveRequest {
+            step,
+            tokens: step * 100,
+            recipe: serde_json::json!({"name": "t"}),
+            world: World {
+                data_parallel: 1,
+                expert_parallel: 2,
+                ranks: (0..2)
+                    .map(|r| RankLayout {
+                        rank: r,
+                        data_parallel_rank: 0,
+                        experts: [2 * r, 2 * r + 2],
+                    })
+                    .collect(),
+            },
+            ranks: vec![rank(0), rank(1)],
+        }
+    }
+
+    #[test]
+    fn expert_slices_reassemble_and_reshard_to_other_layouts() {
+        let store = Checkpoints::open(&root("reshard"), &StorageOptions::default()).unwrap();
+        let dense = tensor("model.embed", 3, 2, 3);
+        let experts = tensor("model.layers.0.mlp.experts.up_proj", 4, 3, 7);
+        store.save(two_rank_request(5, &dense, &experts)).unwrap();
+        let loaded = store.load(5, true).unwrap();
+        // EP 2 -> EP 1: the full tensor, bit for bit.
+        assert_eq!(loaded.tensors[&experts.name], experts);
+        assert_eq!(loaded.tensors[&dense.name], dense);
+        assert_eq!(loaded.states[1]["rank"], 1);
+        // EP 2 -> EP 4: each new rank's single expert.
+        for part in 0..4 {
+            assert_eq!(
+                loaded.slice_for(&experts.name, part, 4).unwrap(),
+                rows(&experts, part, part + 1)
+            );
+        }
+        assert!(
+            loaded.slice_for(&experts.name, 0, 3).is_none(),
+            "4 experts do not split 3 ways"
+        );
+        assert_eq!(store.latest().unwrap(), Some(5));
+        assert_eq!(loaded.manifest.world.expert_parallel, 2);
+    }
+
+    #[test]
+    fn corruption_is_named_and_the_newest_valid_checkpoint_wins() {
+        let dir = root("corrupt");
+        let store = Checkpoints::open(&dir, &StorageOptions::default()).unwrap();
+        let dense = tensor("model.embed", 3, 2, 3);
+        let experts = tensor("model.layers.0.mlp.experts.up_proj", 4, 3, 7);
+        for step in [2, 4] {
+            store
+                .save(two_rank_request(step, &dense, &experts))
+                .unwrap();
+        }
+        let path = format!("{dir}/step-00000004/rank-00001.safetensors");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x80;
+        std::fs::write(&path, bytes).unwrap();
+        let err = store.verify(4).unwrap_err().to_string();
+        assert!(
+            err.contains("rank 1")
+                && err.contains("rank-00001.safetensors")
+                && err.contains("BLAKE3"),
+            "{err}"
+        );
+        assert!(
+            store.load(4, false).is_ok(),
+            "without verification the bytes are not checked"
+        );
+        assert_eq!(
+            store
+                .load_newest(true, true)
+                .unwrap()
+                .unwrap()
+                .manifest
+                .step,
+            2
+        );
+        assert!(store.load_newest(true, false).is_err());
+        // A step directory without a manifest does not exist.
+        std::fs::create_dir_all(format!("{dir}/step-00000009")).unwrap();
+        std::fs::write(
+            format!("{dir}/step-00000009/rank-00000.safetensors"),
+            b"half",
+        )
+        .unwrap();
+        assert_eq!(store.steps().unwrap(), vec![2, 4]);
+    }
+
+    #[test]
+    fn retention_keeps_the_last_k_and_every_m_th_manifest_first() {
+        let dir = root("retain");
+        let store = Checkpoints::open(&dir, &StorageOptions::default()).unwrap();
+        let dense = tensor("model.embed", 3, 2, 3);
+        let experts = tensor("model.layers.0.mlp.experts.up_proj", 4, 3, 7);
+        for step in 1..=7 {
+            store
+                .save(two_rank_request(step, &dense, &experts))
+                .unwrap();
+        }
+        let deleted = store.retain(2, 3).unwrap();
+        assert_eq!(deleted, vec![1, 2, 4, 5]);
+        assert_eq!(store.steps().unwrap(), vec![3, 6, 7]);
+        assert!(
+            !std::path::Path::new(&format!("{dir}/step-00000002/rank-00000.safetensors")).exists()
+        );
+        // Saving the same state again is idempotent; a different one is refused.
+        store.save(two_rank_request(7, &dense, &experts)).unwrap();
+        let other = tensor("model.embed", 3, 2, 5);
+        let err = store
+            .save(two_rank_request(7, &other, &experts))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("already exists"), "{err}");
     }
 }

@@ -15,6 +15,22 @@ use std::time::Instant;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// Checkpoint save/load throughput against torch.save/torch.load, and the training
+    /// loop's blocking time per asynchronous save (run from the project root).
+    Ckpt {
+        /// GiB of tensor state to save and load.
+        #[arg(long, default_value_t = 1.0)]
+        gib: f64,
+        /// Recipe whose async-save blocking time is measured.
+        #[arg(long, default_value = "recipes/tiny.yaml")]
+        recipe: PathBuf,
+        /// Python with torch and safetensors (scripts/setup's venv).
+        #[arg(long, default_value = ".venv/bin/python")]
+        python: PathBuf,
+        /// Working directory (on the disk to measure).
+        #[arg(long, default_value = "bench-results/ckpt")]
+        dir: PathBuf,
+    },
     /// Data pipeline throughput against pyarrow + tokenizers (run from the project root).
     Data {
         /// Text corpus (default: the built-in KJV text from scripts/prepare-corpus).
@@ -118,14 +134,22 @@ fn baseline_rate(
 }
 
 pub fn run(command: BenchCommand) -> Result<(), crate::Failure> {
-    let BenchCommand::Data {
-        text,
-        repeat,
-        vocab_size,
-        recipe,
-        python,
-        dir,
-    } = command;
+    let (text, repeat, vocab_size, recipe, python, dir) = match command {
+        BenchCommand::Data {
+            text,
+            repeat,
+            vocab_size,
+            recipe,
+            python,
+            dir,
+        } => (text, repeat, vocab_size, recipe, python, dir),
+        BenchCommand::Ckpt {
+            gib,
+            recipe,
+            python,
+            dir,
+        } => return bench_ckpt(gib, &recipe, &python, &dir),
+    };
     let source = std::fs::read_to_string(&text).with_context(|| {
         format!(
             "{}: cannot read (run scripts/prepare-corpus)",
@@ -244,6 +268,185 @@ pub fn run(command: BenchCommand) -> Result<(), crate::Failure> {
         "results": results,
         "trainer_tokens_per_s": trainer_rate,
     });
+    let out = dir.join("results.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+    println!("results: {}", out.display());
+    Ok(())
+}
+
+/// `catapult bench ckpt`.
+fn bench_ckpt(gib: f64, recipe: &Path, python: &Path, dir: &Path) -> Result<(), crate::Failure> {
+    use catapult_checkpoints::{
+        Checkpoints, Dtype, HostTensor, RankLayout, RankState, SaveRequest, World,
+    };
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    // 64 MiB fp32 tensors filled from a fixed generator, `gib` GiB in all.
+    let per = 64usize << 20;
+    let count = ((gib * (1u64 << 30) as f64) as usize).div_ceil(per).max(1);
+    let p = spinner(&format!("filling {count} x 64 MiB tensors"));
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let tensors: Vec<HostTensor> = (0..count)
+        .map(|i| {
+            let data: Vec<u8> = (0..per / 8)
+                .flat_map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x.to_le_bytes()
+                })
+                .collect();
+            HostTensor {
+                name: format!("model.layers.{i}.weight"),
+                dtype: Dtype::F32,
+                shape: vec![per / 4 / 4096, 4096],
+                data,
+            }
+        })
+        .collect();
+    let total = (count * per) as f64;
+    p.finish_and_clear();
+    let store = Checkpoints::open(
+        dir.join("ckpt").to_str().context("UTF-8 path")?,
+        &Default::default(),
+    )?;
+    let request = SaveRequest {
+        step: 1,
+        tokens: 0,
+        recipe: serde_json::json!({"name": "bench"}),
+        world: World {
+            data_parallel: 1,
+            expert_parallel: 1,
+            ranks: vec![RankLayout {
+                rank: 0,
+                data_parallel_rank: 0,
+                experts: [0, 0],
+            }],
+        },
+        ranks: vec![RankState {
+            rank: 0,
+            tensors,
+            slices: Default::default(),
+            state: serde_json::json!({}),
+        }],
+    };
+    let p = spinner("catapult: save (serialize, BLAKE3, write), then verified load");
+    let started = Instant::now();
+    store.save(request)?;
+    let shard = dir.join("ckpt/step-00000001/rank-00000.safetensors");
+    std::fs::File::open(&shard)?.sync_all()?;
+    let save_s = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let loaded = store.load(1, true)?;
+    let load_s = started.elapsed().as_secs_f64();
+    drop(loaded);
+    p.finish_and_clear();
+
+    let p = spinner("baseline: torch.save / torch.load of the same tensors");
+    let out = std::process::Command::new(python)
+        .arg("scripts/bench/ckpt_baseline.py")
+        .arg(&shard)
+        .arg(dir.join("torch.pt"))
+        .output()
+        .with_context(|| {
+            format!(
+                "{}: cannot run the baseline (run scripts/setup)",
+                python.display()
+            )
+        })?;
+    if !out.status.success() {
+        return Err(
+            anyhow::anyhow!("baseline failed: {}", String::from_utf8_lossy(&out.stderr)).into(),
+        );
+    }
+    let base: serde_json::Value = serde_json::from_slice(&out.stdout).context("baseline output")?;
+    let (base_save, base_load) = (
+        base["save_s"].as_f64().unwrap_or(f64::NAN),
+        base["load_s"].as_f64().unwrap_or(f64::NAN),
+    );
+    p.finish_and_clear();
+
+    let p = spinner(&format!(
+        "training {} for 40 steps, async save every 10",
+        recipe.display()
+    ));
+    let overrides: Vec<catapult_trainer::Override> = [
+        "train.steps=40".to_string(),
+        "train.warmup_steps=0".to_string(),
+        "train.log_every=1".to_string(),
+        "train.eval_sequences=8".to_string(),
+        "checkpoint.every=10".to_string(),
+        format!("output.dir={}", dir.join("train-run").display()),
+    ]
+    .iter()
+    .map(|s| catapult_trainer::Override::parse(s))
+    .collect::<Result<_, _>>()?;
+    let r = catapult_trainer::recipe::load(recipe, &overrides)?;
+    let opts = catapult_trainer::RunOptions {
+        overwrite: true,
+        ..Default::default()
+    };
+    let summary = catapult_trainer::train(&r, &opts)?;
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&summary.metrics)?
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let step_s: Vec<f64> = lines
+        .iter()
+        .filter_map(|v| {
+            Some(
+                r.train.global_batch_size as f64 * v["seq_len"].as_f64()?
+                    / v["tokens_per_s"].as_f64()?,
+            )
+        })
+        .collect();
+    let block_s: Vec<f64> = lines
+        .iter()
+        .filter_map(|v| v["ckpt_block_s"].as_f64())
+        .collect();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    p.finish_and_clear();
+
+    let gb = total / 1e9;
+    println!(
+        "checkpoint of {:.2} GB ({count} fp32 tensors), local disk {}",
+        gb,
+        dir.display()
+    );
+    println!(
+        "{:<6} {:>14} {:>22} {:>7}",
+        "", "catapult GB/s", "torch.save/load GB/s", "ratio"
+    );
+    println!(
+        "{:<6} {:>14.2} {:>22.2} {:>7.2}",
+        "save",
+        gb / save_s,
+        gb / base_save,
+        base_save / save_s
+    );
+    println!(
+        "{:<6} {:>14.2} {:>22.2} {:>7.2}",
+        "load",
+        gb / load_s,
+        gb / base_load,
+        base_load / load_s
+    );
+    println!(
+        "(catapult's save includes BLAKE3 hashing and the manifest; its load verifies every hash)"
+    );
+    println!(
+        "async save in training ({}): blocks {:.2} ms per save = {:.1}% of a {:.1} ms step",
+        recipe.display(),
+        mean(&block_s) * 1e3,
+        100.0 * mean(&block_s) / mean(&step_s),
+        mean(&step_s) * 1e3
+    );
+    let report = serde_json::json!({
+        "bytes": total, "save_gb_per_s": gb / save_s, "load_gb_per_s": gb / load_s,
+        "torch_save_gb_per_s": gb / base_save, "torch_load_gb_per_s": gb / base_load,
+        "async_block_s": mean(&block_s), "step_s": mean(&step_s),
+    });
+    let _ = std::fs::remove_dir_all(dir.join("ckpt"));
     let out = dir.join("results.json");
     std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
     println!("results: {}", out.display());

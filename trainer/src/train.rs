@@ -254,6 +254,9 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         None => None,
         Some(resume) => find_checkpoint(recipe, &store, resume, opts)?,
     };
+    if let Some(l) = &loaded {
+        crate::checkpoint::check_model(recipe, l).map_err(TrainError::Setup)?;
+    }
     prepare_run_dir(&run_dir, recipe, opts)?;
 
     let built = build_model(recipe, device);
@@ -297,14 +300,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
     let mut tokens_seen = 0u64;
     let (mut metrics, first_val_loss) = match &loaded {
         Some(l) => {
-            restore(
-                recipe,
-                l,
-                &built,
-                &mut optimizer,
-                &mut controller,
-                &mut pipeline,
-            )?;
+            restore(l, &built, &mut optimizer, &mut controller, &mut pipeline)?;
             start = l.manifest.step as usize;
             tokens_seen = l.manifest.tokens;
             eprintln!("resuming from {} (step {start})", l.location);
@@ -545,14 +541,12 @@ fn find_checkpoint(
 
 /// Puts a loaded checkpoint's state into the model, optimizer, controller and pipeline.
 fn restore(
-    recipe: &Recipe,
     loaded: &Loaded,
     built: &BuiltModel,
     optimizer: &mut AdamW,
     controller: &mut ExpertBiasController,
     pipeline: &mut Pipeline,
 ) -> Result<(), TrainError> {
-    crate::checkpoint::check_model(recipe, loaded).map_err(TrainError::Setup)?;
     let bad = |problem: String| TrainError::Setup(format!("{}: {problem}", loaded.location));
     for (name, var) in named_tensors(&built.vars) {
         let saved = loaded
