@@ -429,7 +429,7 @@ impl Checkpoints {
             problem,
         };
         let ranks = manifest.world.ranks.len().max(1);
-        let mut states = vec![serde_json::Value::Null; ranks];
+        let mut states = Vec::with_capacity(ranks);
         let mut pieces: BTreeMap<String, Vec<(Slice, HostTensor)>> = BTreeMap::new();
         let mut tensors = BTreeMap::new();
         for rank in 0..ranks {
@@ -440,7 +440,7 @@ impl Checkpoints {
             };
             let slices: BTreeMap<String, Slice> = serde_json::from_value(json["slices"].clone())
                 .map_err(|e| invalid(format!("rank {rank} slices: {e}")))?;
-            states[rank] = json["state"].clone();
+            states.push(json["state"].clone());
             let bytes = files
                 .get(&rank_file(rank, "safetensors"))
                 .ok_or_else(|| invalid(format!("rank {rank} has no tensor file")))?;

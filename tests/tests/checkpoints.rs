@@ -63,10 +63,12 @@ fn rank_file(run: &Path, step: usize) -> Vec<u8> {
     bytes
 }
 
+/// A straight run: its directory, losses, final weights and final rank-0 state.
+type Reference = (PathBuf, Vec<(u64, String, f64)>, Vec<u8>, Vec<u8>);
+
 /// A straight run, once per test process.
-fn reference() -> &'static (PathBuf, Vec<(u64, String, f64)>, Vec<u8>, Vec<u8>) {
-    static REF: std::sync::OnceLock<(PathBuf, Vec<(u64, String, f64)>, Vec<u8>, Vec<u8>)> =
-        std::sync::OnceLock::new();
+fn reference() -> &'static Reference {
+    static REF: std::sync::OnceLock<Reference> = std::sync::OnceLock::new();
     REF.get_or_init(|| {
         let dir = scratch("ckpt-reference");
         run_ok(&mut train(&dir, "straight", &[]));
