@@ -4,6 +4,7 @@
 //! multiple of 8 bytes, then the tensors' bytes back to back. Python's `safetensors`
 //! reads these files.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -42,8 +43,8 @@ pub struct HostTensor {
     pub dtype: Dtype,
     /// Shape.
     pub shape: Vec<usize>,
-    /// Raw bytes (`numel * dtype.size()`).
-    pub data: Vec<u8>,
+    /// Raw bytes (`numel * dtype.size()`), shared without copying.
+    pub data: Bytes,
 }
 
 impl HostTensor {
@@ -60,8 +61,9 @@ struct Entry {
     data_offsets: [usize; 2],
 }
 
-/// The file's bytes for `tensors` (sorted by name; names must be unique).
-pub fn serialize(tensors: &[HostTensor]) -> Vec<u8> {
+/// The file's bytes for `tensors` (sorted by name; names must be unique), as chunks: the
+/// header, then each tensor's bytes (shared, not copied).
+pub fn serialize_chunks(tensors: &[HostTensor]) -> Vec<Bytes> {
     let mut order: Vec<&HostTensor> = tensors.iter().collect();
     order.sort_by(|a, b| a.name.cmp(&b.name));
     let mut header = BTreeMap::new();
@@ -81,17 +83,21 @@ pub fn serialize(tensors: &[HostTensor]) -> Vec<u8> {
     while json.len() % 8 != 0 {
         json.push(b' ');
     }
-    let mut out = Vec::with_capacity(8 + json.len() + offset);
-    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    out.extend_from_slice(&json);
-    for t in order {
-        out.extend_from_slice(&t.data);
-    }
+    let mut head = Vec::with_capacity(8 + json.len());
+    head.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    head.extend_from_slice(&json);
+    let mut out = vec![Bytes::from(head)];
+    out.extend(order.into_iter().map(|t| t.data.clone()));
     out
 }
 
+/// The file's bytes for `tensors`, in one buffer.
+pub fn serialize(tensors: &[HostTensor]) -> Vec<u8> {
+    serialize_chunks(tensors).concat()
+}
+
 /// The tensors of a safetensors file, by name; an error says what is malformed.
-pub fn deserialize(bytes: &[u8]) -> Result<Vec<HostTensor>, String> {
+pub fn deserialize(bytes: &Bytes) -> Result<Vec<HostTensor>, String> {
     if bytes.len() < 8 {
         return Err("shorter than the 8-byte header length".into());
     }
@@ -101,7 +107,7 @@ pub fn deserialize(bytes: &[u8]) -> Result<Vec<HostTensor>, String> {
     }
     let header: BTreeMap<String, serde_json::Value> =
         serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| format!("bad header ({e})"))?;
-    let data = &bytes[8 + n..];
+    let data = bytes.slice(8 + n..);
     let mut out = Vec::new();
     for (name, value) in header {
         if name == "__metadata__" {
@@ -117,7 +123,7 @@ pub fn deserialize(bytes: &[u8]) -> Result<Vec<HostTensor>, String> {
             name,
             dtype: e.dtype,
             shape: e.shape,
-            data: data[begin..end].to_vec(),
+            data: data.slice(begin..end),
         });
     }
     Ok(out)
@@ -133,13 +139,13 @@ mod tests {
             name: "b".into(),
             dtype: Dtype::F32,
             shape: vec![2],
-            data: vec![1, 2, 3, 4, 5, 6, 7, 8],
+            data: vec![1, 2, 3, 4, 5, 6, 7, 8].into(),
         };
         let b = HostTensor {
             name: "a".into(),
             dtype: Dtype::I64,
             shape: vec![1],
-            data: vec![9; 8],
+            data: vec![9; 8].into(),
         };
         let bytes = serialize(&[a.clone(), b.clone()]);
         assert_eq!(serialize(&[b.clone(), a.clone()]), bytes);
@@ -147,7 +153,8 @@ mod tests {
             (8 + u64::from_le_bytes(bytes[..8].try_into().unwrap())) % 8,
             0
         );
+        let bytes = Bytes::from(bytes);
         assert_eq!(deserialize(&bytes).unwrap(), vec![b, a]);
-        assert!(deserialize(&bytes[..bytes.len() - 1]).is_err());
+        assert!(deserialize(&bytes.slice(..bytes.len() - 1)).is_err());
     }
 }

@@ -13,7 +13,8 @@
 //! and the manifest is put-if-absent, so a crash at any point leaves the previous
 //! checkpoint or the new one, never a loadable half.
 
-use crate::safetensors::{deserialize, serialize, HostTensor};
+use crate::safetensors::{deserialize, serialize_chunks, HostTensor};
+use bytes::Bytes;
 use catapult_data::{Location, StorageOptions};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -174,7 +175,9 @@ impl Loaded {
             name: t.name.clone(),
             dtype: t.dtype,
             shape,
-            data: t.data[part * per * row_bytes..(part + 1) * per * row_bytes].to_vec(),
+            data: t
+                .data
+                .slice(part * per * row_bytes..(part + 1) * per * row_bytes),
         })
     }
 }
@@ -240,9 +243,14 @@ impl Checkpoints {
         Ok(self.location.put(&key, &display, bytes)?)
     }
 
-    fn get(&self, rel: &str) -> Result<Vec<u8>, ShardError> {
+    fn put_chunks(&self, rel: &str, chunks: Vec<Bytes>) -> Result<(), ShardError> {
         let (key, display) = self.path(rel);
-        Ok(self.location.get(&key, &display)?)
+        Ok(self.location.put_chunks(&key, &display, chunks)?)
+    }
+
+    fn get(&self, rel: &str) -> Result<Bytes, ShardError> {
+        let (key, display) = self.path(rel);
+        Ok(self.location.get_bytes(&key, &display)?)
     }
 
     /// Writes a checkpoint: every rank's files, then the manifest (put-if-absent), then
@@ -251,7 +259,7 @@ impl Checkpoints {
         let dir = step_dir(req.step);
         // Everything is encoded and hashed before anything is written, so an existing
         // checkpoint of this step can be compared first and is never touched.
-        let mut encoded: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut encoded: Vec<(String, Vec<Bytes>)> = Vec::new();
         let mut files = Vec::new();
         for r in &req.ranks {
             let state = serde_json::to_vec_pretty(&serde_json::json!({
@@ -260,17 +268,24 @@ impl Checkpoints {
                 "state": r.state,
             }))
             .expect("JSON values serialize");
-            for (name, bytes) in [
-                (rank_file(r.rank, "safetensors"), serialize(&r.tensors)),
-                (rank_file(r.rank, "json"), state),
+            for (name, chunks) in [
+                (
+                    rank_file(r.rank, "safetensors"),
+                    serialize_chunks(&r.tensors),
+                ),
+                (rank_file(r.rank, "json"), vec![Bytes::from(state)]),
             ] {
+                let mut hasher = blake3::Hasher::new();
+                for c in &chunks {
+                    hasher.update(c);
+                }
                 files.push(FileEntry {
                     name: name.clone(),
                     rank: r.rank,
-                    bytes: bytes.len() as u64,
-                    blake3: blake3::hash(&bytes).to_hex().to_string(),
+                    bytes: chunks.iter().map(|c| c.len() as u64).sum(),
+                    blake3: hasher.finalize().to_hex().to_string(),
                 });
-                encoded.push((name, bytes));
+                encoded.push((name, chunks));
             }
         }
         let manifest = Manifest {
@@ -287,11 +302,11 @@ impl Checkpoints {
         let rel = format!("{dir}/{MANIFEST}");
         let (key, display) = self.path(&rel);
         if let Some(existing) = self.location.get_optional(&key, &display)? {
-            if existing == bytes {
+            if *existing == *bytes {
                 // The same state saved again (a resumed deterministic run). Rewriting the
                 // files repairs any that were damaged; each write matches the manifest.
-                for (name, data) in encoded {
-                    self.put(&format!("{dir}/{name}"), data)?;
+                for (name, chunks) in encoded {
+                    self.put_chunks(&format!("{dir}/{name}"), chunks)?;
                 }
                 self.put(LATEST, dir.into_bytes())?;
                 return Ok(manifest);
@@ -308,12 +323,13 @@ impl Checkpoints {
             // puts) marks an unfinished save: replace it.
             self.location.delete(&key, &display)?;
         }
-        for (name, data) in encoded {
+        for (name, chunks) in encoded {
             if name.ends_with(".safetensors") && fault("mid-shard", req.step) {
-                self.put(&format!("{dir}/{name}"), data[..data.len() / 2].to_vec())?;
+                let whole = chunks.concat();
+                self.put(&format!("{dir}/{name}"), whole[..whole.len() / 2].to_vec())?;
                 kill_self();
             }
-            self.put(&format!("{dir}/{name}"), data)?;
+            self.put_chunks(&format!("{dir}/{name}"), chunks)?;
         }
         if fault("before-manifest", req.step) {
             kill_self();
@@ -382,7 +398,7 @@ impl Checkpoints {
         &self,
         step: u64,
         verify: bool,
-    ) -> Result<(Manifest, BTreeMap<String, Vec<u8>>), ShardError> {
+    ) -> Result<(Manifest, BTreeMap<String, Bytes>), ShardError> {
         let manifest = self.manifest(step)?;
         let dir = step_dir(step);
         let mut out = BTreeMap::new();
@@ -480,7 +496,7 @@ impl Checkpoints {
                     name,
                     dtype: parts[0].1.dtype,
                     shape,
-                    data,
+                    data: data.into(),
                 },
             );
         }
@@ -619,7 +635,7 @@ mod tests {
             name: t.name.clone(),
             dtype: t.dtype,
             shape: vec![end - start, t.shape[1]],
-            data: t.data[start * row..end * row].to_vec(),
+            data: t.data.slice(start * row..end * row),
         }
     }
 

@@ -240,6 +240,33 @@ impl Location {
         })
     }
 
+    /// Writes the concatenation of `chunks` to `key` in one request, without copying them
+    /// into one buffer.
+    pub fn put_chunks(
+        &self,
+        key: &ObjPath,
+        display: &str,
+        chunks: Vec<bytes::Bytes>,
+    ) -> Result<(), DataError> {
+        let store = self.store.clone();
+        retry(&self.options, display, "write", || {
+            let store = store.clone();
+            let key = key.clone();
+            let payload: object_store::PutPayload = chunks.iter().cloned().collect();
+            async move { store.put(&key, payload).await.map(|_| ()) }
+        })
+    }
+
+    /// The whole object `key`, shared (no copy beyond the read).
+    pub fn get_bytes(&self, key: &ObjPath, display: &str) -> Result<bytes::Bytes, DataError> {
+        let store = self.store.clone();
+        retry(&self.options, display, "read", || {
+            let store = store.clone();
+            let key = key.clone();
+            async move { store.get(&key).await?.bytes().await }
+        })
+    }
+
     /// Writes `bytes` to `key` only if no object is there (put-if-absent: an exclusive
     /// create locally, a conditional put on object stores). Returns false when the key
     /// already existed.

@@ -300,7 +300,7 @@ fn bench_ckpt(gib: f64, recipe: &Path, python: &Path, dir: &Path) -> Result<(), 
                 name: format!("model.layers.{i}.weight"),
                 dtype: Dtype::F32,
                 shape: vec![per / 4 / 4096, 4096],
-                data,
+                data: data.into(),
             }
         })
         .collect();

@@ -58,7 +58,7 @@ pub fn to_host(name: &str, t: &Tensor) -> HostTensor {
         name: name.to_string(),
         dtype: d,
         shape: cpu.size().iter().map(|&s| s as usize).collect(),
-        data,
+        data: data.into(),
     }
 }
 
