@@ -314,3 +314,32 @@ fn resume_refuses_a_different_model() {
         "{err}"
     );
 }
+
+#[test]
+fn a_new_run_never_mixes_with_old_checkpoints() {
+    let dir = scratch("ckpt-overwrite");
+    let short = [
+        "train.steps=3".to_string(),
+        "train.warmup_steps=1".to_string(),
+    ];
+    run_ok(&mut train(&dir, "run", &short));
+    // --overwrite replaces the run, its default checkpoint directory included.
+    let mut lr = short.to_vec();
+    lr.push("train.lr=0.001".into());
+    run_ok(train(&dir, "run", &lr).arg("--overwrite"));
+    run_ok(catapult(&dir).args(["ckpt", "verify", "run/checkpoints"]));
+    // A checkpoint.dir named in the recipe is never deleted: a fresh run refuses it.
+    let mut custom = short.to_vec();
+    custom.push(format!(
+        "checkpoint.dir={}",
+        dir.join("run/checkpoints").display()
+    ));
+    let out = train(&dir, "other", &custom).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already holds checkpoints (newest step-00000003)")
+            && err.contains("--resume"),
+        "{err}"
+    );
+}

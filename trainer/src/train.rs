@@ -258,6 +258,27 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         crate::checkpoint::check_model(recipe, l).map_err(TrainError::Setup)?;
     }
     prepare_run_dir(&run_dir, recipe, opts)?;
+    if opts.resume.is_none() {
+        if let Some(newest) = store.steps()?.last() {
+            if opts.overwrite && recipe.checkpoint.dir.is_none() {
+                let dir = run_dir.join("checkpoints");
+                std::fs::remove_dir_all(&dir)
+                    .map_err(|source| TrainError::Io { path: dir, source })?;
+            } else {
+                return Err(TrainError::Setup(format!(
+                    "{} already holds checkpoints (newest {}); pass --resume to continue from them, \
+                     or set checkpoint.dir to an empty location{}",
+                    store.root(),
+                    catapult_checkpoints::step_dir(*newest),
+                    if opts.overwrite {
+                        " (--overwrite does not delete a checkpoint.dir set in the recipe)"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+        }
+    }
 
     let built = build_model(recipe, device);
     let model = &built.model;
