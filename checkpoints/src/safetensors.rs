@@ -101,8 +101,9 @@ pub fn deserialize(bytes: &Bytes) -> Result<Vec<HostTensor>, String> {
     if bytes.len() < 8 {
         return Err("shorter than the 8-byte header length".into());
     }
-    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
-    if 8 + n > bytes.len() {
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    let n = usize::try_from(n).unwrap_or(usize::MAX);
+    if n > bytes.len() - 8 {
         return Err(format!("header length {n} runs past the end of the file"));
     }
     let header: BTreeMap<String, serde_json::Value> =
@@ -115,7 +116,11 @@ pub fn deserialize(bytes: &Bytes) -> Result<Vec<HostTensor>, String> {
         }
         let e: Entry = serde_json::from_value(value).map_err(|e| format!("tensor {name}: {e}"))?;
         let [begin, end] = e.data_offsets;
-        let expected = e.shape.iter().product::<usize>() * e.dtype.size();
+        let expected = e
+            .shape
+            .iter()
+            .try_fold(e.dtype.size(), |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| format!("tensor {name}: shape {:?} overflows", e.shape))?;
         if end < begin || end > data.len() || end - begin != expected {
             return Err(format!("tensor {name}: offsets {begin}..{end} do not fit"));
         }
@@ -156,5 +161,15 @@ mod tests {
         let bytes = Bytes::from(bytes);
         assert_eq!(deserialize(&bytes).unwrap(), vec![b, a]);
         assert!(deserialize(&bytes.slice(..bytes.len() - 1)).is_err());
+        // Hostile lengths are errors, not panics.
+        let mut huge = bytes.to_vec();
+        huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(deserialize(&Bytes::from(huge)).is_err());
+        let header =
+            br#"{"x":{"dtype":"F32","shape":[4611686018427387904,8],"data_offsets":[0,0]}}"#;
+        let mut overflow = (header.len() as u64).to_le_bytes().to_vec();
+        overflow.extend_from_slice(header);
+        let err = deserialize(&Bytes::from(overflow)).unwrap_err();
+        assert!(err.contains("overflows"), "{err}");
     }
 }

@@ -338,11 +338,16 @@ impl Checkpoints {
             self.put(&rel, bytes[..bytes.len() / 2].to_vec())?;
             kill_self();
         }
-        if !self.location.put_if_absent(&key, &display, bytes)? {
-            return Err(ShardError::Invalid {
-                location: display,
-                problem: "another process wrote this checkpoint's manifest at the same time".into(),
-            });
+        if !self.location.put_if_absent(&key, &display, bytes.clone())? {
+            // Either our own put succeeded and its reply was lost (a retry then finds the
+            // object), or another writer won the race.
+            if *self.get(&rel)? != *bytes {
+                return Err(ShardError::Invalid {
+                    location: display,
+                    problem: "another process wrote this checkpoint's manifest at the same time"
+                        .into(),
+                });
+            }
         }
         self.put(LATEST, dir.into_bytes())?;
         Ok(manifest)
@@ -473,6 +478,15 @@ impl Checkpoints {
             parts.sort_by_key(|(s, _)| s.start);
             let full = parts[0].0.full;
             let mut shape = parts[0].1.shape.clone();
+            if shape.is_empty()
+                || parts
+                    .iter()
+                    .any(|(_, t)| t.dtype != parts[0].1.dtype || t.shape.get(1..) != shape.get(1..))
+            {
+                return Err(invalid(format!(
+                    "the slices of {name} differ in type or trailing shape"
+                )));
+            }
             let mut data = Vec::new();
             let mut next = 0;
             for (s, t) in &parts {
@@ -512,7 +526,8 @@ impl Checkpoints {
     /// skipped with a warning on stderr naming the file and rank, unless `fallback` is
     /// false, in which case its error is returned. None when there is no checkpoint.
     pub fn load_newest(&self, verify: bool, fallback: bool) -> Result<Option<Loaded>, ShardError> {
-        for step in self.steps()?.into_iter().rev() {
+        let steps = self.steps()?;
+        for &step in steps.iter().rev() {
             match self.load(step, verify) {
                 Ok(l) => return Ok(Some(l)),
                 Err(e) if fallback => {
@@ -524,18 +539,36 @@ impl Checkpoints {
                 Err(e) => return Err(e),
             }
         }
-        Ok(None)
+        if steps.is_empty() {
+            Ok(None)
+        } else {
+            Err(ShardError::Invalid {
+                location: self.root().to_string(),
+                problem: format!(
+                    "none of its {} checkpoint(s) can be loaded (see the warnings above); repair or \
+                     remove them, or start a new run with another checkpoint.dir",
+                    steps.len()
+                ),
+            })
+        }
     }
 
-    /// Deletes checkpoints older than the newest complete one, except the last
-    /// `keep_last` and every step that is a multiple of `keep_every` (0: none). The
+    /// After `saved` is complete: deletes older checkpoints except the newest
+    /// `keep_last - 1` of them and every multiple of `keep_every` (0: none). The
     /// manifest goes first, so a half-deleted checkpoint is never loadable. Returns the
     /// deleted steps.
-    pub fn retain(&self, keep_last: usize, keep_every: u64) -> Result<Vec<u64>, ShardError> {
-        let steps = self.steps()?;
-        let keep_from = steps.len().saturating_sub(keep_last.max(1));
+    pub fn retain(
+        &self,
+        saved: u64,
+        keep_last: usize,
+        keep_every: u64,
+    ) -> Result<Vec<u64>, ShardError> {
+        // Only checkpoints older than the one just saved are candidates: newer ones (of
+        // a run that was rolled back) are never touched, and `saved` always stays.
+        let older: Vec<u64> = self.steps()?.into_iter().filter(|&s| s < saved).collect();
+        let keep_from = older.len().saturating_sub(keep_last.max(1) - 1);
         let mut deleted = Vec::new();
-        for (i, &step) in steps.iter().enumerate() {
+        for (i, &step) in older.iter().enumerate() {
             if i >= keep_from || (keep_every > 0 && step % keep_every == 0) {
                 continue;
             }
@@ -556,10 +589,13 @@ impl Checkpoints {
 }
 
 /// Saves in a background thread, at most one at a time; dropping it waits for the save
-/// in flight, so the process never exits in the middle of one.
+/// in flight, so the process never exits in the middle of one. A failed save is
+/// reported and training goes on (the next save retries); `wait` returns the last
+/// failure.
 #[derive(Debug, Default)]
 pub struct AsyncSaver {
     in_flight: Option<std::thread::JoinHandle<Result<Manifest, ShardError>>>,
+    failed: Option<ShardError>,
 }
 
 impl AsyncSaver {
@@ -571,25 +607,31 @@ impl AsyncSaver {
         req: SaveRequest,
         keep_last: usize,
         keep_every: u64,
-    ) -> Result<f64, ShardError> {
+    ) -> f64 {
         let started = std::time::Instant::now();
-        self.wait()?;
+        if let Err(e) = self.join() {
+            eprintln!("error: a checkpoint save failed: {e}; training continues and the next save retries");
+            self.failed = Some(e);
+        }
         let waited = started.elapsed().as_secs_f64();
         self.in_flight = Some(
             std::thread::Builder::new()
                 .name("catapult-ckpt".into())
                 .spawn(move || {
                     let manifest = store.save(req)?;
-                    store.retain(keep_last, keep_every)?;
+                    if let Err(e) = store.retain(manifest.step, keep_last, keep_every) {
+                        eprintln!(
+                            "warning: checkpoint retention failed: {e}; old checkpoints were kept"
+                        );
+                    }
                     Ok(manifest)
                 })
                 .expect("spawn the checkpoint thread"),
         );
-        Ok(waited)
+        waited
     }
 
-    /// Waits for the save in flight, if any, and returns its manifest.
-    pub fn wait(&mut self) -> Result<Option<Manifest>, ShardError> {
+    fn join(&mut self) -> Result<Option<Manifest>, ShardError> {
         match self.in_flight.take() {
             Some(h) => h
                 .join()
@@ -603,16 +645,24 @@ impl AsyncSaver {
             None => Ok(None),
         }
     }
+
+    /// Waits for the save in flight; an error if it, or the last one that failed, did.
+    pub fn wait(&mut self) -> Result<Option<Manifest>, ShardError> {
+        let result = self.join();
+        match (result, self.failed.take()) {
+            (Err(e), _) | (Ok(_), Some(e)) => Err(e),
+            (Ok(m), None) => Ok(m),
+        }
+    }
 }
 
 impl Drop for AsyncSaver {
     fn drop(&mut self) {
         if let Err(e) = self.wait() {
-            eprintln!("error: the last checkpoint save failed: {e}");
+            eprintln!("error: a checkpoint save failed: {e}");
         }
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -748,6 +798,14 @@ mod tests {
             2
         );
         assert!(store.load_newest(true, false).is_err());
+        // When nothing loads, resuming is an error, not a silent fresh start.
+        let path2 = format!("{dir}/step-00000002/rank-00000.json");
+        std::fs::write(&path2, b"{}").unwrap();
+        let err = store.load_newest(true, true).unwrap_err().to_string();
+        assert!(
+            err.contains("none of its 2 checkpoint(s) can be loaded"),
+            "{err}"
+        );
         // A step directory without a manifest does not exist.
         std::fs::create_dir_all(format!("{dir}/step-00000009")).unwrap();
         std::fs::write(
@@ -769,7 +827,7 @@ mod tests {
                 .save(two_rank_request(step, &dense, &experts))
                 .unwrap();
         }
-        let deleted = store.retain(2, 3).unwrap();
+        let deleted = store.retain(7, 2, 3).unwrap();
         assert_eq!(deleted, vec![1, 2, 4, 5]);
         assert_eq!(store.steps().unwrap(), vec![3, 6, 7]);
         assert!(

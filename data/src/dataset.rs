@@ -395,6 +395,19 @@ impl Dataset {
             return Ok(m.clone());
         }
         let display = self.location.display_child(&shard.name);
+        if self.index.is_some() {
+            let actual = self.location.head(&shard.key, &display)?.size;
+            if actual != shard.size {
+                return Err(DataError::Index {
+                    location: display,
+                    problem: format!(
+                        "is {actual} bytes but dataset.json says {}: the shards changed after the \
+                         index was written; re-run `catapult data prepare`",
+                        shard.size
+                    ),
+                });
+            }
+        }
         let meta = load_metadata(
             &self.location.store,
             &shard.key,

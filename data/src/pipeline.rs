@@ -642,9 +642,25 @@ impl SubStream {
                 s.unit, s.shard, s.row_group
             )));
         }
+        if b.emitted > shared.cfg.shuffle_buffer || b.seq_len == 0 {
+            return Err(changed(format!(
+                "block {} says {} sequences of length {} were emitted from a buffer of {}",
+                b.index, b.emitted, b.seq_len, shared.cfg.shuffle_buffer
+            )));
+        }
         self.load_current(shared)?;
         let docs = &self.current.as_ref().expect("loaded").docs.docs;
         let found = docs.get(self.doc).map(|d| d.0);
+        let doc_len = docs.get(self.doc).map_or(0, |d| d.1.len());
+        if self.doc > docs.len()
+            || self.offset > doc_len
+            || (self.offset > 0 && self.offset == doc_len)
+        {
+            return Err(changed(format!(
+                "position document {} offset {} does not exist in {name} row group {row_group}",
+                s.doc, s.offset
+            )));
+        }
         if found != s.row {
             return Err(changed(format!(
                 "document {} of {name} row group {row_group} is row {found:?}, the state says {:?}",

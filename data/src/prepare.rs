@@ -173,6 +173,12 @@ pub fn prepare(
         })?;
     }
     let location = Location::open(out, &opts.storage)?;
+    // An index left from an earlier preparation would describe shards that are about to
+    // be replaced: remove it first, so the dataset has no index until this one is done.
+    location.delete(
+        &location.child(INDEX_FILE),
+        &location.display_child(INDEX_FILE),
+    )?;
     let sizes: Vec<usize> = documents.iter().map(String::len).collect();
     let shards = groups(&sizes, opts.shard_size);
     let next = std::sync::atomic::AtomicUsize::new(0);

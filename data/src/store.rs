@@ -35,7 +35,7 @@ impl Default for StorageOptions {
         Self {
             endpoint: None,
             region: None,
-            retries: 4,
+            retries: 8,
             backoff: Duration::from_millis(200),
         }
     }
@@ -89,7 +89,7 @@ impl Location {
         };
         let client = ClientOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(120));
+            .with_timeout(Duration::from_secs(900));
         let (store, key): (Arc<dyn ObjectStore>, ObjPath) =
             if let Some((scheme, _)) = location.split_once("://") {
                 let url = url::Url::parse(location)
@@ -97,7 +97,7 @@ impl Location {
                 let key = ObjPath::from_url_path(url.path())
                     .map_err(|e| store_err(format!("bad object path ({e})")))?;
                 let built: Result<Arc<dyn ObjectStore>, object_store::Error> = match scheme {
-                    "file" => Ok(Arc::new(LocalFileSystem::new())),
+                    "file" => Ok(Arc::new(LocalFileSystem::new().with_fsync(true))),
                     "s3" | "s3a" => {
                         let mut b = AmazonS3Builder::from_env()
                             .with_url(location)
@@ -249,11 +249,31 @@ impl Location {
         chunks: Vec<bytes::Bytes>,
     ) -> Result<(), DataError> {
         let store = self.store.clone();
+        let total: usize = chunks.iter().map(|c| c.len()).sum();
+        // Local files take the chunks in one write; object stores get a multipart
+        // upload above 64 MiB (single PUTs are capped at 5 GiB on S3).
+        let multipart = total > (64 << 20)
+            && !self.display.starts_with('/')
+            && self.display.contains("://")
+            && !self.display.starts_with("file://");
         retry(&self.options, display, "write", || {
             let store = store.clone();
             let key = key.clone();
-            let payload: object_store::PutPayload = chunks.iter().cloned().collect();
-            async move { store.put(&key, payload).await.map(|_| ()) }
+            let chunks = chunks.clone();
+            async move {
+                if multipart {
+                    let mut upload =
+                        object_store::WriteMultipart::new(store.put_multipart(&key).await?);
+                    for c in chunks {
+                        upload.put(c);
+                        upload.wait_for_capacity(4).await?;
+                    }
+                    upload.finish().await.map(|_| ())
+                } else {
+                    let payload: object_store::PutPayload = chunks.into_iter().collect();
+                    store.put(&key, payload).await.map(|_| ())
+                }
+            }
         })
     }
 

@@ -173,7 +173,7 @@ pub fn run(command: CkptCommand) -> Result<(), crate::Failure> {
                     f.name,
                     f.rank,
                     human(f.bytes),
-                    &f.blake3[..16]
+                    f.blake3.get(..16).unwrap_or(&f.blake3)
                 );
             }
         }

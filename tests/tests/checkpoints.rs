@@ -300,6 +300,22 @@ print(json.dumps({"tensors": len(shard), "model": len(final)}))
 }
 
 #[test]
+fn resume_refuses_a_rollback_into_newer_checkpoints() {
+    let (run, _, _, _) = reference();
+    let dir = run.parent().unwrap();
+    let out = train(dir, "straight", &[])
+        .args(["--resume", "straight/checkpoints/step-00000006"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("newer checkpoints (step-00000009, step-00000012)"),
+        "{err}"
+    );
+}
+
+#[test]
 fn resume_refuses_a_different_model() {
     let (run, _, _, _) = reference();
     let dir = run.parent().unwrap();

@@ -606,7 +606,7 @@ mod defaults {
         true
     }
     pub fn retries() -> u32 {
-        4
+        8
     }
     pub fn backoff_ms() -> u64 {
         200

@@ -485,10 +485,18 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
                     request,
                     recipe.checkpoint.keep_last,
                     recipe.checkpoint.keep_every,
-                )?
+                )
             } else {
                 store.save(request)?;
-                store.retain(recipe.checkpoint.keep_last, recipe.checkpoint.keep_every)?;
+                if let Err(e) = store.retain(
+                    done as u64,
+                    recipe.checkpoint.keep_last,
+                    recipe.checkpoint.keep_every,
+                ) {
+                    eprintln!(
+                        "warning: checkpoint retention failed: {e}; old checkpoints were kept"
+                    );
+                }
                 0.0
             };
             metrics.write(serde_json::json!({
@@ -503,7 +511,9 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         progress.inc(1);
     }
     progress.finish();
-    saver.wait()?;
+    // The final weights are written even when the last sharded save failed; its error
+    // is returned after them.
+    let last_save = saver.wait();
 
     let checkpoint = run_dir.join("checkpoint");
     let meta = serde_json::json!({
@@ -516,6 +526,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         "recipe": serde_json::to_value(recipe).expect("recipes serialize"),
     });
     catapult_checkpoints::save(&checkpoint, &named_tensors(&built.vars), &meta)?;
+    last_save?;
     Ok(RunSummary {
         checkpoint,
         metrics: metrics.path,
@@ -545,7 +556,24 @@ fn find_checkpoint(
             let trimmed = path.trim_end_matches('/');
             let (parent, last) = trimmed.rsplit_once('/').unwrap_or((".", trimmed));
             match last.strip_prefix("step-").and_then(|n| n.parse::<u64>().ok()) {
-                Some(step) => Ok(Some(Checkpoints::open(parent, &options)?.load(step, verify)?)),
+                Some(step) => {
+                    let root = Checkpoints::open(parent, &options)?;
+                    let newer: Vec<String> = root
+                        .steps()?
+                        .into_iter()
+                        .filter(|&s| s > step)
+                        .map(catapult_checkpoints::step_dir)
+                        .collect();
+                    if !newer.is_empty() {
+                        return Err(TrainError::Setup(format!(
+                            "--resume {path}: {parent} also holds newer checkpoints ({}); a run \
+                             rolled back to step {step} would collide with them. Move them away \
+                             (or copy this step to a new checkpoint.dir) first",
+                            newer.join(", ")
+                        )));
+                    }
+                    Ok(Some(root.load(step, verify)?))
+                }
                 None => Checkpoints::open(trimmed, &options)?
                     .load_newest(verify, fallback)?
                     .map(Some)
