@@ -240,9 +240,14 @@ impl Budget {
     }
 }
 
-type Reply = mpsc::Receiver<Result<Documents, DataError>>;
+/// A submitted read: its id (to promote it) and where its result arrives.
+struct Reply {
+    id: u64,
+    rx: mpsc::Receiver<Result<Documents, DataError>>,
+}
 
 struct Job {
+    id: u64,
     dataset: Arc<Dataset>,
     shard: u32,
     row_group: u32,
@@ -250,26 +255,47 @@ struct Job {
     reply: mpsc::Sender<Result<Documents, DataError>>,
 }
 
-/// A pool of threads that read row groups and tokenize them.
+/// Jobs waiting for a worker: reads needed now go first, read-ahead after.
+#[derive(Default)]
+struct Queues {
+    urgent: VecDeque<Job>,
+    ahead: VecDeque<Job>,
+    closed: bool,
+    next_id: u64,
+}
+
+/// A pool of threads that read row groups and tokenize them. A read the training thread
+/// waits for is served before read-ahead (a queued read-ahead job is promoted when it
+/// becomes needed), so a deep read-ahead never delays the next batch.
 struct Loader {
-    jobs: Option<mpsc::Sender<Job>>,
+    queues: Arc<(Mutex<Queues>, std::sync::Condvar)>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Loader {
     fn new(workers: usize, tokenizer: Arc<Tokenizer>, valid_fraction: f64) -> Self {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
+        let queues = Arc::new((Mutex::new(Queues::default()), std::sync::Condvar::new()));
         let threads = (0..workers.max(1))
             .map(|i| {
-                let rx = rx.clone();
+                let queues = queues.clone();
                 let tokenizer = tokenizer.clone();
                 std::thread::Builder::new()
                     .name(format!("catapult-data-{i}"))
                     .spawn(move || loop {
-                        let job = match rx.lock().expect("job queue").recv() {
-                            Ok(job) => job,
-                            Err(_) => return,
+                        let job = {
+                            let (lock, ready) = &*queues;
+                            let mut q = lock.lock().expect("job queues");
+                            loop {
+                                if let Some(job) =
+                                    q.urgent.pop_front().or_else(|| q.ahead.pop_front())
+                                {
+                                    break job;
+                                }
+                                if q.closed {
+                                    return;
+                                }
+                                q = ready.wait(q).expect("job queues");
+                            }
                         };
                         let result = job.dataset.read(
                             job.shard,
@@ -283,44 +309,70 @@ impl Loader {
                     .expect("spawn a data worker")
             })
             .collect();
-        Self {
-            jobs: Some(tx),
-            threads,
-        }
+        Self { queues, threads }
     }
 
-    fn submit(&self, dataset: &Arc<Dataset>, unit: (u32, u32), split: Split) -> Reply {
+    /// Queues a read; `urgent` when the caller is about to wait for it.
+    fn submit(
+        &self,
+        dataset: &Arc<Dataset>,
+        unit: (u32, u32),
+        split: Split,
+        urgent: bool,
+    ) -> Reply {
         let (reply, rx) = mpsc::channel();
-        self.jobs
-            .as_ref()
-            .expect("loader open")
-            .send(Job {
-                dataset: dataset.clone(),
-                shard: unit.0,
-                row_group: unit.1,
-                split,
-                reply,
+        let (lock, ready) = &*self.queues;
+        let mut q = lock.lock().expect("job queues");
+        let id = q.next_id;
+        q.next_id += 1;
+        let job = Job {
+            id,
+            dataset: dataset.clone(),
+            shard: unit.0,
+            row_group: unit.1,
+            split,
+            reply,
+        };
+        if urgent {
+            q.urgent.push_back(job);
+        } else {
+            q.ahead.push_back(job);
+        }
+        ready.notify_one();
+        Reply { id, rx }
+    }
+
+    /// Waits for a read, first promoting it ahead of read-ahead if it is still queued.
+    fn receive(&self, reply: Reply) -> Result<Documents, DataError> {
+        {
+            let mut q = self.queues.0.lock().expect("job queues");
+            if let Some(pos) = q.ahead.iter().position(|j| j.id == reply.id) {
+                let job = q.ahead.remove(pos).expect("position is valid");
+                q.urgent.push_back(job);
+            }
+        }
+        reply.rx.recv().unwrap_or_else(|_| {
+            Err(DataError::State {
+                problem: "a data worker thread died".into(),
             })
-            .expect("data workers alive");
-        rx
+        })
     }
 }
 
 impl Drop for Loader {
     fn drop(&mut self) {
-        self.jobs = None;
+        {
+            let (lock, ready) = &*self.queues;
+            let mut q = lock.lock().expect("job queues");
+            q.closed = true;
+            q.urgent.clear();
+            q.ahead.clear();
+            ready.notify_all();
+        }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
-}
-
-fn receive(rx: Reply) -> Result<Documents, DataError> {
-    rx.recv().unwrap_or_else(|_| {
-        Err(DataError::State {
-            problem: "a data worker thread died".into(),
-        })
-    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -401,7 +453,7 @@ struct SubStream {
     empty_units: u64,
 }
 
-const MAX_AHEAD: usize = 4;
+const MAX_AHEAD: usize = 2;
 
 struct Shared {
     cfg: PipelineConfig,
@@ -461,7 +513,7 @@ impl SubStream {
             Some((n, _, _)) if *n == self.unit => {
                 let (_, rx, lease) = self.queue.pop_front().expect("front");
                 Loaded {
-                    docs: receive(rx)?,
+                    docs: shared.loader.receive(rx)?,
                     _lease: lease,
                 }
             }
@@ -469,9 +521,9 @@ impl SubStream {
                 self.queue.clear();
                 let unit = self.unit_at(shared, self.unit);
                 let lease = shared.budget.acquire(dataset.unit_cost(unit.0, unit.1));
-                let rx = shared.loader.submit(dataset, unit, Split::Train);
+                let rx = shared.loader.submit(dataset, unit, Split::Train, true);
                 Loaded {
-                    docs: receive(rx)?,
+                    docs: shared.loader.receive(rx)?,
                     _lease: lease,
                 }
             }
@@ -484,7 +536,7 @@ impl SubStream {
             let Some(lease) = shared.budget.try_acquire(dataset.unit_cost(unit.0, unit.1)) else {
                 break;
             };
-            let rx = shared.loader.submit(dataset, unit, Split::Train);
+            let rx = shared.loader.submit(dataset, unit, Split::Train, false);
             self.queue.push_back((next, rx, lease));
             next += 1;
         }
@@ -985,15 +1037,16 @@ impl Pipeline {
             let mut next = 0;
             while sequences.len() < count {
                 while queue.len() < ahead && next < units.len() {
-                    queue.push_back(
-                        shared
-                            .loader
-                            .submit(dataset, units[next], Split::Validation),
-                    );
+                    queue.push_back(shared.loader.submit(
+                        dataset,
+                        units[next],
+                        Split::Validation,
+                        false,
+                    ));
                     next += 1;
                 }
                 let Some(rx) = queue.pop_front() else { break };
-                for (_, ids) in receive(rx)?.docs {
+                for (_, ids) in shared.loader.receive(rx)?.docs {
                     pending.extend_from_slice(&ids);
                     while pending.len() > seq_len && sequences.len() < count {
                         sequences.push(pending[..seq_len + 1].to_vec());
