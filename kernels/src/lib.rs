@@ -2,4 +2,5 @@
 //! compute. Collectives (the `Comm` interface over MPI, NCCL and a single process) will
 //! live here too; the model never calls them directly.
 
+pub mod comm;
 pub mod moe;

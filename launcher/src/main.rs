@@ -4,6 +4,7 @@
 
 mod bench;
 mod ckpt_cmd;
+mod comm_cmd;
 mod data_cmd;
 
 use catapult_trainer::{recipe, Override, RecipeError, RunOptions};
@@ -41,6 +42,11 @@ enum Command {
         /// Fail when the newest checkpoint is broken instead of falling back to an earlier one.
         #[arg(long)]
         no_fallback: bool,
+    },
+    /// Collectives: conformance checks in the current (MPI or single-process) world.
+    Comm {
+        #[command(subcommand)]
+        command: comm_cmd::CommCommand,
     },
     /// Inspect sharded checkpoints.
     Ckpt {
@@ -191,6 +197,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Data { command } => data_cmd::run(command)?,
         Command::Bench { command } => bench::run(command)?,
         Command::Ckpt { command } => ckpt_cmd::run(command)?,
+        Command::Comm { command } => comm_cmd::run(command)?,
     }
     Ok(())
 }
