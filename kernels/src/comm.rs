@@ -20,6 +20,7 @@ impl Elem for f32 {}
 impl Elem for f64 {}
 impl Elem for i64 {}
 impl Elem for i32 {}
+impl Elem for u8 {}
 
 /// The MPI world of this process.
 pub struct MpiComm {

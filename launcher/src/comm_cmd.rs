@@ -18,7 +18,11 @@ pub enum CommCommand {
 
 fn value(rank: usize, i: usize) -> f32 {
     // Mixed magnitudes, so that the summation order shows in the low bits.
-    let sign = if (rank + i).is_multiple_of(3) { -1.0 } else { 1.0 };
+    let sign = if (rank + i).is_multiple_of(3) {
+        -1.0
+    } else {
+        1.0
+    };
     sign * (1.0 + i as f32 * 0.37) * 10f32.powi(((rank * 7 + i) % 9) as i32 - 4)
 }
 

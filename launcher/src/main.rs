@@ -163,6 +163,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 no_fallback,
             };
             let summary = catapult_trainer::train(&recipe, &opts)?;
+            if summary.rank != 0 {
+                return Ok(());
+            }
             println!(
                 "validation loss: {:.4} -> {:.4}",
                 summary.first_val_loss, summary.last_val_loss

@@ -60,3 +60,94 @@ fn collectives_conform_and_reductions_ignore_timing() {
         );
     }
 }
+
+#[test]
+fn data_parallel_training_matches_one_process() {
+    let dir = scratch("dp-train");
+    let args = |out: &str| -> Vec<String> {
+        let mut a = vec![
+            "train".to_string(),
+            catapult_tests::workspace()
+                .join("recipes/tiny.yaml")
+                .display()
+                .to_string(),
+        ];
+        for set in [
+            format!("data.path={}", catapult_tests::corpus().display()),
+            "train.steps=8".into(),
+            "train.warmup_steps=2".into(),
+            "train.log_every=1".into(),
+            "train.eval_every=4".into(),
+            "train.eval_sequences=16".into(),
+            "data.shuffle_buffer=16".into(),
+            "system.threads=1".into(),
+            "train.micro_batch_size=4".into(),
+            "checkpoint.every=4".into(),
+            format!("output.dir={out}"),
+        ] {
+            a.push("--set".into());
+            a.push(set);
+        }
+        a
+    };
+    let one = Command::new(catapult_binary())
+        .current_dir(&dir)
+        .args(args("one"))
+        .output()
+        .unwrap();
+    assert!(
+        one.status.success(),
+        "{}",
+        String::from_utf8_lossy(&one.stderr)
+    );
+    for ranks in [2, 4] {
+        let name = format!("dp{ranks}");
+        let out = Command::new("mpirun")
+            .args([
+                "--allow-run-as-root",
+                "--oversubscribe",
+                "-np",
+                &ranks.to_string(),
+            ])
+            .arg(catapult_binary())
+            .args(args(&name))
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let read = |p: &str| std::fs::read(dir.join(p)).unwrap();
+        let losses = |run: &str| -> Vec<(u64, f64)> {
+            catapult_tests::metrics(&dir.join(run).join("metrics.jsonl"))
+                .iter()
+                .filter_map(|l| Some((l["step"].as_u64()?, l.get("loss")?.as_f64()?)))
+                .collect()
+        };
+        // Gradients are averaged in another association order than one process's
+        // micro-batch accumulation, so the match is to rounding, step by step.
+        let (a, b) = (losses("one"), losses(&name));
+        assert_eq!(a.len(), 8);
+        for ((s, x), (t, y)) in a.iter().zip(&b) {
+            assert_eq!(s, t);
+            assert!(
+                (x - y).abs() / x.abs() < 1e-5,
+                "{ranks} ranks, step {s}: {x} vs {y}"
+            );
+        }
+        // Rank 0 saved a checkpoint covering every rank's data streams.
+        let state: serde_json::Value = serde_json::from_slice(&read(&format!(
+            "{name}/checkpoints/step-00000008/rank-00000.json"
+        )))
+        .unwrap();
+        assert_eq!(
+            state["state"]["data_state"]["streams"]
+                .as_array()
+                .unwrap()
+                .len(),
+            16
+        );
+    }
+}

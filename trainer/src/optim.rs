@@ -95,6 +95,53 @@ impl AdamW {
         })
     }
 
+    /// Averages the gradients over the data-parallel ranks of `comm`, deterministically
+    /// (rank-order sums). A gradient any rank has is defined on all afterwards (zeros
+    /// where a rank had none), as one process holding every micro-batch would see it.
+    pub fn all_reduce_gradients(&mut self, comm: &catapult_kernels::comm::Comm) {
+        let world = comm.size() as f32;
+        let mut defined: Vec<i32> = self
+            .params
+            .iter()
+            .map(|(_, p)| i32::from(p.grad().defined()))
+            .collect();
+        comm.all_reduce_sum(&mut defined);
+        for ((_, p), &d) in self.params.iter().zip(&defined) {
+            if d > 0 && !p.grad().defined() {
+                // A parameter this rank did not touch: a zero gradient, so that the
+                // reduced one has somewhere to go.
+                (p.sum(Kind::Float) * 0.0).backward();
+            }
+        }
+        tch::no_grad(|| {
+            let mut flat: Vec<f32> = Vec::new();
+            for ((_, p), &d) in self.params.iter().zip(&defined) {
+                if d == 0 {
+                    continue;
+                }
+                let g = p.grad().to_kind(Kind::Float);
+                let v: Vec<f32> =
+                    Vec::try_from(&g.reshape([-1]).to_device(tch::Device::Cpu)).expect("f32 grads");
+                flat.extend(v);
+            }
+            comm.all_reduce_sum(&mut flat);
+            let mut at = 0;
+            for ((_, p), &d) in self.params.iter().zip(&defined) {
+                if d == 0 {
+                    continue;
+                }
+                let n = p.numel();
+                let summed = Tensor::from_slice(&flat[at..at + n])
+                    .view(p.size().as_slice())
+                    .to_device(p.device())
+                    .to_kind(p.kind())
+                    / world as f64;
+                at += n;
+                p.grad().copy_(&summed);
+            }
+        });
+    }
+
     /// Global L2 norm of the gradients; scales them to at most `max_norm` when it is > 0.
     /// Returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {

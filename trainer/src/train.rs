@@ -13,6 +13,7 @@ use crate::recipe::{DeviceKind, Precision, Recipe};
 use crate::router_metrics::{load_spread, router_similarity};
 use catapult_checkpoints::{kill_self_on, AsyncSaver, Checkpoints, Loaded};
 use catapult_data::{Batch, Pipeline};
+use catapult_kernels::comm::Comm;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -68,6 +69,8 @@ pub struct RunSummary {
     pub first_val_loss: f64,
     /// Validation loss after the last step.
     pub last_val_loss: f64,
+    /// This process's rank (only rank 0 writes the run directory).
+    pub rank: usize,
 }
 
 /// Inputs and targets (rows x seq_len, i64) of `sequences` (each seq_len + 1 ids).
@@ -161,7 +164,7 @@ fn mean_loss(model: &LongcatModel, sequences: &[Vec<u32>], micro: usize, device:
 }
 
 struct Metrics {
-    file: std::fs::File,
+    file: Option<std::fs::File>,
     path: PathBuf,
 }
 
@@ -195,7 +198,13 @@ impl Metrics {
             .append(true)
             .open(&path)
             .map_err(io)?;
-        Ok((Self { file, path }, kept))
+        Ok((
+            Self {
+                file: Some(file),
+                path,
+            },
+            kept,
+        ))
     }
 
     fn create(path: PathBuf) -> Result<Self, TrainError> {
@@ -203,11 +212,25 @@ impl Metrics {
             path: path.clone(),
             source,
         })?;
-        Ok(Self { file, path })
+        Ok(Self {
+            file: Some(file),
+            path,
+        })
+    }
+
+    /// Metrics of a rank other than 0: nothing is written.
+    fn disabled() -> Self {
+        Self {
+            file: None,
+            path: PathBuf::new(),
+        }
     }
 
     fn write(&mut self, value: serde_json::Value) -> Result<(), TrainError> {
-        writeln!(self.file, "{value}").map_err(|source| TrainError::Io {
+        let Some(file) = self.file.as_mut() else {
+            return Ok(());
+        };
+        writeln!(file, "{value}").map_err(|source| TrainError::Io {
             path: self.path.clone(),
             source,
         })
@@ -235,7 +258,22 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
     if recipe.system.threads > 0 {
         tch::set_num_threads(recipe.system.threads as i32);
     }
-    let mut pipeline = Pipeline::open(recipe.pipeline_config(), 0, 1)?;
+    // Data parallelism over the MPI world (or a world of one); every rank holds the whole
+    // model and reads its own slice of each global batch.
+    let comm = Comm::from_env();
+    let (rank, world) = (comm.rank(), comm.size());
+    let lead = rank == 0;
+    let t = &recipe.train;
+    if !t
+        .global_batch_size
+        .is_multiple_of(world * t.micro_batch_size)
+    {
+        return Err(TrainError::Setup(format!(
+            "train.global_batch_size = {} is not a multiple of {world} ranks x train.micro_batch_size = {}",
+            t.global_batch_size, t.micro_batch_size
+        )));
+    }
+    let mut pipeline = Pipeline::open(recipe.pipeline_config(), rank, world)?;
     let valid = pipeline.validation(recipe.train.eval_sequences, recipe.data.seq_len)?;
     if let Some((name, _)) = valid.iter().find(|(_, v)| v.is_empty()) {
         return Err(TrainError::Setup(format!(
@@ -257,8 +295,13 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
     if let Some(l) = &loaded {
         crate::checkpoint::check_model(recipe, l).map_err(TrainError::Setup)?;
     }
-    prepare_run_dir(&run_dir, recipe, opts)?;
-    if opts.resume.is_none() {
+    let prepared = if lead {
+        prepare_run_dir(&run_dir, recipe, opts)
+    } else {
+        Ok(())
+    };
+    agree(&comm, prepared)?;
+    if opts.resume.is_none() && lead {
         if let Some(newest) = store.steps()?.last() {
             if opts.overwrite && recipe.checkpoint.dir.is_none() {
                 let dir = run_dir.join("checkpoints");
@@ -291,8 +334,8 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
     let mut controller =
         ExpertBiasController::new(&recipe.moe.bias_control, &recipe.model, recipe.train.steps);
 
-    let t = &recipe.train;
-    let micro_batches = t.global_batch_size / t.micro_batch_size;
+    comm.barrier();
+    let micro_batches = t.global_batch_size / world / t.micro_batch_size;
     let shape = balance_shape(recipe);
     // Validation loss: the mean over datasets of each one's held-out loss.
     let eval = |model: &LongcatModel, step: usize| {
@@ -325,7 +368,11 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
             start = l.manifest.step as usize;
             tokens_seen = l.manifest.tokens;
             eprintln!("resuming from {} (step {start})", l.location);
-            let (m, kept) = Metrics::resume(run_dir.join("metrics.jsonl"), start as u64)?;
+            let (m, kept) = if lead {
+                Metrics::resume(run_dir.join("metrics.jsonl"), start as u64)?
+            } else {
+                (Metrics::disabled(), Vec::new())
+            };
             let first = kept
                 .iter()
                 .find(|v| v["step"] == 0)
@@ -334,16 +381,24 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
             (m, first)
         }
         None => {
-            let mut m = Metrics::create(run_dir.join("metrics.jsonl"))?;
-            let (first, line) = eval(model, 0);
-            m.write(line)?;
-            (m, first)
+            if lead {
+                let mut m = Metrics::create(run_dir.join("metrics.jsonl"))?;
+                let (first, line) = eval(model, 0);
+                m.write(line)?;
+                (m, first)
+            } else {
+                (Metrics::disabled(), f64::NAN)
+            }
         }
     };
     let mut last_val_loss = first_val_loss;
     let mut saver = AsyncSaver::default();
 
-    let progress = ProgressBar::new(t.steps as u64);
+    let progress = if lead {
+        ProgressBar::new(t.steps as u64)
+    } else {
+        ProgressBar::hidden()
+    };
     progress.set_style(
         ProgressStyle::with_template(
             "{prefix} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
@@ -391,6 +446,10 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
                 measure_rg,
                 &mut stats,
             );
+        }
+        if world > 1 {
+            optimizer.all_reduce_gradients(&comm);
+            stats.all_reduce(&comm);
         }
         let grad_norm = optimizer.clip_grad_norm(t.grad_clip);
         optimizer.step(lr);
@@ -458,7 +517,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
                 ));
             }
         }
-        if done % t.eval_every == 0 || done == t.steps {
+        if lead && (done % t.eval_every == 0 || done == t.steps) {
             let (loss, line) = eval(model, done);
             last_val_loss = loss;
             metrics.write(line)?;
@@ -468,13 +527,21 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         ));
         let every = recipe.checkpoint.every;
         if (every > 0 && done % every == 0) || done == t.steps {
+            // Every rank's data state, merged on rank 0, which saves (the ranks' weights
+            // and optimizer states are identical replicas).
+            let data_state = gather_data_state(&comm, &pipeline)?;
+            if !lead {
+                kill_self_on(&format!("step:{done}"));
+                progress.inc(1);
+                continue;
+            }
             let copy_start = Instant::now();
             let request = save_request(
                 recipe,
                 &built,
                 &optimizer,
                 &controller,
-                &pipeline,
+                data_state,
                 done,
                 tokens_seen,
             );
@@ -515,23 +582,27 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
     // is returned after them.
     let last_save = saver.wait();
 
+    let data_state = gather_data_state(&comm, &pipeline)?;
     let checkpoint = run_dir.join("checkpoint");
     let meta = serde_json::json!({
         "step": t.steps,
         "tokens": tokens_seen,
-        "data_state": pipeline.state(),
+        "data_state": data_state,
         "data_wait_s": data_wait,
         "expert_bias_controller": controller.state(),
         "catapult_version": env!("CARGO_PKG_VERSION"),
         "recipe": serde_json::to_value(recipe).expect("recipes serialize"),
     });
-    catapult_checkpoints::save(&checkpoint, &named_tensors(&built.vars), &meta)?;
+    if lead {
+        catapult_checkpoints::save(&checkpoint, &named_tensors(&built.vars), &meta)?;
+    }
     last_save?;
     Ok(RunSummary {
         checkpoint,
         metrics: metrics.path,
         first_val_loss,
         last_val_loss,
+        rank,
     })
 }
 
@@ -628,7 +699,7 @@ fn save_request(
     built: &BuiltModel,
     optimizer: &AdamW,
     controller: &ExpertBiasController,
-    pipeline: &Pipeline,
+    data_state: catapult_data::DataState,
     step: usize,
     tokens: u64,
 ) -> catapult_checkpoints::SaveRequest {
@@ -639,13 +710,43 @@ fn save_request(
     let (moments, steps) = optimizer.state();
     tensors.extend(moments.iter().map(|(n, t)| to_host(n, t)));
     let state = serde_json::json!({
-        "data_state": pipeline.state(),
+        "data_state": data_state,
         "expert_bias_controller": controller.state(),
         "optimizer_steps": steps,
         "scheduler": {"step": step, "next_lr": learning_rate(&recipe.train, step.min(recipe.train.steps.saturating_sub(1)))},
         "rng": {"torch": "manual_seed(seed ^ (step << 20)) before every step", "data": "counter-based, in data_state"},
     });
     crate::checkpoint::request(recipe, step as u64, tokens, tensors, state)
+}
+
+/// Makes every rank return an error when any rank's `result` is one (so no rank waits
+/// forever in a collective for a rank that stopped).
+fn agree(comm: &Comm, result: Result<(), TrainError>) -> Result<(), TrainError> {
+    let mut failed = [i32::from(result.is_err())];
+    comm.all_reduce_sum(&mut failed);
+    match result {
+        Err(e) => Err(e),
+        Ok(()) if failed[0] > 0 => Err(TrainError::Setup(
+            "another rank failed to start (rank 0's message says why)".into(),
+        )),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// The data state of every rank, merged (each rank holds its own streams).
+fn gather_data_state(
+    comm: &Comm,
+    pipeline: &Pipeline,
+) -> Result<catapult_data::DataState, TrainError> {
+    let mine = serde_json::to_vec(&pipeline.state()).expect("data states serialize");
+    let (all, counts) = comm.all_gather_v(&mine);
+    let mut states = Vec::new();
+    let mut at = 0;
+    for c in counts {
+        states.push(serde_json::from_slice(&all[at..at + c]).expect("a rank's data state parses"));
+        at += c;
+    }
+    Ok(catapult_data::DataState::merge(&states)?)
 }
 
 /// The load-balance loss's view of the recipe.
@@ -676,6 +777,23 @@ struct StepStats {
 }
 
 impl StepStats {
+    /// Sums the counts and the loss terms over ranks; losses become means over ranks.
+    fn all_reduce(&mut self, comm: &Comm) {
+        let world = comm.size() as f64;
+        let shape = self.counts.size();
+        let mut counts: Vec<i64> = Vec::try_from(&self.counts.reshape([-1])).expect("i64 counts");
+        comm.all_reduce_sum(&mut counts);
+        self.counts = Tensor::from_slice(&counts)
+            .view(shape.as_slice())
+            .to_device(self.counts.device());
+        let mut tokens = [self.tokens];
+        comm.all_reduce_sum(&mut tokens);
+        self.tokens = tokens[0];
+        let mut losses = [self.lm_loss, self.balance_loss, self.z_loss, self.mtp_loss];
+        comm.all_reduce_sum(&mut losses);
+        [self.lm_loss, self.balance_loss, self.z_loss, self.mtp_loss] = losses.map(|l| l / world);
+    }
+
     fn new(recipe: &Recipe, device: Device, step: usize) -> Self {
         let shape = [
             recipe.model.num_layers as i64,
