@@ -28,6 +28,28 @@ pub struct MpiComm {
     world: mpi::topology::SimpleCommunicator,
     rank: usize,
     size: usize,
+    /// Test hook (`CATAPULT_COMM_JITTER_MS`): sleep up to this long before each
+    /// collective, to perturb message timing.
+    jitter_ms: u64,
+    calls: std::cell::Cell<u64>,
+}
+
+impl MpiComm {
+    fn jitter(&self) {
+        if self.jitter_ms == 0 {
+            return;
+        }
+        let n = self.calls.get();
+        self.calls.set(n + 1);
+        let mut x = (self.rank as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ n.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x ^= x >> 31;
+        x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 29;
+        std::thread::sleep(std::time::Duration::from_micros(
+            x % (self.jitter_ms * 1000),
+        ));
+    }
 }
 
 /// A communicator: which ranks exist and how data moves between them.
@@ -87,11 +109,17 @@ impl Comm {
         let universe = mpi::initialize().expect("MPI initializes once per process");
         let world = universe.world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);
+        let jitter_ms = std::env::var("CATAPULT_COMM_JITTER_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         Comm::Mpi(MpiComm {
             _universe: Arc::new(universe),
             world,
             rank,
             size,
+            jitter_ms,
+            calls: std::cell::Cell::new(0),
         })
     }
 
@@ -122,6 +150,7 @@ impl Comm {
     /// Waits until every rank arrives.
     pub fn barrier(&self) {
         if let Comm::Mpi(m) = self {
+            m.jitter();
             m.world.barrier();
         }
     }
@@ -129,6 +158,7 @@ impl Comm {
     /// Copies `root`'s `data` to every rank.
     pub fn broadcast<T: Elem>(&self, data: &mut [T], root: usize) {
         if let Comm::Mpi(m) = self {
+            m.jitter();
             m.world.process_at_rank(root as i32).broadcast_into(data);
         }
     }
@@ -138,6 +168,7 @@ impl Comm {
         match self {
             Comm::Single => (local.to_vec(), vec![local.len()]),
             Comm::Mpi(m) => {
+                m.jitter();
                 let mine = local.len() as i32;
                 let mut counts = vec![0i32; m.size];
                 m.world.all_gather_into(&mine, &mut counts[..]);
@@ -164,6 +195,7 @@ impl Comm {
         match self {
             Comm::Single => (send.to_vec(), send_counts.to_vec()),
             Comm::Mpi(m) => {
+                m.jitter();
                 let sc: Vec<i32> = send_counts.iter().map(|&c| c as i32).collect();
                 let mut rc = vec![0i32; m.size];
                 m.world.all_to_all_into(&sc[..], &mut rc[..]);

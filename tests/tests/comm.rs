@@ -151,3 +151,49 @@ fn data_parallel_training_matches_one_process() {
         );
     }
 }
+
+#[test]
+fn a_data_parallel_run_is_bitwise_reproducible_under_timing_jitter() {
+    let dir = scratch("dp-jitter");
+    let run = |name: &str, jitter: &str| {
+        let out = Command::new("mpirun")
+            .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
+            .args(["-x", "CATAPULT_COMM_JITTER_MS"])
+            .env("CATAPULT_COMM_JITTER_MS", jitter)
+            .arg(catapult_binary())
+            .arg("train")
+            .arg(catapult_tests::workspace().join("recipes/tiny.yaml"))
+            .args([
+                "--set",
+                &format!("data.path={}", catapult_tests::corpus().display()),
+            ])
+            .args(["--set", "train.steps=6", "--set", "train.warmup_steps=1"])
+            .args([
+                "--set",
+                "train.eval_sequences=16",
+                "--set",
+                "data.shuffle_buffer=16",
+            ])
+            .args([
+                "--set",
+                "system.threads=1",
+                "--set",
+                "train.micro_batch_size=4",
+            ])
+            .args(["--set", &format!("output.dir={name}")])
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read(dir.join(name).join("checkpoint/model.safetensors")).unwrap()
+    };
+    let calm = run("calm", "0");
+    assert!(
+        run("shaken", "20") == calm,
+        "random delays changed the weights"
+    );
+}
