@@ -3,4 +3,5 @@
 //! live here too; the model never calls them directly.
 
 pub mod comm;
+pub mod ep;
 pub mod moe;

@@ -100,6 +100,29 @@ pub fn run(command: CommCommand) -> Result<(), crate::Failure> {
             digest.update(&v.to_le_bytes());
         }
     }
+    // Expert-parallel dispatch and combine with identity experts give back every routed
+    // slot's token row exactly, and each rank receives only its own experts.
+    let (h, k, n_experts) = (5, 3, 8);
+    let tokens = 7 + 3 * r;
+    let hidden: Vec<f32> = (0..tokens * h).map(|i| value(r, i)).collect();
+    let experts: Vec<usize> = (0..tokens * k)
+        .map(|s| (s * 7 + r * 3 + s / k) % (n_experts + 2))
+        .collect();
+    jitter();
+    let (d, rows) = catapult_kernels::ep::dispatch(&comm, &hidden, h, &experts, k, n_experts);
+    let own = |e: &i64| catapult_kernels::ep::owner(*e as usize, n_experts, p) == r;
+    check("ep_dispatch_ownership", d.recv_experts.iter().all(own));
+    let out = catapult_kernels::ep::combine(&comm, &d, &rows, h, tokens);
+    let identity = experts.iter().enumerate().all(|(slot, &e)| {
+        let got = &out[slot * h..(slot + 1) * h];
+        if e < n_experts {
+            got == &hidden[slot / k * h..(slot / k + 1) * h]
+        } else {
+            got.iter().all(|&v| v == 0.0)
+        }
+    });
+    check("ep_dispatch_combine_identity", identity);
+
     jitter();
     comm.barrier();
 
