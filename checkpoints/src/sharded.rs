@@ -229,6 +229,23 @@ impl Checkpoints {
         })
     }
 
+    /// Opens what a user names: a root, or one step directory (`.../step-00000100`),
+    /// returning its root and step.
+    pub fn open_path(
+        path: &str,
+        storage: &StorageOptions,
+    ) -> Result<(Self, Option<u64>), ShardError> {
+        let trimmed = path.trim_end_matches('/');
+        let (parent, last) = trimmed.rsplit_once('/').unwrap_or((".", trimmed));
+        match last
+            .strip_prefix("step-")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            Some(step) => Ok((Self::open(parent, storage)?, Some(step))),
+            None => Ok((Self::open(trimmed, storage)?, None)),
+        }
+    }
+
     /// The root, as given.
     pub fn root(&self) -> &str {
         &self.location.display
@@ -250,7 +267,7 @@ impl Checkpoints {
 
     fn get(&self, rel: &str) -> Result<Bytes, ShardError> {
         let (key, display) = self.path(rel);
-        Ok(self.location.get_bytes(&key, &display)?)
+        Ok(self.location.get(&key, &display)?)
     }
 
     /// Writes a checkpoint: every rank's files, then the manifest (put-if-absent), then
@@ -384,7 +401,7 @@ impl Checkpoints {
         Ok(self
             .location
             .get_optional(&key, &display)?
-            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|b| String::from_utf8(b.to_vec()).ok())
             .and_then(|s| s.trim().strip_prefix("step-")?.parse().ok()))
     }
 

@@ -435,11 +435,10 @@ impl Dataset {
             .expect("column checked when the metadata was loaded");
         let mask = ProjectionMask::roots(meta.parquet_schema(), [root]);
         let store = self.location.store.clone();
-        retry_with(
+        parquet_retry(
             &self.location.options,
             &display,
             &format!("reading row group {row_group}"),
-            parquet_transient,
             || {
                 let reader = StoreReader {
                     store: store.clone(),
@@ -455,10 +454,6 @@ impl Dataset {
                     .block_on(async move { builder.build()?.try_collect::<Vec<_>>().await })
             },
         )
-        .map_err(|e| match e {
-            DataError::Store { location, reason } => DataError::Parquet { location, reason },
-            other => other,
-        })
     }
 
     /// The text of every non-null row of a row group (text column only).
@@ -586,6 +581,21 @@ impl AsyncFileReader for StoreReader {
     }
 }
 
+/// Appends integer ids as u32; a value that does not fit becomes u32::MAX, which the
+/// vocabulary check then reports.
+fn widen<T: arrow_array::types::ArrowPrimitiveType>(values: &ArrayRef, ids: &mut Vec<u32>)
+where
+    T::Native: TryInto<u32>,
+{
+    ids.extend(
+        values
+            .as_primitive::<T>()
+            .values()
+            .iter()
+            .map(|&v| v.try_into().unwrap_or(u32::MAX)),
+    );
+}
+
 fn push_ids(
     values: &ArrayRef,
     ids: &mut Vec<u32>,
@@ -593,28 +603,10 @@ fn push_ids(
     display: &str,
 ) -> Result<(), DataError> {
     match values.data_type() {
-        DataType::UInt32 => ids.extend(values.as_primitive::<UInt32Type>().values().iter()),
-        DataType::UInt16 => ids.extend(
-            values
-                .as_primitive::<UInt16Type>()
-                .values()
-                .iter()
-                .map(|&v| v as u32),
-        ),
-        DataType::Int32 => ids.extend(
-            values
-                .as_primitive::<Int32Type>()
-                .values()
-                .iter()
-                .map(|&v| v as u32),
-        ),
-        DataType::Int64 => ids.extend(
-            values
-                .as_primitive::<Int64Type>()
-                .values()
-                .iter()
-                .map(|&v| v as u32),
-        ),
+        DataType::UInt32 => widen::<UInt32Type>(values, ids),
+        DataType::UInt16 => widen::<UInt16Type>(values, ids),
+        DataType::Int32 => widen::<Int32Type>(values, ids),
+        DataType::Int64 => widen::<Int64Type>(values, ids),
         other => unreachable!("column type {other} checked at open"),
     }
     if let Some(bad) = ids
@@ -668,6 +660,20 @@ fn load_all_metadata(
         .collect()
 }
 
+/// The retry loop for parquet reads: transient store errors are retried, and a final
+/// failure is reported as an unreadable parquet file naming `display`.
+fn parquet_retry<T>(
+    options: &StorageOptions,
+    display: &str,
+    what: &str,
+    op: impl FnMut() -> Result<T, parquet::errors::ParquetError>,
+) -> Result<T, DataError> {
+    retry_with(options, display, what, parquet_transient, op).map_err(|e| match e {
+        DataError::Store { location, reason } => DataError::Parquet { location, reason },
+        other => other,
+    })
+}
+
 fn parquet_transient(e: &parquet::errors::ParquetError) -> bool {
     match e {
         parquet::errors::ParquetError::External(inner) => inner
@@ -684,25 +690,15 @@ fn load_metadata(
     display: &str,
     options: &StorageOptions,
 ) -> Result<ArrowReaderMetadata, DataError> {
-    retry_with(
-        options,
-        display,
-        "reading the parquet footer",
-        parquet_transient,
-        || {
-            let mut reader = StoreReader {
-                store: store.clone(),
-                key: key.clone(),
-                size,
-            };
-            crate::store::runtime().block_on(async move {
-                ArrowReaderMetadata::load_async(&mut reader, ArrowReaderOptions::new()).await
-            })
-        },
-    )
-    .map_err(|e| match e {
-        DataError::Store { location, reason } => DataError::Parquet { location, reason },
-        other => other,
+    parquet_retry(options, display, "reading the parquet footer", || {
+        let mut reader = StoreReader {
+            store: store.clone(),
+            key: key.clone(),
+            size,
+        };
+        crate::store::runtime().block_on(async move {
+            ArrowReaderMetadata::load_async(&mut reader, ArrowReaderOptions::new()).await
+        })
     })
 }
 

@@ -6,7 +6,6 @@
 //! ids, `Pipeline` packs, mixes and orders sequences deterministically and resumably
 //! (`DataState`), and `prepare` turns text files into shards with a `dataset.json` index.
 
-mod corpus;
 mod dataset;
 mod order;
 mod pipeline;
@@ -14,7 +13,6 @@ mod prepare;
 mod store;
 mod tokenizer;
 
-pub use corpus::{read_documents, shard_paths};
 pub use dataset::{
     Column, Dataset, DatasetIndex, DatasetSpec, Documents, IndexShard, Split, INDEX_FILE,
 };

@@ -355,7 +355,7 @@ fn write_shard(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::read_documents;
+    use crate::{Dataset, DatasetSpec, StorageOptions, Tokenizer};
 
     fn tempdir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("catapult-data-{name}-{}", std::process::id()));
@@ -414,7 +414,20 @@ mod tests {
             summary.index.shards[1].blake3,
             blake3::hash(&on_disk).to_hex().to_string()
         );
-        let docs = read_documents(&out, "text").unwrap();
+        let spec = DatasetSpec {
+            name: "t".into(),
+            location: out.to_str().unwrap().into(),
+            text_column: "text".into(),
+            tokens_column: None,
+        };
+        let dataset =
+            Dataset::open(&spec, &StorageOptions::default(), &Tokenizer::bytes()).unwrap();
+        assert!(dataset.index.is_some(), "opened through dataset.json");
+        let docs: Vec<String> = dataset
+            .units()
+            .into_iter()
+            .flat_map(|(shard, rg)| dataset.read_texts(shard, rg).unwrap())
+            .collect();
         assert_eq!(docs, vec!["first doc\nline two", "second", "third one"]);
     }
 }

@@ -196,15 +196,20 @@ impl Location {
         Ok(objects)
     }
 
-    /// The whole object `key`, or None if it does not exist.
-    pub fn get_optional(&self, key: &ObjPath, display: &str) -> Result<Option<Vec<u8>>, DataError> {
+    /// The whole object `key` (shared, no copy beyond the read), or None if it does not
+    /// exist.
+    pub fn get_optional(
+        &self,
+        key: &ObjPath,
+        display: &str,
+    ) -> Result<Option<bytes::Bytes>, DataError> {
         let store = self.store.clone();
         let result = retry(&self.options, display, "read", || {
             let store = store.clone();
             let key = key.clone();
             async move {
                 match store.get(&key).await {
-                    Ok(r) => r.bytes().await.map(|b| Some(b.to_vec())),
+                    Ok(r) => r.bytes().await.map(Some),
                     Err(object_store::Error::NotFound { .. }) => Ok(None),
                     Err(e) => Err(e),
                 }
@@ -277,16 +282,6 @@ impl Location {
         })
     }
 
-    /// The whole object `key`, shared (no copy beyond the read).
-    pub fn get_bytes(&self, key: &ObjPath, display: &str) -> Result<bytes::Bytes, DataError> {
-        let store = self.store.clone();
-        retry(&self.options, display, "read", || {
-            let store = store.clone();
-            let key = key.clone();
-            async move { store.get(&key).await?.bytes().await }
-        })
-    }
-
     /// Writes `bytes` to `key` only if no object is there (put-if-absent: an exclusive
     /// create locally, a conditional put on object stores). Returns false when the key
     /// already existed.
@@ -317,7 +312,7 @@ impl Location {
     }
 
     /// The whole object `key`.
-    pub fn get(&self, key: &ObjPath, display: &str) -> Result<Vec<u8>, DataError> {
+    pub fn get(&self, key: &ObjPath, display: &str) -> Result<bytes::Bytes, DataError> {
         self.get_optional(key, display)?
             .ok_or_else(|| DataError::Store {
                 location: display.to_string(),

@@ -62,28 +62,14 @@ fn spinner(msg: &str) -> ProgressBar {
     p
 }
 
-/// Streams three passes over `dataset` and returns (tokens, seconds).
+/// Streams three passes over `dataset` (so that read-ahead past the end of the
+/// measurement is a small share) and returns (tokens, seconds).
 fn pipeline_rate(
     dataset: &Path,
     tokenizer: &str,
     workers: usize,
     tokens: u64,
 ) -> anyhow::Result<(u64, f64)> {
-    let (t, s, _) = pipeline_run(dataset, tokenizer, workers, tokens * 3, 256 << 20)?;
-    Ok((t, s))
-}
-
-/// Streams `target` tokens of `dataset` with a `budget`-byte read-ahead; returns
-/// (tokens, seconds, peak growth of resident anonymous memory within this process).
-fn pipeline_run(
-    dataset: &Path,
-    tokenizer: &str,
-    workers: usize,
-    target: u64,
-    budget: u64,
-) -> anyhow::Result<(u64, f64, u64)> {
-    let baseline = crate::data_cmd::rss_anon();
-    let mut peak = baseline;
     let cfg = PipelineConfig {
         datasets: vec![DatasetSpec {
             name: "bench".into(),
@@ -101,7 +87,7 @@ fn pipeline_run(
         shuffle_buffer: 64,
         mixture_window: 100,
         workers,
-        read_ahead_bytes: budget,
+        read_ahead_bytes: 256 << 20,
         valid_fraction: 0.001,
         seed: 1,
         tokenizer: tokenizer.into(),
@@ -111,13 +97,37 @@ fn pipeline_run(
     let started = Instant::now();
     let mut pipeline = Pipeline::open(cfg, 0, 1)?;
     let mut delivered = 0u64;
-    // Three passes, so that read-ahead past the end of the measurement is a small share.
-    while delivered < target {
+    while delivered < tokens * 3 {
         let batch = pipeline.next_batch()?;
         delivered += (batch.sequences.len() * batch.seq_len) as u64;
-        peak = peak.max(crate::data_cmd::rss_anon());
     }
-    Ok((delivered, started.elapsed().as_secs_f64(), peak - baseline))
+    Ok((delivered, started.elapsed().as_secs_f64()))
+}
+
+/// Runs a baseline script of scripts/bench with the venv's Python; its stdout is JSON.
+fn python_json(
+    python: &Path,
+    script: &str,
+    args: &[&std::ffi::OsStr],
+) -> anyhow::Result<serde_json::Value> {
+    let out = std::process::Command::new(python)
+        .arg(Path::new("scripts/bench").join(script))
+        .args(args)
+        .output()
+        .with_context(|| {
+            format!(
+                "{}: cannot run the baseline (run scripts/setup)",
+                python.display()
+            )
+        })?;
+    if !out.status.success() {
+        bail!(
+            "baseline {script} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("baseline {script}: output is not JSON"))
 }
 
 fn baseline_rate(
@@ -127,23 +137,20 @@ fn baseline_rate(
     tokenizer: &Path,
     threads: usize,
 ) -> anyhow::Result<(u64, f64)> {
-    let out = std::process::Command::new(python)
-        .arg("scripts/bench/data_baseline.py")
-        .arg(dataset)
-        .args(["--format", format, "--threads", &threads.to_string()])
-        .arg("--tokenizer")
-        .arg(tokenizer)
-        .output()
-        .with_context(|| {
-            format!(
-                "{}: cannot run the baseline (run scripts/setup)",
-                python.display()
-            )
-        })?;
-    if !out.status.success() {
-        bail!("baseline failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("baseline output")?;
+    let threads = threads.to_string();
+    let v = python_json(
+        python,
+        "data_baseline.py",
+        &[
+            dataset.as_os_str(),
+            "--format".as_ref(),
+            format.as_ref(),
+            "--threads".as_ref(),
+            threads.as_ref(),
+            "--tokenizer".as_ref(),
+            tokenizer.as_os_str(),
+        ],
+    )?;
     Ok((
         v["tokens"].as_u64().context("tokens")?,
         v["seconds"].as_f64().context("seconds")?,
@@ -394,11 +401,10 @@ fn bench_ckpt(gib: f64, recipe: &Path, python: &Path, dir: &Path) -> Result<(), 
             state: serde_json::json!({}),
         }],
     };
-    let p = spinner("catapult: save (serialize, BLAKE3, write), then verified load");
+    let p = spinner("catapult: save (serialize, BLAKE3, write, fsync), then verified load");
     let started = Instant::now();
     store.save(request)?;
     let shard = dir.join("ckpt/step-00000001/rank-00000.safetensors");
-    std::fs::File::open(&shard)?.sync_all()?;
     let save_s = started.elapsed().as_secs_f64();
     let started = Instant::now();
     let loaded = store.load(1, true)?;
@@ -407,23 +413,12 @@ fn bench_ckpt(gib: f64, recipe: &Path, python: &Path, dir: &Path) -> Result<(), 
     p.finish_and_clear();
 
     let p = spinner("baseline: torch.save / torch.load of the same tensors");
-    let out = std::process::Command::new(python)
-        .arg("scripts/bench/ckpt_baseline.py")
-        .arg(&shard)
-        .arg(dir.join("torch.pt"))
-        .output()
-        .with_context(|| {
-            format!(
-                "{}: cannot run the baseline (run scripts/setup)",
-                python.display()
-            )
-        })?;
-    if !out.status.success() {
-        return Err(
-            anyhow::anyhow!("baseline failed: {}", String::from_utf8_lossy(&out.stderr)).into(),
-        );
-    }
-    let base: serde_json::Value = serde_json::from_slice(&out.stdout).context("baseline output")?;
+    let torch_file = dir.join("torch.pt");
+    let base = python_json(
+        python,
+        "ckpt_baseline.py",
+        &[shard.as_os_str(), torch_file.as_os_str()],
+    )?;
     let (base_save, base_load) = (
         base["save_s"].as_f64().unwrap_or(f64::NAN),
         base["load_s"].as_f64().unwrap_or(f64::NAN),

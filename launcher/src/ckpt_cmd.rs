@@ -39,15 +39,7 @@ fn open(path: &str, endpoint: &Option<String>) -> Result<(Checkpoints, Option<u6
         endpoint: endpoint.clone(),
         ..StorageOptions::default()
     };
-    let trimmed = path.trim_end_matches('/');
-    let (parent, last) = trimmed.rsplit_once('/').unwrap_or((".", trimmed));
-    match last
-        .strip_prefix("step-")
-        .and_then(|n| n.parse::<u64>().ok())
-    {
-        Some(step) => Ok((Checkpoints::open(parent, &options)?, Some(step))),
-        None => Ok((Checkpoints::open(trimmed, &options)?, None)),
-    }
+    Checkpoints::open_path(path, &options)
 }
 
 fn human(bytes: u64) -> String {

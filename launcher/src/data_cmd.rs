@@ -319,7 +319,7 @@ pub fn run(command: DataCommand) -> Result<(), crate::Failure> {
             let elapsed = started.elapsed().as_secs_f64();
             if let Some(p) = &save_state {
                 let json = serde_json::to_string_pretty(&pipeline.state())?;
-                write_atomically(p, json.as_bytes())?;
+                catapult_checkpoints::write_atomically(p, json.as_bytes())?;
             }
             let report = serde_json::json!({
                 "batches": batches,
@@ -337,7 +337,10 @@ pub fn run(command: DataCommand) -> Result<(), crate::Failure> {
                 (peak - baseline) as f64 / (1 << 20) as f64
             );
             if let Some(p) = &summary {
-                write_atomically(p, serde_json::to_string_pretty(&report)?.as_bytes())?;
+                catapult_checkpoints::write_atomically(
+                    p,
+                    serde_json::to_string_pretty(&report)?.as_bytes(),
+                )?;
             }
         }
     }
@@ -355,11 +358,4 @@ fn read_state(path: &PathBuf) -> anyhow::Result<DataState> {
         Ok(s) => Ok(s),
         Err(e) => bail!("{}: not a data state ({e})", path.display()),
     }
-}
-
-fn write_atomically(path: &PathBuf, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))?;
-    Ok(())
 }

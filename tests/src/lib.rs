@@ -205,3 +205,27 @@ impl Drop for S3Server {
 pub fn sequences(path: &Path) -> Vec<serde_json::Value> {
     metrics(path)
 }
+
+/// The document cutting `scripts/prepare-corpus` uses for the built-in corpus (keep the
+/// two in step: the S3 test compares a corpus prepared with these against it).
+pub const KJV_PREPARE_ARGS: [&str; 6] = [
+    "--split",
+    "paragraph",
+    "--min-chars",
+    "200",
+    "--row-group-size",
+    "2",
+];
+
+/// `mpirun -np RANKS`, allowed as root and oversubscribed (more ranks than cores); the
+/// caller adds mpirun options, then `catapult_binary()` and its arguments.
+pub fn mpirun(ranks: usize) -> Command {
+    let mut cmd = Command::new("mpirun");
+    cmd.args([
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        &ranks.to_string(),
+    ]);
+    cmd
+}

@@ -11,14 +11,8 @@ fn check(ranks: usize, jitter_ms: u64) -> Vec<serde_json::Value> {
     let mut cmd = if ranks == 1 {
         Command::new(catapult_binary())
     } else {
-        let mut c = Command::new("mpirun");
-        c.args([
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "-np",
-            &ranks.to_string(),
-        ])
-        .arg(catapult_binary());
+        let mut c = catapult_tests::mpirun(ranks);
+        c.arg(catapult_binary());
         c
     };
     let out = cmd
@@ -102,13 +96,7 @@ fn data_parallel_training_matches_one_process() {
     );
     for ranks in [2, 4] {
         let name = format!("dp{ranks}");
-        let out = Command::new("mpirun")
-            .args([
-                "--allow-run-as-root",
-                "--oversubscribe",
-                "-np",
-                &ranks.to_string(),
-            ])
+        let out = catapult_tests::mpirun(ranks)
             .arg(catapult_binary())
             .args(args(&name))
             .current_dir(&dir)
@@ -156,8 +144,7 @@ fn data_parallel_training_matches_one_process() {
 fn a_data_parallel_run_is_bitwise_reproducible_under_timing_jitter() {
     let dir = scratch("dp-jitter");
     let run = |name: &str, jitter: &str| {
-        let out = Command::new("mpirun")
-            .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
+        let out = catapult_tests::mpirun(2)
             .args(["-x", "CATAPULT_COMM_JITTER_MS"])
             .env("CATAPULT_COMM_JITTER_MS", jitter)
             .arg(catapult_binary())

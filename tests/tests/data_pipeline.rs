@@ -2,7 +2,9 @@
 //! local files, resume in a new process, bounded memory, and a trained BPE tokenizer
 //! used by a training run.
 
-use catapult_tests::{catapult, corpus, run_ok, scratch, sequences, workspace, S3Server};
+use catapult_tests::{
+    catapult, corpus, run_ok, scratch, sequences, workspace, S3Server, KJV_PREPARE_ARGS,
+};
 use std::path::{Path, PathBuf};
 
 fn tiny() -> PathBuf {
@@ -33,14 +35,7 @@ fn s3_and_local_files_give_identical_batches() {
                 .args(["data", "prepare"])
                 .arg(&text)
                 .args(["-o", &url, "--endpoint", &server.endpoint])
-                .args([
-                    "--split",
-                    "paragraph",
-                    "--min-chars",
-                    "200",
-                    "--row-group-size",
-                    "2",
-                ]),
+                .args(KJV_PREPARE_ARGS),
         ),
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains(&url));
@@ -221,14 +216,7 @@ fn a_trained_bpe_tokenizer_drives_a_training_run() {
                 "tokenizer.json",
                 "--drop-text",
             ])
-            .args([
-                "--split",
-                "paragraph",
-                "--min-chars",
-                "200",
-                "--row-group-size",
-                "2",
-            ]),
+            .args(KJV_PREPARE_ARGS),
     );
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("kjv-bpe/dataset.json")).unwrap()).unwrap();

@@ -623,39 +623,35 @@ fn find_checkpoint(
             }
             Ok(found)
         }
-        Resume::Path(path) => {
-            let trimmed = path.trim_end_matches('/');
-            let (parent, last) = trimmed.rsplit_once('/').unwrap_or((".", trimmed));
-            match last.strip_prefix("step-").and_then(|n| n.parse::<u64>().ok()) {
-                Some(step) => {
-                    let root = Checkpoints::open(parent, &options)?;
-                    let newer: Vec<String> = root
-                        .steps()?
-                        .into_iter()
-                        .filter(|&s| s > step)
-                        .map(catapult_checkpoints::step_dir)
-                        .collect();
-                    if !newer.is_empty() {
-                        return Err(TrainError::Setup(format!(
-                            "--resume {path}: {parent} also holds newer checkpoints ({}); a run \
-                             rolled back to step {step} would collide with them. Move them away \
-                             (or copy this step to a new checkpoint.dir) first",
-                            newer.join(", ")
-                        )));
-                    }
-                    Ok(Some(root.load(step, verify)?))
+        Resume::Path(path) => match Checkpoints::open_path(path, &options)? {
+            (root, Some(step)) => {
+                let newer: Vec<String> = root
+                    .steps()?
+                    .into_iter()
+                    .filter(|&s| s > step)
+                    .map(catapult_checkpoints::step_dir)
+                    .collect();
+                if !newer.is_empty() {
+                    return Err(TrainError::Setup(format!(
+                        "--resume {path}: {} also holds newer checkpoints ({}); a run rolled back \
+                         to step {step} would collide with them. Move them away (or copy this \
+                         step to a new checkpoint.dir) first",
+                        root.root(),
+                        newer.join(", ")
+                    )));
                 }
-                None => Checkpoints::open(trimmed, &options)?
-                    .load_newest(verify, fallback)?
-                    .map(Some)
-                    .ok_or_else(|| {
-                        TrainError::Setup(format!(
-                            "--resume {path}: no checkpoint there (a step-NNNNNNNN directory with a \
-                             manifest.json); check the path or use --resume auto"
-                        ))
-                    }),
+                Ok(Some(root.load(step, verify)?))
             }
-        }
+            (root, None) => root
+                .load_newest(verify, fallback)?
+                .map(Some)
+                .ok_or_else(|| {
+                    TrainError::Setup(format!(
+                        "--resume {path}: no checkpoint there (a step-NNNNNNNN directory with a \
+                     manifest.json); check the path or use --resume auto"
+                    ))
+                }),
+        },
     }
 }
 
@@ -722,13 +718,17 @@ fn save_request(
 /// Makes every rank return an error when any rank's `result` is one (so no rank waits
 /// forever in a collective for a rank that stopped).
 fn agree(comm: &Comm, result: Result<(), TrainError>) -> Result<(), TrainError> {
-    let mut failed = [i32::from(result.is_err())];
-    comm.all_reduce_sum(&mut failed);
+    let (failed, _) = comm.all_gather_v(&[i32::from(result.is_err())]);
+    let failed: Vec<String> = (0..failed.len())
+        .filter(|&r| failed[r] != 0)
+        .map(|r| r.to_string())
+        .collect();
     match result {
         Err(e) => Err(e),
-        Ok(()) if failed[0] > 0 => Err(TrainError::Setup(
-            "another rank failed to start (rank 0's message says why)".into(),
-        )),
+        Ok(()) if !failed.is_empty() => Err(TrainError::Setup(format!(
+            "rank {} failed to start; its message above says why",
+            failed.join(", ")
+        ))),
         Ok(()) => Ok(()),
     }
 }
