@@ -5,9 +5,15 @@
 //! `reduce_scatter_sum` exchanges chunks with an all-to-all and sums the P contributions
 //! to each chunk locally in rank order; `all_reduce_sum` is that followed by an
 //! all-gather, so every rank ends with the same bits. MPI's own reduction algorithms
-//! (whose order is unspecified) are never used.
+//! (whose order is unspecified) are used only when a communicator is made with
+//! `fast_reductions` (a recipe's "fast, nondeterministic" switch).
+//!
+//! A communicator splits into groups (`split`), e.g. the expert-parallel group of a rank
+//! and the replicas of its experts. `start_all_to_all_v` starts a nonblocking exchange
+//! and returns a handle to poll and wait on, so that compute can run while it moves.
 
 use mpi::datatype::{Partition, PartitionMut};
+use mpi::topology::Color;
 use mpi::traits::*;
 use std::sync::Arc;
 
@@ -22,9 +28,8 @@ impl Elem for i64 {}
 impl Elem for i32 {}
 impl Elem for u8 {}
 
-/// The MPI world of this process.
+/// An MPI communicator of this process (the world or a group split from it).
 pub struct MpiComm {
-    _universe: Arc<mpi::environment::Universe>,
     world: mpi::topology::SimpleCommunicator,
     rank: usize,
     size: usize,
@@ -32,6 +37,11 @@ pub struct MpiComm {
     /// collective, to perturb message timing.
     jitter_ms: u64,
     calls: std::cell::Cell<u64>,
+    /// Sums with MPI's own (order-unspecified) reductions.
+    fast: bool,
+    /// Declared last: fields drop in order, and MPI is finalized only after every
+    /// communicator that holds the universe is freed.
+    universe: Arc<mpi::environment::Universe>,
 }
 
 impl MpiComm {
@@ -114,13 +124,48 @@ impl Comm {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         Comm::Mpi(MpiComm {
-            _universe: Arc::new(universe),
             world,
             rank,
             size,
             jitter_ms,
             calls: std::cell::Cell::new(0),
+            fast: false,
+            universe: Arc::new(universe),
         })
+    }
+
+    /// The same communicator, summing with MPI's own reductions when `on` (faster, but
+    /// the bits depend on the reduction algorithm and may differ between runs).
+    pub fn fast_reductions(self, on: bool) -> Comm {
+        match self {
+            Comm::Single => Comm::Single,
+            Comm::Mpi(m) => Comm::Mpi(MpiComm { fast: on, ..m }),
+        }
+    }
+
+    /// Splits this communicator (a collective call): ranks passing the same `color` form
+    /// one group, ordered by `key` then by rank here. Returns this rank's group.
+    pub fn split(&self, color: usize, key: usize) -> Comm {
+        match self {
+            Comm::Single => Comm::Single,
+            Comm::Mpi(m) => {
+                m.jitter();
+                let group = m
+                    .world
+                    .split_by_color_with_key(Color::with_value(color as i32), key as i32)
+                    .expect("a defined color always gives a group");
+                let (rank, size) = (group.rank() as usize, group.size() as usize);
+                Comm::Mpi(MpiComm {
+                    world: group,
+                    rank,
+                    size,
+                    jitter_ms: m.jitter_ms,
+                    calls: std::cell::Cell::new(0),
+                    fast: m.fast,
+                    universe: m.universe.clone(),
+                })
+            }
+        }
     }
 
     /// This process's rank.
@@ -211,6 +256,93 @@ impl Comm {
         }
     }
 
+    /// `root`'s copy of every rank's `local`, concatenated in rank order, with each
+    /// rank's count; None on the other ranks.
+    pub fn gather_v<T: Elem>(&self, local: &[T], root: usize) -> Option<(Vec<T>, Vec<usize>)> {
+        match self {
+            Comm::Single => Some((local.to_vec(), vec![local.len()])),
+            Comm::Mpi(m) => {
+                m.jitter();
+                let mine = local.len() as i32;
+                let at = m.world.process_at_rank(root as i32);
+                if m.rank != root {
+                    at.gather_into(&mine);
+                    at.gather_varcount_into(local);
+                    return None;
+                }
+                let mut counts = vec![0i32; m.size];
+                at.gather_into_root(&mine, &mut counts[..]);
+                let displs = displacements(&counts);
+                let mut out = vec![T::default(); counts.iter().sum::<i32>() as usize];
+                {
+                    let mut recv = PartitionMut::new(&mut out[..], &counts[..], &displs[..]);
+                    at.gather_varcount_into_root(local, &mut recv);
+                }
+                Some((out, counts.iter().map(|&c| c as usize).collect()))
+            }
+        }
+    }
+
+    /// Starts sending `send_counts[d]` consecutive elements of `send` to rank d, expecting
+    /// `recv_counts[s]` from rank s (known beforehand, e.g. from a blocking exchange of
+    /// counts). The returned handle owns both buffers; `wait` gives what arrived.
+    pub fn start_all_to_all_v<T: Elem>(
+        &self,
+        send: Vec<T>,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Pending<T> {
+        assert_eq!(send_counts.len(), self.size(), "one send count per rank");
+        assert_eq!(recv_counts.len(), self.size(), "one receive count per rank");
+        assert_eq!(
+            send_counts.iter().sum::<usize>(),
+            send.len(),
+            "send counts cover the buffer"
+        );
+        match self {
+            Comm::Single => Pending {
+                state: PendingState::Done(send, recv_counts.to_vec()),
+            },
+            Comm::Mpi(m) => {
+                m.jitter();
+                let sc: Vec<i32> = send_counts.iter().map(|&c| c as i32).collect();
+                let rc: Vec<i32> = recv_counts.iter().map(|&c| c as i32).collect();
+                let (sd, rd) = (displacements(&sc), displacements(&rc));
+                let mut recv = vec![T::default(); rc.iter().sum::<i32>() as usize];
+                let datatype = T::equivalent_datatype();
+                let mut request = std::mem::MaybeUninit::<mpi::ffi::MPI_Request>::uninit();
+                // SAFETY: every buffer is a heap allocation owned by the handle, which
+                // waits for the request before they are freed (in `wait` or on drop);
+                // moving a Vec does not move its elements.
+                let request = unsafe {
+                    mpi::ffi::MPI_Ialltoallv(
+                        send.as_ptr() as *const std::ffi::c_void,
+                        sc.as_ptr(),
+                        sd.as_ptr(),
+                        datatype.as_raw(),
+                        recv.as_mut_ptr() as *mut std::ffi::c_void,
+                        rc.as_ptr(),
+                        rd.as_ptr(),
+                        datatype.as_raw(),
+                        m.world.as_raw(),
+                        request.as_mut_ptr(),
+                    );
+                    request.assume_init()
+                };
+                Pending {
+                    state: PendingState::Mpi(Box::new(MpiPending {
+                        request,
+                        done: false,
+                        _send: send,
+                        recv,
+                        _counts: [sc, sd, rc, rd],
+                        recv_counts: recv_counts.to_vec(),
+                    })),
+                }
+            }
+        }
+    }
+
     /// Sums `data` over ranks and returns this rank's chunk of the sum (chunk r covers
     /// `len * r / P .. len * (r + 1) / P`), adding contributions in rank order.
     pub fn reduce_scatter_sum<T: Elem>(&self, data: &[T]) -> Vec<T> {
@@ -235,9 +367,96 @@ impl Comm {
         if self.size() == 1 {
             return;
         }
+        if let Comm::Mpi(m) = self {
+            if m.fast {
+                m.jitter();
+                let send = data.to_vec();
+                m.world
+                    .all_reduce_into(&send[..], data, mpi::collective::SystemOperation::sum());
+                return;
+            }
+        }
         let chunk = self.reduce_scatter_sum(data);
         let (all, _) = self.all_gather_v(&chunk);
         data.copy_from_slice(&all);
+    }
+}
+
+/// A nonblocking all-to-all in flight.
+pub struct Pending<T: Elem> {
+    state: PendingState<T>,
+}
+
+enum PendingState<T: Elem> {
+    Done(Vec<T>, Vec<usize>),
+    Mpi(Box<MpiPending<T>>),
+    Taken,
+}
+
+struct MpiPending<T> {
+    request: mpi::ffi::MPI_Request,
+    done: bool,
+    _send: Vec<T>,
+    recv: Vec<T>,
+    /// Send counts and displacements, receive counts and displacements: MPI may read
+    /// them until the request completes.
+    _counts: [Vec<i32>; 4],
+    recv_counts: Vec<usize>,
+}
+
+impl<T> MpiPending<T> {
+    fn complete(&mut self) {
+        if !self.done {
+            // SAFETY: the request was started by MPI_Ialltoallv and not yet completed.
+            unsafe {
+                mpi::ffi::MPI_Wait(&mut self.request, mpi::ffi::RSMPI_STATUS_IGNORE);
+            }
+            self.done = true;
+        }
+    }
+}
+
+impl<T: Elem> Pending<T> {
+    /// Lets MPI progress the exchange (Open MPI moves nonblocking collectives forward
+    /// only inside MPI calls); true once it has completed.
+    pub fn test(&mut self) -> bool {
+        match &mut self.state {
+            PendingState::Mpi(p) if !p.done => {
+                let mut flag = 0;
+                // SAFETY: as in `complete`; MPI_Test frees the request when it completes.
+                unsafe {
+                    mpi::ffi::MPI_Test(&mut p.request, &mut flag, mpi::ffi::RSMPI_STATUS_IGNORE);
+                }
+                p.done = flag != 0;
+                p.done
+            }
+            _ => true,
+        }
+    }
+
+    /// Waits for the exchange; returns what arrived, in source-rank order, and how many
+    /// elements came from each rank.
+    pub fn wait(mut self) -> (Vec<T>, Vec<usize>) {
+        match std::mem::replace(&mut self.state, PendingState::Taken) {
+            PendingState::Done(v, c) => (v, c),
+            PendingState::Mpi(mut p) => {
+                p.complete();
+                (
+                    std::mem::take(&mut p.recv),
+                    std::mem::take(&mut p.recv_counts),
+                )
+            }
+            PendingState::Taken => unreachable!("a handle is waited on once"),
+        }
+    }
+}
+
+impl<T: Elem> Drop for Pending<T> {
+    fn drop(&mut self) {
+        if let PendingState::Mpi(p) = &mut self.state {
+            // Never free buffers MPI may still write to.
+            p.complete();
+        }
     }
 }
 
@@ -254,6 +473,11 @@ mod tests {
         assert_eq!(c.all_to_all_v(&x, &[3]).0, x);
         assert_eq!(c.all_gather_v(&x), (x.clone(), vec![3]));
         assert_eq!(c.reduce_scatter_sum(&x), x);
+        assert_eq!(c.gather_v(&x, 0), Some((x.clone(), vec![3])));
+        let mut h = c.start_all_to_all_v(x.clone(), &[3], &[3]);
+        assert!(h.test());
+        assert_eq!(h.wait(), (x.clone(), vec![3]));
+        assert_eq!(c.split(5, 0).size(), 1);
         assert_eq!(bounds(10, 4, 3), 7..10);
         assert_eq!(displacements(&[2, 0, 3]), vec![0, 2, 2]);
     }

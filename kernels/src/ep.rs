@@ -1,86 +1,221 @@
-//! Expert-parallel token exchange for one MoE layer, on host rows: routed-expert
-//! selections are sent to the rank that owns their expert (dispatch), processed there,
-//! and sent back to their slot (combine). Experts are split evenly and contiguously over
-//! the ranks. The order is a stable sort by (owner, expert, slot), so it never depends
-//! on timing, and the combine is an exact inverse of the dispatch.
+//! Expert-parallel token exchange for one MoE layer. Routed experts are split evenly and
+//! contiguously over the ranks of an expert-parallel group. After routing, each rank's
+//! FFN-expert rows, already grouped by expert (so by owner), are sent to their owners
+//! (dispatch); an owner regroups what arrived by local expert, computes, restores the
+//! arrival order and sends the rows back (combine). Zero-computation experts never leave
+//! their rank: their slots are not in the exchange at all.
+//!
+//! The row order is fixed by (owner, expert, slot) on the sender and (expert, source,
+//! slot) on the owner, so nothing depends on message timing. Gradients travel the same
+//! plan in the opposite direction (`Direction::Back`).
 
-use crate::comm::Comm;
-
-/// What a dispatch did, so that `combine` can undo it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Dispatch {
-    /// Slots (token * k + choice) in the order their rows were sent.
-    order: Vec<usize>,
-    /// Rows sent to each rank.
-    send_counts: Vec<usize>,
-    /// Rows received from each rank.
-    recv_counts: Vec<usize>,
-    /// The (global) expert of each received row.
-    pub recv_experts: Vec<i64>,
-    /// Slots per token.
-    k: usize,
-}
+use crate::comm::{Comm, Pending};
+use crate::moe::ExpertDispatch;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
 
 /// The rank that owns `expert` of `n_experts` over `ranks` ranks.
 pub fn owner(expert: usize, n_experts: usize, ranks: usize) -> usize {
     expert / (n_experts / ranks)
 }
 
-/// Sends each selection's token row (`hidden`: tokens x `h`) to the owner of its expert.
-/// `experts` holds tokens x k expert ids; ids >= `n_experts` (zero-computation experts)
-/// stay home. Returns the dispatch and the received rows (rows x `h`).
-pub fn dispatch(
-    comm: &Comm,
-    hidden: &[f32],
-    h: usize,
-    experts: &[usize],
-    k: usize,
-    n_experts: usize,
-) -> (Dispatch, Vec<f32>) {
-    let p = comm.size();
-    assert!(
-        n_experts.is_multiple_of(p),
-        "{n_experts} experts do not split over {p} ranks"
-    );
-    let mut order: Vec<usize> = (0..experts.len())
-        .filter(|&s| experts[s] < n_experts)
-        .collect();
-    order.sort_by_key(|&s| (owner(experts[s], n_experts, p), experts[s], s));
-    let mut send_counts = vec![0; p];
-    let mut rows = Vec::with_capacity(order.len() * h);
-    let mut ids = Vec::with_capacity(order.len());
-    for &s in &order {
-        send_counts[owner(experts[s], n_experts, p)] += 1;
-        let t = s / k;
-        rows.extend_from_slice(&hidden[t * h..(t + 1) * h]);
-        ids.push(experts[s] as i64);
-    }
-    let row_counts: Vec<usize> = send_counts.iter().map(|c| c * h).collect();
-    let (received, _) = comm.all_to_all_v(&rows, &row_counts);
-    let (recv_experts, recv_counts) = comm.all_to_all_v(&ids, &send_counts);
-    (
-        Dispatch {
-            order,
-            send_counts,
-            recv_counts,
-            recv_experts,
-            k,
-        },
-        received,
-    )
+/// Time and volume spent in exchanges, summed.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct ExchangeStats {
+    /// Exchanges started.
+    pub exchanges: u64,
+    /// Bytes this rank handed to the all-to-all (rows kept on this rank included).
+    pub bytes: u64,
+    /// Bytes sent to other ranks.
+    pub bytes_remote: u64,
+    /// Seconds spent inside the exchange calls (staging, starting and waiting): the
+    /// communication time compute did not hide.
+    pub exposed_s: f64,
 }
 
-/// Sends processed rows (in the order they were received) back and places each in its
-/// slot: tokens x k x `h`, zeros for slots that were not dispatched.
-pub fn combine(comm: &Comm, d: &Dispatch, processed: &[f32], h: usize, tokens: usize) -> Vec<f32> {
-    let row_counts: Vec<usize> = d.recv_counts.iter().map(|c| c * h).collect();
-    let (back, _) = comm.all_to_all_v(processed, &row_counts);
-    debug_assert_eq!(back.len(), d.send_counts.iter().sum::<usize>() * h);
-    let mut out = vec![0.0; tokens * d.k * h];
-    for (i, &slot) in d.order.iter().enumerate() {
-        out[slot * h..(slot + 1) * h].copy_from_slice(&back[i * h..(i + 1) * h]);
+impl ExchangeStats {
+    /// Adds `other` to these.
+    pub fn add(&mut self, other: &ExchangeStats) {
+        self.exchanges += other.exchanges;
+        self.bytes += other.bytes;
+        self.bytes_remote += other.bytes_remote;
+        self.exposed_s += other.exposed_s;
     }
-    out
+}
+
+/// Which way rows move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Senders to owners: the dispatch, and the combine's gradient.
+    ToOwners,
+    /// Owners to senders: the combine, and the dispatch's gradient.
+    Back,
+}
+
+/// Who sends how many rows to whom in one layer's exchange, and how an owner regroups
+/// the rows it receives by expert.
+#[derive(Debug)]
+pub struct Plan {
+    /// Rows this rank sends to each rank (its FFN-expert slots).
+    pub send_rows: Vec<usize>,
+    /// Rows arriving from each rank.
+    pub recv_rows: Vec<usize>,
+    /// Rows per local expert, summed over the sources.
+    pub local_counts: Vec<i64>,
+    /// Received rows (source-major) in expert-major order.
+    to_expert_major: Tensor,
+    /// The inverse of `to_expert_major`.
+    to_source_major: Tensor,
+}
+
+impl Plan {
+    /// The plan for `dispatch` (this rank's routing over all N FFN experts) in the
+    /// expert-parallel group `comm`: exchanges the per-expert row counts (a small
+    /// blocking all-to-all).
+    pub fn new(comm: &Comm, dispatch: &ExpertDispatch, device: Device) -> Plan {
+        let p = comm.size();
+        let n = dispatch.counts.len();
+        assert!(
+            n.is_multiple_of(p),
+            "{n} experts do not split over {p} ranks"
+        );
+        let e = n / p;
+        let send_rows: Vec<usize> = (0..p)
+            .map(|d| dispatch.counts[d * e..(d + 1) * e].iter().sum::<i64>() as usize)
+            .collect();
+        let (c, _) = comm.all_to_all_v(&dispatch.counts, &vec![e; p]);
+        let recv_rows: Vec<usize> = (0..p)
+            .map(|s| c[s * e..(s + 1) * e].iter().sum::<i64>() as usize)
+            .collect();
+        let local_counts: Vec<i64> = (0..e).map(|j| (0..p).map(|s| c[s * e + j]).sum()).collect();
+        // Row of (source s, local expert j)'s first row in the source-major buffer.
+        let mut order = Vec::with_capacity(recv_rows.iter().sum());
+        for j in 0..e {
+            let mut source_start = 0i64;
+            for s in 0..p {
+                let within: i64 = c[s * e..s * e + j].iter().sum();
+                let start = source_start + within;
+                order.extend(start..start + c[s * e + j]);
+                source_start += recv_rows[s] as i64;
+            }
+        }
+        let to_expert_major = Tensor::from_slice(&order).to_device(device);
+        let to_source_major = to_expert_major.argsort(0, false);
+        Plan {
+            send_rows,
+            recv_rows,
+            local_counts,
+            to_expert_major,
+            to_source_major,
+        }
+    }
+
+    /// Received (source-major) rows regrouped by local expert: a permutation, so its
+    /// backward writes every row once.
+    pub fn expert_major(&self, rows: &Tensor) -> Tensor {
+        rows.index_select(0, &self.to_expert_major)
+    }
+
+    /// Expert-major rows back in arrival order, ready to be sent back.
+    pub fn source_major(&self, rows: &Tensor) -> Tensor {
+        rows.index_select(0, &self.to_source_major)
+    }
+
+    /// Starts moving `rows` (this rank's rows for `direction`, in order). The result
+    /// arrives as a new leaf tensor (its gradient is what moves back): see `InFlight`.
+    pub fn start(&self, comm: &Comm, rows: &Tensor, direction: Direction) -> InFlight {
+        let begun = Instant::now();
+        let (send, recv) = match direction {
+            Direction::ToOwners => (&self.send_rows, &self.recv_rows),
+            Direction::Back => (&self.recv_rows, &self.send_rows),
+        };
+        let (kind, device) = (rows.kind(), rows.device());
+        let hidden = rows.size()[1];
+        let mut stats = ExchangeStats {
+            exchanges: 1,
+            bytes: (rows.numel() * 4) as u64,
+            bytes_remote: ((send.iter().sum::<usize>() - send[comm.rank()]) as u64)
+                * hidden as u64
+                * 4,
+            exposed_s: 0.0,
+        };
+        let state = if comm.size() == 1 {
+            // A world of one: no copies, the same storage becomes the far side's leaf.
+            Flight::Local(rows.detach())
+        } else {
+            let host: Vec<f32> = Vec::try_from(
+                &rows
+                    .detach()
+                    .to_kind(Kind::Float)
+                    .to_device(Device::Cpu)
+                    .reshape([-1]),
+            )
+            .expect("f32 rows");
+            let h = hidden as usize;
+            let sc: Vec<usize> = send.iter().map(|r| r * h).collect();
+            let rc: Vec<usize> = recv.iter().map(|r| r * h).collect();
+            Flight::Mpi(comm.start_all_to_all_v(host, &sc, &rc))
+        };
+        stats.exposed_s = begun.elapsed().as_secs_f64();
+        InFlight {
+            state,
+            rows: recv.iter().sum::<usize>() as i64,
+            hidden,
+            kind,
+            device,
+            stats,
+        }
+    }
+}
+
+enum Flight {
+    Local(Tensor),
+    Mpi(Pending<f32>),
+}
+
+/// An exchange in flight.
+pub struct InFlight {
+    state: Flight,
+    rows: i64,
+    hidden: i64,
+    kind: Kind,
+    device: Device,
+    stats: ExchangeStats,
+}
+
+impl InFlight {
+    /// Lets the exchange progress (call between pieces of compute).
+    pub fn poll(&mut self) {
+        if let Flight::Mpi(p) = &mut self.state {
+            let begun = Instant::now();
+            p.test();
+            self.stats.exposed_s += begun.elapsed().as_secs_f64();
+        }
+    }
+
+    /// Waits for the rows: rows x hidden, in the sender's kind and device, a leaf that
+    /// requires a gradient when `requires_grad`. Adds the exchange's cost to `stats`.
+    pub fn wait(self, requires_grad: bool, stats: &mut ExchangeStats) -> Tensor {
+        let begun = Instant::now();
+        let t = match self.state {
+            Flight::Local(t) => t,
+            Flight::Mpi(p) => {
+                let (data, _) = p.wait();
+                Tensor::from_slice(&data)
+                    .view([self.rows, self.hidden])
+                    .to_device(self.device)
+                    .to_kind(self.kind)
+            }
+        };
+        let mut s = self.stats;
+        s.exposed_s += begun.elapsed().as_secs_f64();
+        stats.add(&s);
+        if requires_grad {
+            t.set_requires_grad(true)
+        } else {
+            t
+        }
+    }
 }
 
 #[cfg(test)]
@@ -88,25 +223,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn single_rank_dispatch_and_combine_are_inverse() {
+    fn a_single_rank_plan_regroups_nothing_and_moves_nothing() {
         let comm = Comm::Single;
-        let (h, k, n) = (3, 2, 4);
-        let hidden: Vec<f32> = (0..5 * h).map(|i| i as f32 * 0.5).collect();
-        let experts = vec![3, 1, 0, 5, 2, 2, 1, 3, 4, 0]; // 4 and 5 are zero experts
-        let (d, rows) = dispatch(&comm, &hidden, h, &experts, k, n);
-        assert_eq!(rows.len(), 8 * h);
-        assert!(
-            d.recv_experts.windows(2).all(|w| w[0] <= w[1]),
-            "grouped by expert"
-        );
-        let out = combine(&comm, &d, &rows, h, 5);
-        for (slot, &e) in experts.iter().enumerate() {
-            let want: Vec<f32> = if e < n {
-                hidden[slot / k * h..(slot / k + 1) * h].to_vec()
-            } else {
-                vec![0.0; h]
-            };
-            assert_eq!(&out[slot * h..(slot + 1) * h], &want[..], "slot {slot}");
-        }
+        let idx = Tensor::from_slice(&[3i64, 1, 0, 5, 2, 2, 1, 3, 4, 0]).view([5, 2]);
+        let d = ExpertDispatch::new(&idx, 4, 6);
+        let plan = Plan::new(&comm, &d, Device::Cpu);
+        assert_eq!(plan.send_rows, vec![8]);
+        assert_eq!(plan.recv_rows, vec![8]);
+        assert_eq!(plan.local_counts, vec![2, 2, 2, 2]);
+        let x = Tensor::arange(15, (Kind::Float, Device::Cpu)).view([5, 3]);
+        let rows = d.gather(&x);
+        let mut stats = ExchangeStats::default();
+        let there = plan
+            .start(&comm, &rows, Direction::ToOwners)
+            .wait(true, &mut stats);
+        assert!(there.requires_grad() && there.is_leaf());
+        assert_eq!(plan.expert_major(&there), rows);
+        let back = plan
+            .start(&comm, &plan.source_major(&there), Direction::Back)
+            .wait(false, &mut stats);
+        assert_eq!(back, rows);
+        assert_eq!(stats.exchanges, 2);
+        assert_eq!(stats.bytes_remote, 0);
+        assert_eq!(owner(5, 8, 2), 1);
     }
 }

@@ -3,7 +3,12 @@
 //! line; the exit code is 1 if any check failed.
 
 use catapult_kernels::comm::Comm;
+use catapult_kernels::ep::{owner, Direction, ExchangeStats, Plan};
+use catapult_kernels::moe::{ffn_choice_mask, ExpertDispatch};
+use catapult_trainer::engine::{forward, is_expert_param, Parallel};
+use catapult_trainer::recipe::ModelConfig;
 use clap::Subcommand;
+use tch::{Device, Kind, Tensor};
 
 #[derive(Subcommand)]
 pub enum CommCommand {
@@ -100,28 +105,56 @@ pub fn run(command: CommCommand) -> Result<(), crate::Failure> {
             digest.update(&v.to_le_bytes());
         }
     }
-    // Expert-parallel dispatch and combine with identity experts give back every routed
-    // slot's token row exactly, and each rank receives only its own experts.
-    let (h, k, n_experts) = (5, 3, 8);
-    let tokens = 7 + 3 * r;
-    let hidden: Vec<f32> = (0..tokens * h).map(|i| value(r, i)).collect();
-    let experts: Vec<usize> = (0..tokens * k)
-        .map(|s| (s * 7 + r * 3 + s / k) % (n_experts + 2))
+    // Gather to one root (the last rank): rank s contributes s + 2 copies of 10 s.
+    jitter();
+    let gathered = comm.gather_v(&vec![10 * r as i64; r + 2], p - 1);
+    let expected: Vec<i64> = (0..p).flat_map(|s| vec![10 * s as i64; s + 2]).collect();
+    check(
+        "gather_v",
+        match gathered {
+            Some((all, sizes)) => {
+                r == p - 1 && all == expected && sizes == (2..p + 2).collect::<Vec<_>>()
+            }
+            None => r != p - 1,
+        },
+    );
+
+    // The nonblocking all-to-all delivers what the blocking one does, polled or not.
+    let counts: Vec<usize> = (0..p).map(|d| (d * 5 + r) % 4).collect();
+    let recv_counts: Vec<usize> = (0..p).map(|s| (r * 5 + s) % 4).collect();
+    let send: Vec<f32> = (0..counts.iter().sum::<usize>())
+        .map(|i| value(r, i))
         .collect();
     jitter();
-    let (d, rows) = catapult_kernels::ep::dispatch(&comm, &hidden, h, &experts, k, n_experts);
-    let own = |e: &i64| catapult_kernels::ep::owner(*e as usize, n_experts, p) == r;
-    check("ep_dispatch_ownership", d.recv_experts.iter().all(own));
-    let out = catapult_kernels::ep::combine(&comm, &d, &rows, h, tokens);
-    let identity = experts.iter().enumerate().all(|(slot, &e)| {
-        let got = &out[slot * h..(slot + 1) * h];
-        if e < n_experts {
-            got == &hidden[slot / k * h..(slot / k + 1) * h]
-        } else {
-            got.iter().all(|&v| v == 0.0)
+    let blocking = comm.all_to_all_v(&send, &counts);
+    let mut pending = comm.start_all_to_all_v(send.clone(), &counts, &recv_counts);
+    jitter();
+    pending.test();
+    check("start_all_to_all_v", pending.wait() == blocking);
+
+    // Groups: ranks of the same parity sum among themselves.
+    jitter();
+    let group = comm.split(r % 2, r);
+    let mut members = [1i64 << r];
+    group.all_reduce_sum(&mut members);
+    let want: i64 = (0..p).filter(|s| s % 2 == r % 2).map(|s| 1i64 << s).sum();
+    check("split", members[0] == want && group.rank() == r / 2);
+
+    // Expert parallelism in every layout of this world (each expert-parallel size that
+    // divides it): the exchange is the identity with identity experts, and a model's
+    // gradients equal one process's on the whole batch.
+    for ep in (1..=p).filter(|e| p.is_multiple_of(*e)) {
+        jitter();
+        let par = Parallel::new(comm.split(0, r), ep, 0, true).map_err(|e| anyhow::anyhow!(e))?;
+        check(&format!("ep{ep}_identity"), ep_identity_check(&par));
+        match ep_gradient_check(&par) {
+            Ok(()) => {}
+            Err(problem) => {
+                eprintln!("rank {r}: ep{ep}_gradients: {problem}");
+                check(&format!("ep{ep}_gradients"), false);
+            }
         }
-    });
-    check("ep_dispatch_combine_identity", identity);
+    }
 
     jitter();
     comm.barrier();
@@ -141,4 +174,155 @@ pub fn run(command: CommCommand) -> Result<(), crate::Failure> {
     } else {
         Err(anyhow::anyhow!("rank {r}: collectives failed: {}", failures.join(", ")).into())
     }
+}
+
+/// The top-K choices of `rank`'s token t: a fixed function of (rank, t), so every rank
+/// can compute every other rank's routing. Ids >= `n` are zero experts.
+fn choices(rank: usize, tokens: usize, k: usize, n: usize, zero: usize) -> Vec<i64> {
+    (0..tokens)
+        .flat_map(|t| {
+            // K distinct experts per token.
+            let start = (t * 7 + rank * 3) % (n + zero);
+            (0..k).map(move |j| ((start + j * 3) % (n + zero)) as i64)
+        })
+        .collect()
+}
+
+/// Identity experts: each row comes back bit for bit, each owner receives rows of its own
+/// experts only (the rows carry their source and token), and the combined MoE output
+/// equals one process's.
+fn ep_identity_check(par: &Parallel) -> bool {
+    let (ep, e_rank) = (par.expert.size(), par.expert.rank());
+    let (n, zero, k, h) = (8usize, 3usize, 3usize, 4i64);
+    let tokens_of = |s: usize| 5 + 2 * s;
+    let tokens = tokens_of(e_rank);
+    // Row of token t: [source rank, t, then values].
+    let x: Vec<f32> = (0..tokens)
+        .flat_map(|t| [e_rank as f32, t as f32, value(e_rank, t), -value(t, e_rank)])
+        .collect();
+    let x = Tensor::from_slice(&x).view([tokens as i64, h]);
+    let choice =
+        Tensor::from_slice(&choices(e_rank, tokens, k, n, zero)).view([tokens as i64, k as i64]);
+    let d = ExpertDispatch::new(&choice, n as i64, (n + zero) as i64);
+    let sent = d.gather(&x);
+    let plan = Plan::new(&par.expert, &d, Device::Cpu);
+    let mut stats = ExchangeStats::default();
+    let received = plan
+        .start(&par.expert, &sent, Direction::ToOwners)
+        .wait(false, &mut stats);
+    // Ownership: expert-major rows of local expert j come from tokens that chose it.
+    let by_expert = plan.expert_major(&received);
+    let mut row = 0i64;
+    let mut owned = true;
+    for (j, &count) in plan.local_counts.iter().enumerate() {
+        let expert = (e_rank * (n / ep) + j) as i64;
+        owned &= owner(expert as usize, n, ep) == e_rank;
+        for _ in 0..count {
+            let source = by_expert.double_value(&[row, 0]) as usize;
+            let t = by_expert.double_value(&[row, 1]) as usize;
+            owned &= choices(source, tokens_of(source), k, n, zero)[t * k..(t + 1) * k]
+                .contains(&expert);
+            row += 1;
+        }
+    }
+    let returned = plan
+        .start(&par.expert, &plan.source_major(&by_expert), Direction::Back)
+        .wait(false, &mut stats);
+    let weights = Tensor::from_slice(
+        &(0..tokens * k)
+            .map(|i| 0.25 + value(e_rank, i).abs().fract())
+            .collect::<Vec<f32>>(),
+    )
+    .view([tokens as i64, k as i64]);
+    let mask = ffn_choice_mask(&choice, n as i64, Kind::Float);
+    let combined = d.combine(&returned, &weights, &mask, &x);
+    let alone = d.combine(&sent, &weights, &mask, &x);
+    owned && returned.equal(&sent) && combined.equal(&alone)
+}
+
+/// Gradients of a small model trained through the engine in this layout equal (within
+/// 1e-6 relative per tensor) those of one process holding every expert and the whole
+/// batch, computed on expert-parallel rank 0 of each replica.
+fn ep_gradient_check(par: &Parallel) -> Result<(), String> {
+    let config: ModelConfig = serde_json::from_value(serde_json::json!({
+        "vocab_size": 64, "hidden_size": 32, "num_layers": 2, "num_attention_heads": 2,
+        "q_lora_rank": 16, "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
+        "v_head_dim": 8, "ffn_hidden_size": 48, "expert_ffn_hidden_size": 16,
+        "n_routed_experts": 8, "zero_expert_num": 2, "moe_topk": 3,
+        "target_ffn_experts": 2, "routed_scaling_factor": 2.0,
+    }))
+    .expect("a valid model config");
+    let (world, rank) = (par.world.size(), par.world.rank());
+    let (rows, seq) = (2i64, 12i64);
+    let batch = |r: usize| {
+        let ids: Vec<i64> = (0..rows * seq)
+            .map(|i| (i * 13 + r as i64 * 29 + i * i) % 64)
+            .collect();
+        Tensor::from_slice(&ids).view([rows, seq])
+    };
+    let grads = |par: &Parallel, local: std::ops::Range<usize>, tokens: &Tensor| {
+        tch::manual_seed(17);
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let model = catapult_trainer::model::LongcatModel::with_experts(
+            &vs.root(),
+            &config,
+            seq as usize,
+            Kind::Float,
+            Device::Cpu,
+            local,
+        );
+        let mut stats = ExchangeStats::default();
+        let f = forward(&model, par, tokens, None, true, &mut stats);
+        let len = tokens.size()[1];
+        let loss = f
+            .logits
+            .narrow(1, 0, len - 1)
+            .reshape([-1, 64])
+            .cross_entropy_for_logits(&tokens.narrow(1, 1, len - 1).reshape([-1]));
+        let none = (0..config.num_layers).map(|_| None).collect();
+        f.backward(par, &loss, none, &mut stats);
+        let mut named: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .map(|(n, t)| (n, t.grad()))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named
+    };
+    let mine = grads(par, par.local_experts(8), &batch(rank));
+    // Average over the world as the trainer does: dense over everyone, experts over
+    // their replicas (each rank's loss is the mean over its own tokens).
+    let mut reduced = Vec::new();
+    for (name, g) in mine {
+        let mut v: Vec<f32> = Vec::try_from(&g.reshape([-1])).expect("f32");
+        if is_expert_param(&name) {
+            par.replicas.all_reduce_sum(&mut v);
+        } else {
+            par.world.all_reduce_sum(&mut v);
+        }
+        let avg = Tensor::from_slice(&v).view(g.size().as_slice()) / world as f64;
+        reduced.push((name, avg));
+    }
+    if par.expert.rank() != 0 {
+        return Ok(());
+    }
+    // One process, every expert, every rank's sequences in rank order.
+    let all = Tensor::cat(&(0..world).map(batch).collect::<Vec<_>>(), 0);
+    let single = Parallel::single();
+    let reference = grads(&single, 0..8, &all);
+    let per = 8 / par.expert_size as i64;
+    for ((name, got), (_, want)) in reduced.iter().zip(&reference) {
+        let want = if is_expert_param(name) {
+            want.narrow(0, 0, per)
+        } else {
+            want.shallow_clone()
+        };
+        let scale = want.abs().max().double_value(&[]).max(1e-12);
+        let diff = (got - &want).abs().max().double_value(&[]) / scale;
+        if diff > 1e-6 {
+            return Err(format!("{name}: relative difference {diff:e}"));
+        }
+    }
+    Ok(())
 }

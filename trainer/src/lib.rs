@@ -4,6 +4,7 @@
 
 pub mod bias_control;
 pub mod checkpoint;
+pub mod engine;
 pub mod export;
 pub mod losses;
 pub mod model;

@@ -9,8 +9,9 @@
 
 use crate::recipe::ModelConfig;
 use catapult_kernels::moe::{ffn_choice_mask, grouped_swiglu, ExpertDispatch};
+use std::ops::Range;
 use tch::nn::{Init, Path};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Epsilon of the RMSNorms inside MLA (transformers' LongcatFlashMLA uses the norm's
 /// default, 1e-6, not `rms_norm_eps`).
@@ -223,6 +224,14 @@ impl SwiGlu {
     }
 }
 
+/// Stacked expert weights (`full[0]` experts) of which this rank holds `local`: drawn
+/// whole, as `Init::Randn` would, and cut, so that every layout starts from the same
+/// values.
+fn expert_var(p: &Path, name: &str, full: [i64; 3], local: &Range<i64>, std: f64) -> Tensor {
+    let whole = Tensor::randn(full, (Kind::Float, Device::Cpu)) * std + 0.0;
+    p.var_copy(name, &whole.narrow(0, local.start, local.end - local.start))
+}
+
 /// The MoE: fp32 softmax router over N FFN + Z zero experts, top-K over p + b, gate
 /// weights gamma * p from the unbiased p (section 3).
 #[derive(Debug)]
@@ -238,6 +247,9 @@ pub struct Moe {
     n_total: i64,
     top_k: i64,
     gamma: f64,
+    /// The routed experts whose weights this rank holds (all of them without expert
+    /// parallelism).
+    pub local: Range<i64>,
 }
 
 /// What the MoE did, for metrics and (later) the expert-bias controller.
@@ -252,47 +264,78 @@ pub struct MoeOutput {
 }
 
 impl Moe {
-    fn new(p: &Path, c: &ModelConfig) -> Self {
+    fn new(p: &Path, c: &ModelConfig, local: Range<i64>) -> Self {
         let std = c.initializer_range;
         let (n, z) = (c.n_routed_experts as i64, c.zero_expert_num as i64);
         let (h, i) = (c.hidden_size as i64, c.expert_ffn_hidden_size as i64);
         let router = p.sub("router");
         let experts = p.sub("experts");
-        let init = Init::Randn {
-            mean: 0.0,
-            stdev: std,
-        };
         Self {
             router: matrix(&router, "classifier", (n + z) as usize, c.hidden_size, std),
             expert_bias: router.zeros_no_train("e_score_correction_bias", &[n + z]),
-            gate_proj: experts.var("gate_proj", &[n, i, h], init),
-            up_proj: experts.var("up_proj", &[n, i, h], init),
-            down_proj: experts.var("down_proj", &[n, h, i], init),
+            gate_proj: expert_var(&experts, "gate_proj", [n, i, h], &local, std),
+            up_proj: expert_var(&experts, "up_proj", [n, i, h], &local, std),
+            down_proj: expert_var(&experts, "down_proj", [n, h, i], &local, std),
             n_ffn: n,
             n_total: n + z,
             top_k: c.moe_topk as i64,
             gamma: c.routed_scaling_factor,
+            local,
         }
     }
 
-    /// `MoE(u) = sum_{selected FFN i} g_i FFN_i(u) + (sum_{selected zero i} g_i) u`.
-    pub fn forward(&self, u: &Tensor) -> MoeOutput {
-        let shape = u.size();
-        let hidden = shape[shape.len() - 1];
-        let x = u.reshape([-1, hidden]);
+    /// Router probabilities p (tokens x (N + Z), fp32) of `x` (tokens x hidden) and the
+    /// top-K choice of p + b (tokens x K; the bias only selects).
+    pub fn route(&self, x: &Tensor) -> (Tensor, Tensor) {
         let probs = linear(&x.to_kind(Kind::Float), &self.router).softmax(-1, Kind::Float);
         let (_, choice) = (probs.detach() + &self.expert_bias).topk(self.top_k, -1, true, true);
-        let weights = probs.gather(1, &choice, false) * self.gamma;
-        let dispatch = ExpertDispatch::new(&choice, self.n_ffn, self.n_total);
-        let kind = x.kind();
-        let expert_out = grouped_swiglu(
-            &dispatch.gather(&x),
-            &dispatch.counts,
+        (probs, choice)
+    }
+
+    /// Gate weights gamma * p of the chosen experts (tokens x K).
+    pub fn gate_weights(&self, probs: &Tensor, choice: &Tensor) -> Tensor {
+        probs.gather(1, choice, false) * self.gamma
+    }
+
+    /// The slots of `choice` grouped by expert (zero experts get no rows).
+    pub fn dispatch(&self, choice: &Tensor) -> ExpertDispatch {
+        ExpertDispatch::new(choice, self.n_ffn, self.n_total)
+    }
+
+    /// Mask of the choices that are FFN experts, in `kind`.
+    pub fn ffn_mask(&self, choice: &Tensor, kind: Kind) -> Tensor {
+        ffn_choice_mask(choice, self.n_ffn, kind)
+    }
+
+    /// This rank's experts on expert-major rows: `counts[j]` rows for local expert j.
+    pub fn local_experts(&self, rows: &Tensor, counts: &[i64]) -> Tensor {
+        let kind = rows.kind();
+        grouped_swiglu(
+            rows,
+            counts,
             &self.gate_proj.to_kind(kind),
             &self.up_proj.to_kind(kind),
             &self.down_proj.to_kind(kind),
+        )
+    }
+
+    /// `MoE(u) = sum_{selected FFN i} g_i FFN_i(u) + (sum_{selected zero i} g_i) u`, on
+    /// one rank that holds every expert.
+    pub fn forward(&self, u: &Tensor) -> MoeOutput {
+        assert_eq!(
+            self.local,
+            0..self.n_ffn,
+            "Moe::forward needs every expert; expert-parallel ranks run the MoE through the \
+             trainer's engine"
         );
-        let is_ffn = ffn_choice_mask(&choice, self.n_ffn, Kind::Float);
+        let shape = u.size();
+        let hidden = shape[shape.len() - 1];
+        let x = u.reshape([-1, hidden]);
+        let (probs, choice) = self.route(&x);
+        let weights = self.gate_weights(&probs, &choice);
+        let dispatch = self.dispatch(&choice);
+        let expert_out = self.local_experts(&dispatch.gather(&x), &dispatch.counts);
+        let is_ffn = self.ffn_mask(&choice, Kind::Float);
         let output = dispatch
             .combine(&expert_out, &weights, &is_ffn, &x)
             .view(shape.as_slice());
@@ -316,7 +359,7 @@ pub struct ScMoeLayer {
 }
 
 impl ScMoeLayer {
-    fn new(p: &Path, c: &ModelConfig) -> Self {
+    fn new(p: &Path, c: &ModelConfig, local: Range<i64>) -> Self {
         let (h, eps, std) = (c.hidden_size, c.rms_norm_eps, c.initializer_range);
         let norm = |name: &str, i: usize| RmsNorm::new(&p.sub(name).sub(i), h, eps);
         Self {
@@ -333,18 +376,39 @@ impl ScMoeLayer {
                 SwiGlu::new(&p.sub("mlps").sub(0), h, c.ffn_hidden_size, std),
                 SwiGlu::new(&p.sub("mlps").sub(1), h, c.ffn_hidden_size, std),
             ],
-            moe: Moe::new(&p.sub("mlp"), c),
+            moe: Moe::new(&p.sub("mlp"), c, local),
         }
+    }
+
+    /// `h1 = x + MLA0(norm_in0(x))` and the MoE / FFN0 input `u = norm_post0(h1)`.
+    pub fn attention0(&self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>) -> (Tensor, Tensor) {
+        let h1 = x + self.mla[0].forward(&self.norm_in[0].forward(x), rope, mask);
+        let u = self.norm_post[0].forward(&h1);
+        (h1, u)
+    }
+
+    /// `h2 = h1 + FFN0(u)`.
+    pub fn ffn0(&self, h1: &Tensor, u: &Tensor) -> Tensor {
+        h1 + self.ffn[0].forward(u)
+    }
+
+    /// `h3 = h2 + MLA1(norm_in1(h2))`.
+    pub fn attention1(&self, h2: &Tensor, rope: &Rope, mask: Option<&Tensor>) -> Tensor {
+        h2 + self.mla[1].forward(&self.norm_in[1].forward(h2), rope, mask)
+    }
+
+    /// `h3 + FFN1(norm_post1(h3))` (the layer output before the MoE branch joins).
+    pub fn ffn1(&self, h3: &Tensor) -> Tensor {
+        h3 + self.ffn[1].forward(&self.norm_post[1].forward(h3))
     }
 
     /// The layer on `x` (batch x seq x hidden); also returns what the MoE did.
     pub fn forward(&self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>) -> (Tensor, MoeOutput) {
-        let h1 = x + self.mla[0].forward(&self.norm_in[0].forward(x), rope, mask);
-        let u = self.norm_post[0].forward(&h1);
+        let (h1, u) = self.attention0(x, rope, mask);
         let m = self.moe.forward(&u);
-        let h2 = &h1 + self.ffn[0].forward(&u);
-        let h3 = &h2 + self.mla[1].forward(&self.norm_in[1].forward(&h2), rope, mask);
-        let out = &h3 + self.ffn[1].forward(&self.norm_post[1].forward(&h3)) + &m.output;
+        let h2 = self.ffn0(&h1, &u);
+        let h3 = self.attention1(&h2, rope, mask);
+        let out = self.ffn1(&h3) + &m.output;
         (out, m)
     }
 }
@@ -444,6 +508,27 @@ impl LongcatModel {
         compute_kind: Kind,
         device: tch::Device,
     ) -> Self {
+        Self::with_experts(
+            root,
+            c,
+            max_seq_len,
+            compute_kind,
+            device,
+            0..c.n_routed_experts,
+        )
+    }
+
+    /// `new` holding only the routed experts `local` of every layer (an expert-parallel
+    /// rank); every value equals the corresponding one of `new` with the same seed.
+    pub fn with_experts(
+        root: &Path,
+        c: &ModelConfig,
+        max_seq_len: usize,
+        compute_kind: Kind,
+        device: tch::Device,
+        local: Range<usize>,
+    ) -> Self {
+        let local = local.start as i64..local.end as i64;
         let model = root.sub("model");
         let std = c.initializer_range;
         let embed_tokens = model.sub("embed_tokens").var(
@@ -455,7 +540,7 @@ impl LongcatModel {
             },
         );
         let layers = (0..c.num_layers)
-            .map(|i| ScMoeLayer::new(&model.sub("layers").sub(i), c))
+            .map(|i| ScMoeLayer::new(&model.sub("layers").sub(i), c, local.clone()))
             .collect();
         let norm = RmsNorm::new(&model.sub("norm"), c.hidden_size, c.rms_norm_eps);
         let lm_head = matrix(root, "lm_head", c.vocab_size, c.hidden_size, std);
@@ -499,6 +584,21 @@ impl LongcatModel {
         Some(linear(&hidden, &self.lm_head).to_kind(Kind::Float))
     }
 
+    /// Token embeddings of `tokens` in the compute kind.
+    pub fn embed(&self, tokens: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed_tokens, tokens, -1, false, false).to_kind(self.compute_kind)
+    }
+
+    /// Next-token logits (fp32) from the last layer's output.
+    pub fn head(&self, h: &Tensor) -> Tensor {
+        linear(&self.norm.forward(h), &self.lm_head).to_kind(Kind::Float)
+    }
+
+    /// The rotary tables.
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
     /// Logits for `tokens` (batch x seq, i64).
     pub fn forward(&self, tokens: &Tensor) -> ModelOutput {
         self.forward_masked(tokens, None)
@@ -507,15 +607,14 @@ impl LongcatModel {
     /// `forward` with an attention mask (batch x 1 x seq x seq, bool, true = attend)
     /// in place of the causal one.
     pub fn forward_masked(&self, tokens: &Tensor, mask: Option<&Tensor>) -> ModelOutput {
-        let mut h = Tensor::embedding(&self.embed_tokens, tokens, -1, false, false)
-            .to_kind(self.compute_kind);
+        let mut h = self.embed(tokens);
         let mut moe = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             let (out, m) = layer.forward(&h, &self.rope, mask);
             h = out;
             moe.push(m);
         }
-        let logits = linear(&self.norm.forward(&h), &self.lm_head).to_kind(Kind::Float);
+        let logits = self.head(&h);
         ModelOutput {
             logits,
             last_hidden: h,
@@ -537,7 +636,7 @@ mod tests {
     fn moe(c: &ModelConfig) -> (VarStore, Moe) {
         tch::manual_seed(11);
         let vs = VarStore::new(Device::Cpu);
-        let m = Moe::new(&vs.root(), c);
+        let m = Moe::new(&vs.root(), c, 0..c.n_routed_experts as i64);
         (vs, m)
     }
 

@@ -95,18 +95,27 @@ impl AdamW {
         })
     }
 
-    /// Averages the gradients over the data-parallel ranks of `comm`, deterministically
-    /// (rank-order sums). A gradient any rank has is defined on all afterwards (zeros
-    /// where a rank had none), as one process holding every micro-batch would see it.
-    pub fn all_reduce_gradients(&mut self, comm: &catapult_kernels::comm::Comm) {
-        let world = comm.size() as f32;
-        let mut defined: Vec<i32> = self
-            .params
+    /// Replaces the gradients of the parameters `select` picks with their sum over the
+    /// ranks of `comm` divided by `divisor`, deterministically (rank-order sums). A
+    /// gradient any rank has is defined on all afterwards (zeros where a rank had none),
+    /// as one process holding every micro-batch would see it.
+    pub fn reduce_gradients(
+        &mut self,
+        comm: &catapult_kernels::comm::Comm,
+        select: impl Fn(&str) -> bool,
+        divisor: f64,
+    ) {
+        if comm.size() == 1 && divisor == 1.0 {
+            return;
+        }
+        let chosen: Vec<&(String, Tensor)> =
+            self.params.iter().filter(|(n, _)| select(n)).collect();
+        let mut defined: Vec<i32> = chosen
             .iter()
             .map(|(_, p)| i32::from(p.grad().defined()))
             .collect();
         comm.all_reduce_sum(&mut defined);
-        for ((_, p), &d) in self.params.iter().zip(&defined) {
+        for ((_, p), &d) in chosen.iter().zip(&defined) {
             if d > 0 && !p.grad().defined() {
                 // A parameter this rank did not touch: a zero gradient, so that the
                 // reduced one has somewhere to go.
@@ -115,7 +124,7 @@ impl AdamW {
         }
         tch::no_grad(|| {
             let mut flat: Vec<f32> = Vec::new();
-            for ((_, p), &d) in self.params.iter().zip(&defined) {
+            for ((_, p), &d) in chosen.iter().zip(&defined) {
                 if d == 0 {
                     continue;
                 }
@@ -126,7 +135,7 @@ impl AdamW {
             }
             comm.all_reduce_sum(&mut flat);
             let mut at = 0;
-            for ((_, p), &d) in self.params.iter().zip(&defined) {
+            for ((_, p), &d) in chosen.iter().zip(&defined) {
                 if d == 0 {
                     continue;
                 }
@@ -135,27 +144,66 @@ impl AdamW {
                     .view(p.size().as_slice())
                     .to_device(p.device())
                     .to_kind(p.kind())
-                    / world as f64;
+                    / divisor;
                 at += n;
                 p.grad().copy_(&summed);
             }
         });
     }
 
+    /// The parameters, by name, in update order.
+    pub fn parameters(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    /// The gradients, by parameter name (undefined ones left out), as copies.
+    pub fn gradients(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .filter(|(_, p)| p.grad().defined())
+            .map(|(n, p)| (n.clone(), p.grad().copy()))
+            .collect()
+    }
+
+    /// Clears every gradient.
+    pub fn zero_grad(&mut self) {
+        for (_, p) in self.params.iter_mut() {
+            p.zero_grad();
+        }
+    }
+
     /// Global L2 norm of the gradients; scales them to at most `max_norm` when it is > 0.
     /// Returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+        self.clip_grad_norm_sharded(max_norm, |_| false, |x| x)
+    }
+
+    /// `clip_grad_norm` where the parameters `sharded` picks hold only this rank's part of
+    /// the model: the squared norm of those is summed over the ranks that split them by
+    /// `reduce` (the same value on each), then added to the replicated parameters'.
+    pub fn clip_grad_norm_sharded(
+        &mut self,
+        max_norm: f64,
+        sharded: impl Fn(&str) -> bool,
+        reduce: impl Fn(f64) -> f64,
+    ) -> f64 {
         tch::no_grad(|| {
-            let squares: Vec<Tensor> = self
-                .params
-                .iter()
-                .filter(|(_, p)| p.grad().defined())
-                .map(|(_, p)| p.grad().to_kind(Kind::Float).square().sum(Kind::Float))
-                .collect();
-            let norm = Tensor::stack(&squares, 0)
-                .sum(Kind::Float)
-                .sqrt()
-                .double_value(&[]);
+            let square_sum = |want: bool| -> f64 {
+                let squares: Vec<Tensor> = self
+                    .params
+                    .iter()
+                    .filter(|(n, p)| p.grad().defined() && sharded(n) == want)
+                    .map(|(_, p)| p.grad().to_kind(Kind::Float).square().sum(Kind::Float))
+                    .collect();
+                if squares.is_empty() {
+                    0.0
+                } else {
+                    Tensor::stack(&squares, 0)
+                        .sum(Kind::Float)
+                        .double_value(&[])
+                }
+            };
+            let norm = (square_sum(false) + reduce(square_sum(true))).sqrt();
             if max_norm > 0.0 && norm > max_norm {
                 let scale = max_norm / (norm + 1e-6);
                 for (_, p) in self.params.iter().filter(|(_, p)| p.grad().defined()) {
@@ -246,6 +294,8 @@ mod tests {
             log_every: 1,
             mtp_loss_weight: 0.3,
             mtp_start_step: 0,
+            sdc_check_every: 0,
+            sdc_action: Default::default(),
         }
     }
 

@@ -40,6 +40,49 @@ pub struct Recipe {
     /// Sharded, resumable checkpoints: how often, where, how many kept.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    /// How the ranks split the work: data x expert parallelism, overlap, reductions.
+    #[serde(default)]
+    pub parallel: ParallelConfig,
+}
+
+/// The layout of the ranks: world = data x expert. Rank r is expert-parallel rank
+/// r % expert of data-parallel replica r / expert.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelConfig {
+    /// Expert-parallel size: each group of this many ranks splits the routed experts
+    /// evenly (model.n_routed_experts must be a multiple).
+    pub expert: usize,
+    /// Data-parallel size: replicas of each expert shard (0: the world size / expert).
+    /// Dense parameters are replicated on every rank either way.
+    pub data: usize,
+    /// Single Batch Overlap: run FFN0, MLA1 and FFN1 while the MoE's all-to-alls move.
+    pub overlap: bool,
+    /// Sum gradients with the backend's own reduction algorithms: faster, but the bits
+    /// then depend on message timing. Off by default (deterministic reductions).
+    pub fast_reductions: bool,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        Self {
+            expert: 1,
+            data: 0,
+            overlap: true,
+            fast_reductions: false,
+        }
+    }
+}
+
+/// What a silent-data-corruption check does when a replay differs.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SdcAction {
+    /// Stop the run with an error naming the rank, step and tensor.
+    #[default]
+    Stop,
+    /// Reload the last checkpoint and continue from it (at most 3 times in a row).
+    Rollback,
 }
 
 /// Compute device.
@@ -545,6 +588,13 @@ pub struct TrainConfig {
     /// Step from which the MTP loss is added (its parameters get no gradient before).
     #[serde(default)]
     pub mtp_start_step: usize,
+    /// Silent-data-corruption check: every this many steps (0: never), replay the first
+    /// micro-batch's forward and backward and compare the gradients bitwise.
+    #[serde(default)]
+    pub sdc_check_every: usize,
+    /// On a mismatch: `stop`, or `rollback` to the last checkpoint.
+    #[serde(default)]
+    pub sdc_action: SdcAction,
 }
 
 /// Where a run writes.
@@ -1347,6 +1397,31 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
         if !(0.0..1.0).contains(&b) {
             return err(&[name], format!("is {b}"), "use a value in [0, 1)");
         }
+    }
+    if t.sdc_action == SdcAction::Rollback && t.sdc_check_every > 0 && r.checkpoint.every == 0 {
+        return err(
+            &["train.sdc_action", "checkpoint.every"],
+            "rollback needs checkpoints to roll back to, but checkpoint.every is 0".into(),
+            "set checkpoint.every (e.g. 100) or use sdc_action: stop",
+        );
+    }
+    let par = &r.parallel;
+    if par.expert == 0 {
+        return err(
+            &["parallel.expert"],
+            "must be at least 1".into(),
+            "use 1 for no expert parallelism",
+        );
+    }
+    if !m.n_routed_experts.is_multiple_of(par.expert) {
+        return err(
+            &["parallel.expert", "model.n_routed_experts"],
+            format!(
+                "{} FFN experts do not split evenly over {} expert-parallel ranks",
+                m.n_routed_experts, par.expert
+            ),
+            "use an expert-parallel size that divides n_routed_experts",
+        );
     }
     if !positive(t.adam_eps) {
         return err(

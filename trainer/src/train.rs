@@ -6,14 +6,16 @@
 
 use crate::bias_control::ExpertBiasController;
 use crate::checkpoint::{copy_into, from_host, to_host, Resume};
-use crate::losses::{hidden_z_loss, load_balance_loss, BalanceShape};
+use crate::engine::{is_expert_param, Parallel};
+use crate::losses::{hidden_z_loss, load_balance_loss_global, BalanceShape};
 use crate::model::LongcatModel;
 use crate::optim::{learning_rate, AdamW};
-use crate::recipe::{DeviceKind, Precision, Recipe};
+use crate::recipe::{DeviceKind, Precision, Recipe, SdcAction};
 use crate::router_metrics::{load_spread, router_similarity};
 use catapult_checkpoints::{kill_self_on, AsyncSaver, Checkpoints, Loaded};
 use catapult_data::{Batch, Pipeline};
 use catapult_kernels::comm::Comm;
+use catapult_kernels::ep::ExchangeStats;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -43,7 +45,13 @@ pub enum TrainError {
     /// Saving or loading a sharded checkpoint failed.
     #[error(transparent)]
     Shard(#[from] catapult_checkpoints::ShardError),
+    /// A silent-data-corruption check found a rank computing different gradients twice.
+    #[error("{0}")]
+    Corruption(String),
 }
+
+/// Rollbacks after failed silent-data-corruption checks, in a row, before giving up.
+const MAX_ROLLBACKS: usize = 3;
 
 /// How `train` behaves beyond the recipe.
 #[derive(Debug, Clone, Default)]
@@ -126,18 +134,28 @@ pub struct BuiltModel {
 /// Builds the model on the CPU from `recipe.seed` (so the initial weights do not depend
 /// on the device) and moves it to `device`.
 pub fn build_model(recipe: &Recipe, device: Device) -> BuiltModel {
+    build_model_with_experts(recipe, device, 0..recipe.model.n_routed_experts)
+}
+
+/// `build_model` holding only the routed experts `local` (an expert-parallel rank).
+pub fn build_model_with_experts(
+    recipe: &Recipe,
+    device: Device,
+    local: std::ops::Range<usize>,
+) -> BuiltModel {
     tch::manual_seed(recipe.seed as i64);
     let mut vars = VarStore::new(Device::Cpu);
     let kind = match recipe.system.precision {
         Precision::Fp32 => Kind::Float,
         Precision::Bf16 => Kind::BFloat16,
     };
-    let model = LongcatModel::new(
+    let model = LongcatModel::with_experts(
         &vars.root(),
         &recipe.model,
         recipe.data.max_seq_len(),
         kind,
         device,
+        local,
     );
     // set_data in place: the model's handles see the moved tensors.
     vars.set_device(device);
@@ -151,15 +169,35 @@ pub fn named_tensors(vars: &VarStore) -> Vec<(String, Tensor)> {
     named
 }
 
-fn mean_loss(model: &LongcatModel, sequences: &[Vec<u32>], micro: usize, device: Device) -> f64 {
+/// Mean loss over `sequences`, computed by all ranks together: the chunks of `micro`
+/// sequences are dealt round-robin to the ranks (a rank without a chunk in a round runs
+/// one with weight 0, since every rank takes part in the MoE's all-to-alls), and the
+/// weighted sums are added in rank order.
+fn mean_loss(
+    model: &LongcatModel,
+    par: &Parallel,
+    sequences: &[Vec<u32>],
+    micro: usize,
+    device: Device,
+) -> f64 {
+    let (rank, world) = (par.world.rank(), par.world.size());
     tch::no_grad(|| {
-        let mut total = 0.0;
-        for chunk in sequences.chunks(micro) {
+        let chunks: Vec<&[Vec<u32>]> = sequences.chunks(micro).collect();
+        let mut sums = [0.0f64, 0.0];
+        let mut stats = ExchangeStats::default();
+        for round in 0..chunks.len().div_ceil(world) {
+            let (chunk, weight) = match chunks.get(round * world + rank) {
+                Some(c) => (*c, 1.0),
+                None => (chunks[0], 0.0),
+            };
             let (inputs, targets) = batch_tensors(chunk, device);
-            let loss = cross_entropy(&model.forward(&inputs).logits, &targets).double_value(&[]);
-            total += loss * chunk.len() as f64;
+            let f = crate::engine::forward(model, par, &inputs, None, false, &mut stats);
+            let loss = cross_entropy(&f.logits, &targets).double_value(&[]);
+            sums[0] += weight * loss * chunk.len() as f64;
+            sums[1] += weight * chunk.len() as f64;
         }
-        total / sequences.len() as f64
+        par.world.all_reduce_sum(&mut sums);
+        sums[0] / sums[1]
     })
 }
 
@@ -258,9 +296,18 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
     if recipe.system.threads > 0 {
         tch::set_num_threads(recipe.system.threads as i32);
     }
-    // Data parallelism over the MPI world (or a world of one); every rank holds the whole
-    // model and reads its own slice of each global batch.
-    let comm = Comm::from_env();
+    // The MPI world (or a world of one), split into expert-parallel groups: every rank
+    // reads its own slice of each global batch and holds the dense parameters and its
+    // group's share of the experts.
+    let p = &recipe.parallel;
+    let par = Parallel::new(
+        Comm::from_env().fast_reductions(p.fast_reductions),
+        p.expert,
+        p.data,
+        p.overlap,
+    )
+    .map_err(|e| TrainError::Setup(format!("{}: {e}", recipe.name)))?;
+    let comm = &par.world;
     let (rank, world) = (comm.rank(), comm.size());
     let lead = rank == 0;
     let t = &recipe.train;
@@ -300,7 +347,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
     } else {
         Ok(())
     };
-    agree(&comm, prepared)?;
+    agree(comm, prepared)?;
     if opts.resume.is_none() && lead {
         if let Some(newest) = store.steps()?.last() {
             if opts.overwrite && recipe.checkpoint.dir.is_none() {
@@ -323,7 +370,11 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         }
     }
 
-    let built = build_model(recipe, device);
+    let built = build_model_with_experts(
+        recipe,
+        device,
+        par.local_experts(recipe.model.n_routed_experts),
+    );
     let model = &built.model;
     let params: Vec<(String, Tensor)> = named_tensors(&built.vars)
         .into_iter()
@@ -337,14 +388,15 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
     comm.barrier();
     let micro_batches = t.global_batch_size / world / t.micro_batch_size;
     let shape = balance_shape(recipe);
-    // Validation loss: the mean over datasets of each one's held-out loss.
+    // Validation loss: the mean over datasets of each one's held-out loss (all ranks
+    // compute it together; rank 0 writes it).
     let eval = |model: &LongcatModel, step: usize| {
         let losses: Vec<(String, f64)> = valid
             .iter()
             .map(|(name, seqs)| {
                 (
                     name.clone(),
-                    mean_loss(model, seqs, t.micro_batch_size, device),
+                    mean_loss(model, &par, seqs, t.micro_batch_size, device),
                 )
             })
             .collect();
@@ -364,7 +416,14 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
     let mut tokens_seen = 0u64;
     let (mut metrics, first_val_loss) = match &loaded {
         Some(l) => {
-            restore(l, &built, &mut optimizer, &mut controller, &mut pipeline)?;
+            restore(
+                l,
+                &par,
+                &built,
+                &mut optimizer,
+                &mut controller,
+                &mut pipeline,
+            )?;
             start = l.manifest.step as usize;
             tokens_seen = l.manifest.tokens;
             eprintln!("resuming from {} (step {start})", l.location);
@@ -381,13 +440,13 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
             (m, first)
         }
         None => {
+            let (first, line) = eval(model, 0);
             if lead {
                 let mut m = Metrics::create(run_dir.join("metrics.jsonl"))?;
-                let (first, line) = eval(model, 0);
                 m.write(line)?;
                 (m, first)
             } else {
-                (Metrics::disabled(), f64::NAN)
+                (Metrics::disabled(), first)
             }
         }
     };
@@ -409,21 +468,27 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
     progress.set_position(start as u64);
     let mut data_wait = 0.0f64;
     let started = Instant::now();
-    for step in start..t.steps {
+    let mut step = start;
+    // Rollbacks after a silent-data-corruption check, in a row (reset by a clean check).
+    let mut rollbacks = 0usize;
+    while step < t.steps {
         // The torch RNG is a function of (seed, step), so a resumed run draws the same
         // numbers as an uninterrupted one.
         tch::manual_seed(recipe.seed as i64 ^ ((step as i64) << 20));
         let step_start = Instant::now();
         let done = step + 1;
         let lr = learning_rate(t, step);
-        let router_metrics_due = done % recipe.moe.metrics_every == 0 || done == t.steps;
+        let router_metrics_due = done.is_multiple_of(recipe.moe.metrics_every) || done == t.steps;
+        let sdc_due = t.sdc_check_every > 0 && done.is_multiple_of(t.sdc_check_every);
         let mut stats = StepStats::new(recipe, device, step);
+        let mut exchange = ExchangeStats::default();
         let wait_start = Instant::now();
         let batch: Batch = pipeline.next_batch()?;
         let waited = wait_start.elapsed().as_secs_f64();
         data_wait += waited;
         let seq_len = batch.seq_len;
         let segments = recipe.data.mask_documents.then(|| batch.segment_ids());
+        let mut sdc: Option<(f64, Option<String>)> = None;
         for micro in 0..micro_batches {
             let rows = micro * t.micro_batch_size..(micro + 1) * t.micro_batch_size;
             let (inputs, targets) = batch_tensors(&batch.sequences[rows.clone()], device);
@@ -434,27 +499,103 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
                     device,
                 )
             });
+            let input = MicroBatch {
+                inputs: &inputs,
+                targets: &targets,
+                mask: mask.as_ref(),
+            };
             let measure_rg = router_metrics_due && micro == 0;
             micro_step(
                 model,
                 recipe,
+                &par,
                 shape,
-                &inputs,
-                &targets,
-                mask.as_ref(),
+                &input,
                 micro_batches,
                 measure_rg,
                 &mut stats,
+                &mut exchange,
             );
+            if micro == 0 && sdc_due {
+                // Replay the micro-batch: its gradients must come out bit for bit the same.
+                let replay_start = Instant::now();
+                let first = optimizer.gradients();
+                optimizer.zero_grad();
+                let mut scratch = StepStats::new(recipe, device, step);
+                micro_step(
+                    model,
+                    recipe,
+                    &par,
+                    shape,
+                    &input,
+                    micro_batches,
+                    false,
+                    &mut scratch,
+                    &mut ExchangeStats::default(),
+                );
+                sdc_fault(rank, done, &optimizer);
+                let differs = first_difference(&first, &optimizer.gradients());
+                sdc = Some((replay_start.elapsed().as_secs_f64(), differs));
+            }
         }
-        if world > 1 {
-            optimizer.all_reduce_gradients(&comm);
-            stats.all_reduce(&comm);
+        if let Some((_, differs)) = &sdc {
+            let bad = corrupted_ranks(comm, differs.as_deref());
+            if !bad.is_empty() {
+                let message = format!(
+                    "silent data corruption at step {done}: replaying the first micro-batch gave \
+                     different gradients on {}; the hardware of those ranks computes \
+                     unreliably: replace the node, or set train.sdc_action: rollback to retry \
+                     from the last checkpoint",
+                    bad.join("; ")
+                );
+                if t.sdc_action == SdcAction::Stop || rollbacks >= MAX_ROLLBACKS {
+                    return Err(TrainError::Corruption(message));
+                }
+                rollbacks += 1;
+                progress.println(format!("warning: {message}; rolling back"));
+                saver.wait()?;
+                let l = store
+                    .load_newest(!opts.no_verify, !opts.no_fallback)?
+                    .ok_or_else(|| {
+                        TrainError::Corruption(format!(
+                            "{message}; and no checkpoint under {} to roll back to",
+                            store.root()
+                        ))
+                    })?;
+                restore(
+                    &l,
+                    &par,
+                    &built,
+                    &mut optimizer,
+                    &mut controller,
+                    &mut pipeline,
+                )?;
+                optimizer.zero_grad();
+                step = l.manifest.step as usize;
+                tokens_seen = l.manifest.tokens;
+                if lead {
+                    metrics.file = None;
+                    metrics = Metrics::resume(run_dir.join("metrics.jsonl"), step as u64)?.0;
+                    metrics.write(serde_json::json!({
+                        "step": step,
+                        "sdc_rollback": {"detected_at": done, "ranks": bad},
+                    }))?;
+                }
+                progress.set_position(step as u64);
+                continue;
+            }
+            rollbacks = 0;
         }
-        let grad_norm = optimizer.clip_grad_norm(t.grad_clip);
+        optimizer.reduce_gradients(comm, |n| !is_expert_param(n), world as f64);
+        optimizer.reduce_gradients(&par.replicas, is_expert_param, world as f64);
+        stats.all_reduce(comm);
+        let grad_norm = optimizer.clip_grad_norm_sharded(t.grad_clip, is_expert_param, |x| {
+            let mut v = [x];
+            par.expert.all_reduce_sum(&mut v);
+            v[0]
+        });
         optimizer.step(lr);
-        // Global-batch counts: summed over micro-batches here, and over ranks by one
-        // reduction of this tensor once there are several.
+        // Global-batch counts (every rank's micro-batches): the same update on every rank.
         let counts: Vec<Vec<i64>> = Vec::try_from(&stats.counts).expect("counts are i64");
         let bias = controller.update(&counts, stats.tokens);
         set_expert_bias(model, bias);
@@ -462,11 +603,12 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         let step_tokens = (t.global_batch_size * seq_len) as u64;
         tokens_seen += step_tokens;
         let loss = stats.lm_loss / micro_batches as f64;
-        let tokens_per_s = step_tokens as f64 / step_start.elapsed().as_secs_f64();
+        let step_s = step_start.elapsed().as_secs_f64();
+        let tokens_per_s = step_tokens as f64 / step_s;
         let per_layer = ffn_experts_per_token(&counts, recipe.model.n_routed_experts, stats.tokens);
         let overall = per_layer.iter().sum::<f64>() / per_layer.len() as f64;
-        if done % t.log_every == 0 || done == t.steps {
-            metrics.write(serde_json::json!({
+        if done.is_multiple_of(t.log_every) || done == t.steps {
+            let mut line = serde_json::json!({
                 "step": done,
                 "loss": loss,
                 "lr": lr,
@@ -480,8 +622,17 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
                 "load_balance_loss": stats.balance_loss / micro_batches as f64,
                 "z_loss": stats.z_loss / micro_batches as f64,
                 "mtp_loss": stats.mtp_loss / micro_batches as f64,
+                "step_s": step_s,
+                "all_to_all_exposed_s": exchange.exposed_s,
+                "all_to_all_bytes": exchange.bytes,
+                "all_to_all_remote_bytes": exchange.bytes_remote,
                 "elapsed_s": started.elapsed().as_secs_f64(),
-            }))?;
+            });
+            if let Some((replay_s, _)) = sdc {
+                line["sdc_check_s"] = replay_s.into();
+                line["sdc_check_fraction"] = (replay_s / step_s).into();
+            }
+            metrics.write(line)?;
         }
         if router_metrics_due {
             let (load_min, load_max, load_cv) = load_spread(&counts, recipe.model.n_routed_experts);
@@ -517,7 +668,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
                 ));
             }
         }
-        if lead && (done % t.eval_every == 0 || done == t.steps) {
+        if done.is_multiple_of(t.eval_every) || done == t.steps {
             let (loss, line) = eval(model, done);
             last_val_loss = loss;
             metrics.write(line)?;
@@ -526,18 +677,14 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
             "loss {loss:.4} | {tokens_per_s:.0} tok/s | val {last_val_loss:.4} | ffn/tok {overall:.2}"
         ));
         let every = recipe.checkpoint.every;
-        if (every > 0 && done % every == 0) || done == t.steps {
-            // Every rank's data state, merged on rank 0, which saves (the ranks' weights
-            // and optimizer states are identical replicas).
-            let data_state = gather_data_state(&comm, &pipeline)?;
-            if !lead {
-                kill_self_on(&format!("step:{done}"));
-                progress.inc(1);
-                continue;
-            }
+        if (every > 0 && done.is_multiple_of(every)) || done == t.steps {
+            // Every rank's data state and the expert shards of replica 0, gathered on rank
+            // 0, which saves (dense weights and optimizer states are identical replicas).
+            let data_state = gather_data_state(comm, &pipeline)?;
             let copy_start = Instant::now();
             let request = save_request(
                 recipe,
+                &par,
                 &built,
                 &optimizer,
                 &controller,
@@ -546,6 +693,12 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
                 tokens_seen,
             );
             let copied = copy_start.elapsed().as_secs_f64();
+            let Some(request) = request else {
+                kill_self_on(&format!("step:{done}"));
+                progress.inc(1);
+                step += 1;
+                continue;
+            };
             let waited = if recipe.checkpoint.async_save {
                 saver.submit(
                     store.clone(),
@@ -576,13 +729,19 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         }
         kill_self_on(&format!("step:{done}"));
         progress.inc(1);
+        step += 1;
     }
     progress.finish();
     // The final weights are written even when the last sharded save failed; its error
     // is returned after them.
     let last_save = saver.wait();
 
-    let data_state = gather_data_state(&comm, &pipeline)?;
+    let data_state = gather_data_state(comm, &pipeline)?;
+    let full = full_tensors(
+        &par,
+        &named_tensors(&built.vars),
+        recipe.model.n_routed_experts,
+    );
     let checkpoint = run_dir.join("checkpoint");
     let meta = serde_json::json!({
         "step": t.steps,
@@ -593,8 +752,8 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         "catapult_version": env!("CARGO_PKG_VERSION"),
         "recipe": serde_json::to_value(recipe).expect("recipes serialize"),
     });
-    if lead {
-        catapult_checkpoints::save(&checkpoint, &named_tensors(&built.vars), &meta)?;
+    if let Some(full) = full {
+        catapult_checkpoints::save(&checkpoint, &full, &meta)?;
     }
     last_save?;
     Ok(RunSummary {
@@ -658,25 +817,33 @@ fn find_checkpoint(
 /// Puts a loaded checkpoint's state into the model, optimizer, controller and pipeline.
 fn restore(
     loaded: &Loaded,
+    par: &Parallel,
     built: &BuiltModel,
     optimizer: &mut AdamW,
     controller: &mut ExpertBiasController,
     pipeline: &mut Pipeline,
 ) -> Result<(), TrainError> {
     let bad = |problem: String| TrainError::Setup(format!("{}: {problem}", loaded.location));
+    // Experts are saved whole (assembled from the ranks' slices); each rank takes its
+    // rows, whatever layout wrote them.
+    let (part, parts) = (par.expert.rank(), par.expert_size);
+    let get = |name: &str| -> Option<catapult_checkpoints::HostTensor> {
+        if is_expert_param(name) {
+            loaded.slice_for(name, part, parts)
+        } else {
+            loaded.tensors.get(name).cloned()
+        }
+    };
     for (name, var) in named_tensors(&built.vars) {
-        let saved = loaded
-            .tensors
-            .get(&name)
-            .ok_or_else(|| bad(format!("no tensor {name}")))?;
-        copy_into(&var, saved, &name).map_err(bad)?;
+        let saved = get(&name).ok_or_else(|| bad(format!("no tensor {name}")))?;
+        copy_into(&var, &saved, &name).map_err(bad)?;
     }
     let state = &loaded.states[0];
     let steps: std::collections::BTreeMap<String, i32> =
         serde_json::from_value(state["optimizer_steps"].clone())
             .map_err(|e| bad(format!("optimizer_steps: {e}")))?;
     optimizer
-        .restore(|k| loaded.tensors.get(k).map(from_host), &steps)
+        .restore(|k| get(k).as_ref().map(from_host), &steps)
         .map_err(bad)?;
     controller.restore(
         serde_json::from_value(state["expert_bias_controller"].clone())
@@ -689,22 +856,90 @@ fn restore(
     Ok(())
 }
 
-/// What rank 0 saves: host copies of the model and optimizer tensors, and the state.
+/// The expert tensors (parameters and their optimizer moments) of every expert-parallel
+/// rank of replica 0, as host copies, gathered on rank 0 (Some there, None elsewhere).
+/// Every rank of the world calls it; only replica 0 moves data.
+fn gather_expert_shards(
+    par: &Parallel,
+    mine: &[(String, Tensor)],
+) -> Option<Vec<Vec<catapult_checkpoints::HostTensor>>> {
+    let experts: Vec<catapult_checkpoints::HostTensor> = mine
+        .iter()
+        .filter(|(n, _)| is_expert_param(n))
+        .map(|(n, t)| to_host(n, t))
+        .collect();
+    if par.world.rank() >= par.expert_size {
+        return None;
+    }
+    let bytes: Vec<u8> = experts
+        .iter()
+        .flat_map(|h| h.data.iter().copied())
+        .collect();
+    let (all, counts) = par.expert.gather_v(&bytes, 0)?;
+    // Every rank holds the same names and shapes (an even split).
+    let mut shards = Vec::with_capacity(counts.len());
+    let mut at = 0;
+    for _ in &counts {
+        let mut shard = Vec::with_capacity(experts.len());
+        for h in &experts {
+            let n = h.data.len();
+            shard.push(catapult_checkpoints::HostTensor {
+                data: all[at..at + n].to_vec().into(),
+                ..h.clone()
+            });
+            at += n;
+        }
+        shards.push(shard);
+    }
+    Some(shards)
+}
+
+/// Every tensor of the model whole, on rank 0 (None elsewhere): expert tensors are
+/// assembled from the expert-parallel ranks' shards.
+fn full_tensors(
+    par: &Parallel,
+    mine: &[(String, Tensor)],
+    n_experts: usize,
+) -> Option<Vec<(String, Tensor)>> {
+    let shards = gather_expert_shards(par, mine)?;
+    let mut out = Vec::with_capacity(mine.len());
+    let mut expert_index = 0;
+    for (name, t) in mine {
+        if !is_expert_param(name) {
+            out.push((name.clone(), t.shallow_clone()));
+            continue;
+        }
+        let pieces: Vec<Tensor> = shards.iter().map(|s| from_host(&s[expert_index])).collect();
+        expert_index += 1;
+        let whole = Tensor::cat(&pieces, 0);
+        debug_assert_eq!(whole.size()[0] as usize, n_experts);
+        out.push((name.clone(), whole));
+    }
+    Some(out)
+}
+
+/// What rank 0 saves: host copies of the model and optimizer tensors (the experts as the
+/// slices each expert-parallel rank holds), and the state. None on other ranks.
+#[allow(clippy::too_many_arguments)]
 fn save_request(
     recipe: &Recipe,
+    par: &Parallel,
     built: &BuiltModel,
     optimizer: &AdamW,
     controller: &ExpertBiasController,
     data_state: catapult_data::DataState,
     step: usize,
     tokens: u64,
-) -> catapult_checkpoints::SaveRequest {
-    let mut tensors: Vec<_> = named_tensors(&built.vars)
+) -> Option<catapult_checkpoints::SaveRequest> {
+    let (moments, steps) = optimizer.state();
+    let mut named = named_tensors(&built.vars);
+    named.extend(moments);
+    let shards = gather_expert_shards(par, &named)?;
+    let tensors: Vec<_> = named
         .iter()
+        .filter(|(n, _)| !is_expert_param(n))
         .map(|(n, t)| to_host(n, t))
         .collect();
-    let (moments, steps) = optimizer.state();
-    tensors.extend(moments.iter().map(|(n, t)| to_host(n, t)));
     let state = serde_json::json!({
         "data_state": data_state,
         "expert_bias_controller": controller.state(),
@@ -712,7 +947,104 @@ fn save_request(
         "scheduler": {"step": step, "next_lr": learning_rate(&recipe.train, step.min(recipe.train.steps.saturating_sub(1)))},
         "rng": {"torch": "manual_seed(seed ^ (step << 20)) before every step", "data": "counter-based, in data_state"},
     });
-    crate::checkpoint::request(recipe, step as u64, tokens, tensors, state)
+    let mut request = crate::checkpoint::request(recipe, step as u64, tokens, tensors, state);
+    let n = recipe.model.n_routed_experts;
+    let per = n / par.expert_size;
+    request.world = catapult_checkpoints::World {
+        data_parallel: par.data_size,
+        expert_parallel: par.expert_size,
+        ranks: (0..par.world.size())
+            .map(|r| catapult_checkpoints::RankLayout {
+                rank: r,
+                data_parallel_rank: r / par.expert_size,
+                experts: [(r % par.expert_size) * per, (r % par.expert_size + 1) * per],
+            })
+            .collect(),
+    };
+    for (e, shard) in shards.into_iter().enumerate() {
+        let slices = shard
+            .iter()
+            .map(|h| {
+                (
+                    h.name.clone(),
+                    catapult_checkpoints::Slice {
+                        start: e * per,
+                        full: n,
+                    },
+                )
+            })
+            .collect();
+        if e == 0 {
+            request.ranks[0].tensors.extend(shard);
+            request.ranks[0].slices = slices;
+        } else {
+            request.ranks.push(catapult_checkpoints::RankState {
+                rank: e,
+                tensors: shard,
+                slices,
+                state: serde_json::Value::Null,
+            });
+        }
+    }
+    Some(request)
+}
+
+/// For the silent-data-corruption check: the first tensor whose gradient differs (in any
+/// bit) between two computations, with the largest difference.
+fn first_difference(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> Option<String> {
+    if a.len() != b.len() {
+        return Some(format!(
+            "the set of gradients ({} tensors, then {})",
+            a.len(),
+            b.len()
+        ));
+    }
+    for ((name, x), (_, y)) in a.iter().zip(b) {
+        if !x.equal(y) {
+            let diff = (x - y).abs().max().double_value(&[]);
+            return Some(format!("{name} (max |difference| {diff:e})"));
+        }
+    }
+    None
+}
+
+/// Test hook (`CATAPULT_FAULT=sdc:RANK:STEP`): on that rank and step, the replayed
+/// gradients come out wrong, once per process, as a flaky unit would make them.
+fn sdc_fault(rank: usize, step: usize, optimizer: &AdamW) {
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let want = format!("sdc:{rank}:{step}");
+    if std::env::var("CATAPULT_FAULT").is_ok_and(|f| f == want)
+        && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        if let Some((_, p)) = optimizer
+            .parameters()
+            .iter()
+            .find(|(n, _)| is_expert_param(n))
+        {
+            tch::no_grad(|| {
+                let g = p.grad();
+                let _ = g.reshape([-1]).get(0).g_add_scalar_(1e-3);
+            });
+        }
+    }
+}
+
+/// Every rank's result of its check, as "rank R: TENSOR" for the ranks that differ.
+fn corrupted_ranks(comm: &Comm, differs: Option<&str>) -> Vec<String> {
+    let mine = differs.unwrap_or("").as_bytes().to_vec();
+    let (all, counts) = comm.all_gather_v(&mine);
+    let mut out = Vec::new();
+    let mut at = 0;
+    for (r, c) in counts.into_iter().enumerate() {
+        if c > 0 {
+            out.push(format!(
+                "rank {r}: {}",
+                String::from_utf8_lossy(&all[at..at + c])
+            ));
+        }
+        at += c;
+    }
+    out
 }
 
 /// Makes every rank return an error when any rank's `result` is one (so no rank waits
@@ -777,18 +1109,12 @@ struct StepStats {
 }
 
 impl StepStats {
-    /// Sums the counts and the loss terms over ranks; losses become means over ranks.
+    /// Averages the loss terms over ranks (the counts are global already).
     fn all_reduce(&mut self, comm: &Comm) {
+        if comm.size() == 1 {
+            return;
+        }
         let world = comm.size() as f64;
-        let shape = self.counts.size();
-        let mut counts: Vec<i64> = Vec::try_from(&self.counts.reshape([-1])).expect("i64 counts");
-        comm.all_reduce_sum(&mut counts);
-        self.counts = Tensor::from_slice(&counts)
-            .view(shape.as_slice())
-            .to_device(self.counts.device());
-        let mut tokens = [self.tokens];
-        comm.all_reduce_sum(&mut tokens);
-        self.tokens = tokens[0];
         let mut losses = [self.lm_loss, self.balance_loss, self.z_loss, self.mtp_loss];
         comm.all_reduce_sum(&mut losses);
         [self.lm_loss, self.balance_loss, self.z_loss, self.mtp_loss] = losses.map(|l| l / world);
@@ -813,59 +1139,116 @@ impl StepStats {
     }
 }
 
-/// Forward and backward of one micro-batch; gradients accumulate in the parameters.
-/// With `measure_rg`, also R_g = ||grad_P L_LB|| / ||grad_P L_LM|| (section 6), where the
+/// One micro-batch's tensors.
+struct MicroBatch<'a> {
+    inputs: &'a Tensor,
+    targets: &'a Tensor,
+    mask: Option<&'a Tensor>,
+}
+
+/// Forward and backward of one micro-batch through the engine; gradients accumulate in
+/// the parameters. The load-balance loss and the statistics use the micro-batch's
+/// global expert counts (every rank's), reduced once per micro-batch. With
+/// `measure_rg`, also R_g = ||grad_P L_LB|| / ||grad_P L_rest|| (section 6), where the
 /// gradient with respect to the batch-averaged probability vector P is the per-token
-/// gradient summed over tokens, over all layers.
+/// gradient summed over tokens, over all layers, and L_rest is the rest of the loss.
 #[allow(clippy::too_many_arguments)]
 fn micro_step(
     model: &LongcatModel,
     recipe: &Recipe,
+    par: &Parallel,
     shape: BalanceShape,
-    inputs: &Tensor,
-    targets: &Tensor,
-    mask: Option<&Tensor>,
+    batch: &MicroBatch,
     micro_batches: usize,
     measure_rg: bool,
     stats: &mut StepStats,
+    exchange: &mut ExchangeStats,
 ) {
-    let out = model.forward_masked(inputs, mask);
-    let lm_loss = cross_entropy(&out.logits, targets);
+    let (inputs, targets, mask) = (batch.inputs, batch.targets, batch.mask);
+    let f = crate::engine::forward(model, par, inputs, mask, true, exchange);
+    // This micro-batch's selections and tokens over every rank.
+    let local = Tensor::stack(
+        &f.routing
+            .iter()
+            .map(|r| r.selections.shallow_clone())
+            .collect::<Vec<_>>(),
+        0,
+    );
+    let mut flat: Vec<i64> =
+        Vec::try_from(&local.reshape([-1]).to_device(Device::Cpu)).expect("i64 counts");
+    flat.push(inputs.numel() as i64);
+    par.world.all_reduce_sum(&mut flat);
+    let global_tokens = flat.pop().expect("the token count");
+    let global = Tensor::from_slice(&flat)
+        .view(local.size().as_slice())
+        .to_device(local.device());
+
+    let scale = 1.0 / micro_batches as f64;
+    let lm_loss = cross_entropy(&f.logits, targets);
     let alpha = recipe.moe.load_balance_coeff;
     let zero = || Tensor::zeros([], (Kind::Float, inputs.device()));
-    let balance = if alpha > 0.0 {
-        let terms: Vec<Tensor> = out
-            .moe
+    let balance: Vec<Option<Tensor>> = f
+        .routing
+        .iter()
+        .enumerate()
+        .map(|(l, r)| {
+            (alpha > 0.0).then(|| {
+                load_balance_loss_global(
+                    &r.probs,
+                    &global.get(l as i64),
+                    global_tokens as f64,
+                    shape,
+                    alpha,
+                )
+            })
+        })
+        .collect();
+    let lb_grads: Option<Vec<Tensor>> = (measure_rg && alpha > 0.0).then(|| {
+        balance
             .iter()
-            .map(|m| load_balance_loss(&m.probs, &m.selections, shape, alpha))
-            .collect();
-        Tensor::stack(&terms, 0).sum(Kind::Float)
-    } else {
-        zero()
-    };
+            .zip(&f.routing)
+            .map(|(term, r)| {
+                let term = term.as_ref().expect("alpha > 0");
+                Tensor::run_backward(&[term], &[&r.probs], true, false)[0].sum_dim_intlist(
+                    0,
+                    false,
+                    Kind::Float,
+                )
+            })
+            .collect()
+    });
     let z_loss = if recipe.moe.z_loss_coeff > 0.0 {
-        hidden_z_loss(&out.last_hidden, recipe.moe.z_loss_coeff)
+        hidden_z_loss(&f.last_hidden, recipe.moe.z_loss_coeff)
     } else {
         zero()
     };
+    let mtp_on = model.mtp.is_some() && stats.step >= recipe.train.mtp_start_step;
+    let mtp_loss = if mtp_on {
+        let main = crate::model::ModelOutput {
+            logits: f.logits.shallow_clone(),
+            last_hidden: f.last_hidden.shallow_clone(),
+            moe: Vec::new(),
+        };
+        let logits = model
+            .forward_mtp_masked(inputs, &main, mask)
+            .expect("the model has an MTP layer");
+        let seq = targets.size()[1];
+        cross_entropy(&logits, &targets.narrow(1, 1, seq - 1))
+    } else {
+        zero()
+    };
+    let head = (&lm_loss + &z_loss + &mtp_loss * recipe.train.mtp_loss_weight) * scale;
+    stats.lm_loss += lm_loss.double_value(&[]);
+    stats.balance_loss += balance
+        .iter()
+        .flatten()
+        .map(|b| b.double_value(&[]))
+        .sum::<f64>();
+    stats.z_loss += z_loss.double_value(&[]);
+    stats.mtp_loss += mtp_loss.double_value(&[]);
     if measure_rg {
-        let probs: Vec<&Tensor> = out.moe.iter().map(|m| &m.probs).collect();
-        let grad_norm = |loss: &Tensor| {
-            let grads = Tensor::run_backward(&[loss], &probs, true, false);
-            let summed: Vec<Tensor> = grads
-                .iter()
-                .map(|g| g.sum_dim_intlist(0, false, Kind::Float))
-                .collect();
-            Tensor::cat(&summed, 0).norm().double_value(&[])
-        };
-        let lm = grad_norm(&lm_loss);
-        stats.gradient_ratio = if alpha > 0.0 {
-            grad_norm(&balance) / lm.max(1e-30)
-        } else {
-            0.0
-        };
         stats.hidden_rms = tch::no_grad(|| {
-            out.last_hidden
+            f.last_hidden
                 .to_kind(Kind::Float)
                 .square()
                 .mean(Kind::Float)
@@ -873,32 +1256,28 @@ fn micro_step(
                 .double_value(&[])
         });
     }
-    let mtp_on = model.mtp.is_some() && stats.step >= recipe.train.mtp_start_step;
-    let mtp_logits = if mtp_on {
-        model.forward_mtp_masked(inputs, &out, mask)
-    } else {
-        None
-    };
-    let mtp_loss = match mtp_logits {
-        Some(logits) => {
-            let seq = targets.size()[1];
-            cross_entropy(&logits, &targets.narrow(1, 1, seq - 1))
-        }
-        None => zero(),
-    };
-    let total = &lm_loss + &balance + &z_loss + &mtp_loss * recipe.train.mtp_loss_weight;
-    (total / micro_batches as f64).backward();
-    stats.lm_loss += lm_loss.double_value(&[]);
-    stats.balance_loss += balance.double_value(&[]);
-    stats.z_loss += z_loss.double_value(&[]);
-    stats.mtp_loss += mtp_loss.double_value(&[]);
-    let layer_counts: Vec<Tensor> = out
-        .moe
-        .iter()
-        .map(|m| m.selections.shallow_clone())
-        .collect();
-    stats.counts += Tensor::stack(&layer_counts, 0);
-    stats.tokens += inputs.numel() as i64;
+    let probs: Vec<Tensor> = f.routing.iter().map(|r| r.probs.shallow_clone()).collect();
+    let layer_losses = balance.into_iter().map(|b| b.map(|b| b * scale)).collect();
+    f.backward(par, &head, layer_losses, exchange);
+    if measure_rg {
+        stats.gradient_ratio = match lb_grads {
+            Some(lb) => tch::no_grad(|| {
+                // The whole gradient, unscaled, minus the load-balance part.
+                let rest: Vec<Tensor> = probs
+                    .iter()
+                    .zip(&lb)
+                    .map(|(p, g)| {
+                        p.grad().sum_dim_intlist(0, false, Kind::Float) * micro_batches as f64 - g
+                    })
+                    .collect();
+                let lb = Tensor::cat(&lb, 0).norm().double_value(&[]);
+                lb / Tensor::cat(&rest, 0).norm().double_value(&[]).max(1e-30)
+            }),
+            None => 0.0,
+        };
+    }
+    stats.counts += global;
+    stats.tokens += global_tokens;
 }
 
 /// Average number of FFN experts per token, per layer.
