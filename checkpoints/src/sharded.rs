@@ -466,11 +466,13 @@ impl Checkpoints {
             location: location.clone(),
             problem,
         };
-        let ranks = manifest.world.ranks.len().max(1);
-        let mut states = Vec::with_capacity(ranks);
+        // The ranks that wrote files (replicas of rank 0's experts write none).
+        let ranks: std::collections::BTreeSet<usize> =
+            manifest.files.iter().map(|f| f.rank).collect();
+        let mut states = Vec::with_capacity(ranks.len());
         let mut pieces: BTreeMap<String, Vec<(Slice, HostTensor)>> = BTreeMap::new();
         let mut tensors = BTreeMap::new();
-        for rank in 0..ranks {
+        for rank in ranks {
             let json: serde_json::Value = match files.get(&rank_file(rank, "json")) {
                 Some(b) => serde_json::from_slice(b)
                     .map_err(|e| invalid(format!("rank {rank} state: {e}")))?,

@@ -89,6 +89,13 @@ pub fn launched_by_mpi() -> bool {
         .any(|v| std::env::var_os(v).is_some())
 }
 
+/// A receive buffer of `len` elements, never empty: two empty Vecs share one dangling
+/// address, and MPI rejects a send and receive buffer at the same address as aliased
+/// (MPI_ERR_ARG). The caller uses the first `len` elements and truncates.
+fn receive_buffer<T: Elem>(len: usize) -> Vec<T> {
+    vec![T::default(); len.max(1)]
+}
+
 fn bounds(len: usize, parts: usize, i: usize) -> std::ops::Range<usize> {
     len * i / parts..len * (i + 1) / parts
 }
@@ -219,6 +226,11 @@ impl Comm {
                 m.world.all_gather_into(&mine, &mut counts[..]);
                 let displs = displacements(&counts);
                 let mut out = vec![T::default(); counts.iter().sum::<i32>() as usize];
+                if out.is_empty() {
+                    // Two empty Vecs share one dangling address, which MPI rejects as
+                    // aliased buffers; there is nothing to move anyway.
+                    return (out, vec![0; m.size]);
+                }
                 {
                     let mut recv = PartitionMut::new(&mut out[..], &counts[..], &displs[..]);
                     m.world.all_gather_varcount_into(local, &mut recv);
@@ -245,12 +257,14 @@ impl Comm {
                 let mut rc = vec![0i32; m.size];
                 m.world.all_to_all_into(&sc[..], &mut rc[..]);
                 let (sd, rd) = (displacements(&sc), displacements(&rc));
-                let mut out = vec![T::default(); rc.iter().sum::<i32>() as usize];
+                let total = rc.iter().sum::<i32>() as usize;
+                let mut out = receive_buffer::<T>(total);
                 {
                     let s = Partition::new(send, &sc[..], &sd[..]);
-                    let mut r = PartitionMut::new(&mut out[..], &rc[..], &rd[..]);
+                    let mut r = PartitionMut::new(&mut out[..total], &rc[..], &rd[..]);
                     m.world.all_to_all_varcount_into(&s, &mut r);
                 }
+                out.truncate(total);
                 (out, rc.iter().map(|&c| c as usize).collect())
             }
         }
@@ -273,11 +287,13 @@ impl Comm {
                 let mut counts = vec![0i32; m.size];
                 at.gather_into_root(&mine, &mut counts[..]);
                 let displs = displacements(&counts);
-                let mut out = vec![T::default(); counts.iter().sum::<i32>() as usize];
+                let total = counts.iter().sum::<i32>() as usize;
+                let mut out = receive_buffer::<T>(total);
                 {
-                    let mut recv = PartitionMut::new(&mut out[..], &counts[..], &displs[..]);
+                    let mut recv = PartitionMut::new(&mut out[..total], &counts[..], &displs[..]);
                     at.gather_varcount_into_root(local, &mut recv);
                 }
+                out.truncate(total);
                 Some((out, counts.iter().map(|&c| c as usize).collect()))
             }
         }
@@ -308,7 +324,7 @@ impl Comm {
                 let sc: Vec<i32> = send_counts.iter().map(|&c| c as i32).collect();
                 let rc: Vec<i32> = recv_counts.iter().map(|&c| c as i32).collect();
                 let (sd, rd) = (displacements(&sc), displacements(&rc));
-                let mut recv = vec![T::default(); rc.iter().sum::<i32>() as usize];
+                let mut recv = receive_buffer::<T>(rc.iter().sum::<i32>() as usize);
                 let datatype = T::equivalent_datatype();
                 let mut request = std::mem::MaybeUninit::<mpi::ffi::MPI_Request>::uninit();
                 // SAFETY: every buffer is a heap allocation owned by the handle, which
@@ -441,10 +457,10 @@ impl<T: Elem> Pending<T> {
             PendingState::Done(v, c) => (v, c),
             PendingState::Mpi(mut p) => {
                 p.complete();
-                (
-                    std::mem::take(&mut p.recv),
-                    std::mem::take(&mut p.recv_counts),
-                )
+                let total = p.recv_counts.iter().sum();
+                let mut recv = std::mem::take(&mut p.recv);
+                recv.truncate(total);
+                (recv, std::mem::take(&mut p.recv_counts))
             }
             PendingState::Taken => unreachable!("a handle is waited on once"),
         }

@@ -132,6 +132,21 @@ pub fn run(command: CommCommand) -> Result<(), crate::Failure> {
     pending.test();
     check("start_all_to_all_v", pending.wait() == blocking);
 
+    // Nothing to move: empty buffers everywhere (MPI must not see them as aliased).
+    jitter();
+    let none: Vec<f32> = Vec::new();
+    let empty = comm.all_to_all_v(&none, &vec![0; p]);
+    let pending = comm.start_all_to_all_v(none.clone(), &vec![0; p], &vec![0; p]);
+    let gathered = comm.all_gather_v(&none);
+    let rooted = comm.gather_v(&none, 0);
+    check(
+        "empty_exchanges",
+        empty.0.is_empty()
+            && pending.wait().0.is_empty()
+            && gathered.0.is_empty()
+            && rooted.is_none_or(|(v, _)| v.is_empty()),
+    );
+
     // Groups: ranks of the same parity sum among themselves.
     jitter();
     let group = comm.split(r % 2, r);

@@ -30,7 +30,7 @@ fn train(dir: &Path, name: &str, extra: &[String]) -> Command {
             "train.eval_sequences=16",
         ])
         // One torch thread per run: the tests run several trainings at once.
-        .args(["--set", "system.threads=1"])
+        .args(["--set", "system.threads=1", "--set", "parallel.expert=1"])
         .args(["--set", &format!("output.dir={name}")]);
     for e in extra {
         cmd.args(["--set", e]);

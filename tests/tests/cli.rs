@@ -97,6 +97,7 @@ fn missing_dataset_is_a_clear_error() {
         .arg("train")
         .arg(tiny())
         .args(["--set", "data.path=does/not/exist"])
+        .args(["--set", "parallel.expert=1"])
         .args([
             "--set",
             &format!("output.dir={}", dir.join("run").display()),
@@ -145,6 +146,8 @@ fn data_prepare_writes_parquet_that_training_reads() {
         "train.warmup_steps=0",
         "--set",
         "output.dir=run",
+        "--set",
+        "parallel.expert=1",
     ]));
     assert!(dir.join("run/checkpoint/model.safetensors").exists());
 }

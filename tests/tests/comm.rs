@@ -3,7 +3,8 @@
 //! every check passes on every rank, and the reductions give the same bits regardless
 //! of message timing.
 
-use catapult_tests::{catapult_binary, scratch};
+use catapult_tests::{catapult_binary, corpus, scratch, workspace};
+use std::path::Path;
 use std::process::Command;
 
 fn check(ranks: usize, jitter_ms: u64) -> Vec<serde_json::Value> {
@@ -55,132 +56,249 @@ fn collectives_conform_and_reductions_ignore_timing() {
     }
 }
 
-#[test]
-fn data_parallel_training_matches_one_process() {
-    let dir = scratch("dp-train");
-    let args = |out: &str| -> Vec<String> {
-        let mut a = vec![
-            "train".to_string(),
-            catapult_tests::workspace()
-                .join("recipes/tiny.yaml")
-                .display()
-                .to_string(),
-        ];
-        for set in [
-            format!("data.path={}", catapult_tests::corpus().display()),
-            "train.steps=8".into(),
-            "train.warmup_steps=2".into(),
-            "train.log_every=1".into(),
-            "train.eval_every=4".into(),
-            "train.eval_sequences=16".into(),
-            "data.shuffle_buffer=16".into(),
-            "system.threads=1".into(),
-            "train.micro_batch_size=4".into(),
-            "checkpoint.every=4".into(),
-            format!("output.dir={out}"),
-        ] {
-            a.push("--set".into());
-            a.push(set);
+/// In `sets`: pass `--resume` (auto).
+const RESUME: &str = "--resume";
+
+/// `catapult train recipes/tiny.yaml` on `ranks` ranks (one process for 1) with expert
+/// parallelism `expert`, micro-batches of 16 / ranks (one per rank and step, so that
+/// every layout sees the same global micro-batch), writing to `dir/name`.
+fn train(
+    dir: &Path,
+    name: &str,
+    ranks: usize,
+    expert: usize,
+    sets: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let mut cmd = if ranks == 1 {
+        Command::new(catapult_binary())
+    } else {
+        let mut c = catapult_tests::mpirun(ranks);
+        for (k, _) in env {
+            c.args(["-x", k]);
         }
-        a
+        c.arg(catapult_binary());
+        c
     };
-    let one = Command::new(catapult_binary())
-        .current_dir(&dir)
-        .args(args("one"))
-        .output()
-        .unwrap();
+    cmd.envs(env.iter().copied())
+        .arg("train")
+        .arg(workspace().join("recipes/tiny.yaml"));
+    if sets.contains(&RESUME) {
+        cmd.arg("--resume");
+    }
+    let micro = 16 / ranks;
+    for set in [
+        format!("data.path={}", corpus().display()),
+        "train.warmup_steps=2".into(),
+        "train.log_every=1".into(),
+        "train.eval_sequences=16".into(),
+        "data.shuffle_buffer=16".into(),
+        "system.threads=1".into(),
+        format!("train.micro_batch_size={micro}"),
+        format!("parallel.expert={expert}"),
+        format!("output.dir={name}"),
+    ]
+    .iter()
+    .map(String::as_str)
+    .chain(sets.iter().copied().filter(|s| *s != RESUME))
+    {
+        cmd.args(["--set", set]);
+    }
+    cmd.current_dir(dir).output().expect("catapult starts")
+}
+
+fn ok(out: std::process::Output) -> std::process::Output {
     assert!(
-        one.status.success(),
-        "{}",
-        String::from_utf8_lossy(&one.stderr)
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
-    for ranks in [2, 4] {
-        let name = format!("dp{ranks}");
-        let out = catapult_tests::mpirun(ranks)
-            .arg(catapult_binary())
-            .args(args(&name))
-            .current_dir(&dir)
-            .output()
-            .unwrap();
+    out
+}
+
+fn losses(dir: &Path, run: &str) -> Vec<(u64, f64)> {
+    catapult_tests::metrics(&dir.join(run).join("metrics.jsonl"))
+        .iter()
+        .filter_map(|l| Some((l["step"].as_u64()?, l.get("loss")?.as_f64()?)))
+        .collect()
+}
+
+fn weights(dir: &Path, run: &str) -> Vec<u8> {
+    std::fs::read(dir.join(run).join("checkpoint/model.safetensors")).unwrap()
+}
+
+fn assert_close(a: &[(u64, f64)], b: &[(u64, f64)], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    for ((s, x), (t, y)) in a.iter().zip(b) {
+        assert_eq!(s, t);
         assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let read = |p: &str| std::fs::read(dir.join(p)).unwrap();
-        let losses = |run: &str| -> Vec<(u64, f64)> {
-            catapult_tests::metrics(&dir.join(run).join("metrics.jsonl"))
-                .iter()
-                .filter_map(|l| Some((l["step"].as_u64()?, l.get("loss")?.as_f64()?)))
-                .collect()
-        };
-        // Gradients are averaged in another association order than one process's
-        // micro-batch accumulation, so the match is to rounding, step by step.
-        let (a, b) = (losses("one"), losses(&name));
-        assert_eq!(a.len(), 8);
-        for ((s, x), (t, y)) in a.iter().zip(&b) {
-            assert_eq!(s, t);
-            assert!(
-                (x - y).abs() / x.abs() < 1e-5,
-                "{ranks} ranks, step {s}: {x} vs {y}"
-            );
-        }
-        // Rank 0 saved a checkpoint covering every rank's data streams.
-        let state: serde_json::Value = serde_json::from_slice(&read(&format!(
-            "{name}/checkpoints/step-00000008/rank-00000.json"
-        )))
-        .unwrap();
-        assert_eq!(
-            state["state"]["data_state"]["streams"]
-                .as_array()
-                .unwrap()
-                .len(),
-            16
+            (x - y).abs() / x.abs() < 1e-5,
+            "{what}, step {s}: {x} vs {y}"
         );
     }
 }
 
 #[test]
-fn a_data_parallel_run_is_bitwise_reproducible_under_timing_jitter() {
-    let dir = scratch("dp-jitter");
-    let run = |name: &str, jitter: &str| {
-        let out = catapult_tests::mpirun(2)
-            .args(["-x", "CATAPULT_COMM_JITTER_MS"])
-            .env("CATAPULT_COMM_JITTER_MS", jitter)
-            .arg(catapult_binary())
-            .arg("train")
-            .arg(catapult_tests::workspace().join("recipes/tiny.yaml"))
-            .args([
-                "--set",
-                &format!("data.path={}", catapult_tests::corpus().display()),
-            ])
-            .args(["--set", "train.steps=6", "--set", "train.warmup_steps=1"])
-            .args([
-                "--set",
-                "train.eval_sequences=16",
-                "--set",
-                "data.shuffle_buffer=16",
-            ])
-            .args([
-                "--set",
-                "system.threads=1",
-                "--set",
-                "train.micro_batch_size=4",
-            ])
-            .args(["--set", &format!("output.dir={name}")])
-            .current_dir(&dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::fs::read(dir.join(name).join("checkpoint/model.safetensors")).unwrap()
-    };
-    let calm = run("calm", "0");
+fn every_layout_matches_one_process_for_20_steps() {
+    let dir = scratch("layouts");
+    let steps = ["train.steps=20", "train.eval_every=10"];
+    ok(train(&dir, "one", 1, 1, &steps, &[]));
+    let one = losses(&dir, "one");
+    assert_eq!(one.len(), 20);
+    // (ranks, expert parallel): DP = P, EP = 1; DP = 1, EP = P; DP = 2, EP = 2.
+    for (ranks, expert) in [(2, 1), (2, 2), (4, 1), (4, 4), (4, 2)] {
+        let name = format!("p{ranks}-ep{expert}");
+        ok(train(&dir, &name, ranks, expert, &steps, &[]));
+        // The dense parts compute on fewer rows per rank, so the match is to rounding.
+        assert_close(&one, &losses(&dir, &name), &name);
+        // The final sharded checkpoint: one file per expert-parallel rank of replica 0,
+        // each holding its experts, and the export holds every expert whole.
+        let step = dir.join(&name).join("checkpoints/step-00000020");
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(step.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(manifest["world"]["expert_parallel"], expert);
+        assert_eq!(manifest["world"]["data_parallel"], ranks / expert);
+        for e in 0..expert {
+            assert!(step.join(format!("rank-{e:05}.safetensors")).exists());
+        }
+        let full = weights(&dir, &name);
+        assert_eq!(full.len(), weights(&dir, "one").len(), "{name}");
+    }
+}
+
+#[test]
+fn a_data_x_expert_parallel_run_is_bitwise_reproducible_under_timing_jitter() {
+    let dir = scratch("ep-jitter");
+    let steps = ["train.steps=6", "train.eval_every=6"];
+    let jitter = |ms| [("CATAPULT_COMM_JITTER_MS", ms)];
+    ok(train(&dir, "calm", 4, 2, &steps, &jitter("0")));
+    ok(train(&dir, "shaken", 4, 2, &steps, &jitter("20")));
+    let calm = weights(&dir, "calm");
     assert!(
-        run("shaken", "20") == calm,
+        weights(&dir, "shaken") == calm,
         "random delays changed the weights"
     );
+    // Overlap changes when the all-to-alls are waited on, never what they carry.
+    let mut sets = steps.to_vec();
+    sets.push("parallel.overlap=false");
+    ok(train(&dir, "serial", 4, 2, &sets, &[]));
+    assert!(
+        weights(&dir, "serial") == calm,
+        "overlap changed the weights"
+    );
+}
+
+#[test]
+fn expert_parallel_checkpoints_resume_bitwise_and_reshard() {
+    let dir = scratch("ep-resume");
+    let sets = ["train.steps=8", "train.eval_every=4", "checkpoint.every=4"];
+    ok(train(&dir, "whole", 2, 2, &sets, &[]));
+    // Killed at step 6 (after the step-4 checkpoint), then resumed: the same bits.
+    let killed = train(&dir, "cut", 2, 2, &sets, &[("CATAPULT_FAULT", "step:6")]);
+    assert!(!killed.status.success());
+    let mut resumed = sets.to_vec();
+    resumed.push(RESUME);
+    ok(train(&dir, "cut", 2, 2, &resumed, &[]));
+    assert!(
+        weights(&dir, "cut") == weights(&dir, "whole"),
+        "the resumed run's weights differ"
+    );
+    // The expert-parallel step-4 checkpoint, resumed by one process holding every
+    // expert: the same losses (to rounding) as the 2-rank run.
+    copy_dir(
+        &dir.join("whole/checkpoints/step-00000004"),
+        &dir.join("alone/checkpoints/step-00000004"),
+    );
+    ok(train(&dir, "alone", 1, 1, &resumed, &[]));
+    let tail = |run: &str| -> Vec<(u64, f64)> {
+        losses(&dir, run)
+            .into_iter()
+            .filter(|(s, _)| *s > 4)
+            .collect()
+    };
+    assert_eq!(tail("alone").len(), 4);
+    assert_close(&tail("whole"), &tail("alone"), "resharded");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn the_sdc_check_names_the_corrupt_rank_and_rolls_back() {
+    let dir = scratch("sdc");
+    let sets = |extra: &'static str| {
+        vec![
+            "train.steps=6",
+            "train.eval_every=6",
+            "checkpoint.every=2",
+            "checkpoint.async=false",
+            "train.sdc_check_every=2",
+            extra,
+        ]
+    };
+    ok(train(
+        &dir,
+        "clean",
+        2,
+        2,
+        &sets("train.sdc_action=stop"),
+        &[],
+    ));
+    let fault = [("CATAPULT_FAULT", "sdc:1:4")];
+    let stopped = train(
+        &dir,
+        "stopped",
+        2,
+        2,
+        &sets("train.sdc_action=stop"),
+        &fault,
+    );
+    assert!(!stopped.status.success());
+    let err = String::from_utf8_lossy(&stopped.stderr);
+    assert!(
+        err.contains("silent data corruption at step 4")
+            && err.contains("rank 1: model.layers.")
+            && err.contains("mlp.experts"),
+        "{err}"
+    );
+    ok(train(
+        &dir,
+        "rolled",
+        2,
+        2,
+        &sets("train.sdc_action=rollback"),
+        &fault,
+    ));
+    let lines = catapult_tests::metrics(&dir.join("rolled/metrics.jsonl"));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["sdc_rollback"]["detected_at"] == 4 && l["step"] == 2),
+        "no rollback recorded"
+    );
+    assert!(
+        weights(&dir, "rolled") == weights(&dir, "clean"),
+        "the rolled-back run's weights differ from a clean run's"
+    );
+    // The check itself does not perturb training.
+    ok(train(
+        &dir,
+        "unchecked",
+        2,
+        2,
+        &["train.steps=6", "train.eval_every=6"],
+        &[],
+    ));
+    assert!(weights(&dir, "unchecked") == weights(&dir, "clean"));
+    let checked: Vec<f64> = catapult_tests::metrics(&dir.join("clean/metrics.jsonl"))
+        .iter()
+        .filter_map(|l| l.get("sdc_check_fraction")?.as_f64())
+        .collect();
+    assert_eq!(checked.len(), 3, "steps 2, 4, 6 are checked");
 }

@@ -236,6 +236,7 @@ fn a_trained_bpe_tokenizer_drives_a_training_run() {
                 "data.tokenizer=tokenizer.json",
             ])
             .args(["--set", &format!("model.vocab_size={vocab}")])
+            .args(["--set", "parallel.expert=1"])
             .args(["--set", "train.steps=3", "--set", "train.warmup_steps=0"])
             .args([
                 "--set",

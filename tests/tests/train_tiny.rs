@@ -14,6 +14,8 @@ fn train(dir: &Path, extra: &[&str]) -> std::process::Output {
         .arg(format!("output.dir={}", dir.join("run").display()));
     // Short variants: no warmup unless a test asks for one.
     cmd.arg("--set").arg("train.warmup_steps=0");
+    // One process (the recipe's 2-rank layout runs in the expert-parallel tests).
+    cmd.arg("--set").arg("parallel.expert=1");
     for e in extra {
         cmd.arg("--set").arg(e);
     }
@@ -143,6 +145,7 @@ fn existing_run_directory_is_not_overwritten_silently() {
             &format!("output.dir={}", dir.join("run").display()),
         ])
         .args(["--set", "train.steps=1", "--set", "train.warmup_steps=0"])
+        .args(["--set", "parallel.expert=1"])
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -70,6 +70,23 @@ impl AdamW {
         get: impl Fn(&str) -> Option<Tensor>,
         steps: &std::collections::BTreeMap<String, i32>,
     ) -> Result<(), String> {
+        self.restore_moments(get, steps)?;
+        // A live run keeps a zeroed gradient after each update, so an updated parameter
+        // missing from a later step's graph still takes a (decay-only) update; a resumed
+        // run must do the same.
+        for (i, (_, p)) in self.params.iter().enumerate() {
+            if self.steps[i] > 0 && !p.grad().defined() {
+                (p.sum(Kind::Float) * 0.0).backward();
+            }
+        }
+        Ok(())
+    }
+
+    fn restore_moments(
+        &mut self,
+        get: impl Fn(&str) -> Option<Tensor>,
+        steps: &std::collections::BTreeMap<String, i32>,
+    ) -> Result<(), String> {
         tch::no_grad(|| {
             for (i, (name, p)) in self.params.iter().enumerate() {
                 for (kind, dst) in [
@@ -97,15 +114,17 @@ impl AdamW {
 
     /// Replaces the gradients of the parameters `select` picks with their sum over the
     /// ranks of `comm` divided by `divisor`, deterministically (rank-order sums). A
-    /// gradient any rank has is defined on all afterwards (zeros where a rank had none),
-    /// as one process holding every micro-batch would see it.
+    /// gradient any rank of `world` has is defined on all afterwards (zeros where a rank
+    /// had none), as one process holding every micro-batch and every expert would see it
+    /// (an expert shard that received no tokens still takes its decay step).
     pub fn reduce_gradients(
         &mut self,
         comm: &catapult_kernels::comm::Comm,
+        world: &catapult_kernels::comm::Comm,
         select: impl Fn(&str) -> bool,
         divisor: f64,
     ) {
-        if comm.size() == 1 && divisor == 1.0 {
+        if world.size() == 1 && divisor == 1.0 {
             return;
         }
         let chosen: Vec<&(String, Tensor)> =
@@ -114,7 +133,7 @@ impl AdamW {
             .iter()
             .map(|(_, p)| i32::from(p.grad().defined()))
             .collect();
-        comm.all_reduce_sum(&mut defined);
+        world.all_reduce_sum(&mut defined);
         for ((_, p), &d) in chosen.iter().zip(&defined) {
             if d > 0 && !p.grad().defined() {
                 // A parameter this rank did not touch: a zero gradient, so that the

@@ -586,8 +586,8 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
             }
             rollbacks = 0;
         }
-        optimizer.reduce_gradients(comm, |n| !is_expert_param(n), world as f64);
-        optimizer.reduce_gradients(&par.replicas, is_expert_param, world as f64);
+        optimizer.reduce_gradients(comm, comm, |n| !is_expert_param(n), world as f64);
+        optimizer.reduce_gradients(&par.replicas, comm, is_expert_param, world as f64);
         stats.all_reduce(comm);
         let grad_norm = optimizer.clip_grad_norm_sharded(t.grad_clip, is_expert_param, |x| {
             let mut v = [x];
