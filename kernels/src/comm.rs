@@ -25,6 +25,7 @@ pub trait Elem:
 impl Elem for f32 {}
 impl Elem for f64 {}
 impl Elem for i64 {}
+impl Elem for u64 {}
 impl Elem for i32 {}
 impl Elem for u8 {}
 

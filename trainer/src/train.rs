@@ -481,7 +481,8 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         let router_metrics_due = done.is_multiple_of(recipe.moe.metrics_every) || done == t.steps;
         let sdc_due = t.sdc_check_every > 0 && done.is_multiple_of(t.sdc_check_every);
         let mut stats = StepStats::new(recipe, device, step);
-        let mut exchange = ExchangeStats::default();
+        // All-to-all costs of the forward passes and of the backward passes.
+        let mut exchange = [ExchangeStats::default(), ExchangeStats::default()];
         let wait_start = Instant::now();
         let batch: Batch = pipeline.next_batch()?;
         let waited = wait_start.elapsed().as_secs_f64();
@@ -531,7 +532,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
                     micro_batches,
                     false,
                     &mut scratch,
-                    &mut ExchangeStats::default(),
+                    &mut [ExchangeStats::default(), ExchangeStats::default()],
                 );
                 sdc_fault(rank, done, &optimizer);
                 let differs = first_difference(&first, &optimizer.gradients());
@@ -608,6 +609,15 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         let per_layer = ffn_experts_per_token(&counts, recipe.model.n_routed_experts, stats.tokens);
         let overall = per_layer.iter().sum::<f64>() / per_layer.len() as f64;
         if done.is_multiple_of(t.log_every) || done == t.steps {
+            // Exchange volume summed over ranks, exposed time averaged over ranks.
+            let mut volume = [
+                exchange[0].bytes + exchange[1].bytes,
+                exchange[0].bytes_remote + exchange[1].bytes_remote,
+            ];
+            comm.all_reduce_sum(&mut volume);
+            let mut exposed = [exchange[0].exposed_s, exchange[1].exposed_s];
+            comm.all_reduce_sum(&mut exposed);
+            let exposed = exposed.map(|e| e / world as f64);
             let mut line = serde_json::json!({
                 "step": done,
                 "loss": loss,
@@ -623,9 +633,11 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
                 "z_loss": stats.z_loss / micro_batches as f64,
                 "mtp_loss": stats.mtp_loss / micro_batches as f64,
                 "step_s": step_s,
-                "all_to_all_exposed_s": exchange.exposed_s,
-                "all_to_all_bytes": exchange.bytes,
-                "all_to_all_remote_bytes": exchange.bytes_remote,
+                "all_to_all_exposed_s": exposed[0] + exposed[1],
+                "all_to_all_forward_exposed_s": exposed[0],
+                "all_to_all_backward_exposed_s": exposed[1],
+                "all_to_all_bytes": volume[0],
+                "all_to_all_remote_bytes": volume[1],
                 "elapsed_s": started.elapsed().as_secs_f64(),
             });
             if let Some((replay_s, _)) = sdc {
@@ -1162,10 +1174,10 @@ fn micro_step(
     micro_batches: usize,
     measure_rg: bool,
     stats: &mut StepStats,
-    exchange: &mut ExchangeStats,
+    exchange: &mut [ExchangeStats; 2],
 ) {
     let (inputs, targets, mask) = (batch.inputs, batch.targets, batch.mask);
-    let f = crate::engine::forward(model, par, inputs, mask, true, exchange);
+    let f = crate::engine::forward(model, par, inputs, mask, true, &mut exchange[0]);
     // This micro-batch's selections and tokens over every rank.
     let local = Tensor::stack(
         &f.routing
@@ -1258,7 +1270,7 @@ fn micro_step(
     }
     let probs: Vec<Tensor> = f.routing.iter().map(|r| r.probs.shallow_clone()).collect();
     let layer_losses = balance.into_iter().map(|b| b.map(|b| b * scale)).collect();
-    f.backward(par, &head, layer_losses, exchange);
+    f.backward(par, &head, layer_losses, &mut exchange[1]);
     if measure_rg {
         stats.gradient_ratio = match lb_grads {
             Some(lb) => tch::no_grad(|| {
