@@ -11,6 +11,7 @@
 
 use crate::comm::{Comm, Pending};
 use crate::moe::ExpertDispatch;
+use crate::nccl::NcclComm;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -121,9 +122,16 @@ impl Plan {
         rows.index_select(0, &self.to_source_major)
     }
 
-    /// Starts moving `rows` (this rank's rows for `direction`, in order). The result
-    /// arrives as a new leaf tensor (its gradient is what moves back): see `InFlight`.
-    pub fn start(&self, comm: &Comm, rows: &Tensor, direction: Direction) -> InFlight {
+    /// Starts moving `rows` (this rank's rows for `direction`, in order) over `comm`, or
+    /// over `nccl` (the same ranks, GPU to GPU) when given. The result arrives as a new
+    /// leaf tensor (its gradient is what moves back): see `InFlight`.
+    pub fn start(
+        &self,
+        comm: &Comm,
+        nccl: Option<&NcclComm>,
+        rows: &Tensor,
+        direction: Direction,
+    ) -> InFlight {
         let begun = Instant::now();
         let (send, recv) = match direction {
             Direction::ToOwners => (&self.send_rows, &self.recv_rows),
@@ -142,6 +150,9 @@ impl Plan {
         let state = if comm.size() == 1 {
             // A world of one: no copies, the same storage becomes the far side's leaf.
             Flight::Local(rows.detach())
+        } else if let Some(nccl) = nccl {
+            // Enqueued on the compute stream: ordered with what uses the result.
+            Flight::Local(nccl.all_to_all_rows(&rows.detach(), send, recv))
         } else {
             let host: Vec<f32> = Vec::try_from(
                 &rows
@@ -235,12 +246,12 @@ mod tests {
         let rows = d.gather(&x);
         let mut stats = ExchangeStats::default();
         let there = plan
-            .start(&comm, &rows, Direction::ToOwners)
+            .start(&comm, None, &rows, Direction::ToOwners)
             .wait(true, &mut stats);
         assert!(there.requires_grad() && there.is_leaf());
         assert_eq!(plan.expert_major(&there), rows);
         let back = plan
-            .start(&comm, &plan.source_major(&there), Direction::Back)
+            .start(&comm, None, &plan.source_major(&there), Direction::Back)
             .wait(false, &mut stats);
         assert_eq!(back, rows);
         assert_eq!(stats.exchanges, 2);

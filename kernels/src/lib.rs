@@ -1,7 +1,9 @@
-//! Tensor-level primitives the trainer composes: MoE token grouping and grouped expert
-//! compute. Collectives (the `Comm` interface over MPI, NCCL and a single process) will
-//! live here too; the model never calls them directly.
+//! Tensor-level primitives the trainer composes: collectives (`comm`: MPI over host
+//! buffers and a single process; `nccl`: CUDA tensors), the expert-parallel token
+//! exchange (`ep`), MoE token grouping and grouped expert compute (`moe`). The model
+//! never calls collectives directly; the trainer's engine does.
 
 pub mod comm;
 pub mod ep;
 pub mod moe;
+pub mod nccl;

@@ -18,6 +18,10 @@ pub enum CommCommand {
         /// message timing; reductions must give the same bits anyway.
         #[arg(long, default_value_t = 0)]
         jitter_ms: u64,
+        /// `mpi` (host buffers; `single` alone) or `nccl` (CUDA tensors, one GPU per rank;
+        /// prints a `skipped` line and succeeds where there is no GPU or no NCCL).
+        #[arg(long, default_value = "mpi")]
+        backend: String,
     },
 }
 
@@ -32,7 +36,14 @@ fn value(rank: usize, i: usize) -> f32 {
 }
 
 pub fn run(command: CommCommand) -> Result<(), crate::Failure> {
-    let CommCommand::Check { jitter_ms } = command;
+    let CommCommand::Check { jitter_ms, backend } = command;
+    match backend.as_str() {
+        "mpi" | "single" => {}
+        "nccl" => return nccl_check(),
+        other => {
+            return Err(anyhow::anyhow!("--backend {other}: use mpi (or single) or nccl").into())
+        }
+    }
     let comm = Comm::from_env();
     let (r, p) = (comm.rank(), comm.size());
     let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (r as u64 + 1);
@@ -223,7 +234,7 @@ fn ep_identity_check(par: &Parallel) -> bool {
     let plan = Plan::new(&par.expert, &d, Device::Cpu);
     let mut stats = ExchangeStats::default();
     let received = plan
-        .start(&par.expert, &sent, Direction::ToOwners)
+        .start(&par.expert, None, &sent, Direction::ToOwners)
         .wait(false, &mut stats);
     // Ownership: expert-major rows of local expert j come from tokens that chose it.
     let by_expert = plan.expert_major(&received);
@@ -241,7 +252,12 @@ fn ep_identity_check(par: &Parallel) -> bool {
         }
     }
     let returned = plan
-        .start(&par.expert, &plan.source_major(&by_expert), Direction::Back)
+        .start(
+            &par.expert,
+            None,
+            &plan.source_major(&by_expert),
+            Direction::Back,
+        )
         .wait(false, &mut stats);
     let weights = Tensor::from_slice(
         &(0..tokens * k)
@@ -340,4 +356,84 @@ fn ep_gradient_check(par: &Parallel) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The NCCL backend's conformance checks on this rank's GPU (one per rank).
+fn nccl_check() -> Result<(), crate::Failure> {
+    let comm = Comm::from_env();
+    let (r, p) = (comm.rank(), comm.size());
+    if let Err(why) = catapult_kernels::nccl::available() {
+        println!(
+            "{}",
+            serde_json::json!({"rank": r, "size": p, "backend": "nccl", "skipped": why})
+        );
+        return Ok(());
+    }
+    let local: usize = std::env::var("OMPI_COMM_WORLD_LOCAL_RANK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let device = Device::Cuda(local % tch::Cuda::device_count().max(1) as usize);
+    let nccl = catapult_kernels::nccl::NcclComm::new(&comm, device)
+        .map_err(|e| anyhow::anyhow!("rank {r}: {e}"))?;
+    let mut failures: Vec<String> = Vec::new();
+    let mut check = |name: &str, ok: bool| {
+        if !ok {
+            failures.push(name.to_string());
+        }
+    };
+    // all-to-all of rows: rank s sends (d + s) % 3 + 1 rows of width 3 to rank d.
+    let counts: Vec<usize> = (0..p).map(|d| (d + r) % 3 + 1).collect();
+    let rows: Vec<f32> = (0..p)
+        .flat_map(|d| (0..counts[d] * 3).map(move |i| (r * 1000 + d * 10) as f32 + i as f32))
+        .collect();
+    let recv_counts: Vec<usize> = (0..p).map(|s| (r + s) % 3 + 1).collect();
+    let sent = Tensor::from_slice(&rows).view([-1, 3]).to_device(device);
+    let got = nccl.all_to_all_rows(&sent, &counts, &recv_counts);
+    let expected: Vec<f32> = (0..p)
+        .flat_map(|s| (0..recv_counts[s] * 3).map(move |i| (s * 1000 + r * 10) as f32 + i as f32))
+        .collect();
+    check(
+        "all_to_all_rows",
+        Vec::<f32>::try_from(&got.to_device(Device::Cpu).reshape([-1])).ok() == Some(expected),
+    );
+    // Deterministic sum: bit for bit the rank-order sum.
+    let len = 1003;
+    let mine: Vec<f32> = (0..len).map(|i| value(r, i)).collect();
+    let in_order: Vec<f32> = (0..len)
+        .map(|i| (1..p).fold(value(0, i), |acc, s| acc + value(s, i)))
+        .collect();
+    let summed = nccl.all_reduce_sum(&Tensor::from_slice(&mine).to_device(device));
+    check(
+        "all_reduce_sum",
+        Vec::<f32>::try_from(&summed.to_device(Device::Cpu)).ok() == Some(in_order),
+    );
+    // all-gather and broadcast from the last rank.
+    let gathered = nccl.all_gather(&Tensor::from_slice(&[r as i64, 7]).to_device(device));
+    let want: Vec<i64> = (0..p).flat_map(|s| [s as i64, 7]).collect();
+    check(
+        "all_gather",
+        Vec::<i64>::try_from(&gathered.to_device(Device::Cpu).reshape([-1])).ok() == Some(want),
+    );
+    let b = nccl.broadcast(
+        &Tensor::from_slice(&[r as f64 + 0.5]).to_device(device),
+        p - 1,
+    );
+    check("broadcast", b.double_value(&[0]) == (p - 1) as f64 + 0.5);
+    comm.barrier();
+    println!(
+        "{}",
+        serde_json::json!({
+            "rank": r,
+            "size": p,
+            "backend": "nccl",
+            "nccl_version": nccl.version(),
+            "failures": failures,
+        })
+    );
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!("rank {r}: NCCL collectives failed: {}", failures.join(", ")).into())
+    }
 }

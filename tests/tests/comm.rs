@@ -56,6 +56,28 @@ fn collectives_conform_and_reductions_ignore_timing() {
     }
 }
 
+#[test]
+fn nccl_collectives_conform_where_a_gpu_exists() {
+    let dir = scratch("nccl");
+    let out = Command::new(catapult_binary())
+        .current_dir(&dir)
+        .args(["comm", "check", "--backend", "nccl"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    if let Some(why) = line.get("skipped") {
+        eprintln!("skipped: {why} (the NCCL checks need a CUDA device and libnccl)");
+        return;
+    }
+    assert_eq!(line["failures"], serde_json::json!([]), "{line}");
+}
+
 /// In `sets`: pass `--resume` (auto).
 const RESUME: &str = "--resume";
 

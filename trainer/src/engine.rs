@@ -29,6 +29,7 @@
 use crate::model::LongcatModel;
 use catapult_kernels::comm::Comm;
 use catapult_kernels::ep::{Direction, ExchangeStats, Plan};
+use catapult_kernels::nccl::NcclComm;
 use std::ops::Range;
 use tch::{Kind, Tensor};
 
@@ -47,6 +48,9 @@ pub struct Parallel {
     pub data_size: usize,
     /// Overlap the all-to-alls with the dense compute.
     pub overlap: bool,
+    /// NCCL over the same ranks as `world`, `expert` and `replicas` (CUDA tensors move
+    /// GPU to GPU), when the recipe's backend is NCCL.
+    pub nccl: Option<[NcclComm; 3]>,
 }
 
 impl std::fmt::Debug for Parallel {
@@ -66,6 +70,17 @@ impl Parallel {
     /// Splits `world` into expert groups of `expert` ranks. `data` is the requested
     /// data-parallel size (0: whatever the world leaves). Errors say what to change.
     pub fn new(world: Comm, expert: usize, data: usize, overlap: bool) -> Result<Self, String> {
+        Self::with_nccl(world, expert, data, overlap, None)
+    }
+
+    /// `new`, with NCCL communicators over the same groups on the GPU `nccl` names.
+    pub fn with_nccl(
+        world: Comm,
+        expert: usize,
+        data: usize,
+        overlap: bool,
+        nccl: Option<tch::Device>,
+    ) -> Result<Self, String> {
         let p = world.size();
         if expert == 0 || !p.is_multiple_of(expert) {
             return Err(format!(
@@ -86,6 +101,14 @@ impl Parallel {
         let r = world.rank();
         let group = world.split(r / expert, r % expert);
         let replicas = world.split(r % expert, r / expert);
+        let nccl = match nccl {
+            None => None,
+            Some(device) => Some([
+                NcclComm::new(&world, device)?,
+                NcclComm::new(&group, device)?,
+                NcclComm::new(&replicas, device)?,
+            ]),
+        };
         Ok(Self {
             world,
             expert: group,
@@ -93,6 +116,7 @@ impl Parallel {
             expert_size: expert,
             data_size: p / expert,
             overlap,
+            nccl,
         })
     }
 
@@ -105,7 +129,14 @@ impl Parallel {
             expert_size: 1,
             data_size: 1,
             overlap: false,
+            nccl: None,
         }
+    }
+
+    /// The NCCL communicator over the world (0), the expert group (1) or the replicas
+    /// (2), if the backend is NCCL.
+    pub fn nccl(&self, which: usize) -> Option<&NcclComm> {
+        self.nccl.as_ref().map(|n| &n[which])
     }
 
     /// The routed experts (of `n`) this rank holds.
@@ -199,7 +230,7 @@ pub fn forward(
         let dispatch = layer.moe.dispatch(&choice);
         let sent = dispatch.gather(&flat);
         let plan = Plan::new(&par.expert, &dispatch, x.device());
-        let mut flight = plan.start(&par.expert, &sent, Direction::ToOwners);
+        let mut flight = plan.start(&par.expert, par.nccl(1), &sent, Direction::ToOwners);
         let (h1_d, u_d, probs_d) = (leaf(&h1, train), leaf(&u, train), leaf(&probs, train));
         let weights = layer.moe.gate_weights(&probs_d, &choice);
         // FFN0 while the dispatch moves (or after it, without overlap).
@@ -217,7 +248,7 @@ pub fn forward(
                 .moe
                 .local_experts(&plan.expert_major(&received), &plan.local_counts),
         );
-        let mut back = plan.start(&par.expert, &expert_out, Direction::Back);
+        let mut back = plan.start(&par.expert, par.nccl(1), &expert_out, Direction::Back);
         // MLA1 and FFN1 while the combine moves.
         let (f1, returned) = if par.overlap {
             let h3 = layer.attention1(&h2, rope, mask);
@@ -324,7 +355,8 @@ fn plan_move(
     direction: Direction,
     stats: &mut ExchangeStats,
 ) -> Tensor {
-    plan.start(&par.expert, rows, direction).wait(false, stats)
+    plan.start(&par.expert, par.nccl(1), rows, direction)
+        .wait(false, stats)
 }
 
 #[cfg(test)]

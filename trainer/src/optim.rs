@@ -117,10 +117,12 @@ impl AdamW {
     /// gradient any rank of `world` has is defined on all afterwards (zeros where a rank
     /// had none), as one process holding every micro-batch and every expert would see it
     /// (an expert shard that received no tokens still takes its decay step).
+    /// With `nccl` (the same ranks as `comm`), the sums run GPU to GPU.
     pub fn reduce_gradients(
         &mut self,
         comm: &catapult_kernels::comm::Comm,
         world: &catapult_kernels::comm::Comm,
+        nccl: Option<&catapult_kernels::nccl::NcclComm>,
         select: impl Fn(&str) -> bool,
         divisor: f64,
     ) {
@@ -140,6 +142,36 @@ impl AdamW {
                 // reduced one has somewhere to go.
                 (p.sum(Kind::Float) * 0.0).backward();
             }
+        }
+        if let Some(nccl) = nccl {
+            tch::no_grad(|| {
+                let live: Vec<&Tensor> = chosen
+                    .iter()
+                    .zip(&defined)
+                    .filter(|(_, &d)| d > 0)
+                    .map(|((_, p), _)| p)
+                    .collect();
+                if live.is_empty() {
+                    return;
+                }
+                let flat: Vec<Tensor> = live
+                    .iter()
+                    .map(|p| p.grad().to_kind(Kind::Float).reshape([-1]))
+                    .collect();
+                let summed = nccl.all_reduce_sum(&Tensor::cat(&flat, 0));
+                let mut at = 0;
+                for p in live {
+                    let n = p.numel() as i64;
+                    let g = summed
+                        .narrow(0, at, n)
+                        .view(p.size().as_slice())
+                        .to_kind(p.kind())
+                        / divisor;
+                    at += n;
+                    p.grad().copy_(&g);
+                }
+            });
+            return;
         }
         tch::no_grad(|| {
             let mut flat: Vec<f32> = Vec::new();

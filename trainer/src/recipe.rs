@@ -61,6 +61,22 @@ pub struct ParallelConfig {
     /// Sum gradients with the backend's own reduction algorithms: faster, but the bits
     /// then depend on message timing. Off by default (deterministic reductions).
     pub fast_reductions: bool,
+    /// Collectives for tensors: `auto` (NCCL on CUDA, MPI on CPU), `mpi` (host buffers,
+    /// also for CUDA tensors) or `nccl` (CUDA only).
+    pub backend: Backend,
+}
+
+/// Which library moves tensors between ranks.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// NCCL when `system.device` is `cuda`, else MPI.
+    #[default]
+    Auto,
+    /// Open MPI over host buffers.
+    Mpi,
+    /// NCCL, GPU to GPU (dynamically loaded).
+    Nccl,
 }
 
 impl Default for ParallelConfig {
@@ -70,6 +86,7 @@ impl Default for ParallelConfig {
             data: 0,
             overlap: true,
             fast_reductions: false,
+            backend: Backend::Auto,
         }
     }
 }
@@ -1406,6 +1423,13 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
         );
     }
     let par = &r.parallel;
+    if par.backend == Backend::Nccl && r.system.device != DeviceKind::Cuda {
+        return err(
+            &["parallel.backend", "system.device"],
+            "NCCL moves CUDA tensors, but the device is the CPU".into(),
+            "set system.device: cuda, or parallel.backend: mpi (or auto)",
+        );
+    }
     if par.expert == 0 {
         return err(
             &["parallel.expert"],

@@ -10,7 +10,7 @@ use crate::engine::{is_expert_param, Parallel};
 use crate::losses::{hidden_z_loss, load_balance_loss_global, BalanceShape};
 use crate::model::LongcatModel;
 use crate::optim::{learning_rate, AdamW};
-use crate::recipe::{DeviceKind, Precision, Recipe, SdcAction};
+use crate::recipe::{Backend, DeviceKind, Precision, Recipe, SdcAction};
 use crate::router_metrics::{load_spread, router_similarity};
 use catapult_checkpoints::{kill_self_on, AsyncSaver, Checkpoints, Loaded};
 use catapult_data::{Batch, Pipeline};
@@ -111,10 +111,25 @@ fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
         .cross_entropy_for_logits(&targets.reshape([-1]))
 }
 
+/// This process's rank among those on its node (Open MPI, PMIx or Slurm), for picking a
+/// GPU; 0 alone.
+fn local_rank() -> usize {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "PMIX_LOCAL_RANK",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse().ok())
+    .unwrap_or(0)
+}
+
 fn device_for(recipe: &Recipe) -> Result<Device, TrainError> {
     match recipe.system.device {
         DeviceKind::Cpu => Ok(Device::Cpu),
-        DeviceKind::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        DeviceKind::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(
+            local_rank() % tch::Cuda::device_count().max(1) as usize,
+        )),
         DeviceKind::Cuda => Err(TrainError::Setup(
             "system.device is `cuda` but libtorch sees no CUDA device; run on a GPU machine \
              or set system.device=cpu"
@@ -300,11 +315,16 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
     // reads its own slice of each global batch and holds the dense parameters and its
     // group's share of the experts.
     let p = &recipe.parallel;
-    let par = Parallel::new(
+    let nccl = match (p.backend, device) {
+        (Backend::Nccl, _) | (Backend::Auto, Device::Cuda(_)) => Some(device),
+        _ => None,
+    };
+    let par = Parallel::with_nccl(
         Comm::from_env().fast_reductions(p.fast_reductions),
         p.expert,
         p.data,
         p.overlap,
+        nccl,
     )
     .map_err(|e| TrainError::Setup(format!("{}: {e}", recipe.name)))?;
     let comm = &par.world;
@@ -587,8 +607,15 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
             }
             rollbacks = 0;
         }
-        optimizer.reduce_gradients(comm, comm, |n| !is_expert_param(n), world as f64);
-        optimizer.reduce_gradients(&par.replicas, comm, is_expert_param, world as f64);
+        let dense = |n: &str| !is_expert_param(n);
+        optimizer.reduce_gradients(comm, comm, par.nccl(0), dense, world as f64);
+        optimizer.reduce_gradients(
+            &par.replicas,
+            comm,
+            par.nccl(2),
+            is_expert_param,
+            world as f64,
+        );
         stats.all_reduce(comm);
         let grad_norm = optimizer.clip_grad_norm_sharded(t.grad_clip, is_expert_param, |x| {
             let mut v = [x];
