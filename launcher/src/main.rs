@@ -6,6 +6,7 @@ mod bench;
 mod ckpt_cmd;
 mod comm_cmd;
 mod data_cmd;
+mod launch;
 
 use catapult_trainer::{recipe, Override, RecipeError, RunOptions};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -43,6 +44,9 @@ enum Command {
         #[arg(long)]
         no_fallback: bool,
     },
+    /// Start the recipe's ranks on this machine (mpirun) and supervise them: rank-prefixed
+    /// logs, one progress bar, restarts from the last checkpoint when a rank dies or hangs.
+    Launch(launch::LaunchArgs),
     /// Collectives: conformance checks in the current (MPI or single-process) world.
     Comm {
         #[command(subcommand)]
@@ -201,6 +205,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Bench { command } => bench::run(command)?,
         Command::Ckpt { command } => ckpt_cmd::run(command)?,
         Command::Comm { command } => comm_cmd::run(command)?,
+        Command::Launch(args) => launch::run(args)?,
     }
     Ok(())
 }

@@ -43,6 +43,32 @@ pub struct Recipe {
     /// How the ranks split the work: data x expert parallelism, overlap, reductions.
     #[serde(default)]
     pub parallel: ParallelConfig,
+    /// How `catapult launch` supervises the ranks: restarts, hang timeout.
+    #[serde(default)]
+    pub launch: LaunchConfig,
+}
+
+/// Supervision by `catapult launch`: a rank that exits non-zero or stops heartbeating
+/// stops the job, which restarts from the last valid checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LaunchConfig {
+    /// Restarts after failures before the run gives up (0: none).
+    pub max_restarts: usize,
+    /// A rank that has not finished a step (its heartbeat) for this many seconds is hung.
+    pub heartbeat_timeout_s: f64,
+    /// Wait before the first restart; each further restart waits twice as long.
+    pub restart_backoff_s: f64,
+}
+
+impl Default for LaunchConfig {
+    fn default() -> Self {
+        Self {
+            max_restarts: 3,
+            heartbeat_timeout_s: 600.0,
+            restart_backoff_s: 5.0,
+        }
+    }
 }
 
 /// The layout of the ranks: world = data x expert. Rank r is expert-parallel rank
@@ -1420,6 +1446,18 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
             &["train.sdc_action", "checkpoint.every"],
             "rollback needs checkpoints to roll back to, but checkpoint.every is 0".into(),
             "set checkpoint.every (e.g. 100) or use sdc_action: stop",
+        );
+    }
+    let l = &r.launch;
+    if !positive(l.heartbeat_timeout_s) || l.restart_backoff_s < 0.0 {
+        return err(
+            &["launch.heartbeat_timeout_s", "launch.restart_backoff_s"],
+            format!(
+                "timeout {} s, backoff {} s",
+                l.heartbeat_timeout_s, l.restart_backoff_s
+            ),
+            "use a positive timeout (longer than the slowest step, evaluation or checkpoint) \
+             and a backoff >= 0",
         );
     }
     let par = &r.parallel;

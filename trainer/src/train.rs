@@ -53,6 +53,58 @@ pub enum TrainError {
 /// Rollbacks after failed silent-data-corruption checks, in a row, before giving up.
 const MAX_ROLLBACKS: usize = 3;
 
+/// Liveness for a supervisor (`catapult launch`): when `CATAPULT_HEARTBEAT_DIR` is set,
+/// each rank rewrites `rank-R` there (its last completed step) whenever it gets past a
+/// point every rank must reach; a rank stuck in a collective stops updating it.
+struct Heartbeat {
+    file: Option<PathBuf>,
+}
+
+impl Heartbeat {
+    fn from_env(rank: usize) -> Self {
+        let file = std::env::var_os("CATAPULT_HEARTBEAT_DIR").map(|d| {
+            let dir = PathBuf::from(d);
+            let _ = std::fs::create_dir_all(&dir);
+            dir.join(format!("rank-{rank}"))
+        });
+        Self { file }
+    }
+
+    fn beat(&self, step: usize) {
+        if let Some(f) = &self.file {
+            // Best effort: a full disk shows up as a hang, which the supervisor handles.
+            let _ = std::fs::write(f, step.to_string());
+        }
+    }
+}
+
+/// Test hooks for supervision (`CATAPULT_FAULT=kill:RANK:STEP` or `hang:RANK:STEP`):
+/// at the start of step STEP (1-based) that rank SIGKILLs itself or blocks forever, as
+/// a crashed or wedged process would. Only in a job's first attempt
+/// (`CATAPULT_ATTEMPT` unset or 0), so that a restarted job runs through, unless the
+/// value ends in `:always`.
+fn supervision_fault(rank: usize, step: usize) {
+    let Ok(fault) = std::env::var("CATAPULT_FAULT") else {
+        return;
+    };
+    // `...:always` fires in every attempt (to exhaust the restarts).
+    let (fault, always) = match fault.strip_suffix(":always") {
+        Some(f) => (f.to_string(), true),
+        None => (fault, false),
+    };
+    if !always && std::env::var("CATAPULT_ATTEMPT").is_ok_and(|a| a != "0") {
+        return;
+    }
+    if fault == format!("kill:{rank}:{step}") {
+        catapult_checkpoints::kill_self();
+    }
+    if fault == format!("hang:{rank}:{step}") {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
 /// How `train` behaves beyond the recipe.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -489,6 +541,8 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
     let mut data_wait = 0.0f64;
     let started = Instant::now();
     let mut step = start;
+    let heartbeat = Heartbeat::from_env(rank);
+    heartbeat.beat(step);
     // Rollbacks after a silent-data-corruption check, in a row (reset by a clean check).
     let mut rollbacks = 0usize;
     while step < t.steps {
@@ -497,6 +551,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         tch::manual_seed(recipe.seed as i64 ^ ((step as i64) << 20));
         let step_start = Instant::now();
         let done = step + 1;
+        supervision_fault(rank, done);
         let lr = learning_rate(t, step);
         let router_metrics_due = done.is_multiple_of(recipe.moe.metrics_every) || done == t.steps;
         let sdc_due = t.sdc_check_every > 0 && done.is_multiple_of(t.sdc_check_every);
@@ -736,6 +791,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
                 kill_self_on(&format!("step:{done}"));
                 progress.inc(1);
                 step += 1;
+                heartbeat.beat(step);
                 continue;
             };
             let waited = if recipe.checkpoint.async_save {
@@ -769,6 +825,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         kill_self_on(&format!("step:{done}"));
         progress.inc(1);
         step += 1;
+        heartbeat.beat(step);
     }
     progress.finish();
     // The final weights are written even when the last sharded save failed; its error

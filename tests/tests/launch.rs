@@ -1,0 +1,166 @@
+//! `catapult launch`: ranks started through mpirun, supervised. A rank killed or hung
+//! mid-run is detected, every rank is stopped and the job restarts from the last
+//! checkpoint, ending with the same weights as an undisturbed run; exhausted restarts
+//! name every cause; bad input starts nothing.
+
+use catapult_tests::{catapult_binary, corpus, scratch, workspace};
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// The short 2-rank tiny run every test here uses.
+fn sets(name: &str) -> Vec<String> {
+    [
+        format!("data.path={}", corpus().display()),
+        "train.steps=8".into(),
+        "train.warmup_steps=2".into(),
+        "train.eval_every=8".into(),
+        "train.eval_sequences=16".into(),
+        "train.log_every=1".into(),
+        "data.shuffle_buffer=16".into(),
+        "checkpoint.every=2".into(),
+        "checkpoint.async=false".into(),
+        "launch.restart_backoff_s=0.2".into(),
+        format!("output.dir={name}"),
+    ]
+    .into()
+}
+
+fn launch(dir: &Path, name: &str, extra: &[&str], fault: Option<&str>) -> Output {
+    let mut cmd = Command::new(catapult_binary());
+    cmd.current_dir(dir)
+        .arg("launch")
+        .arg(workspace().join("recipes/tiny.yaml"))
+        .args(["--nproc", "2"]);
+    for s in sets(name)
+        .iter()
+        .map(String::as_str)
+        .chain(extra.iter().copied())
+    {
+        cmd.args(["--set", s]);
+    }
+    match fault {
+        Some(f) => cmd.env("CATAPULT_FAULT", f),
+        None => cmd.env_remove("CATAPULT_FAULT"),
+    };
+    cmd.output().expect("catapult starts")
+}
+
+fn ok(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn weights(dir: &Path, name: &str) -> Vec<u8> {
+    std::fs::read(dir.join(name).join("checkpoint/model.safetensors")).unwrap()
+}
+
+fn state(dir: &Path, name: &str) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join(name).join("supervisor.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn launch_prefixes_rank_logs_and_equals_mpirun_of_the_same_recipe() {
+    let dir = scratch("launch");
+    let out = ok(launch(&dir, "launched", &[], None));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("[rank 0] validation loss:"),
+        "rank 0's summary, prefixed: {stdout}"
+    );
+    let rank1 = std::fs::read_to_string(dir.join("launched/logs/rank-1.log")).unwrap();
+    assert!(rank1.contains("starting from step 0"), "{rank1}");
+    let s = state(&dir, "launched");
+    assert_eq!(s["status"], "completed");
+    assert_eq!(s["attempts"].as_array().unwrap().len(), 1);
+    // The same recipe started by hand.
+    let mut direct = catapult_tests::mpirun(2);
+    direct
+        .current_dir(&dir)
+        .arg(catapult_binary())
+        .arg("train")
+        .arg(workspace().join("recipes/tiny.yaml"));
+    for s in sets("direct") {
+        direct.args(["--set", &s]);
+    }
+    ok(direct.output().unwrap());
+    assert!(weights(&dir, "launched") == weights(&dir, "direct"));
+    // Launching it again resumes the finished run instead of overwriting it.
+    let again = ok(launch(&dir, "launched", &[], None));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("resuming it"));
+    assert!(weights(&dir, "launched") == weights(&dir, "direct"));
+}
+
+#[test]
+fn a_killed_or_hung_rank_restarts_from_the_last_checkpoint_with_the_same_weights() {
+    let dir = scratch("supervise");
+    ok(launch(&dir, "calm", &[], None));
+    ok(launch(&dir, "killed", &[], Some("kill:1:5")));
+    let s = state(&dir, "killed");
+    let attempts = s["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{s}");
+    assert_eq!(attempts[0]["cause"], "rank 1 died on signal 9 (Killed)");
+    assert!(weights(&dir, "killed") == weights(&dir, "calm"));
+
+    ok(launch(
+        &dir,
+        "hung",
+        &["launch.heartbeat_timeout_s=4"],
+        Some("hang:0:5"),
+    ));
+    let s = state(&dir, "hung");
+    let attempts = s["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{s}");
+    let cause = attempts[0]["cause"].as_str().unwrap();
+    assert!(
+        cause.starts_with("hang: no heartbeat for") && cause.contains("rank 0 after step 4"),
+        "{cause}"
+    );
+    // Detected within the timeout plus the launcher's polling.
+    let lasted = attempts[0]["ended_unix_s"].as_f64().unwrap()
+        - attempts[0]["started_unix_s"].as_f64().unwrap();
+    assert!(lasted < 60.0, "the hung attempt lasted {lasted} s");
+    assert!(weights(&dir, "hung") == weights(&dir, "calm"));
+}
+
+#[test]
+fn exhausted_restarts_stop_the_run_naming_each_cause() {
+    let dir = scratch("exhausted");
+    // A fault in every attempt: rank 1 dies at step 3 each time.
+    let out = launch(
+        &dir,
+        "doomed",
+        &["launch.max_restarts=1"],
+        Some("kill:1:3:always"),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("failed 2 time(s), launch.max_restarts = 1 exhausted")
+            && err.contains("attempt 1: rank 1 died on signal 9")
+            && err.contains("attempt 2: rank 1 died on signal 9"),
+        "{err}"
+    );
+    assert_eq!(state(&dir, "doomed")["status"], "failed");
+}
+
+#[test]
+fn bad_input_starts_no_rank() {
+    let dir = scratch("launch-bad");
+    let out = launch(&dir, "bad", &["model.moe_topk=40"], None);
+    assert_eq!(out.status.code(), Some(2), "a recipe error exits with 2");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("model.moe_topk"));
+    assert!(!dir.join("bad").exists(), "nothing was started or written");
+    let out = Command::new(catapult_binary())
+        .current_dir(&dir)
+        .args(["launch", "--nproc", "3"])
+        .arg(workspace().join("recipes/tiny.yaml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--nproc 3 does not fit"));
+}
