@@ -269,13 +269,6 @@ pub fn run(args: LaunchArgs) -> Result<(), crate::Failure> {
         )
         .into());
     }
-    let which = Command::new("mpirun").arg("--version").output();
-    if which.is_err() {
-        return Err(anyhow::anyhow!(
-            "mpirun not found: install Open MPI (scripts/setup does: openmpi-bin) or put it on PATH"
-        )
-        .into());
-    }
     let run_dir = recipe.run_dir();
     let resuming = run_dir.join("metrics.jsonl").exists() && !args.overwrite;
     std::fs::create_dir_all(run_dir.join("logs"))
@@ -351,7 +344,17 @@ pub fn run(args: LaunchArgs) -> Result<(), crate::Failure> {
             .stderr(Stdio::piped());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let started = SystemTime::now();
-        let mut child = cmd.spawn().context("mpirun did not start")?;
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(anyhow::anyhow!(
+                    "mpirun not found: install Open MPI (scripts/setup does: openmpi-bin) or \
+                     put it on PATH"
+                )
+                .into())
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("mpirun did not start").into()),
+        };
         state.attempts.push(Attempt {
             attempt,
             started_unix_s: unix_now(),
