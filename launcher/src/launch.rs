@@ -274,6 +274,17 @@ pub fn run(args: LaunchArgs) -> Result<(), crate::Failure> {
     std::fs::create_dir_all(run_dir.join("logs"))
         .with_context(|| format!("{}: cannot create", run_dir.display()))?;
     let heartbeat_dir = run_dir.join("heartbeat");
+    // The stop file (`control/stop`) asks every rank to checkpoint and exit after its
+    // step; only this user can create it.
+    let control_dir = run_dir.join("control");
+    std::fs::create_dir_all(&control_dir)?;
+    std::fs::set_permissions(
+        &control_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )?;
+    let stop_file = control_dir.join("stop");
+    let _ = std::fs::remove_file(&stop_file);
+    let mut stopping = false;
     let l = recipe.launch.clone();
     let mut state = State {
         status: "running",
@@ -320,6 +331,7 @@ pub fn run(args: LaunchArgs) -> Result<(), crate::Failure> {
         cmd.args(["--tag-output", "-np", &nproc.to_string()]);
         for var in [
             "CATAPULT_HEARTBEAT_DIR",
+            "CATAPULT_CONTROL_DIR",
             "CATAPULT_ATTEMPT",
             "CATAPULT_FAULT",
         ] {
@@ -335,6 +347,7 @@ pub fn run(args: LaunchArgs) -> Result<(), crate::Failure> {
             cmd.arg("--resume");
         }
         cmd.env("CATAPULT_HEARTBEAT_DIR", &heartbeat_dir)
+            .env("CATAPULT_CONTROL_DIR", &control_dir)
             .env("CATAPULT_ATTEMPT", attempt.to_string())
             .env(
                 "CATAPULT_FAULT",
@@ -438,8 +451,18 @@ pub fn run(args: LaunchArgs) -> Result<(), crate::Failure> {
                 break Err((failure_cause(&mpirun_lines, status.code()), 0.0));
             }
             let sig = SIGNAL.swap(0, Ordering::SeqCst);
-            if sig != 0 {
-                bar.suspend(|| eprintln!("launcher: signal {sig}: stopping every rank"));
+            if sig != 0 && !stopping {
+                // Preemption: the ranks finish their step, checkpoint and exit 0.
+                stopping = true;
+                std::fs::write(&stop_file, format!("signal {sig}\n"))?;
+                bar.suspend(|| {
+                    eprintln!(
+                        "launcher: signal {sig}: every rank checkpoints after its current step \
+                         and stops (a second signal stops them at once)"
+                    )
+                });
+            } else if sig != 0 {
+                bar.suspend(|| eprintln!("launcher: signal {sig}: stopping every rank now"));
                 stop_group(&mut child, Duration::from_secs(10));
                 state.status = "stopped";
                 if let Some(a) = state.attempts.last_mut() {
@@ -491,6 +514,15 @@ pub fn run(args: LaunchArgs) -> Result<(), crate::Failure> {
         let a = state.attempts.last_mut().expect("pushed above");
         a.ended_unix_s = Some(unix_now());
         match outcome {
+            Ok(()) if stopping => {
+                bar.finish_and_clear();
+                state.status = "preempted";
+                write_state(&run_dir, &state)?;
+                eprintln!(
+                    "run stopped with a checkpoint on request; run the same command to resume"
+                );
+                return Ok(());
+            }
             Ok(()) => {
                 bar.finish_and_clear();
                 state.status = "completed";

@@ -170,6 +170,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if summary.rank != 0 {
                 return Ok(());
             }
+            if let Some(step) = summary.preempted_at {
+                println!(
+                    "stopped on request after step {step}: checkpoint {}; run the same command \
+                     with --resume to continue",
+                    summary.checkpoint.display()
+                );
+                return Ok(());
+            }
             println!(
                 "validation loss: {:.4} -> {:.4}",
                 summary.first_val_loss, summary.last_val_loss

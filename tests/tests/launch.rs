@@ -164,3 +164,63 @@ fn bad_input_starts_no_rank() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--nproc 3 does not fit"));
 }
+
+#[test]
+fn preemption_checkpoints_stops_cleanly_and_resumes_to_the_same_weights() {
+    let dir = scratch("preempt");
+    let long = [
+        "train.steps=30",
+        "train.eval_every=30",
+        "checkpoint.every=10",
+    ];
+    ok(launch(&dir, "calm", &long, None));
+    let mut cmd = Command::new(catapult_binary());
+    cmd.current_dir(&dir)
+        .arg("launch")
+        .arg(workspace().join("recipes/tiny.yaml"))
+        .args(["--nproc", "2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for s in sets("cut").iter().map(String::as_str).chain(long) {
+        cmd.args(["--set", s]);
+    }
+    let child = cmd.spawn().unwrap();
+    // Once a few steps are done, the scheduler's signal (sbatch --signal=B:USR1@120).
+    let metrics = dir.join("cut/metrics.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !std::fs::read_to_string(&metrics).is_ok_and(|t| t.contains("\"step\":3,")) {
+        assert!(std::time::Instant::now() < deadline, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status = Command::new("kill")
+        .args(["-USR1", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("run stopped with a checkpoint on request"),
+        "{err}"
+    );
+    assert_eq!(state(&dir, "cut")["status"], "preempted");
+    assert!(
+        !dir.join("cut/checkpoint").exists(),
+        "stopped before the end"
+    );
+    let saved: Vec<String> = std::fs::read_dir(dir.join("cut/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    assert!(
+        saved
+            .iter()
+            .any(|n| n != "step-00000010" && n != "step-00000020"),
+        "a checkpoint at the preempted step: {saved:?}"
+    );
+    // The same command again finishes the run, as if it had never stopped.
+    ok(launch(&dir, "cut", &long, None));
+    assert!(weights(&dir, "cut") == weights(&dir, "calm"));
+}

@@ -131,6 +131,40 @@ pub struct RunSummary {
     pub last_val_loss: f64,
     /// This process's rank (only rank 0 writes the run directory).
     pub rank: usize,
+    /// The run stopped early on a preemption request, after saving a checkpoint at this
+    /// step (None: it ran to the end).
+    pub preempted_at: Option<usize>,
+}
+
+/// The first preemption signal (SIGTERM or SIGUSR1) this process received, 0 if none.
+static PREEMPT_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn on_preempt(sig: libc::c_int) {
+    if PREEMPT_SIGNAL.swap(sig, std::sync::atomic::Ordering::SeqCst) != 0 {
+        // A second signal: leave now. Checkpoints are never half-visible (the manifest
+        // is written last), so the last one stays loadable.
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(128 + sig) };
+    }
+}
+
+/// SIGTERM and SIGUSR1 (Slurm's `--signal=B:USR1@T`, a scheduler's preemption) make the
+/// run finish its step, save a checkpoint and exit 0; a second signal exits at once.
+fn install_preemption_handlers() {
+    for sig in [libc::SIGTERM, libc::SIGUSR1] {
+        // SAFETY: the handler only touches an atomic and calls _exit.
+        unsafe {
+            libc::signal(sig, on_preempt as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+/// Whether this rank was asked to stop: a signal, or the supervisor's stop file
+/// (`$CATAPULT_CONTROL_DIR/stop`).
+fn stop_requested() -> bool {
+    PREEMPT_SIGNAL.load(std::sync::atomic::Ordering::SeqCst) != 0
+        || std::env::var_os("CATAPULT_CONTROL_DIR")
+            .is_some_and(|d| Path::new(&d).join("stop").exists())
 }
 
 /// Inputs and targets (rows x seq_len, i64) of `sequences` (each seq_len + 1 ids).
@@ -543,6 +577,8 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
     let mut step = start;
     let heartbeat = Heartbeat::from_env(rank);
     heartbeat.beat(step);
+    install_preemption_handlers();
+    let mut preempted_at = None;
     // Rollbacks after a silent-data-corruption check, in a row (reset by a clean check).
     let mut rollbacks = 0usize;
     while step < t.steps {
@@ -770,8 +806,14 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         progress.set_message(format!(
             "loss {loss:.4} | {tokens_per_s:.0} tok/s | val {last_val_loss:.4} | ffn/tok {overall:.2}"
         ));
+        // A stop request on any rank stops every rank after this step, with a checkpoint.
+        let mut stop = [i32::from(stop_requested())];
+        comm.all_reduce_sum(&mut stop);
+        if stop[0] > 0 {
+            preempted_at = Some(done);
+        }
         let every = recipe.checkpoint.every;
-        if (every > 0 && done.is_multiple_of(every)) || done == t.steps {
+        if (every > 0 && done.is_multiple_of(every)) || done == t.steps || preempted_at.is_some() {
             // Every rank's data state and the expert shards of replica 0, gathered on rank
             // 0, which saves (dense weights and optimizer states are identical replicas).
             let data_state = gather_data_state(comm, &pipeline)?;
@@ -792,6 +834,9 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
                 progress.inc(1);
                 step += 1;
                 heartbeat.beat(step);
+                if preempted_at.is_some() {
+                    break;
+                }
                 continue;
             };
             let waited = if recipe.checkpoint.async_save {
@@ -826,11 +871,30 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         progress.inc(1);
         step += 1;
         heartbeat.beat(step);
+        if preempted_at.is_some() {
+            break;
+        }
     }
     progress.finish();
     // The final weights are written even when the last sharded save failed; its error
     // is returned after them.
     let last_save = saver.wait();
+    if let Some(at) = preempted_at {
+        // Stopped on request: the step's checkpoint is written; no final export.
+        last_save?;
+        return Ok(RunSummary {
+            checkpoint: PathBuf::from(format!(
+                "{}/{}",
+                store.root(),
+                catapult_checkpoints::step_dir(at as u64)
+            )),
+            metrics: metrics.path,
+            first_val_loss,
+            last_val_loss,
+            rank,
+            preempted_at,
+        });
+    }
 
     let data_state = gather_data_state(comm, &pipeline)?;
     let full = full_tensors(
@@ -858,6 +922,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         first_val_loss,
         last_val_loss,
         rank,
+        preempted_at: None,
     })
 }
 
