@@ -24,16 +24,20 @@ use std::time::{Duration, Instant, SystemTime};
 #[derive(clap::Args)]
 pub struct LaunchArgs {
     /// The recipe file, e.g. recipes/tiny.yaml.
-    recipe: PathBuf,
+    pub recipe: PathBuf,
     /// Ranks to start (default: what the recipe's `parallel` section needs, at least
     /// parallel.expert).
     #[arg(long)]
-    nproc: Option<usize>,
+    pub nproc: Option<usize>,
     #[command(flatten)]
-    overrides: OverrideArgs,
+    pub overrides: OverrideArgs,
     /// Start over: replace an earlier run in the same run directory instead of resuming it.
     #[arg(long)]
-    overwrite: bool,
+    pub overwrite: bool,
+    /// How ranks start: `mpirun` on this machine, or `srun --mpi=pmix` inside a Slurm
+    /// allocation (what `catapult submit`'s batch script uses).
+    #[arg(long, default_value = "mpirun", value_parser = ["mpirun", "srun"])]
+    pub via: String,
 }
 
 /// The last signal the launcher received (0: none).
@@ -91,8 +95,14 @@ fn write_state(run_dir: &Path, state: &State) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A line of mpirun's `--tag-output`: `[JOB,RANK]<stdout>:text`.
-fn untag(line: &str) -> Option<(usize, bool, &str)> {
+/// A rank's output line: mpirun's `--tag-output` (`[JOB,RANK]<stdout>:text`) or srun's
+/// `--label` (`RANK: text`, on the stream it was written to).
+fn untag(line: &str, is_out: bool) -> Option<(usize, bool, &str)> {
+    if let Some((label, text)) = line.split_once(": ") {
+        if let Ok(rank) = label.trim_start().parse() {
+            return Some((rank, is_out, text));
+        }
+    }
     let rest = line.strip_prefix('[')?;
     let (ids, rest) = rest.split_once(']')?;
     let rank = ids.split_once(',')?.1.parse().ok()?;
@@ -103,9 +113,26 @@ fn untag(line: &str) -> Option<(usize, bool, &str)> {
     }
 }
 
-/// Why mpirun failed, from its own (untagged) messages.
+/// Why mpirun (or srun) failed, from its own (untagged) messages.
 fn failure_cause(mpirun_lines: &[String], status: Option<i32>) -> String {
     let text = mpirun_lines.join("\n");
+    // srun: "srun: error: vm: task 1: Killed" / "... task 0: Exited with exit code 2"
+    if let Some(at) = text.find(": task ") {
+        let tail = &text[at + ": task ".len()..];
+        let rank: String = tail.chars().take_while(|c| c.is_ascii_digit()).collect();
+        let what = tail[rank.len()..]
+            .trim_start_matches(':')
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim();
+        if what == "Killed" {
+            return format!("rank {rank} died on signal 9 (Killed)");
+        }
+        if let Some(code) = what.strip_prefix("Exited with exit code ") {
+            return format!("rank {rank} exited with code {code}");
+        }
+    }
     // "mpirun noticed that process rank 1 with PID 123 on node x exited on signal 9 (Killed)."
     if let Some(at) = text.find("noticed that process rank ") {
         let tail = &text[at + "noticed that process rank ".len()..];
@@ -245,19 +272,21 @@ fn heartbeats(dir: &Path, ranks: usize, since: SystemTime) -> Vec<(f64, Option<S
         .collect()
 }
 
-pub fn run(args: LaunchArgs) -> Result<(), crate::Failure> {
-    // Bad input fails here, before any rank starts.
-    let recipe = crate::load_recipe(&args.recipe, &args.overrides)?;
+/// Refuses a rank count the recipe's layout cannot use.
+pub fn check_nproc(
+    recipe: &catapult_trainer::Recipe,
+    file: &Path,
+    nproc: usize,
+) -> anyhow::Result<()> {
     let par = &recipe.parallel;
-    let nproc = args.nproc.unwrap_or(par.expert * par.data.max(1));
     if nproc == 0
         || !nproc.is_multiple_of(par.expert)
         || (par.data > 0 && nproc != par.data * par.expert)
     {
-        return Err(anyhow::anyhow!(
+        anyhow::bail!(
             "--nproc {nproc} does not fit {}: parallel.expert = {} and parallel.data = {} need a \
              multiple of {} ranks{}",
-            args.recipe.display(),
+            file.display(),
             par.expert,
             par.data,
             par.expert,
@@ -266,9 +295,17 @@ pub fn run(args: LaunchArgs) -> Result<(), crate::Failure> {
             } else {
                 String::new()
             }
-        )
-        .into());
+        );
     }
+    Ok(())
+}
+
+pub fn run(args: LaunchArgs) -> Result<(), crate::Failure> {
+    // Bad input fails here, before any rank starts.
+    let recipe = crate::load_recipe(&args.recipe, &args.overrides)?;
+    let par = &recipe.parallel;
+    let nproc = args.nproc.unwrap_or(par.expert * par.data.max(1));
+    check_nproc(&recipe, &args.recipe, nproc)?;
     let run_dir = recipe.run_dir();
     let resuming = run_dir.join("metrics.jsonl").exists() && !args.overwrite;
     std::fs::create_dir_all(run_dir.join("logs"))
@@ -321,21 +358,34 @@ pub fn run(args: LaunchArgs) -> Result<(), crate::Failure> {
     for attempt in 0.. {
         let _ = std::fs::remove_dir_all(&heartbeat_dir);
         std::fs::create_dir_all(&heartbeat_dir)?;
-        let mut cmd = Command::new("mpirun");
-        if root {
-            cmd.arg("--allow-run-as-root");
-        }
-        if nproc > cores {
-            cmd.arg("--oversubscribe");
-        }
-        cmd.args(["--tag-output", "-np", &nproc.to_string()]);
-        for var in [
-            "CATAPULT_HEARTBEAT_DIR",
-            "CATAPULT_CONTROL_DIR",
-            "CATAPULT_ATTEMPT",
-            "CATAPULT_FAULT",
-        ] {
-            cmd.args(["-x", var]);
+        let mut cmd;
+        if args.via == "srun" {
+            // Inside the allocation: srun forwards the whole environment.
+            cmd = Command::new("srun");
+            cmd.args([
+                "--mpi=pmix",
+                "--label",
+                "--kill-on-bad-exit=1",
+                "--ntasks",
+                &nproc.to_string(),
+            ]);
+        } else {
+            cmd = Command::new("mpirun");
+            if root {
+                cmd.arg("--allow-run-as-root");
+            }
+            if nproc > cores {
+                cmd.arg("--oversubscribe");
+            }
+            cmd.args(["--tag-output", "-np", &nproc.to_string()]);
+            for var in [
+                "CATAPULT_HEARTBEAT_DIR",
+                "CATAPULT_CONTROL_DIR",
+                "CATAPULT_ATTEMPT",
+                "CATAPULT_FAULT",
+            ] {
+                cmd.args(["-x", var]);
+            }
         }
         cmd.arg(&exe).arg("train").arg(&args.recipe);
         for s in &args.overrides.set {
@@ -403,7 +453,7 @@ pub fn run(args: LaunchArgs) -> Result<(), crate::Failure> {
         let outcome: Result<(), (String, f64)> = loop {
             // Output first, so that nothing a rank printed is lost.
             while let Ok((is_out, line)) = rx.try_recv() {
-                match untag(&line) {
+                match untag(&line, is_out) {
                     Some((rank, out, text)) => {
                         logs.write(&format!("rank-{rank}"), text);
                         let shown = format!("[rank {rank}] {text}");
@@ -433,8 +483,8 @@ pub fn run(args: LaunchArgs) -> Result<(), crate::Failure> {
             if let Some(status) = child.try_wait()? {
                 // Drain what is left of the output.
                 std::thread::sleep(Duration::from_millis(50));
-                while let Ok((_, line)) = rx.try_recv() {
-                    match untag(&line) {
+                while let Ok((is_out, line)) = rx.try_recv() {
+                    match untag(&line, is_out) {
                         Some((rank, _, text)) => {
                             logs.write(&format!("rank-{rank}"), text);
                             bar.suspend(|| eprintln!("[rank {rank}] {text}"));
@@ -521,6 +571,18 @@ pub fn run(args: LaunchArgs) -> Result<(), crate::Failure> {
                 eprintln!(
                     "run stopped with a checkpoint on request; run the same command to resume"
                 );
+                if let (true, Ok(job)) = (l.requeue, std::env::var("SLURM_JOB_ID")) {
+                    // Back into the queue: the same batch script resumes the run.
+                    let out = Command::new("scontrol").args(["requeue", &job]).output();
+                    match out {
+                        Ok(o) if o.status.success() => eprintln!("requeued Slurm job {job}"),
+                        Ok(o) => eprintln!(
+                            "warning: scontrol requeue {job} failed: {}",
+                            String::from_utf8_lossy(&o.stderr).trim()
+                        ),
+                        Err(e) => eprintln!("warning: scontrol requeue {job}: {e}"),
+                    }
+                }
                 return Ok(());
             }
             Ok(()) => {

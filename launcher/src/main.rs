@@ -7,6 +7,7 @@ mod ckpt_cmd;
 mod comm_cmd;
 mod data_cmd;
 mod launch;
+mod slurm;
 
 use catapult_trainer::{recipe, Override, RecipeError, RunOptions};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -47,6 +48,31 @@ enum Command {
     /// Start the recipe's ranks on this machine (mpirun) and supervise them: rank-prefixed
     /// logs, one progress bar, restarts from the last checkpoint when a rank dies or hangs.
     Launch(launch::LaunchArgs),
+    /// Submit the recipe as a Slurm batch job (the script is written into the run
+    /// directory; ranks start with srun --mpi=pmix and are supervised as by `launch`).
+    Submit(slurm::SubmitArgs),
+    /// A run's state: Slurm job state, supervisor status, last step and loss, newest
+    /// checkpoint (JSON).
+    Status {
+        /// The run directory (e.g. runs/tiny).
+        run: PathBuf,
+    },
+    /// Cancel a submitted run's Slurm job (scancel).
+    Cancel {
+        /// The run directory.
+        run: PathBuf,
+    },
+    /// Print a rank's log (written by launch and submit).
+    Logs {
+        /// The run directory.
+        run: PathBuf,
+        /// Which rank.
+        #[arg(long, default_value_t = 0)]
+        rank: usize,
+        /// Keep printing new lines until the run ends.
+        #[arg(long)]
+        follow: bool,
+    },
     /// Collectives: conformance checks in the current (MPI or single-process) world.
     Comm {
         #[command(subcommand)]
@@ -214,6 +240,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Ckpt { command } => ckpt_cmd::run(command)?,
         Command::Comm { command } => comm_cmd::run(command)?,
         Command::Launch(args) => launch::run(args)?,
+        Command::Submit(args) => slurm::submit(args)?,
+        Command::Status { run } => slurm::status(&run)?,
+        Command::Cancel { run } => slurm::cancel(&run)?,
+        Command::Logs { run, rank, follow } => slurm::logs(&run, rank, follow)?,
     }
     Ok(())
 }

@@ -59,6 +59,8 @@ pub struct LaunchConfig {
     pub heartbeat_timeout_s: f64,
     /// Wait before the first restart; each further restart waits twice as long.
     pub restart_backoff_s: f64,
+    /// Under Slurm, a preempted run puts its job back in the queue (`scontrol requeue`).
+    pub requeue: bool,
 }
 
 impl Default for LaunchConfig {
@@ -67,6 +69,7 @@ impl Default for LaunchConfig {
             max_restarts: 3,
             heartbeat_timeout_s: 600.0,
             restart_backoff_s: 5.0,
+            requeue: true,
         }
     }
 }
