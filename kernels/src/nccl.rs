@@ -334,3 +334,35 @@ impl NcclComm {
         self.all_gather(t).get(root as i64)
     }
 }
+
+/// The name of CUDA device `ordinal` (e.g. "NVIDIA H100 80GB HBM3") from the driver
+/// (`libcuda.so.1`, loaded at run time); None where there is no driver or device.
+pub fn cuda_device_name(ordinal: usize) -> Option<String> {
+    type Init = unsafe extern "C" fn(u32) -> i32;
+    type Get = unsafe extern "C" fn(*mut i32, i32) -> i32;
+    type Name = unsafe extern "C" fn(*mut c_char, i32, i32) -> i32;
+    // SAFETY: the symbols are the CUDA driver API's, with these C signatures; the name
+    // buffer outlives the call and its length is passed.
+    unsafe {
+        let lib = Library::new("libcuda.so.1").ok()?;
+        let init: libloading::Symbol<Init> = lib.get(b"cuInit\0").ok()?;
+        let get: libloading::Symbol<Get> = lib.get(b"cuDeviceGet\0").ok()?;
+        let name: libloading::Symbol<Name> = lib.get(b"cuDeviceGetName\0").ok()?;
+        if init(0) != 0 {
+            return None;
+        }
+        let mut dev = 0i32;
+        if get(&mut dev, ordinal as i32) != 0 {
+            return None;
+        }
+        let mut buf = [0 as c_char; 256];
+        if name(buf.as_mut_ptr(), buf.len() as i32, dev) != 0 {
+            return None;
+        }
+        Some(
+            std::ffi::CStr::from_ptr(buf.as_ptr())
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+}

@@ -396,6 +396,11 @@ pub fn run(args: LaunchArgs) -> Result<(), crate::Failure> {
         } else {
             cmd.arg("--resume");
         }
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            // The launcher's bar follows the metrics; the ranks' plain progress lines
+            // would only repeat it.
+            cmd.env("CATAPULT_PROGRESS", "off");
+        }
         cmd.env("CATAPULT_HEARTBEAT_DIR", &heartbeat_dir)
             .env("CATAPULT_CONTROL_DIR", &control_dir)
             .env("CATAPULT_ATTEMPT", attempt.to_string())

@@ -6,7 +6,9 @@ mod bench;
 mod ckpt_cmd;
 mod comm_cmd;
 mod data_cmd;
+mod dry_run;
 mod launch;
+mod plot;
 mod slurm;
 
 use catapult_trainer::{recipe, Override, RecipeError, RunOptions};
@@ -44,6 +46,8 @@ enum Command {
         /// Fail when the newest checkpoint is broken instead of falling back to an earlier one.
         #[arg(long)]
         no_fallback: bool,
+        #[command(flatten)]
+        dry_run: dry_run::DryRunArgs,
     },
     /// Start the recipe's ranks on this machine (mpirun) and supervise them: rank-prefixed
     /// logs, one progress bar, restarts from the last checkpoint when a rank dies or hangs.
@@ -73,6 +77,8 @@ enum Command {
         #[arg(long)]
         follow: bool,
     },
+    /// Render a run's metrics as PNG charts (several runs overlaid).
+    Plot(plot::PlotArgs),
     /// Collectives: conformance checks in the current (MPI or single-process) world.
     Comm {
         #[command(subcommand)]
@@ -184,8 +190,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
             resume,
             no_verify,
             no_fallback,
+            dry_run,
         } => {
             let recipe = load_recipe(&recipe, &overrides)?;
+            if dry_run.dry_run {
+                return dry_run::run(&recipe, &dry_run).map_err(|error| Failure { code: 2, error });
+            }
             let opts = RunOptions {
                 overwrite,
                 resume: resume.map(|r| r.parse().expect("any string is a Resume")),
@@ -240,6 +250,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Ckpt { command } => ckpt_cmd::run(command)?,
         Command::Comm { command } => comm_cmd::run(command)?,
         Command::Launch(args) => launch::run(args)?,
+        Command::Plot(args) => plot::run(args)?,
         Command::Submit(args) => slurm::submit(args)?,
         Command::Status { run } => slurm::status(&run)?,
         Command::Cancel { run } => slurm::cancel(&run)?,

@@ -6,12 +6,17 @@ pub mod bias_control;
 pub mod checkpoint;
 pub mod engine;
 pub mod export;
+pub mod groups;
 pub mod losses;
+pub(crate) mod metrics;
 pub mod model;
 pub mod optim;
 pub mod recipe;
 pub mod router_metrics;
+pub mod sizing;
+pub mod tensorboard;
 pub mod train;
+pub mod transfer;
 
 pub use recipe::{Override, Recipe, RecipeError};
 pub use train::{train, RunOptions, RunSummary, TrainError};

@@ -13,6 +13,8 @@ pub struct AdamW {
     exp_avg: Vec<Tensor>,
     exp_avg_sq: Vec<Tensor>,
     decay: Vec<bool>,
+    /// Each parameter's learning rate relative to the schedule's (its group's factor).
+    lr_scale: Vec<f64>,
     /// Updates applied to each parameter (a parameter joins late when its loss does).
     steps: Vec<i32>,
     beta1: f64,
@@ -30,6 +32,7 @@ impl AdamW {
             exp_avg: params.iter().map(|(_, p)| zeros(p)).collect(),
             exp_avg_sq: params.iter().map(|(_, p)| zeros(p)).collect(),
             decay: params.iter().map(|(_, p)| p.dim() >= 2).collect(),
+            lr_scale: vec![1.0; params.len()],
             steps: vec![0; params.len()],
             params,
             beta1: t.beta1,
@@ -37,6 +40,12 @@ impl AdamW {
             eps: t.adam_eps,
             weight_decay: t.weight_decay,
         }
+    }
+
+    /// Sets each parameter's learning-rate factor (relative to the scheduled rate) from
+    /// its name.
+    pub fn set_lr_scales(&mut self, scale: impl Fn(&str) -> f64) {
+        self.lr_scale = self.params.iter().map(|(n, _)| scale(n)).collect();
     }
 
     /// The moments as named tensors (`optimizer.exp_avg.NAME`, `optimizer.exp_avg_sq.NAME`)
@@ -266,10 +275,12 @@ impl AdamW {
         })
     }
 
-    /// One AdamW update with learning rate `lr`, then clears the gradients.
-    pub fn step(&mut self, lr: f64) {
+    /// One AdamW update with learning rate `lr` (times each parameter's factor), then
+    /// clears the gradients.
+    pub fn step(&mut self, base_lr: f64) {
         tch::no_grad(|| {
             for (i, (_, p)) in self.params.iter_mut().enumerate() {
+                let lr = base_lr * self.lr_scale[i];
                 let g = p.grad();
                 if !g.defined() {
                     // Not in this step's graph (the MTP layer before it is switched on):

@@ -163,6 +163,9 @@ pub struct SystemConfig {
     pub threads: usize,
     /// `fp32` or `bf16`.
     pub precision: Precision,
+    /// Peak TFLOP/s of one device, for the MFU metric (default: the device table's
+    /// dense bf16 peak for a known GPU; none on CPU, where MFU is not reported).
+    pub peak_tflops: Option<f64>,
 }
 
 impl Default for SystemConfig {
@@ -171,6 +174,7 @@ impl Default for SystemConfig {
             device: DeviceKind::Cpu,
             threads: 0,
             precision: Precision::Fp32,
+            peak_tflops: None,
         }
     }
 }
@@ -1238,6 +1242,15 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
     for (name, v) in counts {
         if v == 0 {
             return err(&[name], "must be at least 1".into(), "set a positive value");
+        }
+    }
+    if let Some(peak) = r.system.peak_tflops {
+        if !positive(peak) {
+            return err(
+                &["system.peak_tflops"],
+                format!("is {peak}"),
+                "give the device's peak TFLOP/s as a positive number, or leave it out",
+            );
         }
     }
     if m.qk_rope_head_dim == 0 || !m.qk_rope_head_dim.is_multiple_of(2) {

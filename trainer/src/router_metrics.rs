@@ -7,13 +7,12 @@ use tch::{Kind, Tensor};
 /// layer's FFN selections (1 / N when balanced), pooled over layers: (min, max,
 /// coefficient of variation).
 pub fn load_spread(counts: &[Vec<i64>], n_ffn: usize) -> (f64, f64, f64) {
-    let mut loads = Vec::new();
-    for layer in counts {
-        let total: i64 = layer[..n_ffn].iter().sum();
-        if total > 0 {
-            loads.extend(layer[..n_ffn].iter().map(|&c| c as f64 / total as f64));
-        }
-    }
+    let loads: Vec<f64> = expert_loads(counts, n_ffn)
+        .into_iter()
+        .zip(counts)
+        .filter(|(_, layer)| layer[..n_ffn].iter().sum::<i64>() > 0)
+        .flat_map(|(loads, _)| loads)
+        .collect();
     if loads.is_empty() {
         return (0.0, 0.0, 0.0);
     }
@@ -22,6 +21,25 @@ pub fn load_spread(counts: &[Vec<i64>], n_ffn: usize) -> (f64, f64, f64) {
     let min = loads.iter().copied().fold(f64::INFINITY, f64::min);
     let max = loads.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     (min, max, var.sqrt() / mean)
+}
+
+/// Per layer, each FFN expert's share of that layer's FFN selections (all zeros for a
+/// layer without any).
+pub fn expert_loads(counts: &[Vec<i64>], n_ffn: usize) -> Vec<Vec<f64>> {
+    counts
+        .iter()
+        .map(|layer| {
+            let total: i64 = layer[..n_ffn].iter().sum();
+            if total > 0 {
+                layer[..n_ffn]
+                    .iter()
+                    .map(|&c| c as f64 / total as f64)
+                    .collect()
+            } else {
+                vec![0.0; n_ffn]
+            }
+        })
+        .collect()
 }
 
 /// Mean pairwise cosine similarity of the router's expert vectors (rows of W_r).

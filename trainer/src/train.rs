@@ -7,17 +7,17 @@
 use crate::bias_control::ExpertBiasController;
 use crate::checkpoint::{copy_into, from_host, to_host, Resume};
 use crate::engine::{is_expert_param, Parallel};
+use crate::groups::Group;
 use crate::losses::{hidden_z_loss, load_balance_loss_global, BalanceShape};
+use crate::metrics::{Metrics, Progress};
 use crate::model::LongcatModel;
 use crate::optim::{learning_rate, AdamW};
 use crate::recipe::{Backend, DeviceKind, Precision, Recipe, SdcAction};
-use crate::router_metrics::{load_spread, router_similarity};
+use crate::router_metrics::{expert_loads, load_spread, router_similarity};
 use catapult_checkpoints::{kill_self_on, AsyncSaver, Checkpoints, Loaded};
 use catapult_data::{Batch, Pipeline};
 use catapult_kernels::comm::Comm;
 use catapult_kernels::ep::ExchangeStats;
-use indicatif::{ProgressBar, ProgressStyle};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{nn::VarStore, Device, Kind, Tensor};
@@ -302,80 +302,6 @@ fn mean_loss(
     })
 }
 
-struct Metrics {
-    file: Option<std::fs::File>,
-    path: PathBuf,
-}
-
-impl Metrics {
-    /// Reopens a run's metrics for a resumed run: lines of steps after `step` (written
-    /// before a crash, after the checkpoint) are dropped, later lines are appended.
-    fn resume(path: PathBuf, step: u64) -> Result<(Self, Vec<serde_json::Value>), TrainError> {
-        let io = |source| TrainError::Io {
-            path: path.clone(),
-            source,
-        };
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(io(e)),
-        };
-        let kept: Vec<serde_json::Value> = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["step"].as_u64().is_some_and(|s| s <= step))
-            .collect();
-        let mut body = String::new();
-        for v in &kept {
-            body.push_str(&v.to_string());
-            body.push('\n');
-        }
-        let tmp = path.with_extension("jsonl.tmp");
-        std::fs::write(&tmp, body).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(io)?;
-        Ok((
-            Self {
-                file: Some(file),
-                path,
-            },
-            kept,
-        ))
-    }
-
-    fn create(path: PathBuf) -> Result<Self, TrainError> {
-        let file = std::fs::File::create(&path).map_err(|source| TrainError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        Ok(Self {
-            file: Some(file),
-            path,
-        })
-    }
-
-    /// Metrics of a rank other than 0: nothing is written.
-    fn disabled() -> Self {
-        Self {
-            file: None,
-            path: PathBuf::new(),
-        }
-    }
-
-    fn write(&mut self, value: serde_json::Value) -> Result<(), TrainError> {
-        let Some(file) = self.file.as_mut() else {
-            return Ok(());
-        };
-        writeln!(file, "{value}").map_err(|source| TrainError::Io {
-            path: self.path.clone(),
-            source,
-        })
-    }
-}
-
 fn prepare_run_dir(dir: &Path, recipe: &Recipe, opts: &RunOptions) -> Result<(), TrainError> {
     let io = |source| TrainError::Io {
         path: dir.into(),
@@ -488,6 +414,10 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         .collect();
     let param_count: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
     let mut optimizer = AdamW::new(params, &recipe.train);
+    // Each parameter group's learning rate relative to the schedule (width transfer).
+    let lr_scales = crate::transfer::lr_scales(recipe);
+    optimizer.set_lr_scales(|name| lr_scales[&Group::of(name)]);
+    let peak_tflops = peak_tflops(recipe, device);
     let mut controller =
         ExpertBiasController::new(&recipe.moe.bias_control, &recipe.model, recipe.train.steps);
 
@@ -559,19 +489,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
     let mut last_val_loss = first_val_loss;
     let mut saver = AsyncSaver::default();
 
-    let progress = if lead {
-        ProgressBar::new(t.steps as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    progress.set_style(
-        ProgressStyle::with_template(
-            "{prefix} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("static template"),
-    );
-    progress.set_prefix(recipe.name.clone());
-    progress.set_position(start as u64);
+    let progress = Progress::new(lead, &recipe.name, t.steps, start, t.log_every);
     let mut data_wait = 0.0f64;
     let started = Instant::now();
     let mut step = start;
@@ -686,14 +604,14 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
                 step = l.manifest.step as usize;
                 tokens_seen = l.manifest.tokens;
                 if lead {
-                    metrics.file = None;
+                    metrics.close();
                     metrics = Metrics::resume(run_dir.join("metrics.jsonl"), step as u64)?.0;
                     metrics.write(serde_json::json!({
                         "step": step,
                         "sdc_rollback": {"detected_at": done, "ranks": bad},
                     }))?;
                 }
-                progress.set_position(step as u64);
+                progress.set_position(step);
                 continue;
             }
             rollbacks = 0;
@@ -758,6 +676,21 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
                 "all_to_all_remote_bytes": volume[1],
                 "elapsed_s": started.elapsed().as_secs_f64(),
             });
+            // Model FLOPs of the experts actually activated, per rank, against the peak.
+            let flops = crate::sizing::flops_per_token(&recipe.model, seq_len, &per_layer);
+            let (achieved, mfu) = crate::sizing::mfu(flops, tokens_per_s, world, peak_tflops);
+            line["model_flops_per_token"] = flops.into();
+            line["achieved_tflops"] = achieved.into();
+            if let Some(mfu) = mfu {
+                line["mfu"] = mfu.into();
+            }
+            if let Some((rss, peak)) = memory_bytes() {
+                line["memory_rss_bytes"] = rss.into();
+                line["memory_peak_rss_bytes"] = peak.into();
+            }
+            for (group, scale) in &lr_scales {
+                line[format!("lr_{group}")] = (lr * scale).into();
+            }
             if let Some((replay_s, _)) = sdc {
                 line["sdc_check_s"] = replay_s.into();
                 line["sdc_check_fraction"] = (replay_s / step_s).into();
@@ -782,6 +715,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
                     "expert_load_min": load_min,
                     "expert_load_max": load_max,
                     "expert_load_cv": load_cv,
+                    "expert_load_per_layer": expert_loads(&counts, recipe.model.n_routed_experts),
                     "gradient_ratio_rg": stats.gradient_ratio,
                     "router_cosine_similarity": similarity,
                     "hidden_rms": stats.hidden_rms,
@@ -803,9 +737,12 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
             last_val_loss = loss;
             metrics.write(line)?;
         }
-        progress.set_message(format!(
-            "loss {loss:.4} | {tokens_per_s:.0} tok/s | val {last_val_loss:.4} | ffn/tok {overall:.2}"
-        ));
+        progress.step(
+            done,
+            &format!(
+                "loss {loss:.4} | {tokens_per_s:.0} tok/s | val {last_val_loss:.4} | ffn/tok {overall:.2}"
+            ),
+        );
         // A stop request on any rank stops every rank after this step, with a checkpoint.
         let mut stop = [i32::from(stop_requested())];
         comm.all_reduce_sum(&mut stop);
@@ -831,7 +768,6 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
             let copied = copy_start.elapsed().as_secs_f64();
             let Some(request) = request else {
                 kill_self_on(&format!("step:{done}"));
-                progress.inc(1);
                 step += 1;
                 heartbeat.beat(step);
                 if preempted_at.is_some() {
@@ -868,7 +804,6 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
             }))?;
         }
         kill_self_on(&format!("step:{done}"));
-        progress.inc(1);
         step += 1;
         heartbeat.beat(step);
         if preempted_at.is_some() {
@@ -1447,6 +1382,28 @@ fn ffn_experts_per_token(counts: &[Vec<i64>], n_ffn: usize, tokens: i64) -> Vec<
         .iter()
         .map(|layer| layer[..n_ffn].iter().sum::<i64>() as f64 / tokens as f64)
         .collect()
+}
+
+/// The peak TFLOP/s of one device: the recipe's, else the device table's entry for the
+/// CUDA device's name; None on CPU.
+fn peak_tflops(recipe: &Recipe, device: Device) -> Option<f64> {
+    recipe.system.peak_tflops.or(match device {
+        Device::Cuda(i) => catapult_kernels::nccl::cuda_device_name(i)
+            .and_then(|name| crate::sizing::gpu_by_name(&name))
+            .map(|g| g.peak_tflops),
+        _ => None,
+    })
+}
+
+/// This process's resident and peak resident memory (VmRSS, VmHWM), in bytes.
+fn memory_bytes() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |key: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
 /// Writes the controller's biases into the model's expert-bias buffers.
