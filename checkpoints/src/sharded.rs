@@ -128,6 +128,10 @@ pub struct Manifest {
     pub files: Vec<FileEntry>,
     /// The resolved recipe.
     pub recipe: serde_json::Value,
+    /// How the checkpoint was made by model growth (source, factor, optimizer state);
+    /// absent for checkpoints written by training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub growth: Option<serde_json::Value>,
 }
 
 /// Everything `save` needs.
@@ -143,6 +147,8 @@ pub struct SaveRequest {
     pub world: World,
     /// What each rank saves.
     pub ranks: Vec<RankState>,
+    /// Recorded in the manifest when the checkpoint comes from model growth.
+    pub growth: Option<serde_json::Value>,
 }
 
 /// A loaded checkpoint: full tensors (slices assembled) and each rank's state.
@@ -314,6 +320,7 @@ impl Checkpoints {
             world: req.world,
             files,
             recipe: req.recipe,
+            growth: req.growth,
         };
         let bytes = serde_json::to_vec_pretty(&manifest).expect("the manifest serializes");
         let rel = format!("{dir}/{MANIFEST}");
@@ -751,6 +758,7 @@ mod tests {
                     .collect(),
             },
             ranks: vec![rank(0), rank(1)],
+            growth: None,
         }
     }
 

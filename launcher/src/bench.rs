@@ -15,6 +15,43 @@ use std::time::Instant;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// Model growth: the deep recipe from random init against its half-depth model
+    /// trained for half the tokens, stacked and trained on (same total tokens);
+    /// validation curves to growth.png (run from the project root).
+    Growth {
+        /// A recipe with a growth section.
+        #[arg(long, default_value = "recipes/tiny-grown.yaml")]
+        recipe: PathBuf,
+        /// Steps of each run (growth at half).
+        #[arg(long, default_value_t = 400)]
+        steps: usize,
+        /// Validation every this many steps.
+        #[arg(long, default_value_t = 25)]
+        eval_every: usize,
+        /// Working directory for the runs, results.json and growth.png.
+        #[arg(long, default_value = "bench-results/growth")]
+        dir: PathBuf,
+    },
+    /// Width transfer: a learning-rate grid on the proxy, and the same grid at wider
+    /// widths with transfer.proxy set; is the proxy's best within one grid step of each
+    /// width's best? (run from the project root).
+    Transfer {
+        /// The proxy recipe.
+        #[arg(long, default_value = "recipes/tiny-proxy.yaml")]
+        proxy: PathBuf,
+        /// Target widths as multiples of the proxy's.
+        #[arg(long, value_delimiter = ',', default_value = "2,4")]
+        widths: Vec<usize>,
+        /// Learning-rate grid (ascending).
+        #[arg(long, value_delimiter = ',', default_values_t = crate::bench_methods::default_lrs())]
+        lrs: Vec<f64>,
+        /// Steps of each run.
+        #[arg(long, default_value_t = 150)]
+        steps: usize,
+        /// Working directory for the runs, results.json and transfer.png.
+        #[arg(long, default_value = "bench-results/transfer")]
+        dir: PathBuf,
+    },
     /// `catapult launch` against mpirun starting the same binary: time to the first
     /// training step for each rank count, and the time to detect a killed rank and train
     /// again (run from the project root; uses the built-in corpus).
@@ -193,6 +230,19 @@ fn baseline_rate(
 
 pub fn run(command: BenchCommand) -> Result<(), crate::Failure> {
     let (text, repeat, vocab_size, recipe, python, dir) = match command {
+        BenchCommand::Growth {
+            recipe,
+            steps,
+            eval_every,
+            dir,
+        } => return crate::bench_methods::growth(&recipe, steps, eval_every, &dir),
+        BenchCommand::Transfer {
+            proxy,
+            widths,
+            lrs,
+            steps,
+            dir,
+        } => return crate::bench_methods::transfer(&proxy, &widths, &lrs, steps, &dir),
         BenchCommand::Data {
             text,
             repeat,
@@ -443,6 +493,7 @@ fn bench_ckpt(gib: f64, recipe: &Path, python: &Path, dir: &Path) -> Result<(), 
             slices: Default::default(),
             state: serde_json::json!({}),
         }],
+        growth: None,
     };
     let p = spinner("catapult: save (serialize, BLAKE3, write, fsync), then verified load");
     let started = Instant::now();

@@ -307,7 +307,10 @@ pub fn run(args: LaunchArgs) -> Result<(), crate::Failure> {
     let nproc = args.nproc.unwrap_or(par.expert * par.data.max(1));
     check_nproc(&recipe, &args.recipe, nproc)?;
     let run_dir = recipe.run_dir();
-    let resuming = run_dir.join("metrics.jsonl").exists() && !args.overwrite;
+    // A run with a growth schedule may have only its first stage so far.
+    let resuming = (run_dir.join("metrics.jsonl").exists()
+        || run_dir.join("stage1/metrics.jsonl").exists())
+        && !args.overwrite;
     std::fs::create_dir_all(run_dir.join("logs"))
         .with_context(|| format!("{}: cannot create", run_dir.display()))?;
     let heartbeat_dir = run_dir.join("heartbeat");

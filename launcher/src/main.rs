@@ -3,10 +3,12 @@
 //! success, 1 on a failed run, 2 on bad input (recipe or arguments).
 
 mod bench;
+mod bench_methods;
 mod ckpt_cmd;
 mod comm_cmd;
 mod data_cmd;
 mod dry_run;
+mod growth_cmd;
 mod launch;
 mod plot;
 mod slurm;
@@ -77,6 +79,11 @@ enum Command {
         #[arg(long)]
         follow: bool,
     },
+    /// Print the per-group init std and learning rate that width transfer derives from
+    /// the recipe's proxy (and the rule behind each).
+    Transfer(growth_cmd::TransferArgs),
+    /// Build a deeper model's checkpoint by stacking a trained one's layers (model growth).
+    Grow(growth_cmd::GrowArgs),
     /// Render a run's metrics as PNG charts (several runs overlaid).
     Plot(plot::PlotArgs),
     /// Collectives: conformance checks in the current (MPI or single-process) world.
@@ -115,7 +122,7 @@ enum Command {
     },
 }
 
-#[derive(Args)]
+#[derive(Args, Default)]
 pub struct OverrideArgs {
     /// Override any recipe key, e.g. --set model.num_layers=4 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -251,6 +258,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Comm { command } => comm_cmd::run(command)?,
         Command::Launch(args) => launch::run(args)?,
         Command::Plot(args) => plot::run(args)?,
+        Command::Transfer(args) => growth_cmd::transfer(args)?,
+        Command::Grow(args) => growth_cmd::grow_cmd(args)?,
         Command::Submit(args) => slurm::submit(args)?,
         Command::Status { run } => slurm::status(&run)?,
         Command::Cancel { run } => slurm::cancel(&run)?,

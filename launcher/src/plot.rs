@@ -28,6 +28,15 @@ const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 const W: u32 = 1000;
 const H: u32 = 600;
 
+/// Makes the embedded font plotters' "sans-serif" (once; it is ours, so it parses).
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+            .unwrap_or_else(|_| panic!("the embedded DejaVuSans.ttf does not parse"));
+    });
+}
+
 /// One run's metrics lines.
 struct Run {
     label: String,
@@ -83,14 +92,14 @@ impl Run {
 }
 
 /// A line of a chart.
-struct Curve {
-    label: String,
-    points: Vec<(f64, f64)>,
-    color: RGBColor,
-    dashed: bool,
+pub(crate) struct Curve {
+    pub(crate) label: String,
+    pub(crate) points: Vec<(f64, f64)>,
+    pub(crate) color: RGBColor,
+    pub(crate) dashed: bool,
 }
 
-fn palette(i: usize) -> RGBColor {
+pub(crate) fn palette(i: usize) -> RGBColor {
     const P: [RGBColor; 8] = [
         RGBColor(31, 119, 180),
         RGBColor(255, 127, 14),
@@ -108,8 +117,15 @@ fn lighter(c: RGBColor) -> RGBColor {
     RGBColor(c.0 / 2 + 128, c.1 / 2 + 128, c.2 / 2 + 128)
 }
 
-/// A line chart of `curves` (step on x) to `path`; false when there is nothing to draw.
-fn line_chart(path: &Path, title: &str, y_label: &str, curves: &[Curve]) -> anyhow::Result<bool> {
+/// A line chart of `curves` to `path`; false when there is nothing to draw.
+pub(crate) fn line_chart(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    curves: &[Curve],
+) -> anyhow::Result<bool> {
+    register_font();
     let all: Vec<(f64, f64)> = curves
         .iter()
         .flat_map(|c| c.points.iter().copied())
@@ -146,9 +162,9 @@ fn line_chart(path: &Path, title: &str, y_label: &str, curves: &[Curve]) -> anyh
         .build_cartesian_2d(x0..x1, y0..y1)?;
     chart
         .configure_mesh()
-        .x_desc("step")
+        .x_desc(x_label)
         .y_desc(y_label)
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_label_formatter(&|x| short(*x))
         .y_label_formatter(&|y| short(*y))
         .label_style(("sans-serif", 15))
         .draw()?;
@@ -248,6 +264,7 @@ fn heatmap(path: &Path, run: &Run, step: u64, loads: &[Vec<f64>]) -> anyhow::Res
     let cell_h = ((H - top - bottom) / layers as u32).clamp(3, 80);
     let width = (left + right + cell_w * experts as u32).max(420);
     let height = top + bottom + cell_h * layers as u32;
+    register_font();
     let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
     root.fill(&WHITE)?;
     let title = format!(
@@ -317,9 +334,6 @@ fn heatmap(path: &Path, run: &Run, step: u64, loads: &[Vec<f64>]) -> anyhow::Res
 
 /// Renders the charts; prints the files written.
 pub fn run(args: PlotArgs) -> anyhow::Result<()> {
-    // Registering twice is harmless; the font is ours, so a failure is a bug.
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
-        .map_err(|_| anyhow::anyhow!("the embedded font failed to load"))?;
     let mut runs: Vec<Run> = args
         .runs
         .iter()
@@ -383,7 +397,13 @@ pub fn run(args: PlotArgs) -> anyhow::Result<()> {
         });
     }
     loss.retain(|c| !c.points.is_empty());
-    let made = line_chart(&out.join("loss.png"), "loss", "cross-entropy (nats)", &loss)?;
+    let made = line_chart(
+        &out.join("loss.png"),
+        "loss",
+        "step",
+        "cross-entropy (nats)",
+        &loss,
+    )?;
     written("loss.png", made, serde_json::json!({}));
 
     let mut lr = simple("lr");
@@ -416,11 +436,12 @@ pub fn run(args: PlotArgs) -> anyhow::Result<()> {
             });
         }
     }
-    let made = line_chart(&out.join("lr.png"), "learning rate", "lr", &lr)?;
+    let made = line_chart(&out.join("lr.png"), "learning rate", "step", "lr", &lr)?;
     written("lr.png", made, serde_json::json!({}));
     let made = line_chart(
         &out.join("grad_norm.png"),
         "gradient norm (before clipping)",
+        "step",
         "L2 norm",
         &simple("grad_norm"),
     )?;
@@ -428,6 +449,7 @@ pub fn run(args: PlotArgs) -> anyhow::Result<()> {
     let made = line_chart(
         &out.join("tokens_per_s.png"),
         "throughput",
+        "step",
         "tokens/s",
         &simple("tokens_per_s"),
     )?;
@@ -477,6 +499,7 @@ pub fn run(args: PlotArgs) -> anyhow::Result<()> {
     let made = line_chart(
         &out.join("ffn_experts_per_token.png"),
         "FFN experts per token, per layer",
+        "step",
         "experts",
         &experts,
     )?;

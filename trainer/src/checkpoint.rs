@@ -119,6 +119,7 @@ pub fn request(
             slices: BTreeMap::new(),
             state,
         }],
+        growth: None,
     }
 }
 

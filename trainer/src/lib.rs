@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod engine;
 pub mod export;
 pub mod groups;
+pub mod growth;
 pub mod losses;
 pub(crate) mod metrics;
 pub mod model;

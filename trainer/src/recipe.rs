@@ -46,6 +46,65 @@ pub struct Recipe {
     /// How `catapult launch` supervises the ranks: restarts, hang timeout.
     #[serde(default)]
     pub launch: LaunchConfig,
+    /// Width transfer: the proxy the hyperparameters were tuned on (longcat-methods
+    /// section 7). Absent: one learning rate and init std for every group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<TransferConfig>,
+    /// Growth schedule: train a shallower model first, stack it, continue (section 8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub growth: Option<GrowthConfig>,
+}
+
+/// Width-scaled hyperparameter transfer from a narrow proxy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TransferConfig {
+    /// The proxy and what was tuned on it.
+    pub proxy: ProxyConfig,
+}
+
+/// The proxy model: its width and the hyperparameters tuned at that width.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// n_proxy: the proxy's hidden size (s = model.hidden_size / this).
+    pub hidden_size: usize,
+    /// The learning rate tuned on the proxy (default: train.lr).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// The init std tuned on the proxy (default: model.initializer_range).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_std: Option<f64>,
+    /// Per-group values tuned on the proxy (embedding, attention, dense_ffn, experts,
+    /// router, norms, head), transferred by the group's rule.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub groups: BTreeMap<crate::groups::Group, GroupOverride>,
+}
+
+/// A group's own proxy-tuned learning rate and/or init std.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GroupOverride {
+    /// Learning rate at the proxy width.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// Init std at the proxy width (norm gains always start at 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_std: Option<f64>,
+}
+
+/// Train `from_layers` layers until `until_tokens`, then stack them
+/// model.num_layers / from_layers times and continue with the whole model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GrowthConfig {
+    /// Layers of the first stage (model.num_layers must be a multiple, at least twice).
+    pub from_layers: usize,
+    /// Tokens the first stage trains on (growth happens at the first step reaching it).
+    pub until_tokens: u64,
+    /// AdamW state at growth: `copy` (stacked like the weights) or `fresh`.
+    #[serde(default)]
+    pub optimizer: crate::growth::OptimizerInit,
 }
 
 /// Supervision by `catapult launch`: a rank that exits non-zero or stops heartbeating
@@ -1507,6 +1566,57 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
             format!("is {}", t.adam_eps),
             "use e.g. 1e-16",
         );
+    }
+    if let Some(tr) = &r.transfer {
+        let p = &tr.proxy;
+        if p.hidden_size == 0 {
+            return err(
+                &["transfer.proxy.hidden_size"],
+                "is 0".into(),
+                "give the width the hyperparameters were tuned at",
+            );
+        }
+        let mut values = vec![
+            ("transfer.proxy.lr".to_string(), p.lr),
+            ("transfer.proxy.init_std".to_string(), p.init_std),
+        ];
+        for (g, o) in &p.groups {
+            values.push((format!("transfer.proxy.groups.{g}.lr"), o.lr));
+            values.push((format!("transfer.proxy.groups.{g}.init_std"), o.init_std));
+        }
+        for (field, v) in values {
+            if let Some(v) = v {
+                if !positive(v) || !v.is_finite() {
+                    return err(&[&field], format!("is {v}"), "use a positive number");
+                }
+            }
+        }
+    }
+    if let Some(g) = &r.growth {
+        if g.from_layers == 0
+            || m.num_layers < 2 * g.from_layers
+            || !m.num_layers.is_multiple_of(g.from_layers)
+        {
+            return err(
+                &["growth.from_layers", "model.num_layers"],
+                format!(
+                    "{} layers cannot be stacked from {} (the stack is repeated whole)",
+                    m.num_layers, g.from_layers
+                ),
+                "use from_layers dividing model.num_layers at most half of it, e.g. half",
+            );
+        }
+        let per_step = (t.global_batch_size * r.data.seq_len) as u64;
+        if g.until_tokens == 0 || g.until_tokens >= per_step * t.steps as u64 {
+            return err(
+                &["growth.until_tokens", "train.steps"],
+                format!(
+                    "growth at {} tokens is not inside the run ({} steps x {per_step} tokens)",
+                    g.until_tokens, t.steps
+                ),
+                "grow after at least one step and before the last",
+            );
+        }
     }
     Ok(())
 }

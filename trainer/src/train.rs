@@ -134,6 +134,8 @@ pub struct RunSummary {
     /// The run stopped early on a preemption request, after saving a checkpoint at this
     /// step (None: it ran to the end).
     pub preempted_at: Option<usize>,
+    /// The stop was the first stage of a growth schedule reaching its token count.
+    pub reached_tokens: bool,
 }
 
 /// The first preemption signal (SIGTERM or SIGUSR1) this process received, 0 if none.
@@ -258,6 +260,8 @@ pub fn build_model_with_experts(
         device,
         local,
     );
+    // Width transfer: each group's init std (a rescaling of the same draws).
+    crate::transfer::apply_init(&vars, recipe);
     // set_data in place: the model's handles see the moved tensors.
     vars.set_device(device);
     BuiltModel { vars, model }
@@ -339,6 +343,117 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         nccl,
     )
     .map_err(|e| TrainError::Setup(format!("{}: {e}", recipe.name)))?;
+    if recipe.growth.is_some() {
+        train_growing(recipe, opts, &par, device)
+    } else {
+        train_with(recipe, opts, &par, device, None)
+    }
+}
+
+/// A recipe with a growth schedule: the first stage (`<run>/stage1`, `from_layers`
+/// layers) until `until_tokens`, then the stacked model in the run's own checkpoint root
+/// at that step, then the rest of the run from it. A resumed run continues in whichever
+/// stage it stopped; every rank takes part, rank 0 writes the grown checkpoint.
+fn train_growing(
+    recipe: &Recipe,
+    opts: &RunOptions,
+    par: &Parallel,
+    device: Device,
+) -> Result<RunSummary, TrainError> {
+    let g = recipe.growth.as_ref().expect("a growth schedule");
+    let store = Checkpoints::open(
+        &recipe.checkpoint_root(),
+        &recipe.checkpoint.storage.options(),
+    )?;
+    let grown = store.steps()?;
+    if opts.resume.is_some() && !grown.is_empty() {
+        return train_with(recipe, opts, par, device, None);
+    }
+    if !grown.is_empty() && !opts.overwrite {
+        return Err(TrainError::Setup(format!(
+            "{} already holds checkpoints; pass --resume to continue the run, or --overwrite to start over",
+            store.root()
+        )));
+    }
+    let stage1 = crate::growth::stage1_recipe(recipe).expect("a growth schedule");
+    let lead = par.world.rank() == 0;
+    if lead && opts.overwrite {
+        // Start over: the grown stage's outputs of an earlier run go too.
+        let run = recipe.run_dir();
+        let mut stale = vec![run.join("metrics.jsonl"), run.join("tensorboard")];
+        if !grown.is_empty() && recipe.checkpoint.dir.is_none() {
+            stale.push(run.join("checkpoints"));
+        }
+        for path in stale {
+            let gone = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            if let Err(source) = gone {
+                if source.kind() != std::io::ErrorKind::NotFound {
+                    return Err(TrainError::Io { path, source });
+                }
+            }
+        }
+    }
+    let first = train_with(&stage1, opts, par, device, Some(g.until_tokens))?;
+    let Some(at) = first.preempted_at else {
+        return Err(TrainError::Setup(format!(
+            "{}: the first stage ended before growth.until_tokens = {}",
+            recipe.name, g.until_tokens
+        )));
+    };
+    if !first.reached_tokens {
+        // Preempted during the first stage: its checkpoint is written; a resumed run
+        // continues it.
+        return Ok(first);
+    }
+    let made = if lead {
+        (|| -> Result<(), TrainError> {
+            let (s1, _) = Checkpoints::open_path(
+                &first.checkpoint.display().to_string(),
+                &recipe.checkpoint.storage.options(),
+            )?;
+            let loaded = s1.load(at as u64, true)?;
+            let factor = recipe.model.num_layers / g.from_layers;
+            let request = crate::growth::grow(&loaded, recipe, factor, g.optimizer)
+                .map_err(TrainError::Setup)?;
+            let manifest = store.save(request)?;
+            eprintln!(
+                "grew {} layers to {} at step {} ({} tokens; optimizer state {:?})",
+                g.from_layers, recipe.model.num_layers, manifest.step, manifest.tokens, g.optimizer
+            );
+            Ok(())
+        })()
+    } else {
+        Ok(())
+    };
+    agree(&par.world, made)?;
+    let grown_at = at as u64;
+    let resume = RunOptions {
+        overwrite: false,
+        resume: Some(crate::checkpoint::Resume::Path(format!(
+            "{}/{}",
+            store.root(),
+            catapult_checkpoints::step_dir(grown_at)
+        ))),
+        ..opts.clone()
+    };
+    let mut summary = train_with(recipe, &resume, par, device, None)?;
+    summary.first_val_loss = first.first_val_loss;
+    Ok(summary)
+}
+
+/// Trains `recipe` on `par` to the end, or until `stop_at_tokens` (then like a
+/// preemption: a checkpoint at that step, `reached_tokens` set).
+fn train_with(
+    recipe: &Recipe,
+    opts: &RunOptions,
+    par: &Parallel,
+    device: Device,
+    stop_at_tokens: Option<u64>,
+) -> Result<RunSummary, TrainError> {
     let comm = &par.world;
     let (rank, world) = (comm.rank(), comm.size());
     let lead = rank == 0;
@@ -432,7 +547,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
             .map(|(name, seqs)| {
                 (
                     name.clone(),
-                    mean_loss(model, &par, seqs, t.micro_batch_size, device),
+                    mean_loss(model, par, seqs, t.micro_batch_size, device),
                 )
             })
             .collect();
@@ -454,7 +569,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         Some(l) => {
             restore(
                 l,
-                &par,
+                par,
                 &built,
                 &mut optimizer,
                 &mut controller,
@@ -497,6 +612,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
     heartbeat.beat(step);
     install_preemption_handlers();
     let mut preempted_at = None;
+    let mut reached_tokens = false;
     // Rollbacks after a silent-data-corruption check, in a row (reset by a clean check).
     let mut rollbacks = 0usize;
     while step < t.steps {
@@ -538,7 +654,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
             micro_step(
                 model,
                 recipe,
-                &par,
+                par,
                 shape,
                 &input,
                 micro_batches,
@@ -555,7 +671,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
                 micro_step(
                     model,
                     recipe,
-                    &par,
+                    par,
                     shape,
                     &input,
                     micro_batches,
@@ -594,7 +710,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
                     })?;
                 restore(
                     &l,
-                    &par,
+                    par,
                     &built,
                     &mut optimizer,
                     &mut controller,
@@ -749,6 +865,10 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         if stop[0] > 0 {
             preempted_at = Some(done);
         }
+        if stop_at_tokens.is_some_and(|n| tokens_seen >= n) {
+            preempted_at = Some(done);
+            reached_tokens = true;
+        }
         let every = recipe.checkpoint.every;
         if (every > 0 && done.is_multiple_of(every)) || done == t.steps || preempted_at.is_some() {
             // Every rank's data state and the expert shards of replica 0, gathered on rank
@@ -757,7 +877,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
             let copy_start = Instant::now();
             let request = save_request(
                 recipe,
-                &par,
+                par,
                 &built,
                 &optimizer,
                 &controller,
@@ -828,12 +948,13 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
             last_val_loss,
             rank,
             preempted_at,
+            reached_tokens,
         });
     }
 
     let data_state = gather_data_state(comm, &pipeline)?;
     let full = full_tensors(
-        &par,
+        par,
         &named_tensors(&built.vars),
         recipe.model.n_routed_experts,
     );
@@ -858,6 +979,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         last_val_loss,
         rank,
         preempted_at: None,
+        reached_tokens: false,
     })
 }
 

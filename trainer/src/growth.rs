@@ -1,0 +1,225 @@
+//! Model-growth initialization (longcat-methods section 8): a trained model of L layers
+//! becomes one of r x L layers by stacking the whole stack r times, [l1..lL, l1..lL, ...]
+//! (layer i + kL is a copy of layer i). Embeddings, the final norm, the head, the
+//! routers, the expert biases (and their controller state) come along; the step, the
+//! tokens seen, the data position and the schedule continue. Optimizer moments are
+//! copied the same way (`copy`) or start at zero (`fresh`); the manifest records which.
+
+use crate::recipe::Recipe;
+use catapult_checkpoints::{HostTensor, Loaded, RankLayout, RankState, SaveRequest, World};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// What happens to AdamW's state at growth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerInit {
+    /// Moments and update counts stacked like the weights.
+    #[default]
+    Copy,
+    /// Moments zero, update counts zero (bias correction starts over).
+    Fresh,
+}
+
+impl std::str::FromStr for OptimizerInit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "copy" => Ok(Self::Copy),
+            "fresh" => Ok(Self::Fresh),
+            other => Err(format!("`{other}`: use copy or fresh")),
+        }
+    }
+}
+
+/// The layer index of a tensor name and the text around it
+/// (`optimizer.exp_avg.model.layers.3.mlp...` -> ("optimizer.exp_avg.model.layers.", 3,
+/// ".mlp...")).
+fn layer_of(name: &str) -> Option<(&str, usize, &str)> {
+    const KEY: &str = "model.layers.";
+    let at = name.find(KEY)? + KEY.len();
+    let rest = &name[at..];
+    let end = rest.find('.')?;
+    let layer = rest[..end].parse().ok()?;
+    Some((&name[..at], layer, &rest[end..]))
+}
+
+/// Checks that `target` is `source` deepened `factor` times and nothing else in the
+/// model; the error names every other difference.
+pub fn check_target(source: &Recipe, target: &Recipe, factor: usize) -> Result<(), String> {
+    let mut problems = Vec::new();
+    if factor < 2 {
+        problems.push(format!("--factor {factor}: grow by 2 or more"));
+    }
+    let want = source.model.num_layers * factor;
+    if target.model.num_layers != want {
+        problems.push(format!(
+            "model.num_layers is {} in the target recipe, but {} layers x factor {factor} = {want}",
+            target.model.num_layers, source.model.num_layers
+        ));
+    }
+    let a = serde_json::to_value(&source.model).expect("model serializes");
+    let b = serde_json::to_value(&target.model).expect("model serializes");
+    for (k, v) in a.as_object().expect("an object") {
+        if k != "num_layers" && b.get(k) != Some(v) {
+            problems.push(format!(
+                "model.{k} is {} in the target recipe but {v} in the checkpoint (growth changes depth only)",
+                b.get(k).map_or("absent".to_string(), |x| x.to_string())
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+fn zeros_like(t: &HostTensor) -> HostTensor {
+    HostTensor {
+        name: t.name.clone(),
+        dtype: t.dtype,
+        shape: t.shape.clone(),
+        data: vec![0u8; t.data.len()].into(),
+    }
+}
+
+fn stack_layers<T: Clone>(v: &[T], factor: usize) -> Vec<T> {
+    (0..factor).flat_map(|_| v.iter().cloned()).collect()
+}
+
+/// The grown checkpoint of `loaded` for `target` (a world of one holding every expert:
+/// any layout resumes it), with `growth` recorded in its manifest.
+pub fn grow(
+    loaded: &Loaded,
+    target: &Recipe,
+    factor: usize,
+    optimizer: OptimizerInit,
+) -> Result<SaveRequest, String> {
+    let source: Recipe = serde_json::from_value(loaded.manifest.recipe.clone()).map_err(|e| {
+        format!(
+            "{}: the manifest's recipe does not parse: {e}",
+            loaded.location
+        )
+    })?;
+    check_target(&source, target, factor)?;
+    let layers = source.model.num_layers;
+    let mut tensors = Vec::new();
+    for (name, t) in &loaded.tensors {
+        let is_moment = name.starts_with("optimizer.");
+        let t = if is_moment && optimizer == OptimizerInit::Fresh {
+            zeros_like(t)
+        } else {
+            t.clone()
+        };
+        match layer_of(name) {
+            Some((prefix, i, suffix)) => {
+                for k in 0..factor {
+                    let mut copy = t.clone();
+                    copy.name = format!("{prefix}{}{suffix}", i + k * layers);
+                    tensors.push(copy);
+                }
+            }
+            None => tensors.push(t),
+        }
+    }
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut state = loaded.states[0].clone();
+    let steps: BTreeMap<String, i32> = serde_json::from_value(state["optimizer_steps"].clone())
+        .map_err(|e| format!("{}: optimizer_steps: {e}", loaded.location))?;
+    let mut grown_steps = BTreeMap::new();
+    for (name, n) in steps {
+        let n = if optimizer == OptimizerInit::Fresh {
+            0
+        } else {
+            n
+        };
+        match layer_of(&name) {
+            Some((prefix, i, suffix)) => {
+                for k in 0..factor {
+                    grown_steps.insert(format!("{prefix}{}{suffix}", i + k * layers), n);
+                }
+            }
+            None => {
+                grown_steps.insert(name, n);
+            }
+        }
+    }
+    state["optimizer_steps"] = serde_json::to_value(grown_steps).expect("counts serialize");
+    let controller = &mut state["expert_bias_controller"];
+    for key in ["bias", "prev_error", "prev_error2"] {
+        let per_layer: Vec<serde_json::Value> = serde_json::from_value(controller[key].clone())
+            .map_err(|e| format!("{}: expert_bias_controller.{key}: {e}", loaded.location))?;
+        if per_layer.len() != layers {
+            return Err(format!(
+                "{}: expert_bias_controller.{key} has {} layers, the model {layers}",
+                loaded.location,
+                per_layer.len()
+            ));
+        }
+        controller[key] = stack_layers(&per_layer, factor).into();
+    }
+    let growth = serde_json::json!({
+        "from": loaded.location,
+        "from_layers": layers,
+        "factor": factor,
+        "layers": layers * factor,
+        "optimizer": optimizer,
+        "step": loaded.manifest.step,
+        "tokens": loaded.manifest.tokens,
+    });
+    state["growth"] = growth.clone();
+    Ok(SaveRequest {
+        step: loaded.manifest.step,
+        tokens: loaded.manifest.tokens,
+        recipe: serde_json::to_value(target).expect("recipes serialize"),
+        world: World {
+            data_parallel: 1,
+            expert_parallel: 1,
+            ranks: vec![RankLayout {
+                rank: 0,
+                data_parallel_rank: 0,
+                experts: [0, target.model.n_routed_experts],
+            }],
+        },
+        ranks: vec![RankState {
+            rank: 0,
+            tensors,
+            slices: BTreeMap::new(),
+            state,
+        }],
+        growth: Some(growth),
+    })
+}
+
+/// The first stage of a recipe's growth schedule: the same recipe at `from_layers`
+/// layers, without the schedule, in `<run>/stage1`.
+pub fn stage1_recipe(r: &Recipe) -> Option<Recipe> {
+    let g = r.growth.as_ref()?;
+    let mut s = r.clone();
+    s.growth = None;
+    s.name = format!("{}-stage1", r.name);
+    s.model.num_layers = g.from_layers;
+    s.output.dir = Some(r.run_dir().join("stage1"));
+    s.checkpoint.dir = None;
+    Some(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_names_split_around_the_index() {
+        assert_eq!(
+            layer_of("optimizer.exp_avg.model.layers.12.mlp.router.classifier.weight"),
+            Some((
+                "optimizer.exp_avg.model.layers.",
+                12,
+                ".mlp.router.classifier.weight"
+            ))
+        );
+        assert_eq!(layer_of("model.embed_tokens.weight"), None);
+        assert_eq!(layer_of("model.mtp.layers.0.eh_proj.weight"), None);
+    }
+}
