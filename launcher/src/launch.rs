@@ -223,6 +223,9 @@ impl Logs {
 /// Follows rank 0's metrics file for the progress bar.
 struct MetricsTail {
     path: PathBuf,
+    /// Followed while `path` does not exist: a growth schedule's first stage.
+    before: PathBuf,
+    following: PathBuf,
     offset: u64,
 }
 
@@ -230,7 +233,16 @@ impl MetricsTail {
     /// The newest training line (step, loss, tokens/s) since the last call.
     fn newest(&mut self) -> Option<(u64, f64, f64)> {
         use std::io::{Read, Seek, SeekFrom};
-        let mut f = std::fs::File::open(&self.path).ok()?;
+        let now = if self.path.exists() {
+            self.path.clone()
+        } else {
+            self.before.clone()
+        };
+        if now != self.following {
+            self.following = now;
+            self.offset = 0;
+        }
+        let mut f = std::fs::File::open(&self.following).ok()?;
         let len = f.metadata().ok()?.len();
         if len < self.offset {
             self.offset = 0; // rewritten by a resume
@@ -455,6 +467,8 @@ pub fn run(args: LaunchArgs) -> Result<(), crate::Failure> {
         let mut mpirun_lines = Vec::new();
         let mut tail = MetricsTail {
             path: run_dir.join("metrics.jsonl"),
+            before: run_dir.join("stage1/metrics.jsonl"),
+            following: PathBuf::new(),
             offset: 0,
         };
         let mut last_poll = Instant::now();

@@ -194,7 +194,7 @@ fn short(y: f64) -> String {
         "0".into()
     } else if !(1e-2..1e5).contains(&a) {
         format!("{y:.1e}")
-    } else if a >= 100.0 {
+    } else if a >= 100.0 || y.fract() == 0.0 {
         format!("{y:.0}")
     } else {
         format!("{y:.3}")
@@ -438,22 +438,18 @@ pub fn run(args: PlotArgs) -> anyhow::Result<()> {
     }
     let made = line_chart(&out.join("lr.png"), "learning rate", "step", "lr", &lr)?;
     written("lr.png", made, serde_json::json!({}));
-    let made = line_chart(
-        &out.join("grad_norm.png"),
-        "gradient norm (before clipping)",
-        "step",
-        "L2 norm",
-        &simple("grad_norm"),
-    )?;
-    written("grad_norm.png", made, serde_json::json!({}));
-    let made = line_chart(
-        &out.join("tokens_per_s.png"),
-        "throughput",
-        "step",
-        "tokens/s",
-        &simple("tokens_per_s"),
-    )?;
-    written("tokens_per_s.png", made, serde_json::json!({}));
+    for (file, title, y_label, key) in [
+        (
+            "grad_norm.png",
+            "gradient norm (before clipping)",
+            "L2 norm",
+            "grad_norm",
+        ),
+        ("tokens_per_s.png", "throughput", "tokens/s", "tokens_per_s"),
+    ] {
+        let made = line_chart(&out.join(file), title, "step", y_label, &simple(key))?;
+        written(file, made, serde_json::json!({}));
+    }
 
     let mut experts = Vec::new();
     for (i, r) in runs.iter().enumerate() {

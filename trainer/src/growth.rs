@@ -6,7 +6,7 @@
 //! copied the same way (`copy`) or start at zero (`fresh`); the manifest records which.
 
 use crate::recipe::Recipe;
-use catapult_checkpoints::{HostTensor, Loaded, RankLayout, RankState, SaveRequest, World};
+use catapult_checkpoints::{HostTensor, Loaded, SaveRequest};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -169,27 +169,15 @@ pub fn grow(
         "tokens": loaded.manifest.tokens,
     });
     state["growth"] = growth.clone();
-    Ok(SaveRequest {
-        step: loaded.manifest.step,
-        tokens: loaded.manifest.tokens,
-        recipe: serde_json::to_value(target).expect("recipes serialize"),
-        world: World {
-            data_parallel: 1,
-            expert_parallel: 1,
-            ranks: vec![RankLayout {
-                rank: 0,
-                data_parallel_rank: 0,
-                experts: [0, target.model.n_routed_experts],
-            }],
-        },
-        ranks: vec![RankState {
-            rank: 0,
-            tensors,
-            slices: BTreeMap::new(),
-            state,
-        }],
-        growth: Some(growth),
-    })
+    let mut request = crate::checkpoint::request(
+        target,
+        loaded.manifest.step,
+        loaded.manifest.tokens,
+        tensors,
+        state,
+    );
+    request.growth = Some(growth);
+    Ok(request)
 }
 
 /// The first stage of a recipe's growth schedule: the same recipe at `from_layers`
