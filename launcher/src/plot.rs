@@ -197,7 +197,8 @@ fn short(y: f64) -> String {
     } else if a >= 100.0 || y.fract() == 0.0 {
         format!("{y:.0}")
     } else {
-        format!("{y:.3}")
+        let t = format!("{y:.3}");
+        t.trim_end_matches('0').to_string()
     }
 }
 
