@@ -1603,7 +1603,7 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
                     "{} layers cannot be stacked from {} (the stack is repeated whole)",
                     m.num_layers, g.from_layers
                 ),
-                "use from_layers dividing model.num_layers at most half of it, e.g. half",
+                "use a from_layers that divides model.num_layers and is at most half of it",
             );
         }
         let per_step = (t.global_batch_size * r.data.seq_len) as u64;
@@ -1967,6 +1967,43 @@ train:
         let m = message(with("moe.bias_control.kp=0.1"));
         assert!(m.contains("`moe.bias_control.mode`"), "{m}");
         assert!(with("moe.bias_control.mode=pid").is_ok());
+    }
+
+    fn with_all(keys: &[&str]) -> Result<Recipe, RecipeError> {
+        let overrides: Vec<Override> = keys.iter().map(|k| Override::parse(k).unwrap()).collect();
+        parse(GOOD, "r.yaml", &overrides)
+    }
+
+    #[test]
+    fn growth_schedules_must_stack_whole_and_fall_inside_the_run() {
+        // 10 steps x 4 sequences x 16 tokens = 640 tokens in the run.
+        let grow = |extra: &[&str]| {
+            let mut keys = vec!["model.num_layers=4", "growth.from_layers=2"];
+            keys.extend(extra);
+            with_all(&keys)
+        };
+        assert!(grow(&["growth.until_tokens=320"]).is_ok());
+        let m = message(grow(&["growth.until_tokens=320", "growth.from_layers=3"]));
+        assert!(
+            m.contains("`growth.from_layers` and `model.num_layers`"),
+            "{m}"
+        );
+        let m = message(grow(&["growth.until_tokens=640"]));
+        assert!(m.contains("`growth.until_tokens`"), "{m}");
+        let m = message(grow(&["growth.until_tokens=320", "growth.optimizer=keep"]));
+        assert!(m.contains("growth.optimizer"), "{m}");
+    }
+
+    #[test]
+    fn transfer_values_and_group_names_are_checked() {
+        let proxy = "transfer.proxy.hidden_size=16";
+        assert!(with_all(&[proxy, "transfer.proxy.groups.router.lr=0.01"]).is_ok());
+        let m = message(with_all(&[proxy, "transfer.proxy.groups.router.lr=-1"]));
+        assert!(m.contains("`transfer.proxy.groups.router.lr`"), "{m}");
+        let m = message(with_all(&[proxy, "transfer.proxy.groups.routers.lr=0.01"]));
+        assert!(m.contains("routers"), "{m}");
+        let m = message(with_all(&["transfer.proxy.hidden_size=0"]));
+        assert!(m.contains("`transfer.proxy.hidden_size`"), "{m}");
     }
 
     #[test]
