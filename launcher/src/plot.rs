@@ -57,7 +57,13 @@ impl Run {
             )
         })?;
         let mut lines = Vec::new();
-        for (i, l) in text.lines().enumerate() {
+        // A live run may be writing its last line: an unterminated final line is skipped.
+        let complete = if text.ends_with('\n') {
+            text.as_str()
+        } else {
+            &text[..text.rfind('\n').map_or(0, |i| i + 1)]
+        };
+        for (i, l) in complete.lines().enumerate() {
             if l.trim().is_empty() {
                 continue;
             }

@@ -247,7 +247,7 @@ fn plot_writes_decodable_pngs_and_a_layers_by_experts_heatmap() {
 }
 
 #[test]
-fn plot_names_a_missing_metrics_file() {
+fn plot_names_bad_metrics_and_skips_a_live_runs_partial_line() {
     let dir = scratch("plot-missing");
     let out = catapult(&dir)
         .args(["plot", "no-such-run"])
@@ -259,6 +259,24 @@ fn plot_names_a_missing_metrics_file() {
         err.contains("no-such-run/metrics.jsonl") && err.contains("run directory"),
         "{err}"
     );
+    // A run still writing: its unterminated last line is skipped.
+    let (run, _) = run();
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    std::fs::create_dir_all(dir.join("live")).unwrap();
+    std::fs::write(
+        dir.join("live/metrics.jsonl"),
+        format!("{text}{{\"step\": 13, \"lo"),
+    )
+    .unwrap();
+    run_ok(catapult(&dir).args(["plot", "live"]));
+    assert!(dir.join("live/plots/loss.png").exists());
+    // A broken complete line is named.
+    std::fs::write(dir.join("live/metrics.jsonl"), format!("{text}not json\n")).unwrap();
+    let out = catapult(&dir).args(["plot", "live"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let line = text.lines().count() + 1;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("line {line} is not JSON")), "{err}");
 }
 
 fn dry_run(recipe: &str, extra: &[&str]) -> serde_json::Value {
