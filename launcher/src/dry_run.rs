@@ -103,7 +103,7 @@ pub fn run(recipe: &Recipe, args: &DryRunArgs) -> anyhow::Result<()> {
         link_gbps: args.link_gbps,
         mfu: args.mfu,
     };
-    let plan = Plan::of(recipe, world, &cluster);
+    let plan = Plan::of(recipe, &cluster);
     let days = args.tokens.map(|t| plan.days_for(t));
     if args.json {
         let mut v = serde_json::to_value(&plan)?;

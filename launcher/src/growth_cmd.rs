@@ -91,9 +91,13 @@ pub fn grow_cmd(args: GrowArgs) -> Result<(), crate::Failure> {
     let (store, step) = Checkpoints::open_path(&args.from, &Default::default())?;
     let loaded = match step {
         Some(s) => store.load(s, true)?,
-        None => store
-            .load_newest(true, false)?
-            .ok_or_else(|| anyhow::anyhow!("{}: holds no checkpoint to grow from", store.root()))?,
+        None => store.load_newest(true, false)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: holds no checkpoint to grow from; train the smaller model with \
+                     checkpoint.every set, or name a step directory",
+                store.root()
+            )
+        })?,
     };
     let request =
         grow(&loaded, &target, args.factor, args.optimizer).map_err(|e| crate::Failure {

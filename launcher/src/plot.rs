@@ -102,6 +102,7 @@ pub(crate) struct Curve {
     pub(crate) label: String,
     pub(crate) points: Vec<(f64, f64)>,
     pub(crate) color: RGBColor,
+    /// A reference line: drawn dashed and straight from the first point to the last.
     pub(crate) dashed: bool,
 }
 
@@ -208,7 +209,7 @@ fn short(y: f64) -> String {
     }
 }
 
-/// A polyline, or its dashes (every other segment) for reference lines.
+/// A polyline, or for a reference line dashes from its first point to its last.
 fn line_or_dashes(
     points: Vec<(f64, f64)>,
     color: RGBColor,
@@ -439,7 +440,7 @@ pub fn run(args: PlotArgs) -> anyhow::Result<()> {
                 label: format!("{} {}", r.label, &g[3..]),
                 points: s,
                 color: palette(i + lr.len()),
-                dashed: true,
+                dashed: false,
             });
         }
     }

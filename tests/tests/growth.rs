@@ -274,6 +274,35 @@ fn a_growth_schedule_in_one_run_equals_growing_by_hand() {
         "one-run growth and growth by hand give different weights"
     );
 
+    // Killed right after the first stage's last checkpoint, before the grown one exists:
+    // the resumed run grows at the same step and ends with the same weights.
+    let mut crash = short(&dir.join("crash"), 10);
+    crash.extend(one[short(&dir.join("one"), 10).len()..].iter().cloned());
+    let mut c = catapult(&dir);
+    c.env("CATAPULT_FAULT", "step:6")
+        .arg("train")
+        .arg(workspace().join("recipes/tiny-grown.yaml"));
+    with_sets(&mut c, &crash);
+    assert!(
+        !c.output().unwrap().status.success(),
+        "the fault should kill the run"
+    );
+    assert!(dir
+        .join("crash/stage1/checkpoints/step-00000006/manifest.json")
+        .exists());
+    assert!(!dir.join("crash/checkpoints").exists());
+    let out = train(&dir, "recipes/tiny-grown.yaml", &crash, &["--resume"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("grew 1 layers to 2 at step 6"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        file_hash(&dir.join("crash/checkpoint/model.safetensors"))
+            == file_hash(&dir.join("one/checkpoint/model.safetensors")),
+        "a run killed at growth resumes to different weights"
+    );
+
     // Running the finished schedule again without --resume or --overwrite is refused.
     let mut c = catapult(&dir);
     c.arg("train")

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 /// The metrics sinks of a run (all disabled on ranks other than 0).
 pub(crate) struct Metrics {
-    pub(crate) file: Option<std::fs::File>,
+    file: Option<std::fs::File>,
     pub(crate) path: PathBuf,
     tensorboard: Option<EventWriter>,
 }
@@ -31,8 +31,8 @@ fn open_tensorboard(run_dir: &Path) -> Result<EventWriter, TrainError> {
 impl Metrics {
     /// Reopens a run's metrics for a resumed run: lines of steps after `step` (written
     /// before a crash, after the checkpoint) are dropped, later lines are appended. A new
-    /// TensorBoard file continues the old ones (TensorBoard shows the newest value of a
-    /// step).
+    /// TensorBoard file continues the old ones (TensorBoard's reader purges an earlier
+    /// file's steps past the point where a later file's steps restart).
     pub(crate) fn resume(
         path: PathBuf,
         step: u64,

@@ -1584,6 +1584,16 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
             values.push((format!("transfer.proxy.groups.{g}.lr"), o.lr));
             values.push((format!("transfer.proxy.groups.{g}.init_std"), o.init_std));
         }
+        if p.groups
+            .get(&crate::groups::Group::Norms)
+            .is_some_and(|o| o.init_std.is_some())
+        {
+            return err(
+                &["transfer.proxy.groups.norms.init_std"],
+                "is set, but norm gains always start at 1".into(),
+                "remove it (norms take only an lr override)",
+            );
+        }
         for (field, v) in values {
             if let Some(v) = v {
                 if !positive(v) || !v.is_finite() {
@@ -2002,6 +2012,11 @@ train:
         assert!(m.contains("`transfer.proxy.groups.router.lr`"), "{m}");
         let m = message(with_all(&[proxy, "transfer.proxy.groups.routers.lr=0.01"]));
         assert!(m.contains("routers"), "{m}");
+        let m = message(with_all(&[
+            proxy,
+            "transfer.proxy.groups.norms.init_std=0.5",
+        ]));
+        assert!(m.contains("`transfer.proxy.groups.norms.init_std`"), "{m}");
         let m = message(with_all(&["transfer.proxy.hidden_size=0"]));
         assert!(m.contains("`transfer.proxy.hidden_size`"), "{m}");
     }

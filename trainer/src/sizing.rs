@@ -291,7 +291,7 @@ pub struct StepTime {
 /// Elements per token kept for backward in one layer (an estimate of what autograd
 /// saves: every matrix product's input and output, the norms' inputs, attention's
 /// output and log-sum-exp, the SwiGLU intermediates, and the routed rows of `ke` experts).
-fn activation_elements_per_token(c: &ModelConfig, seq_len: usize) -> f64 {
+fn activation_elements_per_token(c: &ModelConfig) -> f64 {
     let h = c.hidden_size as f64;
     let heads = c.num_attention_heads as f64;
     let (ql, kvl, rope) = (
@@ -309,7 +309,6 @@ fn activation_elements_per_token(c: &ModelConfig, seq_len: usize) -> f64 {
         + 2.0 * heads * qk
         + heads * v
         + heads;
-    let _ = seq_len;
     let f = c.ffn_hidden_size as f64;
     let ffn = h + 3.0 * f;
     let ke = c.target_ffn_experts() as f64;
@@ -318,9 +317,10 @@ fn activation_elements_per_token(c: &ModelConfig, seq_len: usize) -> f64 {
 }
 
 impl Plan {
-    /// The plan of `r` with `world` ranks (`parallel.expert` of them per expert group) on
-    /// `cluster`.
-    pub fn of(r: &Recipe, world: usize, cluster: &Cluster) -> Plan {
+    /// The plan of `r` on `cluster`: one rank per GPU, `parallel.expert` of them per
+    /// expert group.
+    pub fn of(r: &Recipe, cluster: &Cluster) -> Plan {
+        let world = cluster.gpus;
         let c = &r.model;
         let p = ParamCounts::of(c);
         let ke = c.target_ffn_experts() as f64;
@@ -338,7 +338,7 @@ impl Plan {
         let micro_tokens = (r.train.micro_batch_size * seq) as f64;
         let logits = micro_tokens * c.vocab_size as f64 * 4.0 * 2.0;
         let activations = micro_tokens
-            * (c.num_layers as f64 * activation_elements_per_token(c, seq) * act_bytes)
+            * (c.num_layers as f64 * activation_elements_per_token(c) * act_bytes)
             + logits;
         let weights = local as f64 * 4.0;
         let memory = Memory {

@@ -400,7 +400,9 @@ fn train_growing(
     let first = train_with(&stage1, opts, par, device, Some(g.until_tokens))?;
     let Some(at) = first.preempted_at else {
         return Err(TrainError::Setup(format!(
-            "{}: the first stage ended before growth.until_tokens = {}",
+            "{}: the first stage reached its last step before growth.until_tokens = {}; \
+             lower growth.until_tokens below the run's tokens (data phases may shorten \
+             sequences)",
             recipe.name, g.until_tokens
         )));
     };
@@ -615,7 +617,14 @@ fn train_with(
     let mut reached_tokens = false;
     // Rollbacks after a silent-data-corruption check, in a row (reset by a clean check).
     let mut rollbacks = 0usize;
-    while step < t.steps {
+    if loaded.is_some() && stop_at_tokens.is_some_and(|n| tokens_seen >= n) {
+        // Resumed from the checkpoint at which the first stage of a growth schedule ended
+        // (the run died before the grown checkpoint was written): grow from it as the
+        // uninterrupted run did, without another step.
+        preempted_at = Some(step);
+        reached_tokens = true;
+    }
+    while step < t.steps && preempted_at.is_none() {
         // The torch RNG is a function of (seed, step), so a resumed run draws the same
         // numbers as an uninterrupted one.
         tch::manual_seed(recipe.seed as i64 ^ ((step as i64) << 20));
