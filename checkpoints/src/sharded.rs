@@ -197,17 +197,22 @@ fn rank_file(rank: usize, ext: &str) -> String {
     format!("rank-{rank:05}.{ext}")
 }
 
+/// The environment variable that arms the test crash points of every crate (this one's
+/// `save:` and `step:` points, the trainer's `kill:`, `hang:` and `sdc:` ones). The
+/// trainer's `supervision::env` re-exports it with the rest of the launcher contract.
+pub const FAULT_ENV: &str = "CATAPULT_FAULT";
+
 /// Crash points for tests (`CATAPULT_FAULT=save:PHASE:STEP`): the process kills itself
 /// with SIGKILL there. Phases: `mid-shard` (half a shard written under its final name),
 /// `before-manifest` (all shards written), `mid-manifest` (half a manifest written).
 fn fault(phase: &str, step: u64) -> bool {
-    std::env::var("CATAPULT_FAULT").is_ok_and(|f| f == format!("save:{phase}:{step}"))
+    std::env::var(FAULT_ENV).is_ok_and(|f| f == format!("save:{phase}:{step}"))
 }
 
 /// Crash point for tests: SIGKILL this process when `CATAPULT_FAULT` equals `point`
 /// (e.g. `step:7`, after step 7's checkpoint was handed to the saver).
 pub fn kill_self_on(point: &str) {
-    if std::env::var("CATAPULT_FAULT").is_ok_and(|f| f == point) {
+    if std::env::var(FAULT_ENV).is_ok_and(|f| f == point) {
         kill_self();
     }
 }

@@ -5,6 +5,7 @@
 pub mod bias_control;
 pub mod checkpoint;
 pub mod engine;
+pub mod exit;
 pub mod export;
 pub mod groups;
 pub mod growth;
@@ -15,9 +16,11 @@ pub mod optim;
 pub mod recipe;
 pub mod router_metrics;
 pub mod sizing;
+pub mod supervision;
 pub mod tensorboard;
 pub mod train;
 pub mod transfer;
 
 pub use recipe::{Override, Recipe, RecipeError};
+pub use exit::exit_code;
 pub use train::{train, RunOptions, RunSummary, TrainError};

@@ -50,6 +50,13 @@ pub enum TrainError {
     Corruption(String),
 }
 
+impl TrainError {
+    /// Whether the user must change the recipe, an argument or a path (exit code 2).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, TrainError::Setup(_))
+    }
+}
+
 /// Rollbacks after failed silent-data-corruption checks, in a row, before giving up.
 const MAX_ROLLBACKS: usize = 3;
 
