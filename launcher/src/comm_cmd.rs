@@ -5,7 +5,7 @@
 use catapult_kernels::comm::Comm;
 use catapult_kernels::ep::{owner, Direction, ExchangeStats, Plan};
 use catapult_kernels::moe::{ffn_choice_mask, ExpertDispatch};
-use catapult_trainer::engine::{forward, is_expert_param, Parallel};
+use catapult_trainer::parallel::{forward, is_expert_param, Parallel};
 use catapult_trainer::recipe::ModelConfig;
 use clap::Subcommand;
 use tch::{Device, Kind, Tensor};

@@ -59,7 +59,7 @@ impl Group {
             Group::Head
         } else if name.contains(".router.") {
             Group::Router
-        } else if name.contains(".experts.") {
+        } else if crate::parallel::is_expert_param(name) {
             Group::Experts
         } else if name.contains("self_attn") {
             Group::Attention

@@ -5,10 +5,22 @@
 //! tokens seen, the data position and the schedule continue. Optimizer moments are
 //! copied the same way (`copy`) or start at zero (`fresh`); the manifest records which.
 
+use crate::checkpoint::{GrowthRecord, TrainerState};
 use crate::recipe::Recipe;
 use catapult_checkpoints::{HostTensor, Loaded, SaveRequest};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+/// A growth that cannot be done; each names what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum GrowthError {
+    /// The target recipe is not the source deepened by the factor.
+    #[error("{0}")]
+    Target(String),
+    /// The source checkpoint cannot be grown.
+    #[error("{0}")]
+    Source(String),
+}
 
 /// What happens to AdamW's state at growth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -21,13 +33,18 @@ pub enum OptimizerInit {
     Fresh,
 }
 
+/// An optimizer-init mode that is neither `copy` nor `fresh`.
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}`: use copy or fresh")]
+pub struct UnknownOptimizerInit(String);
+
 impl std::str::FromStr for OptimizerInit {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownOptimizerInit;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "copy" => Ok(Self::Copy),
             "fresh" => Ok(Self::Fresh),
-            other => Err(format!("`{other}`: use copy or fresh")),
+            other => Err(UnknownOptimizerInit(other.to_string())),
         }
     }
 }
@@ -46,7 +63,7 @@ fn layer_of(name: &str) -> Option<(&str, usize, &str)> {
 
 /// Checks that `target` is `source` deepened `factor` times and nothing else in the
 /// model; the error names every other difference.
-pub fn check_target(source: &Recipe, target: &Recipe, factor: usize) -> Result<(), String> {
+pub fn check_target(source: &Recipe, target: &Recipe, factor: usize) -> Result<(), GrowthError> {
     let mut problems = Vec::new();
     if factor < 2 {
         problems.push(format!("--factor {factor}: grow by 2 or more"));
@@ -71,7 +88,7 @@ pub fn check_target(source: &Recipe, target: &Recipe, factor: usize) -> Result<(
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(problems.join("; "))
+        Err(GrowthError::Target(problems.join("; ")))
     }
 }
 
@@ -88,22 +105,18 @@ fn stack_layers<T: Clone>(v: &[T], factor: usize) -> Vec<T> {
     (0..factor).flat_map(|_| v.iter().cloned()).collect()
 }
 
-/// The grown checkpoint of `loaded` for `target` (a world of one holding every expert:
-/// any layout resumes it), with `growth` recorded in its manifest.
-pub fn grow(
-    loaded: &Loaded,
-    target: &Recipe,
-    factor: usize,
-    optimizer: OptimizerInit,
-) -> Result<SaveRequest, String> {
-    let source: Recipe = serde_json::from_value(loaded.manifest.recipe.clone()).map_err(|e| {
-        format!(
-            "{}: the manifest's recipe does not parse: {e}",
-            loaded.location
-        )
-    })?;
-    check_target(&source, target, factor)?;
-    let layers = source.model.num_layers;
+/// A layer-indexed name `i` copied to the layers `i + k * layers`, k < factor.
+fn stacked_names(name: &str, layers: usize, factor: usize) -> Vec<String> {
+    match layer_of(name) {
+        Some((prefix, i, suffix)) => (0..factor)
+            .map(|k| format!("{prefix}{}{suffix}", i + k * layers))
+            .collect(),
+        None => vec![name.to_string()],
+    }
+}
+
+/// The tensors of `loaded` stacked `factor` times (moments zeroed with `Fresh`).
+fn grow_tensors(loaded: &Loaded, layers: usize, factor: usize, optimizer: OptimizerInit) -> Vec<HostTensor> {
     let mut tensors = Vec::new();
     for (name, t) in &loaded.tensors {
         let is_moment = name.starts_with("optimizer.");
@@ -112,72 +125,86 @@ pub fn grow(
         } else {
             t.clone()
         };
-        match layer_of(name) {
-            Some((prefix, i, suffix)) => {
-                for k in 0..factor {
-                    let mut copy = t.clone();
-                    copy.name = format!("{prefix}{}{suffix}", i + k * layers);
-                    tensors.push(copy);
-                }
-            }
-            None => tensors.push(t),
+        for grown in stacked_names(name, layers, factor) {
+            let mut copy = t.clone();
+            copy.name = grown;
+            tensors.push(copy);
         }
     }
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut state = loaded.states[0].clone();
-    let steps: BTreeMap<String, i32> = serde_json::from_value(state["optimizer_steps"].clone())
-        .map_err(|e| format!("{}: optimizer_steps: {e}", loaded.location))?;
+    tensors
+}
+
+/// `state` stacked like the layers: update counts (zero with `Fresh`) and the
+/// controller's per-layer bias and errors.
+fn grow_state(
+    state: &mut TrainerState,
+    location: &str,
+    layers: usize,
+    factor: usize,
+    optimizer: OptimizerInit,
+) -> Result<(), GrowthError> {
     let mut grown_steps = BTreeMap::new();
-    for (name, n) in steps {
-        let n = if optimizer == OptimizerInit::Fresh {
-            0
-        } else {
-            n
-        };
-        match layer_of(&name) {
-            Some((prefix, i, suffix)) => {
-                for k in 0..factor {
-                    grown_steps.insert(format!("{prefix}{}{suffix}", i + k * layers), n);
-                }
-            }
-            None => {
-                grown_steps.insert(name, n);
-            }
+    for (name, &n) in &state.optimizer_steps {
+        let n = if optimizer == OptimizerInit::Fresh { 0 } else { n };
+        for grown in stacked_names(name, layers, factor) {
+            grown_steps.insert(grown, n);
         }
     }
-    state["optimizer_steps"] = serde_json::to_value(grown_steps).expect("counts serialize");
-    let controller = &mut state["expert_bias_controller"];
-    for key in ["bias", "prev_error", "prev_error2"] {
-        let per_layer: Vec<serde_json::Value> = serde_json::from_value(controller[key].clone())
-            .map_err(|e| format!("{}: expert_bias_controller.{key}: {e}", loaded.location))?;
+    state.optimizer_steps = grown_steps;
+    let c = &mut state.expert_bias_controller;
+    for (key, per_layer) in [
+        ("bias", &mut c.bias),
+        ("prev_error", &mut c.prev_error),
+        ("prev_error2", &mut c.prev_error2),
+    ] {
         if per_layer.len() != layers {
-            return Err(format!(
-                "{}: expert_bias_controller.{key} has {} layers, the model {layers}",
-                loaded.location,
+            return Err(GrowthError::Source(format!(
+                "{location}: expert_bias_controller.{key} has {} layers, the model {layers}",
                 per_layer.len()
-            ));
+            )));
         }
-        controller[key] = stack_layers(&per_layer, factor).into();
+        *per_layer = stack_layers(per_layer, factor);
     }
-    let growth = serde_json::json!({
-        "from": loaded.location,
-        "from_layers": layers,
-        "factor": factor,
-        "layers": layers * factor,
-        "optimizer": optimizer,
-        "step": loaded.manifest.step,
-        "tokens": loaded.manifest.tokens,
+    Ok(())
+}
+
+/// The grown checkpoint of `loaded` for `target` (a world of one holding every expert:
+/// any layout resumes it), with the growth recorded in its state and manifest.
+pub fn grow(
+    loaded: &Loaded,
+    target: &Recipe,
+    factor: usize,
+    optimizer: OptimizerInit,
+) -> Result<SaveRequest, GrowthError> {
+    let source: Recipe = serde_json::from_value(loaded.manifest.recipe.clone()).map_err(|e| {
+        GrowthError::Source(format!(
+            "{}: the manifest's recipe does not parse: {e}",
+            loaded.location
+        ))
+    })?;
+    check_target(&source, target, factor)?;
+    let layers = source.model.num_layers;
+    let tensors = grow_tensors(loaded, layers, factor, optimizer);
+    let mut state =
+        TrainerState::of(loaded).map_err(|e| GrowthError::Source(e.to_string()))?;
+    grow_state(&mut state, &loaded.location, layers, factor, optimizer)?;
+    state.growth = Some(GrowthRecord {
+        from: loaded.location.clone(),
+        from_layers: layers,
+        factor,
+        layers: layers * factor,
+        optimizer,
+        step: loaded.manifest.step,
+        tokens: loaded.manifest.tokens,
     });
-    state["growth"] = growth.clone();
-    let mut request = crate::checkpoint::request(
+    Ok(crate::checkpoint::request(
         target,
         loaded.manifest.step,
         loaded.manifest.tokens,
         tensors,
-        state,
-    );
-    request.growth = Some(growth);
-    Ok(request)
+        &state,
+    ))
 }
 
 /// The first stage of a recipe's growth schedule: the same recipe at `from_layers`

@@ -1,4 +1,4 @@
-//! Training losses beyond next-token cross-entropy: the device-level load-balance loss
+//! Training losses: next-token cross-entropy, the device-level load-balance loss
 //! (longcat-methods section 5) and the hidden z-loss (section 6).
 
 use tch::{Kind, Tensor};
@@ -81,6 +81,15 @@ pub fn hidden_z_loss(hidden: &Tensor, lambda: f64) -> Tensor {
     let width = z.size()[z.dim() - 1];
     let lse = z.reshape([-1, width]).abs().logsumexp([-1], false);
     lse.square().mean(kind) * lambda
+}
+
+/// Mean next-token cross-entropy of `logits` (batch x seq x vocab) against `targets`
+/// (batch x seq).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
+    let vocab = logits.size()[2];
+    logits
+        .view([-1, vocab])
+        .cross_entropy_for_logits(&targets.reshape([-1]))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! rank 0; and the progress shown on stderr.
 
 use crate::tensorboard::{scalars_of, EventWriter};
-use crate::train::TrainError;
+use crate::error::TrainError;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};

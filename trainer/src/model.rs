@@ -1,7 +1,9 @@
 //! The LongCat-Flash model: ScMoE layers of MLA attention, dense SwiGLU FFNs and a MoE
 //! with zero-computation experts (longcat-methods sections 1-3).
 //!
-//! Read `ScMoeLayer::forward` next to section 1: the names are the same. The model knows
+//! Read `ScMoeLayer::forward_with` next to section 1: the names are the same, and it is
+//! the only place the layer's equations are written: training drives it through the
+//! parallel schedule's `MoeExchange`, a process holding every expert through `Local`. The model knows
 //! nothing about ranks or devices beyond the tensors it is given; parallelism is applied
 //! from outside. Parameter names follow transformers' `LongcatFlashForCausalLM`
 //! (`model.layers.0.self_attn.1.q_a_proj.weight`, ...), except that the routed experts
@@ -319,31 +321,132 @@ impl Moe {
         )
     }
 
-    /// `MoE(u) = sum_{selected FFN i} g_i FFN_i(u) + (sum_{selected zero i} g_i) u`, on
-    /// one rank that holds every expert.
+    /// Routes `u` (tokens x hidden) and sends its FFN-expert rows on their way to the
+    /// experts' owners (zero-computation experts never leave: they are the identity).
+    pub fn route_and_send<X: MoeExchange>(&self, u: &Tensor, ex: &mut X) -> Result<Routed, X::Error> {
+        let (probs, choice) = self.route(u);
+        let dispatch = self.dispatch(&choice);
+        ex.send(&dispatch, dispatch.gather(u))?;
+        Ok(Routed {
+            probs,
+            choice,
+            dispatch,
+        })
+    }
+
+    /// This rank's experts on the rows that arrived; their outputs start back.
+    pub fn compute_experts<X: MoeExchange>(&self, ex: &mut X) -> Result<(), X::Error> {
+        let (rows, counts) = ex.receive()?;
+        ex.send_back(self.local_experts(&rows, &counts))
+    }
+
+    /// `MoE(u) = sum_{selected FFN i} g_i FFN_i(u) + (sum_{selected zero i} g_i) u` once
+    /// the expert outputs are back, with gate weights `g = gamma * p` (tokens x hidden).
+    pub fn combine<X: MoeExchange>(&self, routed: &Routed, u: &Tensor, ex: &mut X) -> Result<Tensor, X::Error> {
+        let returned = ex.returned()?;
+        let weights = self.gate_weights(&routed.probs, &routed.choice);
+        let is_ffn = self.ffn_mask(&routed.choice, Kind::Float);
+        Ok(routed.dispatch.combine(&returned, &weights, &is_ffn, u))
+    }
+
+    /// The MoE on one rank that holds every expert.
     pub fn forward(&self, u: &Tensor) -> MoeOutput {
         assert_eq!(
             self.local,
             0..self.n_ffn,
             "Moe::forward needs every expert; expert-parallel ranks run the MoE through the \
-             trainer's engine"
+             parallel schedule"
         );
         let shape = u.size();
         let hidden = shape[shape.len() - 1];
         let x = u.reshape([-1, hidden]);
-        let (probs, choice) = self.route(&x);
-        let weights = self.gate_weights(&probs, &choice);
-        let dispatch = self.dispatch(&choice);
-        let expert_out = self.local_experts(&dispatch.gather(&x), &dispatch.counts);
-        let is_ffn = self.ffn_mask(&choice, Kind::Float);
-        let output = dispatch
-            .combine(&expert_out, &weights, &is_ffn, &x)
-            .view(shape.as_slice());
+        let ex = &mut Local::default();
+        let routed = infallible(self.route_and_send(&x, ex));
+        infallible(self.compute_experts(ex));
+        let output = infallible(self.combine(&routed, &x, ex)).view(shape.as_slice());
         MoeOutput {
             output,
-            selections: dispatch.selections,
-            probs,
+            selections: routed.dispatch.selections,
+            probs: routed.probs,
         }
+    }
+}
+
+/// A MoE branch between routing and combine: what the router chose.
+#[derive(Debug)]
+pub struct Routed {
+    /// Router probabilities p, tokens x (N + Z), fp32.
+    pub probs: Tensor,
+    choice: Tensor,
+    dispatch: ExpertDispatch,
+}
+
+/// How a MoE layer's rows reach their experts and come back. The layer calls it in the
+/// order data flows (send, receive, send back, returned); what happens in between is the
+/// implementation's: nothing at all in a process holding every expert (`Local`), an
+/// all-to-all over the expert-parallel ranks with graph cuts for the segmented backward
+/// (the trainer's parallel schedule). Single Batch Overlap (section 1) is the layer
+/// computing FFN0 between send and receive, and MLA1 and FFN1 between send back and
+/// returned.
+pub trait MoeExchange {
+    /// What a failed exchange reports.
+    type Error;
+    /// A tensor at a graph cut: where the backward of what follows starts (a leaf that
+    /// collects its gradient when training through a schedule; itself otherwise).
+    fn cut(&mut self, t: &Tensor) -> Tensor;
+    /// Starts moving `rows` (the FFN-expert rows of `dispatch`, grouped by expert).
+    fn send(&mut self, dispatch: &ExpertDispatch, rows: Tensor) -> Result<(), Self::Error>;
+    /// The rows this rank's experts compute, grouped by local expert, with the rows per
+    /// local expert.
+    fn receive(&mut self) -> Result<(Tensor, Vec<i64>), Self::Error>;
+    /// Starts moving the experts' outputs (in the order `receive` gave) back.
+    fn send_back(&mut self, outputs: Tensor) -> Result<(), Self::Error>;
+    /// Lets an exchange in flight progress (between pieces of compute).
+    fn progress(&mut self);
+    /// The expert outputs of this rank's rows, in the order they were sent.
+    fn returned(&mut self) -> Result<Tensor, Self::Error>;
+}
+
+/// The exchange of a process that holds every expert: rows stay where they are and
+/// nothing is cut, so plain autograd sees one graph.
+#[derive(Debug, Default)]
+pub struct Local {
+    rows: Option<(Tensor, Vec<i64>)>,
+    outputs: Option<Tensor>,
+}
+
+impl MoeExchange for Local {
+    type Error = std::convert::Infallible;
+
+    fn cut(&mut self, t: &Tensor) -> Tensor {
+        t.shallow_clone()
+    }
+
+    fn send(&mut self, dispatch: &ExpertDispatch, rows: Tensor) -> Result<(), Self::Error> {
+        self.rows = Some((rows, dispatch.counts.clone()));
+        Ok(())
+    }
+
+    fn receive(&mut self) -> Result<(Tensor, Vec<i64>), Self::Error> {
+        Ok(self.rows.take().expect("the layer sends before it receives"))
+    }
+
+    fn send_back(&mut self, outputs: Tensor) -> Result<(), Self::Error> {
+        self.outputs = Some(outputs);
+        Ok(())
+    }
+
+    fn progress(&mut self) {}
+
+    fn returned(&mut self) -> Result<Tensor, Self::Error> {
+        Ok(self.outputs.take().expect("the layer sends back before it combines"))
+    }
+}
+
+fn infallible<T>(r: Result<T, std::convert::Infallible>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(never) => match never {},
     }
 }
 
@@ -380,36 +483,57 @@ impl ScMoeLayer {
         }
     }
 
-    /// `h1 = x + MLA0(norm_in0(x))` and the MoE / FFN0 input `u = norm_post0(h1)`.
-    pub fn attention0(&self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>) -> (Tensor, Tensor) {
+    /// The layer on `x` (batch x seq x hidden), moving the MoE's rows through `ex`;
+    /// also returns what the MoE did. Section 1, in the order it runs:
+    ///
+    /// ```text
+    /// h1 = x + MLA0(norm_in0(x));  u = norm_post0(h1)
+    /// route u, send its FFN-expert rows           (dispatch starts)
+    /// h2 = h1 + FFN0(u)                            (while the dispatch moves)
+    /// experts on what arrived, send back           (combine starts)
+    /// h3 = h2 + MLA1(norm_in1(h2))
+    /// out = h3 + FFN1(norm_post1(h3)) + MoE(u)     (the combine joins last)
+    /// ```
+    pub fn forward_with<X: MoeExchange>(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        ex: &mut X,
+    ) -> Result<(Tensor, MoeOutput), X::Error> {
+        let shape = x.size();
+        let hidden = shape[shape.len() - 1];
         let h1 = x + self.mla[0].forward(&self.norm_in[0].forward(x), rope, mask);
         let u = self.norm_post[0].forward(&h1);
-        (h1, u)
+        let routed = self.moe.route_and_send(&u.reshape([-1, hidden]), ex)?;
+        // What the rest of the layer reads of h1, u and p (a cut: the backward of the
+        // dense branch and the combine runs before that of attention 0 and the router).
+        let (h1, u) = (ex.cut(&h1), ex.cut(&u));
+        let routed = Routed {
+            probs: ex.cut(&routed.probs),
+            ..routed
+        };
+        let h2 = &h1 + self.ffn[0].forward(&u);
+        self.moe.compute_experts(ex)?;
+        let h3 = &h2 + self.mla[1].forward(&self.norm_in[1].forward(&h2), rope, mask);
+        ex.progress();
+        let f1 = &h3 + self.ffn[1].forward(&self.norm_post[1].forward(&h3));
+        let m = self
+            .moe
+            .combine(&routed, &u.reshape([-1, hidden]), ex)?
+            .view(shape.as_slice());
+        let out = f1 + &m;
+        let moe = MoeOutput {
+            output: m,
+            selections: routed.dispatch.selections,
+            probs: routed.probs,
+        };
+        Ok((out, moe))
     }
 
-    /// `h2 = h1 + FFN0(u)`.
-    pub fn ffn0(&self, h1: &Tensor, u: &Tensor) -> Tensor {
-        h1 + self.ffn[0].forward(u)
-    }
-
-    /// `h3 = h2 + MLA1(norm_in1(h2))`.
-    pub fn attention1(&self, h2: &Tensor, rope: &Rope, mask: Option<&Tensor>) -> Tensor {
-        h2 + self.mla[1].forward(&self.norm_in[1].forward(h2), rope, mask)
-    }
-
-    /// `h3 + FFN1(norm_post1(h3))` (the layer output before the MoE branch joins).
-    pub fn ffn1(&self, h3: &Tensor) -> Tensor {
-        h3 + self.ffn[1].forward(&self.norm_post[1].forward(h3))
-    }
-
-    /// The layer on `x` (batch x seq x hidden); also returns what the MoE did.
+    /// The layer on `x` in a process that holds every expert.
     pub fn forward(&self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>) -> (Tensor, MoeOutput) {
-        let (h1, u) = self.attention0(x, rope, mask);
-        let m = self.moe.forward(&u);
-        let h2 = self.ffn0(&h1, &u);
-        let h3 = self.attention1(&h2, rope, mask);
-        let out = self.ffn1(&h3) + &m.output;
-        (out, m)
+        infallible(self.forward_with(x, rope, mask, &mut Local::default()))
     }
 }
 
@@ -780,7 +904,7 @@ mod tests {
         let b = [7i64, 8, 9, 10, 11, 12];
         let packed = Tensor::from_slice(&[&a[..], &b[..]].concat()).view([1, 10]);
         let segments = [0u32, 0, 0, 0, 1, 1, 1, 1, 1, 1];
-        let mask = crate::train::document_mask(&segments, 1, Device::Cpu);
+        let mask = crate::batch::document_mask(&segments, 1, Device::Cpu);
         let alone = model.forward(&Tensor::from_slice(&b).view([1, 6])).logits;
         let masked = model
             .forward_masked(&packed, Some(&mask))

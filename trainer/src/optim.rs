@@ -4,7 +4,35 @@
 //! ours to checkpoint and its per-parameter learning rates are ours to set (HP transfer).
 
 use crate::recipe::{Schedule, TrainConfig};
+use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
+
+/// A checkpoint's optimizer state that does not fit the parameters.
+#[derive(Debug, thiserror::Error)]
+pub enum OptimError {
+    /// A moment tensor is missing.
+    #[error("the checkpoint has no {key}")]
+    Missing {
+        /// Its name.
+        key: String,
+    },
+    /// A moment tensor has another shape than its parameter.
+    #[error("{key} has shape {saved:?}, the parameter {parameter:?}")]
+    Shape {
+        /// Its name.
+        key: String,
+        /// The saved shape.
+        saved: Vec<i64>,
+        /// The parameter's.
+        parameter: Vec<i64>,
+    },
+    /// A parameter's update count is missing.
+    #[error("the checkpoint has no update count for {name}")]
+    NoCount {
+        /// The parameter.
+        name: String,
+    },
+}
 
 /// Decoupled-weight-decay Adam over named parameters, updated in a fixed order.
 #[derive(Debug)]
@@ -48,16 +76,10 @@ impl AdamW {
         self.lr_scale = self.params.iter().map(|(n, _)| scale(n)).collect();
     }
 
-    /// The moments as named tensors (`optimizer.exp_avg.NAME`, `optimizer.exp_avg_sq.NAME`)
-    /// and each parameter's update count, for checkpoints.
-    pub fn state(
-        &self,
-    ) -> (
-        Vec<(String, Tensor)>,
-        std::collections::BTreeMap<String, i32>,
-    ) {
+    /// The moments as named tensors (`optimizer.exp_avg.NAME`, `optimizer.exp_avg_sq.NAME`),
+    /// for checkpoints.
+    pub fn moments(&self) -> Vec<(String, Tensor)> {
         let mut tensors = Vec::new();
-        let mut steps = std::collections::BTreeMap::new();
         for (i, (name, _)) in self.params.iter().enumerate() {
             tensors.push((
                 format!("optimizer.exp_avg.{name}"),
@@ -67,18 +89,26 @@ impl AdamW {
                 format!("optimizer.exp_avg_sq.{name}"),
                 self.exp_avg_sq[i].shallow_clone(),
             ));
-            steps.insert(name.clone(), self.steps[i]);
         }
-        (tensors, steps)
+        tensors
     }
 
-    /// Restores moments and update counts saved by `state`: `get` returns the moment
+    /// Each parameter's update count, by name, for checkpoints.
+    pub fn update_counts(&self) -> BTreeMap<String, i32> {
+        self.params
+            .iter()
+            .zip(&self.steps)
+            .map(|((name, _), &n)| (name.clone(), n))
+            .collect()
+    }
+
+    /// Restores moments and update counts saved by `moments` and `update_counts`: `get` returns the moment
     /// tensor saved under a name. Errors name what is missing.
     pub fn restore(
         &mut self,
         get: impl Fn(&str) -> Option<Tensor>,
-        steps: &std::collections::BTreeMap<String, i32>,
-    ) -> Result<(), String> {
+        steps: &BTreeMap<String, i32>,
+    ) -> Result<(), OptimError> {
         self.restore_moments(get, steps)?;
         // A live run keeps a zeroed gradient after each update, so an updated parameter
         // missing from a later step's graph still takes a (decay-only) update; a resumed
@@ -94,8 +124,8 @@ impl AdamW {
     fn restore_moments(
         &mut self,
         get: impl Fn(&str) -> Option<Tensor>,
-        steps: &std::collections::BTreeMap<String, i32>,
-    ) -> Result<(), String> {
+        steps: &BTreeMap<String, i32>,
+    ) -> Result<(), OptimError> {
         tch::no_grad(|| {
             for (i, (name, p)) in self.params.iter().enumerate() {
                 for (kind, dst) in [
@@ -103,112 +133,22 @@ impl AdamW {
                     ("exp_avg_sq", &self.exp_avg_sq[i]),
                 ] {
                     let key = format!("optimizer.{kind}.{name}");
-                    let src = get(&key).ok_or_else(|| format!("the checkpoint has no {key}"))?;
+                    let src = get(&key).ok_or_else(|| OptimError::Missing { key: key.clone() })?;
                     if src.size() != p.size() {
-                        return Err(format!(
-                            "{key} has shape {:?}, the parameter {:?}",
-                            src.size(),
-                            p.size()
-                        ));
+                        return Err(OptimError::Shape {
+                            key,
+                            saved: src.size(),
+                            parameter: p.size(),
+                        });
                     }
                     dst.shallow_clone().copy_(&src.to_device(dst.device()));
                 }
                 self.steps[i] = *steps
                     .get(name)
-                    .ok_or_else(|| format!("the checkpoint has no update count for {name}"))?;
+                    .ok_or_else(|| OptimError::NoCount { name: name.clone() })?;
             }
             Ok(())
         })
-    }
-
-    /// Replaces the gradients of the parameters `select` picks with their sum over the
-    /// ranks of `comm` divided by `divisor`, deterministically (rank-order sums). A
-    /// gradient any rank of `world` has is defined on all afterwards (zeros where a rank
-    /// had none), as one process holding every micro-batch and every expert would see it
-    /// (an expert shard that received no tokens still takes its decay step).
-    /// With `nccl` (the same ranks as `comm`), the sums run GPU to GPU.
-    pub fn reduce_gradients(
-        &mut self,
-        comm: &catapult_kernels::comm::Comm,
-        world: &catapult_kernels::comm::Comm,
-        nccl: Option<&catapult_kernels::nccl::NcclComm>,
-        select: impl Fn(&str) -> bool,
-        divisor: f64,
-    ) {
-        if world.size() == 1 && divisor == 1.0 {
-            return;
-        }
-        let chosen: Vec<&(String, Tensor)> =
-            self.params.iter().filter(|(n, _)| select(n)).collect();
-        let mut defined: Vec<i32> = chosen
-            .iter()
-            .map(|(_, p)| i32::from(p.grad().defined()))
-            .collect();
-        world.all_reduce_sum(&mut defined);
-        for ((_, p), &d) in chosen.iter().zip(&defined) {
-            if d > 0 && !p.grad().defined() {
-                // A parameter this rank did not touch: a zero gradient, so that the
-                // reduced one has somewhere to go.
-                (p.sum(Kind::Float) * 0.0).backward();
-            }
-        }
-        if let Some(nccl) = nccl {
-            tch::no_grad(|| {
-                let live: Vec<&Tensor> = chosen
-                    .iter()
-                    .zip(&defined)
-                    .filter(|(_, &d)| d > 0)
-                    .map(|((_, p), _)| p)
-                    .collect();
-                if live.is_empty() {
-                    return;
-                }
-                let flat: Vec<Tensor> = live
-                    .iter()
-                    .map(|p| p.grad().to_kind(Kind::Float).reshape([-1]))
-                    .collect();
-                let summed = nccl.all_reduce_sum(&Tensor::cat(&flat, 0));
-                let mut at = 0;
-                for p in live {
-                    let n = p.numel() as i64;
-                    let g = summed
-                        .narrow(0, at, n)
-                        .view(p.size().as_slice())
-                        .to_kind(p.kind())
-                        / divisor;
-                    at += n;
-                    p.grad().copy_(&g);
-                }
-            });
-            return;
-        }
-        tch::no_grad(|| {
-            let mut flat: Vec<f32> = Vec::new();
-            for ((_, p), &d) in chosen.iter().zip(&defined) {
-                if d == 0 {
-                    continue;
-                }
-                let g = p.grad().to_kind(Kind::Float);
-                let v: Vec<f32> =
-                    Vec::try_from(&g.reshape([-1]).to_device(tch::Device::Cpu)).expect("f32 grads");
-                flat.extend(v);
-            }
-            comm.all_reduce_sum(&mut flat);
-            let mut at = 0;
-            for ((_, p), &d) in chosen.iter().zip(&defined) {
-                if d == 0 {
-                    continue;
-                }
-                let n = p.numel();
-                let summed = Tensor::from_slice(&flat[at..at + n])
-                    .view(p.size().as_slice())
-                    .to_device(p.device())
-                    .to_kind(p.kind())
-                    / divisor;
-                at += n;
-                p.grad().copy_(&summed);
-            }
-        });
     }
 
     /// The parameters, by name, in update order.

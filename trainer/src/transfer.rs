@@ -223,7 +223,7 @@ train: {steps: 1, global_batch_size: 2, micro_batch_size: 2, lr: 0.01}
     #[test]
     fn group_counts_equal_the_instantiated_model() {
         let r = toy();
-        let built = crate::train::build_model(&r, tch::Device::Cpu);
+        let built = crate::init::build_model(&r, tch::Device::Cpu);
         let mut counted: BTreeMap<Group, u64> = BTreeMap::new();
         for (name, t) in built.vars.variables() {
             if t.requires_grad() {
@@ -236,7 +236,7 @@ train: {steps: 1, global_batch_size: 2, micro_batch_size: 2, lr: 0.01}
     #[test]
     fn initialized_tensors_have_their_groups_std() {
         let r = toy();
-        let built = crate::train::build_model(&r, tch::Device::Cpu);
+        let built = crate::init::build_model(&r, tch::Device::Cpu);
         let t: BTreeMap<Group, GroupHp> = table(&r).into_iter().map(|r| (r.group, r)).collect();
         let mut pooled: BTreeMap<Group, Vec<f32>> = BTreeMap::new();
         for (name, v) in built.vars.variables() {

@@ -4,7 +4,7 @@
 
 use catapult_trainer::export::export_hf;
 use catapult_trainer::recipe::{self, Override};
-use catapult_trainer::train::{build_model, named_tensors};
+use catapult_trainer::init::{build_model, named_tensors};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::{Device, Kind, Tensor};

@@ -1,5 +1,6 @@
-//! The step across ranks: the layout of the world (data x expert parallel), and the
-//! forward and backward passes of the model with the MoE's all-to-alls in them.
+//! The segmented schedule: the model's forward pass with the MoE's all-to-alls in it
+//! (the layer's own code, driven through `TapeExchange`), remembered per layer, and the
+//! backward pass run segment by segment across the collectives.
 //!
 //! tch has no custom autograd functions, so the graph is cut at every collective and this
 //! module runs backward segment by segment, in reverse, moving gradients through the
@@ -26,131 +27,11 @@
 //! right after routing and is waited on after FFN0; the combine starts after the experts
 //! and is waited on after MLA1 and FFN1, just before the layer output needs it.
 
-use crate::model::LongcatModel;
-use catapult_kernels::comm::Comm;
-use catapult_kernels::ep::{Direction, ExchangeStats, Plan};
-use catapult_kernels::nccl::NcclComm;
-use std::ops::Range;
+use super::Parallel;
+use crate::model::{LongcatModel, MoeExchange};
+use catapult_kernels::ep::{Direction, ExchangeStats, InFlight, Plan};
+use catapult_kernels::moe::ExpertDispatch;
 use tch::{Kind, Tensor};
-
-/// How the world is split: world = data x expert. Rank r is expert-parallel rank
-/// r % expert of data-parallel replica r / expert.
-pub struct Parallel {
-    /// Every rank.
-    pub world: Comm,
-    /// The ranks that split the experts between them (one replica).
-    pub expert: Comm,
-    /// The ranks that hold the same experts (one per replica).
-    pub replicas: Comm,
-    /// Expert-parallel size.
-    pub expert_size: usize,
-    /// Data-parallel size (replicas of each expert).
-    pub data_size: usize,
-    /// Overlap the all-to-alls with the dense compute.
-    pub overlap: bool,
-    /// NCCL over the same ranks as `world`, `expert` and `replicas` (CUDA tensors move
-    /// GPU to GPU), when the recipe's backend is NCCL.
-    pub nccl: Option<[NcclComm; 3]>,
-}
-
-impl std::fmt::Debug for Parallel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Parallel(rank {} of {}: data {} x expert {})",
-            self.world.rank(),
-            self.world.size(),
-            self.data_size,
-            self.expert_size
-        )
-    }
-}
-
-impl Parallel {
-    /// Splits `world` into expert groups of `expert` ranks. `data` is the requested
-    /// data-parallel size (0: whatever the world leaves). Errors say what to change.
-    pub fn new(world: Comm, expert: usize, data: usize, overlap: bool) -> Result<Self, String> {
-        Self::with_nccl(world, expert, data, overlap, None)
-    }
-
-    /// `new`, with NCCL communicators over the same groups on the GPU `nccl` names.
-    pub fn with_nccl(
-        world: Comm,
-        expert: usize,
-        data: usize,
-        overlap: bool,
-        nccl: Option<tch::Device>,
-    ) -> Result<Self, String> {
-        let p = world.size();
-        if expert == 0 || !p.is_multiple_of(expert) {
-            return Err(format!(
-                "parallel.expert = {expert} does not divide the world of {p} rank(s); start \
-                 a multiple of {expert} ranks (mpirun -np {expert} catapult train ...) or set \
-                 parallel.expert to a divisor of {p}"
-            ));
-        }
-        if data != 0 && data * expert != p {
-            return Err(format!(
-                "parallel.data = {data} x parallel.expert = {expert} = {} ranks, but the world \
-                 has {p}; start {} ranks or set parallel.data to {} (or 0 for auto)",
-                data * expert,
-                data * expert,
-                p / expert
-            ));
-        }
-        let r = world.rank();
-        let group = world.split(r / expert, r % expert);
-        let replicas = world.split(r % expert, r / expert);
-        let nccl = match nccl {
-            None => None,
-            Some(device) => Some([
-                NcclComm::new(&world, device)?,
-                NcclComm::new(&group, device)?,
-                NcclComm::new(&replicas, device)?,
-            ]),
-        };
-        Ok(Self {
-            world,
-            expert: group,
-            replicas,
-            expert_size: expert,
-            data_size: p / expert,
-            overlap,
-            nccl,
-        })
-    }
-
-    /// A world of one.
-    pub fn single() -> Self {
-        Self {
-            world: Comm::Single,
-            expert: Comm::Single,
-            replicas: Comm::Single,
-            expert_size: 1,
-            data_size: 1,
-            overlap: false,
-            nccl: None,
-        }
-    }
-
-    /// The NCCL communicator over the world (0), the expert group (1) or the replicas
-    /// (2), if the backend is NCCL.
-    pub fn nccl(&self, which: usize) -> Option<&NcclComm> {
-        self.nccl.as_ref().map(|n| &n[which])
-    }
-
-    /// The routed experts (of `n`) this rank holds.
-    pub fn local_experts(&self, n: usize) -> Range<usize> {
-        let per = n / self.expert_size;
-        let e = self.expert.rank();
-        e * per..(e + 1) * per
-    }
-}
-
-/// Whether a parameter is a routed expert's (split over the expert-parallel ranks).
-pub fn is_expert_param(name: &str) -> bool {
-    name.contains(".mlp.experts.")
-}
 
 /// What one layer's MoE did, for the losses and metrics.
 #[derive(Debug)]
@@ -204,6 +85,128 @@ fn grad_or_zeros(t: &Tensor) -> Tensor {
     }
 }
 
+/// One layer's exchange over the expert group: the rows travel by the layer's `Plan`,
+/// every cut becomes a leaf (when training), and what the backward needs is kept.
+/// Without overlap, each exchange completes where it starts.
+struct TapeExchange<'a> {
+    par: &'a Parallel,
+    train: bool,
+    stats: &'a mut ExchangeStats,
+    plan: Option<Plan>,
+    flight: Option<InFlight>,
+    joints: Vec<(Tensor, Tensor)>,
+    sent: Option<Tensor>,
+    received: Option<Tensor>,
+    expert_out: Option<Tensor>,
+    returned: Option<Tensor>,
+}
+
+impl<'a> TapeExchange<'a> {
+    fn new(par: &'a Parallel, train: bool, stats: &'a mut ExchangeStats) -> Self {
+        Self {
+            par,
+            train,
+            stats,
+            plan: None,
+            flight: None,
+            joints: Vec::new(),
+            sent: None,
+            received: None,
+            expert_out: None,
+            returned: None,
+        }
+    }
+
+    fn plan(&self) -> &Plan {
+        self.plan.as_ref().expect("the layer sends before anything else")
+    }
+
+    /// Starts `rows` moving in `direction`; without overlap, waits for them at once.
+    fn start(&mut self, rows: &Tensor, direction: Direction) -> Option<Tensor> {
+        let flight = self.plan().start(&self.par.expert, self.par.expert.nccl(), rows, direction);
+        if self.par.overlap {
+            self.flight = Some(flight);
+            None
+        } else {
+            Some(flight.wait(self.train, self.stats))
+        }
+    }
+
+    /// The rows of the exchange started last, waiting for them if still in flight.
+    fn arrived(&mut self, done: Option<Tensor>) -> Tensor {
+        match (done, self.flight.take()) {
+            (Some(t), _) => t,
+            (None, Some(mut flight)) => {
+                flight.poll();
+                flight.wait(self.train, self.stats)
+            }
+            (None, None) => unreachable!("an exchange was started"),
+        }
+    }
+
+    /// What the backward of this layer needs, once the layer has run on `input`.
+    fn into_tape(self, input: Tensor, out: Tensor) -> LayerTape {
+        let missing = "the layer ran its whole exchange";
+        LayerTape {
+            input,
+            joints: self.joints,
+            sent: self.sent.expect(missing),
+            received: self.received.expect(missing),
+            expert_out: self.expert_out.expect(missing),
+            returned: self.returned.expect(missing),
+            out,
+            plan: self.plan.expect(missing),
+        }
+    }
+}
+
+impl MoeExchange for TapeExchange<'_> {
+    type Error = std::convert::Infallible;
+
+    fn cut(&mut self, t: &Tensor) -> Tensor {
+        let l = leaf(t, self.train);
+        if self.train {
+            self.joints.push((t.shallow_clone(), l.shallow_clone()));
+        }
+        l
+    }
+
+    fn send(&mut self, dispatch: &ExpertDispatch, rows: Tensor) -> Result<(), Self::Error> {
+        self.plan = Some(Plan::new(&self.par.expert, dispatch, rows.device()));
+        self.received = self.start(&rows, Direction::ToOwners);
+        self.sent = Some(rows);
+        Ok(())
+    }
+
+    fn receive(&mut self) -> Result<(Tensor, Vec<i64>), Self::Error> {
+        let done = self.received.take();
+        let received = self.arrived(done);
+        let rows = self.plan().expert_major(&received);
+        self.received = Some(received);
+        Ok((rows, self.plan().local_counts.clone()))
+    }
+
+    fn send_back(&mut self, outputs: Tensor) -> Result<(), Self::Error> {
+        let expert_out = self.plan().source_major(&outputs);
+        self.returned = self.start(&expert_out, Direction::Back);
+        self.expert_out = Some(expert_out);
+        Ok(())
+    }
+
+    fn progress(&mut self) {
+        if let Some(f) = &mut self.flight {
+            f.poll();
+        }
+    }
+
+    fn returned(&mut self) -> Result<Tensor, Self::Error> {
+        let done = self.returned.take();
+        let returned = self.arrived(done);
+        self.returned = Some(returned.shallow_clone());
+        Ok(returned)
+    }
+}
+
 /// The model on `tokens` (batch x seq) over the expert-parallel group of `par`. With
 /// `train`, the cut points are leaves that collect gradients for `Forward::backward`;
 /// without (evaluation, under `no_grad`), nothing is remembered beyond the outputs.
@@ -221,63 +224,18 @@ pub fn forward(
     let mut layers = Vec::with_capacity(model.layers.len());
     let mut routing = Vec::with_capacity(model.layers.len());
     for layer in &model.layers {
-        let shape = x.size();
-        let hidden = shape[2];
-        // pre: attention 0, the router, the rows to send.
-        let (h1, u) = layer.attention0(&x, rope, mask);
-        let flat = u.reshape([-1, hidden]);
-        let (probs, choice) = layer.moe.route(&flat);
-        let dispatch = layer.moe.dispatch(&choice);
-        let sent = dispatch.gather(&flat);
-        let plan = Plan::new(&par.expert, &dispatch, x.device());
-        let mut flight = plan.start(&par.expert, par.nccl(1), &sent, Direction::ToOwners);
-        let (h1_d, u_d, probs_d) = (leaf(&h1, train), leaf(&u, train), leaf(&probs, train));
-        let weights = layer.moe.gate_weights(&probs_d, &choice);
-        // FFN0 while the dispatch moves (or after it, without overlap).
-        let (h2, received) = if par.overlap {
-            let h2 = layer.ffn0(&h1_d, &u_d);
-            flight.poll();
-            (h2, flight.wait(train, stats))
-        } else {
-            let received = flight.wait(train, stats);
-            (layer.ffn0(&h1_d, &u_d), received)
+        let mut ex = TapeExchange::new(par, train, stats);
+        let (out, moe) = match layer.forward_with(&x, rope, mask, &mut ex) {
+            Ok(o) => o,
+            Err(never) => match never {},
         };
-        // expert: this rank's experts on what arrived, back in arrival order.
-        let expert_out = plan.source_major(
-            &layer
-                .moe
-                .local_experts(&plan.expert_major(&received), &plan.local_counts),
-        );
-        let mut back = plan.start(&par.expert, par.nccl(1), &expert_out, Direction::Back);
-        // MLA1 and FFN1 while the combine moves.
-        let (f1, returned) = if par.overlap {
-            let h3 = layer.attention1(&h2, rope, mask);
-            back.poll();
-            let f1 = layer.ffn1(&h3);
-            (f1, back.wait(train, stats))
-        } else {
-            let returned = back.wait(train, stats);
-            (layer.ffn1(&layer.attention1(&h2, rope, mask)), returned)
-        };
-        let is_ffn = layer.moe.ffn_mask(&choice, Kind::Float);
-        let m = dispatch.combine(&returned, &weights, &is_ffn, &u_d.reshape([-1, hidden]));
-        let out = f1 + m.view(shape.as_slice());
         routing.push(LayerRouting {
-            probs: probs_d.shallow_clone(),
-            selections: dispatch.selections.shallow_clone(),
+            probs: moe.probs,
+            selections: moe.selections,
         });
         let next = leaf(&out, train);
         if train {
-            layers.push(LayerTape {
-                input: x,
-                joints: vec![(h1, h1_d), (u, u_d), (probs, probs_d)],
-                sent,
-                received,
-                expert_out,
-                returned,
-                out,
-                plan,
-            });
+            layers.push(ex.into_tape(x, out));
         }
         x = next;
     }
@@ -355,7 +313,7 @@ fn plan_move(
     direction: Direction,
     stats: &mut ExchangeStats,
 ) -> Tensor {
-    plan.start(&par.expert, par.nccl(1), rows, direction)
+    plan.start(&par.expert, par.expert.nccl(), rows, direction)
         .wait(false, stats)
 }
 

@@ -1,0 +1,75 @@
+//! The trainer's errors: each names what failed (file, field, rank) and how to fix it,
+//! and says whether it is bad input (the user must change a recipe, an argument or a
+//! path: exit code 2) or a failure at run time (exit code 1).
+
+use std::path::PathBuf;
+
+/// Errors of a training run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The recipe does not fit this machine, this world of ranks or this dataset.
+    #[error("{0}")]
+    Recipe(String),
+    /// The world of ranks cannot be laid out as the recipe's `parallel` section asks.
+    #[error("{recipe}: {source}")]
+    Layout {
+        /// The recipe's name.
+        recipe: String,
+        /// What does not divide.
+        source: crate::parallel::LayoutError,
+    },
+    /// A run directory or checkpoint root that is not free for this run.
+    #[error("{0}")]
+    Occupied(String),
+    /// The checkpoint named to resume from does not exist or does not fit the recipe.
+    #[error("{0}")]
+    Checkpoint(String),
+    /// Stacking a checkpoint's layers for a growth schedule failed.
+    #[error(transparent)]
+    Growth(#[from] crate::growth::GrowthError),
+    /// Reading the dataset failed.
+    #[error(transparent)]
+    Data(#[from] catapult_data::DataError),
+    /// Writing outputs failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// Writing the final checkpoint failed.
+    #[error(transparent)]
+    Export(#[from] catapult_checkpoints::CheckpointError),
+    /// Saving or loading a sharded checkpoint failed.
+    #[error(transparent)]
+    Shard(#[from] catapult_checkpoints::ShardError),
+    /// A silent-data-corruption check found a rank computing different gradients twice.
+    #[error("{0}")]
+    Corruption(String),
+    /// Another rank failed; its own message says why.
+    #[error("rank {ranks} failed to start; its message above says why")]
+    Peer {
+        /// The ranks that failed, comma-separated.
+        ranks: String,
+        /// Whether a failed rank's error was bad input.
+        bad_input: bool,
+    },
+}
+
+impl TrainError {
+    /// Whether the user must change the recipe, an argument or a path (exit code 2).
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            TrainError::Recipe(_)
+            | TrainError::Layout { .. }
+            | TrainError::Occupied(_)
+            | TrainError::Checkpoint(_)
+            | TrainError::Growth(_) => true,
+            TrainError::Peer { bad_input, .. } => *bad_input,
+            TrainError::Data(e) => crate::exit::data_is_bad_input(e),
+            TrainError::Shard(e) => crate::exit::shard_is_bad_input(e),
+            TrainError::Io { .. } | TrainError::Export(_) | TrainError::Corruption(_) => false,
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! Opening a run: checks that the recipe fits the world and the dataset, opens the data
+//! pipeline and the checkpoint store, loads the checkpoint a resumed run names, claims
+//! the run directory, builds the model, optimizer and controller, and restores them or
+//! writes the step-0 validation loss. Every rank opens; rank 0 writes.
+
+use super::{agree, RunOptions, Trainer};
+use crate::bias_control::ExpertBiasController;
+use crate::checkpoint::{check_model, open_resume};
+use crate::error::TrainError;
+use crate::groups::Group;
+use crate::init::build_model_with_experts;
+use crate::metrics::{Metrics, Progress};
+use crate::optim::AdamW;
+use crate::parallel::Parallel;
+use crate::recipe::Recipe;
+use crate::supervision::{install_preemption_handlers, Heartbeat};
+use catapult_checkpoints::{AsyncSaver, Checkpoints, Loaded};
+use catapult_data::Pipeline;
+use std::path::Path;
+use std::time::Instant;
+use tch::Device;
+
+/// Refuses a global batch that does not split evenly over the ranks' micro-batches.
+fn check_batch(recipe: &Recipe, world: usize) -> Result<(), TrainError> {
+    let t = &recipe.train;
+    if t.global_batch_size.is_multiple_of(world * t.micro_batch_size) {
+        return Ok(());
+    }
+    Err(TrainError::Recipe(format!(
+        "train.global_batch_size = {} is not a multiple of {world} ranks x train.micro_batch_size = {}",
+        t.global_batch_size, t.micro_batch_size
+    )))
+}
+
+/// The pipeline of this rank and the held-out sequences of every dataset.
+fn open_data(recipe: &Recipe, rank: usize, world: usize) -> Result<(Pipeline, super::ValidationSets), TrainError> {
+    let pipeline = Pipeline::open(recipe.pipeline_config(), rank, world)?;
+    let valid = pipeline.validation(recipe.train.eval_sequences, recipe.data.seq_len)?;
+    if let Some((name, _)) = valid.iter().find(|(_, v)| v.is_empty()) {
+        return Err(TrainError::Recipe(format!(
+            "dataset `{name}`: its held-out documents (data.valid_fraction = {}) do not fill one \
+             sequence of data.seq_len = {}; use more text, a larger valid_fraction or a shorter seq_len",
+            recipe.data.valid_fraction, recipe.data.seq_len
+        )));
+    }
+    Ok((pipeline, valid))
+}
+
+/// Claims `dir` for the run: refuses one that holds a run unless overwriting or
+/// resuming, and writes the resolved recipe there.
+fn prepare_run_dir(dir: &Path, recipe: &Recipe, opts: &RunOptions) -> Result<(), TrainError> {
+    let io = |source| TrainError::Io {
+        path: dir.into(),
+        source,
+    };
+    if dir.join("metrics.jsonl").exists() && !opts.overwrite && opts.resume.is_none() {
+        return Err(TrainError::Occupied(format!(
+            "{} already holds a run; pass --overwrite to replace it, or set output.dir to a new directory",
+            dir.display()
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(io)?;
+    std::fs::write(dir.join("recipe.yaml"), recipe.to_yaml()).map_err(io)
+}
+
+/// A fresh run refuses a checkpoint root that already holds checkpoints (or, with
+/// `--overwrite` and the default root, clears it). Rank 0 only.
+fn claim_checkpoint_root(recipe: &Recipe, store: &Checkpoints, run_dir: &Path, opts: &RunOptions) -> Result<(), TrainError> {
+    let Some(newest) = store.steps()?.last().copied() else {
+        return Ok(());
+    };
+    if opts.overwrite && recipe.checkpoint.dir.is_none() {
+        let dir = run_dir.join("checkpoints");
+        return std::fs::remove_dir_all(&dir).map_err(|source| TrainError::Io { path: dir, source });
+    }
+    Err(TrainError::Occupied(format!(
+        "{} already holds checkpoints (newest {}); pass --resume to continue from them, \
+         or set checkpoint.dir to an empty location{}",
+        store.root(),
+        catapult_checkpoints::step_dir(newest),
+        if opts.overwrite {
+            " (--overwrite does not delete a checkpoint.dir set in the recipe)"
+        } else {
+            ""
+        }
+    )))
+}
+
+/// The checkpoint store, the checkpoint to resume from (checked against the recipe), and
+/// the claimed run directory; every rank agrees before anything is built.
+fn open_store(recipe: &Recipe, opts: &RunOptions, par: &Parallel) -> Result<(Checkpoints, Option<Loaded>), TrainError> {
+    let store = Checkpoints::open(&recipe.checkpoint_root(), &recipe.checkpoint.storage.options())?;
+    let loaded = match &opts.resume {
+        None => None,
+        Some(resume) => open_resume(&store, resume, &recipe.checkpoint.storage.options(), opts.load_policy())?,
+    };
+    if let Some(l) = &loaded {
+        check_model(recipe, l)?;
+    }
+    let lead = par.world.rank() == 0;
+    let run_dir = recipe.run_dir();
+    let prepared = if lead {
+        prepare_run_dir(&run_dir, recipe, opts)
+    } else {
+        Ok(())
+    };
+    agree(&par.world, prepared)?;
+    if opts.resume.is_none() && lead {
+        claim_checkpoint_root(recipe, &store, &run_dir, opts)?;
+    }
+    Ok((store, loaded))
+}
+
+impl<'a> Trainer<'a> {
+    /// Opens a run of `recipe` on `par`: from step 0, or from the checkpoint `opts`
+    /// names.
+    pub(super) fn open(
+        recipe: &'a Recipe,
+        opts: &'a RunOptions,
+        par: &'a Parallel,
+        device: Device,
+        stop_at_tokens: Option<u64>,
+    ) -> Result<Self, TrainError> {
+        let (rank, world) = (par.world.rank(), par.world.size());
+        check_batch(recipe, world)?;
+        let (pipeline, valid) = open_data(recipe, rank, world)?;
+        let (store, loaded) = open_store(recipe, opts, par)?;
+        let built = build_model_with_experts(recipe, device, par.local_experts(recipe.model.n_routed_experts));
+        let params = built.parameters();
+        let param_count: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
+        let mut optimizer = AdamW::new(params, &recipe.train);
+        let lr_scales = crate::transfer::lr_scales(recipe);
+        optimizer.set_lr_scales(|name| lr_scales[&Group::of(name)]);
+        let controller = ExpertBiasController::new(&recipe.moe.bias_control, &recipe.model, recipe.train.steps);
+        par.world.barrier();
+        let mut trainer = Trainer {
+            recipe,
+            opts,
+            par,
+            device,
+            run_dir: recipe.run_dir(),
+            built,
+            optimizer,
+            controller,
+            pipeline,
+            valid,
+            store,
+            saver: AsyncSaver::default(),
+            metrics: Metrics::disabled(),
+            progress: Progress::new(false, &recipe.name, 0, 0, 1),
+            heartbeat: Heartbeat::from_env(rank),
+            lr_scales,
+            peak_tflops: crate::device::peak_tflops(recipe, device),
+            param_count,
+            step: 0,
+            tokens_seen: 0,
+            data_wait_s: 0.0,
+            rollbacks: 0,
+            first_val_loss: f64::NAN,
+            last_val_loss: f64::NAN,
+            stop_at_tokens,
+            stopped: None,
+            started: Instant::now(),
+        };
+        match &loaded {
+            Some(l) => trainer.resume_from(l)?,
+            None => trainer.start_fresh()?,
+        }
+        trainer.begin();
+        Ok(trainer)
+    }
+
+    /// Restores a checkpoint and reopens the metrics at its step.
+    fn resume_from(&mut self, l: &Loaded) -> Result<(), TrainError> {
+        self.restore(l)?;
+        self.step = l.manifest.step as usize;
+        self.tokens_seen = l.manifest.tokens;
+        eprintln!("resuming from {} (step {})", l.location, self.step);
+        if self.lead() {
+            let (m, kept) = Metrics::resume(self.run_dir.join("metrics.jsonl"), self.step as u64)?;
+            self.metrics = m;
+            self.first_val_loss = kept
+                .iter()
+                .find(|v| v["step"] == 0)
+                .and_then(|v| v["val_loss"].as_f64())
+                .unwrap_or(f64::NAN);
+        }
+        if self.stop_at_tokens.is_some_and(|n| self.tokens_seen >= n) {
+            // Resumed from the checkpoint at which the first stage of a growth schedule
+            // ended (the run died before the grown checkpoint was written): grow from it
+            // as the uninterrupted run did, without another step.
+            self.stopped = Some(super::Stop {
+                at: self.step,
+                reached_tokens: true,
+            });
+        }
+        Ok(())
+    }
+
+    /// The validation loss before the first step, in a new metrics file.
+    fn start_fresh(&mut self) -> Result<(), TrainError> {
+        self.evaluate_initial()?;
+        Ok(())
+    }
+
+    fn evaluate_initial(&mut self) -> Result<(), TrainError> {
+        let micro = self.recipe.train.micro_batch_size;
+        let (loss, line) = super::eval::validate(&self.built.model, self.par, &self.valid, micro, self.device, 0);
+        self.first_val_loss = loss;
+        if self.lead() {
+            self.metrics = Metrics::create(self.run_dir.join("metrics.jsonl"))?;
+            self.metrics.write(line)?;
+        }
+        Ok(())
+    }
+
+    /// Shows progress and tells a supervisor the run is alive.
+    fn begin(&mut self) {
+        let t = &self.recipe.train;
+        self.last_val_loss = self.first_val_loss;
+        self.progress = Progress::new(self.lead(), &self.recipe.name, t.steps, self.step, t.log_every);
+        self.started = Instant::now();
+        self.heartbeat.beat(self.step);
+        install_preemption_handlers();
+    }
+}
