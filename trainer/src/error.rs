@@ -2,6 +2,8 @@
 //! and says whether it is bad input (the user must change a recipe, an argument or a
 //! path: exit code 2) or a failure at run time (exit code 1).
 
+use catapult_checkpoints::ShardError;
+use catapult_data::DataError;
 use std::path::PathBuf;
 
 /// Errors of a training run.
@@ -26,7 +28,7 @@ pub enum TrainError {
     Checkpoint(String),
     /// Stacking a checkpoint's layers for a growth schedule failed.
     #[error(transparent)]
-    Growth(#[from] crate::growth::GrowthError),
+    Growth(#[from] GrowthError),
     /// Reading the dataset failed.
     #[error(transparent)]
     Data(#[from] catapult_data::DataError),
@@ -57,6 +59,17 @@ pub enum TrainError {
     },
 }
 
+/// A growth that cannot be done; each names what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum GrowthError {
+    /// The target recipe is not the source deepened by the factor.
+    #[error("{0}")]
+    Target(String),
+    /// The source checkpoint cannot be grown.
+    #[error("{0}")]
+    Source(String),
+}
+
 impl TrainError {
     /// Whether the user must change the recipe, an argument or a path (exit code 2).
     pub fn is_bad_input(&self) -> bool {
@@ -67,9 +80,30 @@ impl TrainError {
             | TrainError::Checkpoint(_)
             | TrainError::Growth(_) => true,
             TrainError::Peer { bad_input, .. } => *bad_input,
-            TrainError::Data(e) => crate::exit::data_is_bad_input(e),
-            TrainError::Shard(e) => crate::exit::shard_is_bad_input(e),
+            TrainError::Data(e) => data_is_bad_input(e),
+            TrainError::Shard(e) => shard_is_bad_input(e),
             TrainError::Io { .. } | TrainError::Export(_) | TrainError::Corruption(_) => false,
         }
+    }
+}
+
+/// A dataset that is not there, has no usable column or tokenizer, or a data state that
+/// does not fit the recipe; reading failures (I/O, a store, a broken parquet file) are
+/// run time.
+pub fn data_is_bad_input(e: &DataError) -> bool {
+    match e {
+        DataError::Io { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+        DataError::Store { .. } | DataError::Parquet { .. } => false,
+        _ => true,
+    }
+}
+
+/// A location that holds no usable checkpoint; a corrupt one is run time (a fallback
+/// may find an older one).
+pub fn shard_is_bad_input(e: &ShardError) -> bool {
+    match e {
+        ShardError::Invalid { .. } => true,
+        ShardError::Store(d) => data_is_bad_input(d),
+        ShardError::Corrupt { .. } => false,
     }
 }

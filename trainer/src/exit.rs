@@ -3,6 +3,7 @@
 //! not there), 1 for failures at run time. The binary's `main` asks this module; nothing
 //! else decides a code.
 
+use crate::error::{data_is_bad_input, shard_is_bad_input};
 use catapult_checkpoints::ShardError;
 use catapult_data::DataError;
 
@@ -26,25 +27,4 @@ pub fn exit_code(error: &(dyn std::error::Error + 'static)) -> u8 {
         next = e.source();
     }
     RUN_TIME
-}
-
-/// A dataset that is not there, has no usable column or tokenizer, or a data state that
-/// does not fit the recipe; reading failures (I/O, a store, a broken parquet file) are
-/// run time.
-pub fn data_is_bad_input(e: &DataError) -> bool {
-    match e {
-        DataError::Io { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
-        DataError::Store { .. } | DataError::Parquet { .. } => false,
-        _ => true,
-    }
-}
-
-/// A location that holds no usable checkpoint; a corrupt one is run time (a fallback
-/// may find an older one).
-pub fn shard_is_bad_input(e: &ShardError) -> bool {
-    match e {
-        ShardError::Invalid { .. } => true,
-        ShardError::Store(d) => data_is_bad_input(d),
-        ShardError::Corrupt { .. } => false,
-    }
 }

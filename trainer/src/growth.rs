@@ -6,21 +6,12 @@
 //! copied the same way (`copy`) or start at zero (`fresh`); the manifest records which.
 
 use crate::checkpoint::{GrowthRecord, TrainerState};
+pub use crate::error::GrowthError;
 use crate::recipe::Recipe;
 use catapult_checkpoints::{HostTensor, Loaded, SaveRequest};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// A growth that cannot be done; each names what to change.
-#[derive(Debug, thiserror::Error)]
-pub enum GrowthError {
-    /// The target recipe is not the source deepened by the factor.
-    #[error("{0}")]
-    Target(String),
-    /// The source checkpoint cannot be grown.
-    #[error("{0}")]
-    Source(String),
-}
 
 /// What happens to AdamW's state at growth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

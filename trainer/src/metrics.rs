@@ -134,7 +134,7 @@ pub(crate) struct Progress {
 
 impl Progress {
     pub(crate) fn new(lead: bool, name: &str, total: usize, start: usize, every: usize) -> Self {
-        let mode = std::env::var("CATAPULT_PROGRESS").unwrap_or_default();
+        let mode = std::env::var(crate::supervision::env::PROGRESS).unwrap_or_default();
         let terminal = std::io::stderr().is_terminal();
         let (bar, lines) = match (lead, mode.as_str()) {
             (false, _) | (true, "off") => (false, false),

@@ -3,7 +3,7 @@
 //! then divided by the world so every rank holds the gradient of the global mean loss.
 //! It owns no optimizer state: it rewrites the gradients of the parameters it is given.
 
-use super::{is_expert_param, Group, Parallel};
+use super::mesh::{is_expert_param, Group, Parallel};
 use catapult_kernels::comm::Comm;
 use tch::{Kind, Tensor};
 

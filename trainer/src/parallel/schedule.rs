@@ -27,7 +27,7 @@
 //! right after routing and is waited on after FFN0; the combine starts after the experts
 //! and is waited on after MLA1 and FFN1, just before the layer output needs it.
 
-use super::Parallel;
+use super::mesh::Parallel;
 use crate::model::{LongcatModel, MoeExchange};
 use catapult_kernels::ep::{Direction, ExchangeStats, InFlight, Plan};
 use catapult_kernels::moe::ExpertDispatch;

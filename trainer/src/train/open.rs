@@ -3,7 +3,10 @@
 //! the run directory, builds the model, optimizer and controller, and restores them or
 //! writes the step-0 validation loss. Every rank opens; rank 0 writes.
 
-use super::{agree, RunOptions, Trainer};
+use super::eval::{self, ValidationSets};
+use super::options::RunOptions;
+use super::trainer::{Stop, Trainer};
+use catapult_kernels::comm::Comm;
 use crate::bias_control::ExpertBiasController;
 use crate::checkpoint::{check_model, open_resume};
 use crate::error::TrainError;
@@ -33,7 +36,7 @@ fn check_batch(recipe: &Recipe, world: usize) -> Result<(), TrainError> {
 }
 
 /// The pipeline of this rank and the held-out sequences of every dataset.
-fn open_data(recipe: &Recipe, rank: usize, world: usize) -> Result<(Pipeline, super::ValidationSets), TrainError> {
+fn open_data(recipe: &Recipe, rank: usize, world: usize) -> Result<(Pipeline, ValidationSets), TrainError> {
     let pipeline = Pipeline::open(recipe.pipeline_config(), rank, world)?;
     let valid = pipeline.validation(recipe.train.eval_sequences, recipe.data.seq_len)?;
     if let Some((name, _)) = valid.iter().find(|(_, v)| v.is_empty()) {
@@ -189,7 +192,7 @@ impl<'a> Trainer<'a> {
             // Resumed from the checkpoint at which the first stage of a growth schedule
             // ended (the run died before the grown checkpoint was written): grow from it
             // as the uninterrupted run did, without another step.
-            self.stopped = Some(super::Stop {
+            self.stopped = Some(Stop {
                 at: self.step,
                 reached_tokens: true,
             });
@@ -199,13 +202,8 @@ impl<'a> Trainer<'a> {
 
     /// The validation loss before the first step, in a new metrics file.
     fn start_fresh(&mut self) -> Result<(), TrainError> {
-        self.evaluate_initial()?;
-        Ok(())
-    }
-
-    fn evaluate_initial(&mut self) -> Result<(), TrainError> {
         let micro = self.recipe.train.micro_batch_size;
-        let (loss, line) = super::eval::validate(&self.built.model, self.par, &self.valid, micro, self.device, 0);
+        let (loss, line) = eval::validate(&self.built.model, self.par, &self.valid, micro, self.device, 0);
         self.first_val_loss = loss;
         if self.lead() {
             self.metrics = Metrics::create(self.run_dir.join("metrics.jsonl"))?;
@@ -222,5 +220,29 @@ impl<'a> Trainer<'a> {
         self.started = Instant::now();
         self.heartbeat.beat(self.step);
         install_preemption_handlers();
+    }
+}
+
+/// Makes every rank return an error when any rank's `result` is one (so no rank waits
+/// forever in a collective for a rank that stopped); the error says whether a failed
+/// rank's problem was bad input.
+pub(super) fn agree(comm: &Comm, result: Result<(), TrainError>) -> Result<(), TrainError> {
+    let code = match &result {
+        Ok(()) => 0,
+        Err(e) if e.is_bad_input() => 2,
+        Err(_) => 1,
+    };
+    let (codes, _) = comm.all_gather_v(&[code]);
+    let failed: Vec<String> = (0..codes.len())
+        .filter(|&r| codes[r] != 0)
+        .map(|r| r.to_string())
+        .collect();
+    match result {
+        Err(e) => Err(e),
+        Ok(()) if !failed.is_empty() => Err(TrainError::Peer {
+            ranks: failed.join(", "),
+            bad_input: codes.contains(&2),
+        }),
+        Ok(()) => Ok(()),
     }
 }

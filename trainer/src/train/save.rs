@@ -2,7 +2,8 @@
 //! steps, at the end and on a stop (asynchronous or not, with retention), and the final
 //! weights as one `model.safetensors` with `meta.json` under `checkpoint/`.
 
-use super::{RunSummary, Trainer};
+use super::options::RunSummary;
+use super::trainer::Trainer;
 use crate::checkpoint::{full_tensors, gather_data_state, save_request, TrainerState};
 use crate::error::TrainError;
 use std::path::PathBuf;

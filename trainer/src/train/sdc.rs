@@ -5,7 +5,6 @@
 //! `MAX_ROLLBACKS` times in a row.
 
 use super::step::{micro_step, MicroBatch, StepContext, StepStats};
-use super::Trainer;
 use crate::error::TrainError;
 use crate::optim::AdamW;
 use crate::parallel::is_expert_param;
@@ -95,51 +94,36 @@ fn corrupted_ranks(comm: &Comm, differs: Option<&str>) -> Vec<String> {
     out
 }
 
-impl Trainer<'_> {
-    /// Settles a step's replay over every rank: Ok(false) when every rank agreed, Ok(true)
-    /// after rolling back to the last checkpoint, an error when the run must stop.
-    pub(super) fn settle_replay(&mut self, replay: &Replay, done: usize) -> Result<bool, TrainError> {
-        let bad = corrupted_ranks(&self.par.world, replay.differs.as_deref());
-        if bad.is_empty() {
-            self.rollbacks = 0;
-            return Ok(false);
-        }
-        let message = format!(
-            "silent data corruption at step {done}: replaying the first micro-batch gave \
-             different gradients on {}; the hardware of those ranks computes \
-             unreliably: replace the node, or set train.sdc_action: rollback to retry \
-             from the last checkpoint",
-            bad.join("; ")
-        );
-        if self.recipe.train.sdc_action == SdcAction::Stop || self.rollbacks >= MAX_ROLLBACKS {
-            return Err(TrainError::Corruption(message));
-        }
-        self.rollbacks += 1;
-        self.progress.println(format!("warning: {message}; rolling back"));
-        self.saver.wait()?;
-        let policy = self.opts.load_policy();
-        let loaded = self
-            .store
-            .load_newest(policy.verify, policy.fallback)?
-            .ok_or_else(|| {
-                TrainError::Corruption(format!(
-                    "{message}; and no checkpoint under {} to roll back to",
-                    self.store.root()
-                ))
-            })?;
-        self.restore(&loaded)?;
-        self.optimizer.zero_grad();
-        self.step = loaded.manifest.step as usize;
-        self.tokens_seen = loaded.manifest.tokens;
-        self.metrics.close();
-        if self.lead() {
-            self.metrics = super::Metrics::resume(self.run_dir.join("metrics.jsonl"), self.step as u64)?.0;
-            self.metrics.write(serde_json::json!({
-                "step": self.step,
-                "sdc_rollback": {"detected_at": done, "ranks": bad},
-            }))?;
-        }
-        self.progress.set_position(self.step);
-        Ok(true)
+/// What the run does after a replay.
+pub enum Verdict {
+    /// Every rank computed the same gradients twice.
+    Clean,
+    /// Some rank did not: roll back to the last checkpoint.
+    RollBack {
+        /// What differed, for the warning and the error.
+        message: String,
+        /// "rank R: TENSOR" for each rank that differed.
+        ranks: Vec<String>,
+    },
+}
+
+/// Settles a step's replay over every rank: `Clean` when all agreed; a rollback when
+/// some rank differed and `action` allows one (fewer than `MAX_ROLLBACKS` in a row so
+/// far); an error when the run must stop.
+pub fn verdict(comm: &Comm, replay: &Replay, done: usize, action: SdcAction, rollbacks: usize) -> Result<Verdict, TrainError> {
+    let bad = corrupted_ranks(comm, replay.differs.as_deref());
+    if bad.is_empty() {
+        return Ok(Verdict::Clean);
     }
+    let message = format!(
+        "silent data corruption at step {done}: replaying the first micro-batch gave \
+         different gradients on {}; the hardware of those ranks computes \
+         unreliably: replace the node, or set train.sdc_action: rollback to retry \
+         from the last checkpoint",
+        bad.join("; ")
+    );
+    if action == SdcAction::Stop || rollbacks >= MAX_ROLLBACKS {
+        return Err(TrainError::Corruption(message));
+    }
+    Ok(Verdict::RollBack { message, ranks: bad })
 }

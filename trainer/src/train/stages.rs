@@ -4,7 +4,9 @@
 //! it. A resumed run continues in whichever stage it stopped; every rank takes part,
 //! rank 0 writes the grown checkpoint.
 
-use super::{agree, train_stage, RunOptions, RunSummary};
+use super::open::agree;
+use super::options::{RunOptions, RunSummary};
+use super::trainer::train_stage;
 use crate::checkpoint::Resume;
 use crate::error::TrainError;
 use crate::parallel::Parallel;

@@ -1,0 +1,329 @@
+//! A run in progress (`Trainer`): every piece the loop composes and where the run is,
+//! and the loop itself, one optimizer step per iteration. Opening a run and saving are
+//! the `open` and `save` rooms' methods on it.
+
+use super::eval;
+use super::line::{self, StepReport};
+use super::options::{RunOptions, RunSummary};
+use super::sdc;
+use super::step::{self, MicroBatch, StepContext, StepStats};
+use crate::bias_control::ExpertBiasController;
+use crate::checkpoint::Restorable;
+use crate::error::TrainError;
+use crate::groups::Group;
+use crate::init::BuiltModel;
+use crate::metrics::{Metrics, Progress};
+use crate::optim::{learning_rate, AdamW};
+use crate::parallel::{is_expert_param, reduce::reduce_gradients, Parallel};
+use crate::recipe::Recipe;
+use crate::supervision::{self, Heartbeat};
+use catapult_checkpoints::{AsyncSaver, Checkpoints, Loaded};
+use catapult_data::{Batch, Pipeline};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+use tch::Device;
+
+/// Trains `recipe` on `par` to the end, or until `stop_at_tokens` (then like a
+/// preemption: a checkpoint at that step, `reached_tokens` set).
+pub(super) fn train_stage(
+    recipe: &Recipe,
+    opts: &RunOptions,
+    par: &Parallel,
+    device: Device,
+    stop_at_tokens: Option<u64>,
+) -> Result<RunSummary, TrainError> {
+    let mut trainer = Trainer::open(recipe, opts, par, device, stop_at_tokens)?;
+    trainer.run()?;
+    trainer.finish()
+}
+
+/// Why the loop stopped before the last step.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Stop {
+    /// The step whose checkpoint was written.
+    pub(super) at: usize,
+    /// The first stage of a growth schedule reached its token count.
+    pub(super) reached_tokens: bool,
+}
+
+/// A run in progress: every piece the loop composes, and where it is.
+pub(super) struct Trainer<'a> {
+    pub(super) recipe: &'a Recipe,
+    pub(super) opts: &'a RunOptions,
+    pub(super) par: &'a Parallel,
+    pub(super) device: Device,
+    pub(super) run_dir: PathBuf,
+    pub(super) built: BuiltModel,
+    pub(super) optimizer: AdamW,
+    pub(super) controller: ExpertBiasController,
+    pub(super) pipeline: Pipeline,
+    pub(super) valid: eval::ValidationSets,
+    pub(super) store: Checkpoints,
+    pub(super) saver: AsyncSaver,
+    pub(super) metrics: Metrics,
+    pub(super) progress: Progress,
+    pub(super) heartbeat: Heartbeat,
+    /// Each parameter group's learning rate relative to the schedule (width transfer).
+    pub(super) lr_scales: BTreeMap<Group, f64>,
+    pub(super) peak_tflops: Option<f64>,
+    pub(super) param_count: i64,
+    /// Optimizer steps done.
+    pub(super) step: usize,
+    pub(super) tokens_seen: u64,
+    pub(super) data_wait_s: f64,
+    /// Rollbacks after a silent-data-corruption check, in a row (reset by a clean check).
+    pub(super) rollbacks: usize,
+    pub(super) first_val_loss: f64,
+    pub(super) last_val_loss: f64,
+    pub(super) stop_at_tokens: Option<u64>,
+    pub(super) stopped: Option<Stop>,
+    pub(super) started: Instant,
+}
+
+impl Trainer<'_> {
+    /// The loop: each iteration is one optimizer step over the global batch.
+    pub(super) fn run(&mut self) -> Result<(), TrainError> {
+        let recipe = self.recipe;
+        let t = &recipe.train;
+        while self.step < t.steps && self.stopped.is_none() {
+            let step = self.step;
+            let done = step + 1;
+            // The torch RNG is a function of (seed, step), so a resumed run draws the
+            // same numbers as an uninterrupted one.
+            tch::manual_seed(self.recipe.seed as i64 ^ ((step as i64) << 20));
+            let step_start = Instant::now();
+            supervision::fault_hook(self.rank(), done);
+            let lr = learning_rate(t, step);
+
+            // Get batch: this rank's slice of the global batch.
+            let wait_start = Instant::now();
+            let batch: Batch = self.pipeline.next_batch()?;
+            let waited = wait_start.elapsed().as_secs_f64();
+            self.data_wait_s += waited;
+
+            // Micro-steps: forward and backward of each micro-batch, gradients
+            // accumulating; the first replayed when a corruption check is due.
+            let (mut stats, replay) = self.micro_steps(&batch, step, done);
+            if let Some(replay) = &replay {
+                let verdict = sdc::verdict(&self.par.world, replay, done, t.sdc_action, self.rollbacks)?;
+                if let sdc::Verdict::RollBack { message, ranks } = verdict {
+                    self.roll_back(&message, done, ranks)?;
+                    continue;
+                }
+                self.rollbacks = 0;
+            }
+
+            // Reduce: dense gradients over the world, expert gradients over replicas.
+            reduce_gradients(self.par, self.optimizer.parameters());
+            stats.all_reduce(&self.par.world);
+
+            // Clip (the experts' squared norm summed over the expert group), then step.
+            let grad_norm = self.clip_gradients();
+            self.optimizer.step(lr);
+
+            // Expert-bias update from the global batch's counts: the same on every rank.
+            let counts = stats.count_rows();
+            let bias = self.controller.update(&counts, stats.tokens);
+            self.built.set_expert_bias(bias);
+
+            // Log.
+            let step_tokens = (t.global_batch_size * batch.seq_len) as u64;
+            self.tokens_seen += step_tokens;
+            let step_s = step_start.elapsed().as_secs_f64();
+            let n_ffn = self.recipe.model.n_routed_experts;
+            let per_layer = line::ffn_experts_per_token(&counts, n_ffn, stats.tokens);
+            let report = StepReport {
+                done,
+                lr,
+                grad_norm,
+                stats: &stats,
+                micro_batches: self.micro_batches(),
+                tokens_per_s: step_tokens as f64 / step_s,
+                tokens: self.tokens_seen,
+                seq_len: batch.seq_len,
+                phase: batch.phase,
+                data_wait_s: waited,
+                step_s,
+                elapsed_s: self.started.elapsed().as_secs_f64(),
+                per_layer: &per_layer,
+                sdc_check_s: replay.as_ref().map(|r| r.seconds),
+            };
+            self.log(&report, &counts)?;
+
+            // Evaluate.
+            if done.is_multiple_of(t.eval_every) || done == t.steps {
+                self.evaluate(done)?;
+            }
+            self.progress.step(
+                done,
+                &format!(
+                    "loss {:.4} | {:.0} tok/s | val {:.4} | ffn/tok {:.2}",
+                    report.loss(),
+                    report.tokens_per_s,
+                    self.last_val_loss,
+                    report.overall()
+                ),
+            );
+
+            // Checkpoint (also when a stop was requested or the token count reached).
+            self.check_stop(done);
+            self.checkpoint(done)?;
+            catapult_checkpoints::kill_self_on(&format!("step:{done}"));
+            self.step += 1;
+            self.heartbeat.beat(self.step);
+        }
+        Ok(())
+    }
+
+    pub(super) fn rank(&self) -> usize {
+        self.par.world.rank()
+    }
+
+    pub(super) fn lead(&self) -> bool {
+        self.rank() == 0
+    }
+
+    /// Micro-batches per step on each rank.
+    pub(super) fn micro_batches(&self) -> usize {
+        let t = &self.recipe.train;
+        t.global_batch_size / self.par.world.size() / t.micro_batch_size
+    }
+
+    /// The forward and backward passes of this rank's micro-batches of `batch`; with a
+    /// corruption check due, the first is replayed and compared.
+    fn micro_steps(&mut self, batch: &Batch, step: usize, done: usize) -> (StepStats, Option<sdc::Replay>) {
+        let recipe = self.recipe;
+        let t = &recipe.train;
+        let router_metrics_due = done.is_multiple_of(recipe.moe.metrics_every) || done == t.steps;
+        let sdc_due = t.sdc_check_every > 0 && done.is_multiple_of(t.sdc_check_every);
+        let cx = StepContext {
+            model: &self.built.model,
+            recipe,
+            par: self.par,
+            shape: step::balance_shape(recipe),
+            micro_batches: self.micro_batches(),
+        };
+        let segments = recipe.data.mask_documents.then(|| batch.segment_ids());
+        let mut stats = StepStats::new(recipe, self.device, step);
+        let mut replay = None;
+        for micro in 0..cx.micro_batches {
+            let input = MicroBatch::of(batch, segments.as_deref(), micro, t.micro_batch_size, self.device);
+            step::micro_step(&cx, &input, router_metrics_due && micro == 0, &mut stats);
+            if micro == 0 && sdc_due {
+                let scratch = StepStats::new(recipe, self.device, step);
+                let rank = self.par.world.rank();
+                replay = Some(sdc::replay(&cx, &input, &mut self.optimizer, scratch, rank, done));
+            }
+        }
+        (stats, replay)
+    }
+
+    /// Clips the gradients to `train.grad_clip`; returns the norm before clipping.
+    fn clip_gradients(&mut self) -> f64 {
+        let expert = &self.par.expert;
+        self.optimizer
+            .clip_grad_norm_sharded(self.recipe.train.grad_clip, is_expert_param, |x| {
+                let mut v = [x];
+                expert.all_reduce_sum(&mut v);
+                v[0]
+            })
+    }
+
+    /// Writes the step line (every `train.log_every` steps and at the end) and the
+    /// router line (every `moe.metrics_every` steps and at the end).
+    fn log(&mut self, report: &StepReport, counts: &[Vec<i64>]) -> Result<(), TrainError> {
+        let (done, recipe) = (report.done, self.recipe);
+        let t = &recipe.train;
+        if done.is_multiple_of(t.log_every) || done == t.steps {
+            let world = &self.par.world;
+            let line = line::step_line(report, recipe, world, self.peak_tflops, &self.lr_scales);
+            self.metrics.write(line)?;
+        }
+        if done.is_multiple_of(recipe.moe.metrics_every) || done == t.steps {
+            let ki = self.controller.ki();
+            let line = line::router_line(report, recipe, counts, &self.built.model, self.param_count, ki);
+            self.metrics.write(line)?;
+            let rg = report.stats.gradient_ratio;
+            if rg >= 0.1 {
+                self.progress.println(format!(
+                    "warning: step {done}: R_g = {rg:.3} >= 0.1: the load-balance loss dominates the \
+                     router's gradient; lower moe.load_balance_coeff"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The validation loss after `done` steps, written to the metrics.
+    pub(super) fn evaluate(&mut self, done: usize) -> Result<(), TrainError> {
+        let micro = self.recipe.train.micro_batch_size;
+        let (loss, line) = eval::validate(&self.built.model, self.par, &self.valid, micro, self.device, done);
+        self.last_val_loss = loss;
+        self.metrics.write(line)
+    }
+
+    /// A stop request on any rank stops every rank after this step, with a checkpoint;
+    /// so does the first stage of a growth schedule reaching its token count.
+    fn check_stop(&mut self, done: usize) {
+        let mut stop = [i32::from(supervision::stop_requested())];
+        self.par.world.all_reduce_sum(&mut stop);
+        if stop[0] > 0 {
+            self.stopped = Some(Stop {
+                at: done,
+                reached_tokens: false,
+            });
+        }
+        if self.stop_at_tokens.is_some_and(|n| self.tokens_seen >= n) {
+            self.stopped = Some(Stop {
+                at: done,
+                reached_tokens: true,
+            });
+        }
+    }
+
+    /// Puts `loaded` into the model, optimizer, controller and pipeline.
+    pub(super) fn restore(&mut self, loaded: &Loaded) -> Result<(), TrainError> {
+        Restorable {
+            par: self.par,
+            built: &self.built,
+            optimizer: &mut self.optimizer,
+            controller: &mut self.controller,
+            pipeline: &mut self.pipeline,
+        }
+        .restore(loaded)
+    }
+
+    /// Restores every rank to the newest checkpoint after a failed corruption check at
+    /// step `done` (`message` says what differed on which `ranks`), and rewinds the
+    /// metrics to its step.
+    fn roll_back(&mut self, message: &str, done: usize, ranks: Vec<String>) -> Result<(), TrainError> {
+        self.rollbacks += 1;
+        self.progress.println(format!("warning: {message}; rolling back"));
+        self.saver.wait()?;
+        let policy = self.opts.load_policy();
+        let loaded = self
+            .store
+            .load_newest(policy.verify, policy.fallback)?
+            .ok_or_else(|| {
+                TrainError::Corruption(format!(
+                    "{message}; and no checkpoint under {} to roll back to",
+                    self.store.root()
+                ))
+            })?;
+        self.restore(&loaded)?;
+        self.optimizer.zero_grad();
+        self.step = loaded.manifest.step as usize;
+        self.tokens_seen = loaded.manifest.tokens;
+        self.metrics.close();
+        if self.lead() {
+            self.metrics = Metrics::resume(self.run_dir.join("metrics.jsonl"), self.step as u64)?.0;
+            self.metrics.write(serde_json::json!({
+                "step": self.step,
+                "sdc_rollback": {"detected_at": done, "ranks": ranks},
+            }))?;
+        }
+        self.progress.set_position(self.step);
+        Ok(())
+    }
+}
