@@ -104,6 +104,6 @@ pub fn shard_is_bad_input(e: &ShardError) -> bool {
     match e {
         ShardError::Invalid { .. } => true,
         ShardError::Store(d) => data_is_bad_input(d),
-        ShardError::Corrupt { .. } => false,
+        _ => false,
     }
 }
