@@ -9,8 +9,8 @@ pub mod sharded;
 
 pub use safetensors::{Dtype, HostTensor};
 pub use sharded::{
-    kill_self, kill_self_on, step_dir, FAULT_ENV, AsyncSaver, Checkpoints, FileEntry, Loaded, Manifest,
-    RankLayout, RankState, SaveRequest, ShardError, Slice, World,
+    kill_self, kill_self_on, step_dir, AsyncSaver, Checkpoints, FileEntry, Loaded, Manifest,
+    RankLayout, RankState, SaveRequest, ShardError, Slice, World, FAULT_ENV,
 };
 
 use std::path::{Path, PathBuf};

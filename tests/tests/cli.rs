@@ -153,13 +153,22 @@ fn data_prepare_writes_parquet_that_training_reads() {
 }
 
 /// `catapult train` of the tiny recipe on one process for `steps` steps into `run`.
-fn train_tiny(dir: &std::path::Path, run: &std::path::Path, extra: &[&str]) -> std::process::Output {
+fn train_tiny(
+    dir: &std::path::Path,
+    run: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
     catapult(dir)
         .arg("train")
         .arg(tiny())
         .args(["--set", &format!("data.path={}", corpus().display())])
         .args(["--set", &format!("output.dir={}", run.display())])
-        .args(["--set", "parallel.expert=1", "--set", "train.warmup_steps=0"])
+        .args([
+            "--set",
+            "parallel.expert=1",
+            "--set",
+            "train.warmup_steps=0",
+        ])
         .args(extra)
         .output()
         .unwrap()
@@ -172,7 +181,12 @@ fn a_bad_resume_path_exits_2_naming_the_path_and_the_fix() {
     let out = train_tiny(
         &dir,
         &dir.join("run"),
-        &["--set", "train.steps=2", "--resume", &missing.display().to_string()],
+        &[
+            "--set",
+            "train.steps=2",
+            "--resume",
+            &missing.display().to_string(),
+        ],
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "bad input exits with 2: {err}");
@@ -185,20 +199,37 @@ fn a_checkpoint_of_another_model_shape_exits_2_naming_the_field() {
     let dir = scratch("other-shape");
     let run = dir.join("run");
     let first = train_tiny(&dir, &run, &["--set", "train.steps=2"]);
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     let out = train_tiny(
         &dir,
         &run,
-        &["--set", "train.steps=4", "--set", "model.num_layers=3", "--resume", "auto"],
+        &[
+            "--set",
+            "train.steps=4",
+            "--set",
+            "model.num_layers=3",
+            "--resume",
+            "auto",
+        ],
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "bad input exits with 2: {err}");
-    assert!(err.contains(&run.join("checkpoints").display().to_string()), "{err}");
+    assert!(
+        err.contains(&run.join("checkpoints").display().to_string()),
+        "{err}"
+    );
     assert!(
         err.contains("model.num_layers is 3 in the recipe but 2 in the checkpoint"),
         "{err}"
     );
-    assert!(err.contains("resume with the recipe the checkpoint was written with"), "{err}");
+    assert!(
+        err.contains("resume with the recipe the checkpoint was written with"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -209,7 +240,10 @@ fn a_missing_dataset_exits_2_naming_the_path_and_the_fix() {
         .arg("train")
         .arg(tiny())
         .args(["--set", &format!("data.path={}", missing.display())])
-        .args(["--set", &format!("output.dir={}", dir.join("run").display())])
+        .args([
+            "--set",
+            &format!("output.dir={}", dir.join("run").display()),
+        ])
         .args(["--set", "parallel.expert=1", "--set", "train.steps=1"])
         .output()
         .unwrap();
@@ -217,5 +251,8 @@ fn a_missing_dataset_exits_2_naming_the_path_and_the_fix() {
     assert_eq!(out.status.code(), Some(2), "bad input exits with 2: {err}");
     assert!(err.contains(&missing.display().to_string()), "{err}");
     assert!(err.contains("catapult data prepare"), "{err}");
-    assert!(!dir.join("run").join("metrics.jsonl").exists(), "nothing trained");
+    assert!(
+        !dir.join("run").join("metrics.jsonl").exists(),
+        "nothing trained"
+    );
 }

@@ -354,7 +354,8 @@ impl Restorable<'_> {
     /// saved whole (assembled from the ranks' slices); each rank takes its rows,
     /// whatever layout wrote them.
     pub fn restore(&mut self, loaded: &Loaded) -> Result<(), TrainError> {
-        let bad = |problem: String| TrainError::Checkpoint(format!("{}: {problem}", loaded.location));
+        let bad =
+            |problem: String| TrainError::Checkpoint(format!("{}: {problem}", loaded.location));
         let (part, parts) = (self.par.expert.rank(), self.par.expert_size);
         let get = |name: &str| -> Option<HostTensor> {
             if is_expert_param(name) {
@@ -492,7 +493,15 @@ pub fn save_request(
     for (e, shard) in shards.into_iter().enumerate() {
         let slices = shard
             .iter()
-            .map(|h| (h.name.clone(), Slice { start: e * per, full: n }))
+            .map(|h| {
+                (
+                    h.name.clone(),
+                    Slice {
+                        start: e * per,
+                        full: n,
+                    },
+                )
+            })
             .collect();
         if e == 0 {
             request.ranks[0].tensors.extend(shard);

@@ -20,7 +20,8 @@ pub fn exit_code(error: &(dyn std::error::Error + 'static)) -> u8 {
             || e.downcast_ref::<crate::TrainError>()
                 .is_some_and(crate::TrainError::is_bad_input)
             || e.downcast_ref::<DataError>().is_some_and(data_is_bad_input)
-            || e.downcast_ref::<ShardError>().is_some_and(shard_is_bad_input);
+            || e.downcast_ref::<ShardError>()
+                .is_some_and(shard_is_bad_input);
         if bad {
             return BAD_INPUT;
         }

@@ -12,7 +12,6 @@ use catapult_checkpoints::{HostTensor, Loaded, SaveRequest};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-
 /// What happens to AdamW's state at growth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -107,7 +106,12 @@ fn stacked_names(name: &str, layers: usize, factor: usize) -> Vec<String> {
 }
 
 /// The tensors of `loaded` stacked `factor` times (moments zeroed with `Fresh`).
-fn grow_tensors(loaded: &Loaded, layers: usize, factor: usize, optimizer: OptimizerInit) -> Vec<HostTensor> {
+fn grow_tensors(
+    loaded: &Loaded,
+    layers: usize,
+    factor: usize,
+    optimizer: OptimizerInit,
+) -> Vec<HostTensor> {
     let mut tensors = Vec::new();
     for (name, t) in &loaded.tensors {
         let is_moment = name.starts_with("optimizer.");
@@ -137,7 +141,11 @@ fn grow_state(
 ) -> Result<(), GrowthError> {
     let mut grown_steps = BTreeMap::new();
     for (name, &n) in &state.optimizer_steps {
-        let n = if optimizer == OptimizerInit::Fresh { 0 } else { n };
+        let n = if optimizer == OptimizerInit::Fresh {
+            0
+        } else {
+            n
+        };
         for grown in stacked_names(name, layers, factor) {
             grown_steps.insert(grown, n);
         }
@@ -177,8 +185,7 @@ pub fn grow(
     check_target(&source, target, factor)?;
     let layers = source.model.num_layers;
     let tensors = grow_tensors(loaded, layers, factor, optimizer);
-    let mut state =
-        TrainerState::of(loaded).map_err(|e| GrowthError::Source(e.to_string()))?;
+    let mut state = TrainerState::of(loaded).map_err(|e| GrowthError::Source(e.to_string()))?;
     grow_state(&mut state, &loaded.location, layers, factor, optimizer)?;
     state.growth = Some(GrowthRecord {
         from: loaded.location.clone(),

@@ -2,8 +2,8 @@
 //! event files under `tensorboard/` (the same numbers as tagged scalars), written by
 //! rank 0; and the progress shown on stderr.
 
-use crate::tensorboard::{scalars_of, EventWriter};
 use crate::error::TrainError;
+use crate::tensorboard::{scalars_of, EventWriter};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};

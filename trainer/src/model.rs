@@ -323,7 +323,11 @@ impl Moe {
 
     /// Routes `u` (tokens x hidden) and sends its FFN-expert rows on their way to the
     /// experts' owners (zero-computation experts never leave: they are the identity).
-    pub fn route_and_send<X: MoeExchange>(&self, u: &Tensor, ex: &mut X) -> Result<Routed, X::Error> {
+    pub fn route_and_send<X: MoeExchange>(
+        &self,
+        u: &Tensor,
+        ex: &mut X,
+    ) -> Result<Routed, X::Error> {
         let (probs, choice) = self.route(u);
         let dispatch = self.dispatch(&choice);
         ex.send(&dispatch, dispatch.gather(u))?;
@@ -342,7 +346,12 @@ impl Moe {
 
     /// `MoE(u) = sum_{selected FFN i} g_i FFN_i(u) + (sum_{selected zero i} g_i) u` once
     /// the expert outputs are back, with gate weights `g = gamma * p` (tokens x hidden).
-    pub fn combine<X: MoeExchange>(&self, routed: &Routed, u: &Tensor, ex: &mut X) -> Result<Tensor, X::Error> {
+    pub fn combine<X: MoeExchange>(
+        &self,
+        routed: &Routed,
+        u: &Tensor,
+        ex: &mut X,
+    ) -> Result<Tensor, X::Error> {
         let returned = ex.returned()?;
         let weights = self.gate_weights(&routed.probs, &routed.choice);
         let is_ffn = self.ffn_mask(&routed.choice, Kind::Float);
@@ -428,7 +437,10 @@ impl MoeExchange for Local {
     }
 
     fn receive(&mut self) -> Result<(Tensor, Vec<i64>), Self::Error> {
-        Ok(self.rows.take().expect("the layer sends before it receives"))
+        Ok(self
+            .rows
+            .take()
+            .expect("the layer sends before it receives"))
     }
 
     fn send_back(&mut self, outputs: Tensor) -> Result<(), Self::Error> {
@@ -439,7 +451,10 @@ impl MoeExchange for Local {
     fn progress(&mut self) {}
 
     fn returned(&mut self) -> Result<Tensor, Self::Error> {
-        Ok(self.outputs.take().expect("the layer sends back before it combines"))
+        Ok(self
+            .outputs
+            .take()
+            .expect("the layer sends back before it combines"))
     }
 }
 
@@ -828,6 +843,17 @@ mod tests {
         let (_vs2, m3) = moe(&ModelConfig {
             routed_scaling_factor: 4.5,
             ..c
+        });
+        // The same weights in both (other tests draw from the global RNG concurrently).
+        tch::no_grad(|| {
+            for (dst, src) in [
+                (&m3.router, &m1.router),
+                (&m3.gate_proj, &m1.gate_proj),
+                (&m3.up_proj, &m1.up_proj),
+                (&m3.down_proj, &m1.down_proj),
+            ] {
+                dst.shallow_clone().copy_(src);
+            }
         });
         let u = Tensor::randn([2, 6, 32], (Kind::Float, Device::Cpu));
         let a = m1.forward(&u).output;

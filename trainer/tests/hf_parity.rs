@@ -3,8 +3,8 @@
 //! tokens, compare logits (fp32, max abs difference <= 1e-4).
 
 use catapult_trainer::export::export_hf;
-use catapult_trainer::recipe::{self, Override};
 use catapult_trainer::init::{build_model, named_tensors};
+use catapult_trainer::recipe::{self, Override};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::{Device, Kind, Tensor};

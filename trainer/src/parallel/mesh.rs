@@ -111,7 +111,12 @@ impl std::fmt::Debug for Parallel {
 impl Parallel {
     /// Splits `world` into expert groups of `expert` ranks. `data` is the requested
     /// data-parallel size (0: whatever the world leaves). Errors say what to change.
-    pub fn new(world: Comm, expert: usize, data: usize, overlap: bool) -> Result<Self, LayoutError> {
+    pub fn new(
+        world: Comm,
+        expert: usize,
+        data: usize,
+        overlap: bool,
+    ) -> Result<Self, LayoutError> {
         Self::with_nccl(world, expert, data, overlap, None)
     }
 

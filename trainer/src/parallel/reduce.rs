@@ -24,17 +24,16 @@ pub fn reduce_gradients(par: &Parallel, params: &[(String, Tensor)]) {
 /// (an expert shard that received no tokens still takes its decay step).
 /// With the group's NCCL communicator, the sums run GPU to GPU.
 fn sum_over(
-params: &[(String, Tensor)],
-group: &Group,
-world: &Comm,
-select: impl Fn(&str) -> bool,
-divisor: f64,
+    params: &[(String, Tensor)],
+    group: &Group,
+    world: &Comm,
+    select: impl Fn(&str) -> bool,
+    divisor: f64,
 ) {
     if world.size() == 1 && divisor == 1.0 {
         return;
     }
-    let chosen: Vec<&(String, Tensor)> =
-        params.iter().filter(|(n, _)| select(n)).collect();
+    let chosen: Vec<&(String, Tensor)> = params.iter().filter(|(n, _)| select(n)).collect();
     let mut defined: Vec<i32> = chosen
         .iter()
         .map(|(_, p)| i32::from(p.grad().defined()))

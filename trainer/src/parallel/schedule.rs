@@ -118,12 +118,16 @@ impl<'a> TapeExchange<'a> {
     }
 
     fn plan(&self) -> &Plan {
-        self.plan.as_ref().expect("the layer sends before anything else")
+        self.plan
+            .as_ref()
+            .expect("the layer sends before anything else")
     }
 
     /// Starts `rows` moving in `direction`; without overlap, waits for them at once.
     fn start(&mut self, rows: &Tensor, direction: Direction) -> Option<Tensor> {
-        let flight = self.plan().start(&self.par.expert, self.par.expert.nccl(), rows, direction);
+        let flight = self
+            .plan()
+            .start(&self.par.expert, self.par.expert.nccl(), rows, direction);
         if self.par.overlap {
             self.flight = Some(flight);
             None

@@ -14,7 +14,13 @@ pub type ValidationSets = Vec<(String, Vec<Vec<u32>>)>;
 /// Mean loss over `sequences`: the chunks of `micro` sequences are dealt round-robin to
 /// the ranks (a rank without a chunk in a round runs one with weight 0, since every rank
 /// takes part in the MoE's all-to-alls), and the weighted sums are added in rank order.
-fn mean_loss(model: &LongcatModel, par: &Parallel, sequences: &[Vec<u32>], micro: usize, device: Device) -> f64 {
+fn mean_loss(
+    model: &LongcatModel,
+    par: &Parallel,
+    sequences: &[Vec<u32>],
+    micro: usize,
+    device: Device,
+) -> f64 {
     let (rank, world) = (par.world.rank(), par.world.size());
     tch::no_grad(|| {
         let chunks: Vec<&[Vec<u32>]> = sequences.chunks(micro).collect();

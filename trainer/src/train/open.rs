@@ -6,7 +6,6 @@
 use super::eval::{self, ValidationSets};
 use super::options::RunOptions;
 use super::trainer::{Stop, Trainer};
-use catapult_kernels::comm::Comm;
 use crate::bias_control::ExpertBiasController;
 use crate::checkpoint::{check_model, open_resume};
 use crate::error::TrainError;
@@ -19,6 +18,7 @@ use crate::recipe::Recipe;
 use crate::supervision::{install_preemption_handlers, Heartbeat};
 use catapult_checkpoints::{AsyncSaver, Checkpoints, Loaded};
 use catapult_data::Pipeline;
+use catapult_kernels::comm::Comm;
 use std::path::Path;
 use std::time::Instant;
 use tch::Device;
@@ -26,7 +26,9 @@ use tch::Device;
 /// Refuses a global batch that does not split evenly over the ranks' micro-batches.
 fn check_batch(recipe: &Recipe, world: usize) -> Result<(), TrainError> {
     let t = &recipe.train;
-    if t.global_batch_size.is_multiple_of(world * t.micro_batch_size) {
+    if t.global_batch_size
+        .is_multiple_of(world * t.micro_batch_size)
+    {
         return Ok(());
     }
     Err(TrainError::Recipe(format!(
@@ -36,7 +38,11 @@ fn check_batch(recipe: &Recipe, world: usize) -> Result<(), TrainError> {
 }
 
 /// The pipeline of this rank and the held-out sequences of every dataset.
-fn open_data(recipe: &Recipe, rank: usize, world: usize) -> Result<(Pipeline, ValidationSets), TrainError> {
+fn open_data(
+    recipe: &Recipe,
+    rank: usize,
+    world: usize,
+) -> Result<(Pipeline, ValidationSets), TrainError> {
     let pipeline = Pipeline::open(recipe.pipeline_config(), rank, world)?;
     let valid = pipeline.validation(recipe.train.eval_sequences, recipe.data.seq_len)?;
     if let Some((name, _)) = valid.iter().find(|(_, v)| v.is_empty()) {
@@ -68,13 +74,19 @@ fn prepare_run_dir(dir: &Path, recipe: &Recipe, opts: &RunOptions) -> Result<(),
 
 /// A fresh run refuses a checkpoint root that already holds checkpoints (or, with
 /// `--overwrite` and the default root, clears it). Rank 0 only.
-fn claim_checkpoint_root(recipe: &Recipe, store: &Checkpoints, run_dir: &Path, opts: &RunOptions) -> Result<(), TrainError> {
+fn claim_checkpoint_root(
+    recipe: &Recipe,
+    store: &Checkpoints,
+    run_dir: &Path,
+    opts: &RunOptions,
+) -> Result<(), TrainError> {
     let Some(newest) = store.steps()?.last().copied() else {
         return Ok(());
     };
     if opts.overwrite && recipe.checkpoint.dir.is_none() {
         let dir = run_dir.join("checkpoints");
-        return std::fs::remove_dir_all(&dir).map_err(|source| TrainError::Io { path: dir, source });
+        return std::fs::remove_dir_all(&dir)
+            .map_err(|source| TrainError::Io { path: dir, source });
     }
     Err(TrainError::Occupied(format!(
         "{} already holds checkpoints (newest {}); pass --resume to continue from them, \
@@ -91,11 +103,23 @@ fn claim_checkpoint_root(recipe: &Recipe, store: &Checkpoints, run_dir: &Path, o
 
 /// The checkpoint store, the checkpoint to resume from (checked against the recipe), and
 /// the claimed run directory; every rank agrees before anything is built.
-fn open_store(recipe: &Recipe, opts: &RunOptions, par: &Parallel) -> Result<(Checkpoints, Option<Loaded>), TrainError> {
-    let store = Checkpoints::open(&recipe.checkpoint_root(), &recipe.checkpoint.storage.options())?;
+fn open_store(
+    recipe: &Recipe,
+    opts: &RunOptions,
+    par: &Parallel,
+) -> Result<(Checkpoints, Option<Loaded>), TrainError> {
+    let store = Checkpoints::open(
+        &recipe.checkpoint_root(),
+        &recipe.checkpoint.storage.options(),
+    )?;
     let loaded = match &opts.resume {
         None => None,
-        Some(resume) => open_resume(&store, resume, &recipe.checkpoint.storage.options(), opts.load_policy())?,
+        Some(resume) => open_resume(
+            &store,
+            resume,
+            &recipe.checkpoint.storage.options(),
+            opts.load_policy(),
+        )?,
     };
     if let Some(l) = &loaded {
         check_model(recipe, l)?;
@@ -128,13 +152,18 @@ impl<'a> Trainer<'a> {
         check_batch(recipe, world)?;
         let (pipeline, valid) = open_data(recipe, rank, world)?;
         let (store, loaded) = open_store(recipe, opts, par)?;
-        let built = build_model_with_experts(recipe, device, par.local_experts(recipe.model.n_routed_experts));
+        let built = build_model_with_experts(
+            recipe,
+            device,
+            par.local_experts(recipe.model.n_routed_experts),
+        );
         let params = built.parameters();
         let param_count: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
         let mut optimizer = AdamW::new(params, &recipe.train);
         let lr_scales = crate::transfer::lr_scales(recipe);
         optimizer.set_lr_scales(|name| lr_scales[&Group::of(name)]);
-        let controller = ExpertBiasController::new(&recipe.moe.bias_control, &recipe.model, recipe.train.steps);
+        let controller =
+            ExpertBiasController::new(&recipe.moe.bias_control, &recipe.model, recipe.train.steps);
         par.world.barrier();
         let mut trainer = Trainer {
             recipe,
@@ -203,7 +232,14 @@ impl<'a> Trainer<'a> {
     /// The validation loss before the first step, in a new metrics file.
     fn start_fresh(&mut self) -> Result<(), TrainError> {
         let micro = self.recipe.train.micro_batch_size;
-        let (loss, line) = eval::validate(&self.built.model, self.par, &self.valid, micro, self.device, 0);
+        let (loss, line) = eval::validate(
+            &self.built.model,
+            self.par,
+            &self.valid,
+            micro,
+            self.device,
+            0,
+        );
         self.first_val_loss = loss;
         if self.lead() {
             self.metrics = Metrics::create(self.run_dir.join("metrics.jsonl"))?;
@@ -216,7 +252,13 @@ impl<'a> Trainer<'a> {
     fn begin(&mut self) {
         let t = &self.recipe.train;
         self.last_val_loss = self.first_val_loss;
-        self.progress = Progress::new(self.lead(), &self.recipe.name, t.steps, self.step, t.log_every);
+        self.progress = Progress::new(
+            self.lead(),
+            &self.recipe.name,
+            t.steps,
+            self.step,
+            t.log_every,
+        );
         self.started = Instant::now();
         self.heartbeat.beat(self.step);
         install_preemption_handlers();

@@ -23,15 +23,24 @@ impl Trainer<'_> {
         // 0, which saves (dense weights and optimizer states are identical replicas).
         let data_state = gather_data_state(&self.par.world, &self.pipeline)?;
         let copy_start = Instant::now();
-        let state = TrainerState::capture(recipe, &self.optimizer, &self.controller, data_state, done);
-        let request = save_request(recipe, self.par, &self.built, &self.optimizer, &state, self.tokens_seen);
+        let state =
+            TrainerState::capture(recipe, &self.optimizer, &self.controller, data_state, done);
+        let request = save_request(
+            recipe,
+            self.par,
+            &self.built,
+            &self.optimizer,
+            &state,
+            self.tokens_seen,
+        );
         let copied = copy_start.elapsed().as_secs_f64();
         let Some(request) = request else {
             return Ok(());
         };
         let c = &recipe.checkpoint;
         let waited = if c.async_save {
-            self.saver.submit(self.store.clone(), request, c.keep_last, c.keep_every)
+            self.saver
+                .submit(self.store.clone(), request, c.keep_last, c.keep_every)
         } else {
             self.store.save(request)?;
             if let Err(e) = self.store.retain(done as u64, c.keep_last, c.keep_every) {

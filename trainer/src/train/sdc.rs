@@ -26,7 +26,14 @@ pub struct Replay {
 
 /// Replays `batch` (the micro-batch just run; its gradients are in the parameters) and
 /// compares: afterwards the parameters hold the replay's gradients.
-pub fn replay(cx: &StepContext, batch: &MicroBatch, optimizer: &mut AdamW, scratch: StepStats, rank: usize, done: usize) -> Replay {
+pub fn replay(
+    cx: &StepContext,
+    batch: &MicroBatch,
+    optimizer: &mut AdamW,
+    scratch: StepStats,
+    rank: usize,
+    done: usize,
+) -> Replay {
     let started = Instant::now();
     let first = optimizer.gradients();
     optimizer.zero_grad();
@@ -67,7 +74,11 @@ fn fault_hook(rank: usize, step: usize, optimizer: &AdamW) {
     if std::env::var(crate::supervision::env::FAULT).is_ok_and(|f| f == want)
         && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst)
     {
-        if let Some((_, p)) = optimizer.parameters().iter().find(|(n, _)| is_expert_param(n)) {
+        if let Some((_, p)) = optimizer
+            .parameters()
+            .iter()
+            .find(|(n, _)| is_expert_param(n))
+        {
             tch::no_grad(|| {
                 let g = p.grad();
                 let _ = g.reshape([-1]).get(0).g_add_scalar_(1e-3);
@@ -110,7 +121,13 @@ pub enum Verdict {
 /// Settles a step's replay over every rank: `Clean` when all agreed; a rollback when
 /// some rank differed and `action` allows one (fewer than `MAX_ROLLBACKS` in a row so
 /// far); an error when the run must stop.
-pub fn verdict(comm: &Comm, replay: &Replay, done: usize, action: SdcAction, rollbacks: usize) -> Result<Verdict, TrainError> {
+pub fn verdict(
+    comm: &Comm,
+    replay: &Replay,
+    done: usize,
+    action: SdcAction,
+    rollbacks: usize,
+) -> Result<Verdict, TrainError> {
     let bad = corrupted_ranks(comm, replay.differs.as_deref());
     if bad.is_empty() {
         return Ok(Verdict::Clean);
@@ -125,5 +142,8 @@ pub fn verdict(comm: &Comm, replay: &Replay, done: usize, action: SdcAction, rol
     if action == SdcAction::Stop || rollbacks >= MAX_ROLLBACKS {
         return Err(TrainError::Corruption(message));
     }
-    Ok(Verdict::RollBack { message, ranks: bad })
+    Ok(Verdict::RollBack {
+        message,
+        ranks: bad,
+    })
 }

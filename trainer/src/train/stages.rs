@@ -38,8 +38,17 @@ fn clear_grown_stage(recipe: &Recipe, grown_exists: bool) -> Result<(), TrainErr
 }
 
 /// Stacks the first stage's checkpoint at `at` into `store` (rank 0 only).
-fn grow_into(recipe: &Recipe, g: &GrowthConfig, first: &RunSummary, at: usize, store: &Checkpoints) -> Result<(), TrainError> {
-    let (s1, _) = Checkpoints::open_path(&first.checkpoint.display().to_string(), &recipe.checkpoint.storage.options())?;
+fn grow_into(
+    recipe: &Recipe,
+    g: &GrowthConfig,
+    first: &RunSummary,
+    at: usize,
+    store: &Checkpoints,
+) -> Result<(), TrainError> {
+    let (s1, _) = Checkpoints::open_path(
+        &first.checkpoint.display().to_string(),
+        &recipe.checkpoint.storage.options(),
+    )?;
     let loaded = s1.load(at as u64, true)?;
     let factor = recipe.model.num_layers / g.from_layers;
     let request = crate::growth::grow(&loaded, recipe, factor, g.optimizer)?;
@@ -52,9 +61,20 @@ fn grow_into(recipe: &Recipe, g: &GrowthConfig, first: &RunSummary, at: usize, s
 }
 
 /// Runs a recipe with a growth schedule: stage 1, growth, then the grown run.
-pub(super) fn train_growing(recipe: &Recipe, opts: &RunOptions, par: &Parallel, device: Device) -> Result<RunSummary, TrainError> {
-    let g = recipe.growth.as_ref().expect("train_growing runs recipes with a growth schedule");
-    let store = Checkpoints::open(&recipe.checkpoint_root(), &recipe.checkpoint.storage.options())?;
+pub(super) fn train_growing(
+    recipe: &Recipe,
+    opts: &RunOptions,
+    par: &Parallel,
+    device: Device,
+) -> Result<RunSummary, TrainError> {
+    let g = recipe
+        .growth
+        .as_ref()
+        .expect("train_growing runs recipes with a growth schedule");
+    let store = Checkpoints::open(
+        &recipe.checkpoint_root(),
+        &recipe.checkpoint.storage.options(),
+    )?;
     let grown = store.steps()?;
     if opts.resume.is_some() && !grown.is_empty() {
         return train_stage(recipe, opts, par, device, None);
@@ -65,7 +85,8 @@ pub(super) fn train_growing(recipe: &Recipe, opts: &RunOptions, par: &Parallel, 
             store.root()
         )));
     }
-    let stage1 = crate::growth::stage1_recipe(recipe).expect("a recipe with a growth schedule has a first stage");
+    let stage1 = crate::growth::stage1_recipe(recipe)
+        .expect("a recipe with a growth schedule has a first stage");
     let lead = par.world.rank() == 0;
     if lead && opts.overwrite {
         // Start over: the grown stage's outputs of an earlier run go too.

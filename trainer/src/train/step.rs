@@ -101,7 +101,13 @@ pub struct MicroBatch {
 impl MicroBatch {
     /// Micro-batch `index` of `batch` (rows of `size` sequences); `segments` (the
     /// batch's segment ids) when documents are masked.
-    pub fn of(batch: &Batch, segments: Option<&[u32]>, index: usize, size: usize, device: Device) -> Self {
+    pub fn of(
+        batch: &Batch,
+        segments: Option<&[u32]>,
+        index: usize,
+        size: usize,
+        device: Device,
+    ) -> Self {
         let rows = index * size..(index + 1) * size;
         let (inputs, targets) = batch_tensors(&batch.sequences[rows.clone()], device);
         let seq_len = batch.seq_len;
@@ -179,7 +185,9 @@ fn gradient_ratio(probs: &[Tensor], lb_grads: &[Tensor], micro_batches: usize) -
         let rest: Vec<Tensor> = probs
             .iter()
             .zip(lb_grads)
-            .map(|(p, g)| p.grad().sum_dim_intlist(0, false, Kind::Float) * micro_batches as f64 - g)
+            .map(|(p, g)| {
+                p.grad().sum_dim_intlist(0, false, Kind::Float) * micro_batches as f64 - g
+            })
             .collect();
         let lb = Tensor::cat(lb_grads, 0).norm().double_value(&[]);
         lb / Tensor::cat(&rest, 0).norm().double_value(&[]).max(1e-30)
@@ -192,7 +200,14 @@ fn gradient_ratio(probs: &[Tensor], lb_grads: &[Tensor], micro_batches: usize) -
 /// the hidden RMS.
 pub fn micro_step(cx: &StepContext, batch: &MicroBatch, measure_rg: bool, stats: &mut StepStats) {
     let recipe = cx.recipe;
-    let f = forward(cx.model, cx.par, &batch.inputs, batch.mask.as_ref(), true, &mut stats.exchange[0]);
+    let f = forward(
+        cx.model,
+        cx.par,
+        &batch.inputs,
+        batch.mask.as_ref(),
+        true,
+        &mut stats.exchange[0],
+    );
     let (global, global_tokens) = global_counts(&f, &batch.inputs, &cx.par.world);
     let scale = 1.0 / cx.micro_batches as f64;
     let lm_loss = cross_entropy(&f.logits, &batch.targets);
@@ -203,7 +218,13 @@ pub fn micro_step(cx: &StepContext, batch: &MicroBatch, measure_rg: bool, stats:
         .enumerate()
         .map(|(l, r)| {
             (alpha > 0.0).then(|| {
-                load_balance_loss_global(&r.probs, &global.get(l as i64), global_tokens as f64, cx.shape, alpha)
+                load_balance_loss_global(
+                    &r.probs,
+                    &global.get(l as i64),
+                    global_tokens as f64,
+                    cx.shape,
+                    alpha,
+                )
             })
         })
         .collect();
@@ -213,7 +234,11 @@ pub fn micro_step(cx: &StepContext, batch: &MicroBatch, measure_rg: bool, stats:
             .zip(&f.routing)
             .map(|(term, r)| {
                 let term = term.as_ref().expect("alpha > 0");
-                Tensor::run_backward(&[term], &[&r.probs], true, false)[0].sum_dim_intlist(0, false, Kind::Float)
+                Tensor::run_backward(&[term], &[&r.probs], true, false)[0].sum_dim_intlist(
+                    0,
+                    false,
+                    Kind::Float,
+                )
             })
             .collect()
     });
@@ -225,12 +250,21 @@ pub fn micro_step(cx: &StepContext, batch: &MicroBatch, measure_rg: bool, stats:
     let mtp_loss = mtp_loss(cx, batch, &f, stats.step);
     let head = (&lm_loss + &z_loss + &mtp_loss * recipe.train.mtp_loss_weight) * scale;
     stats.lm_loss += lm_loss.double_value(&[]);
-    stats.balance_loss += balance.iter().flatten().map(|b| b.double_value(&[])).sum::<f64>();
+    stats.balance_loss += balance
+        .iter()
+        .flatten()
+        .map(|b| b.double_value(&[]))
+        .sum::<f64>();
     stats.z_loss += z_loss.double_value(&[]);
     stats.mtp_loss += mtp_loss.double_value(&[]);
     if measure_rg {
         stats.hidden_rms = tch::no_grad(|| {
-            f.last_hidden.to_kind(Kind::Float).square().mean(Kind::Float).sqrt().double_value(&[])
+            f.last_hidden
+                .to_kind(Kind::Float)
+                .square()
+                .mean(Kind::Float)
+                .sqrt()
+                .double_value(&[])
         });
     }
     let probs: Vec<Tensor> = f.routing.iter().map(|r| r.probs.shallow_clone()).collect();

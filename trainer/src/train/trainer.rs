@@ -106,7 +106,8 @@ impl Trainer<'_> {
             // accumulating; the first replayed when a corruption check is due.
             let (mut stats, replay) = self.micro_steps(&batch, step, done);
             if let Some(replay) = &replay {
-                let verdict = sdc::verdict(&self.par.world, replay, done, t.sdc_action, self.rollbacks)?;
+                let verdict =
+                    sdc::verdict(&self.par.world, replay, done, t.sdc_action, self.rollbacks)?;
                 if let sdc::Verdict::RollBack { message, ranks } = verdict {
                     self.roll_back(&message, done, ranks)?;
                     continue;
@@ -192,7 +193,12 @@ impl Trainer<'_> {
 
     /// The forward and backward passes of this rank's micro-batches of `batch`; with a
     /// corruption check due, the first is replayed and compared.
-    fn micro_steps(&mut self, batch: &Batch, step: usize, done: usize) -> (StepStats, Option<sdc::Replay>) {
+    fn micro_steps(
+        &mut self,
+        batch: &Batch,
+        step: usize,
+        done: usize,
+    ) -> (StepStats, Option<sdc::Replay>) {
         let recipe = self.recipe;
         let t = &recipe.train;
         let router_metrics_due = done.is_multiple_of(recipe.moe.metrics_every) || done == t.steps;
@@ -208,12 +214,25 @@ impl Trainer<'_> {
         let mut stats = StepStats::new(recipe, self.device, step);
         let mut replay = None;
         for micro in 0..cx.micro_batches {
-            let input = MicroBatch::of(batch, segments.as_deref(), micro, t.micro_batch_size, self.device);
+            let input = MicroBatch::of(
+                batch,
+                segments.as_deref(),
+                micro,
+                t.micro_batch_size,
+                self.device,
+            );
             step::micro_step(&cx, &input, router_metrics_due && micro == 0, &mut stats);
             if micro == 0 && sdc_due {
                 let scratch = StepStats::new(recipe, self.device, step);
                 let rank = self.par.world.rank();
-                replay = Some(sdc::replay(&cx, &input, &mut self.optimizer, scratch, rank, done));
+                replay = Some(sdc::replay(
+                    &cx,
+                    &input,
+                    &mut self.optimizer,
+                    scratch,
+                    rank,
+                    done,
+                ));
             }
         }
         (stats, replay)
@@ -242,7 +261,14 @@ impl Trainer<'_> {
         }
         if done.is_multiple_of(recipe.moe.metrics_every) || done == t.steps {
             let ki = self.controller.ki();
-            let line = line::router_line(report, recipe, counts, &self.built.model, self.param_count, ki);
+            let line = line::router_line(
+                report,
+                recipe,
+                counts,
+                &self.built.model,
+                self.param_count,
+                ki,
+            );
             self.metrics.write(line)?;
             let rg = report.stats.gradient_ratio;
             if rg >= 0.1 {
@@ -258,7 +284,14 @@ impl Trainer<'_> {
     /// The validation loss after `done` steps, written to the metrics.
     pub(super) fn evaluate(&mut self, done: usize) -> Result<(), TrainError> {
         let micro = self.recipe.train.micro_batch_size;
-        let (loss, line) = eval::validate(&self.built.model, self.par, &self.valid, micro, self.device, done);
+        let (loss, line) = eval::validate(
+            &self.built.model,
+            self.par,
+            &self.valid,
+            micro,
+            self.device,
+            done,
+        );
         self.last_val_loss = loss;
         self.metrics.write(line)
     }
@@ -297,9 +330,15 @@ impl Trainer<'_> {
     /// Restores every rank to the newest checkpoint after a failed corruption check at
     /// step `done` (`message` says what differed on which `ranks`), and rewinds the
     /// metrics to its step.
-    fn roll_back(&mut self, message: &str, done: usize, ranks: Vec<String>) -> Result<(), TrainError> {
+    fn roll_back(
+        &mut self,
+        message: &str,
+        done: usize,
+        ranks: Vec<String>,
+    ) -> Result<(), TrainError> {
         self.rollbacks += 1;
-        self.progress.println(format!("warning: {message}; rolling back"));
+        self.progress
+            .println(format!("warning: {message}; rolling back"));
         self.saver.wait()?;
         let policy = self.opts.load_policy();
         let loaded = self
