@@ -245,6 +245,7 @@ fn a_missing_dataset_exits_2_naming_the_path_and_the_fix() {
             &format!("output.dir={}", dir.join("run").display()),
         ])
         .args(["--set", "parallel.expert=1", "--set", "train.steps=1"])
+        .args(["--set", "train.warmup_steps=0"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -3,7 +3,7 @@
 //! the run directory, builds the model, optimizer and controller, and restores them or
 //! writes the step-0 validation loss. Every rank opens; rank 0 writes.
 
-use super::eval::{self, ValidationSets};
+use super::eval::ValidationSets;
 use super::options::RunOptions;
 use super::trainer::{Stop, Trainer};
 use crate::bias_control::ExpertBiasController;
@@ -231,15 +231,7 @@ impl<'a> Trainer<'a> {
 
     /// The validation loss before the first step, in a new metrics file.
     fn start_fresh(&mut self) -> Result<(), TrainError> {
-        let micro = self.recipe.train.micro_batch_size;
-        let (loss, line) = eval::validate(
-            &self.built.model,
-            self.par,
-            &self.valid,
-            micro,
-            self.device,
-            0,
-        );
+        let (loss, line) = self.validation(0);
         self.first_val_loss = loss;
         if self.lead() {
             self.metrics = Metrics::create(self.run_dir.join("metrics.jsonl"))?;

@@ -281,17 +281,15 @@ impl Trainer<'_> {
         Ok(())
     }
 
+    /// The validation loss after `step` steps and its metrics line (every rank computes).
+    pub(super) fn validation(&self, step: usize) -> (f64, serde_json::Value) {
+        let micro = self.recipe.train.micro_batch_size;
+        eval::validate(&self.built.model, self.par, &self.valid, micro, self.device, step)
+    }
+
     /// The validation loss after `done` steps, written to the metrics.
     pub(super) fn evaluate(&mut self, done: usize) -> Result<(), TrainError> {
-        let micro = self.recipe.train.micro_batch_size;
-        let (loss, line) = eval::validate(
-            &self.built.model,
-            self.par,
-            &self.valid,
-            micro,
-            self.device,
-            done,
-        );
+        let (loss, line) = self.validation(done);
         self.last_val_loss = loss;
         self.metrics.write(line)
     }
