@@ -11,10 +11,11 @@ mod comm_cmd;
 mod data_cmd;
 mod dry_run;
 mod failure;
-mod growth_cmd;
+mod grow;
 mod launch;
 mod plot;
 mod slurm;
+mod transfer;
 
 pub use failure::{Failure, UsageContext, UsageError};
 
@@ -94,9 +95,9 @@ enum Command {
     },
     /// Print the per-group init std and learning rate that width transfer derives from
     /// the recipe's proxy (and the rule behind each).
-    Transfer(growth_cmd::TransferArgs),
+    Transfer(transfer::TransferArgs),
     /// Build a deeper model's checkpoint by stacking a trained one's layers (model growth).
-    Grow(growth_cmd::GrowArgs),
+    Grow(grow::GrowArgs),
     /// Render a run's metrics as PNG charts (several runs overlaid).
     Plot(plot::PlotArgs),
     /// Collectives: conformance checks in the current (MPI or single-process) world.
@@ -253,8 +254,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Comm { command } => comm_cmd::run(command)?,
         Command::Launch(args) => launch::run(args)?,
         Command::Plot(args) => plot::run(args)?,
-        Command::Transfer(args) => growth_cmd::transfer(args)?,
-        Command::Grow(args) => growth_cmd::grow_cmd(args)?,
+        Command::Transfer(args) => transfer::run(args)?,
+        Command::Grow(args) => grow::run(args)?,
         Command::Submit(args) => slurm::submit(args)?,
         Command::Status { run } => slurm::status(&run)?,
         Command::Cancel { run } => slurm::cancel(&run)?,
