@@ -5,7 +5,6 @@
 //! `failure`.
 
 mod bench;
-mod bench_methods;
 mod ckpt_cmd;
 mod comm_cmd;
 mod data_cmd;
