@@ -196,7 +196,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             let recipe = load_recipe(&recipe, &overrides)?;
             if dry_run.dry_run {
-                return dry_run::run(&recipe, &dry_run).map_err(|error| Failure { code: 2, error });
+                dry_run::run(&recipe, &dry_run)?;
+                return Ok(());
             }
             let opts = RunOptions {
                 overwrite,
