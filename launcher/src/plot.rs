@@ -2,7 +2,7 @@
 //! loss and validation loss, learning rate, gradient norm, tokens/s, FFN experts per
 //! token per layer against K_e, and per-layer x per-expert load heatmaps — with several
 //! runs overlaid. `plots.json` in the output lists every file (and, for a heatmap, where
-//! its cells are).
+//! its cells are). Its line charts also draw `catapult bench growth|transfer`'s PNGs.
 
 use crate::UsageContext;
 use anyhow::{bail, Context};

@@ -389,3 +389,54 @@ fn heartbeats(dir: &Path, ranks: usize, since: SystemTime) -> Vec<(f64, Option<S
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_lines_are_untagged_for_mpirun_and_srun() {
+        assert_eq!(
+            untag("[1,0]<stdout>:step 3", false),
+            Some((0, true, "step 3"))
+        );
+        assert_eq!(untag("[1,2]<stderr>:oops", true), Some((2, false, "oops")));
+        assert_eq!(untag("1: hello", true), Some((1, true, "hello")));
+        assert_eq!(untag("mpirun noticed something", false), None);
+    }
+
+    #[test]
+    fn failure_causes_name_the_rank() {
+        let lines = |s: &str| s.lines().map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            failure_cause(&lines("srun: error: vm: task 1: Killed"), Some(137)),
+            "rank 1 died on signal 9 (Killed)"
+        );
+        assert_eq!(
+            failure_cause(
+                &lines("srun: error: vm: task 0: Exited with exit code 2"),
+                Some(2)
+            ),
+            "rank 0 exited with code 2"
+        );
+        assert_eq!(
+            failure_cause(
+                &lines(
+                    "mpirun noticed that process rank 1 with PID 123 on node x exited on \
+                     signal 9 (Killed)."
+                ),
+                Some(137)
+            ),
+            "rank 1 died on signal 9 (Killed)"
+        );
+        assert_eq!(
+            failure_cause(
+                &lines("Process name: [[9185,1],0]\n  Exit code:    2"),
+                Some(2)
+            ),
+            "rank 0 exited with code 2"
+        );
+        assert_eq!(failure_cause(&[], Some(3)), "mpirun exited with code 3");
+        assert_eq!(failure_cause(&[], None), "mpirun was killed by a signal");
+    }
+}
