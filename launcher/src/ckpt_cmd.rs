@@ -1,6 +1,7 @@
 //! `catapult ckpt list|verify|show`: what sharded checkpoints a root holds, whether their
 //! files match their manifests, and what is inside one.
 
+use crate::UsageError;
 use catapult_checkpoints::{step_dir, Checkpoints, Dtype, ShardError};
 use catapult_data::StorageOptions;
 use clap::Subcommand;
@@ -52,123 +53,140 @@ fn human(bytes: u64) -> String {
 
 pub fn run(command: CkptCommand) -> Result<(), crate::Failure> {
     match command {
-        CkptCommand::List { root, endpoint } => {
-            let (store, _) = open(&root, &endpoint)?;
-            let latest = store.latest()?;
-            let steps = store.steps()?;
-            if steps.is_empty() {
-                println!("{}: no checkpoints", store.root());
-            }
-            println!(
-                "{:<15} {:>12} {:>6} {:>11}  latest",
-                "checkpoint", "tokens", "files", "size"
-            );
-            for step in steps {
-                match store.manifest(step) {
-                    Ok(m) => println!(
-                        "{:<15} {:>12} {:>6} {:>11}  {}",
-                        step_dir(step),
-                        m.tokens,
-                        m.files.len(),
-                        human(m.files.iter().map(|f| f.bytes).sum()),
-                        if latest == Some(step) { "*" } else { "" }
-                    ),
-                    Err(e) => println!("{:<15} unreadable: {e}", step_dir(step)),
-                }
-            }
-        }
-        CkptCommand::Verify { path, endpoint } => {
-            let (store, step) = open(&path, &endpoint)?;
-            let steps = match step {
-                Some(s) => vec![s],
-                None => store.steps()?,
-            };
-            let mut bad = 0;
-            for s in &steps {
-                match store.verify(*s) {
-                    Ok(m) => println!("{}: ok ({} files)", step_dir(*s), m.files.len()),
-                    Err(e) => {
-                        bad += 1;
-                        println!("{}: FAILED: {e}", step_dir(*s));
-                    }
-                }
-            }
-            if bad > 0 {
-                return Err(anyhow::anyhow!(
-                    "{bad} of {} checkpoint(s) failed verification",
-                    steps.len()
-                )
-                .into());
-            }
-        }
-        CkptCommand::Show { path, endpoint } => {
-            let (store, step) = open(&path, &endpoint)?;
-            let step = match step {
-                Some(s) => s,
-                None => *store
-                    .steps()?
-                    .last()
-                    .ok_or_else(|| anyhow::anyhow!("{path}: no checkpoints"))?,
-            };
-            let loaded = store.load(step, false)?;
-            let m = &loaded.manifest;
-            println!(
-                "checkpoint {} (catapult {})",
-                loaded.location, m.catapult_version
-            );
-            println!("step {}, tokens {}", m.step, m.tokens);
-            println!(
-                "world: data-parallel {}, expert-parallel {}; experts per rank: {}",
-                m.world.data_parallel,
-                m.world.expert_parallel,
-                m.world
-                    .ranks
-                    .iter()
-                    .map(|r| format!("rank {} [{}, {})", r.rank, r.experts[0], r.experts[1]))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            if let Some(name) = m.recipe["name"].as_str() {
-                println!("recipe: {name}");
-            }
-            let mut groups: std::collections::BTreeMap<&str, (usize, u64, u64)> =
-                Default::default();
-            for t in loaded.tensors.values() {
-                let group = if t.name.starts_with("optimizer.") {
-                    "optimizer"
-                } else {
-                    "model"
-                };
-                let e = groups.entry(group).or_default();
-                e.0 += 1;
-                e.1 += t.numel() as u64;
-                e.2 += t.data.len() as u64;
-            }
-            for (group, (count, numel, bytes)) in groups {
-                println!(
-                    "{group:<10} {count:>5} tensors {numel:>14} values {:>11}",
-                    human(bytes)
-                );
-            }
-            let dtypes: std::collections::BTreeSet<String> = loaded
-                .tensors
-                .values()
-                .map(|t| format!("{:?}", t.dtype as Dtype))
-                .collect();
-            println!(
-                "dtypes: {}",
-                dtypes.into_iter().collect::<Vec<_>>().join(", ")
-            );
-            for f in &m.files {
-                println!(
-                    "  {:<24} rank {:<3} {:>11}  blake3 {}",
-                    f.name,
-                    f.rank,
-                    human(f.bytes),
-                    f.blake3.get(..16).unwrap_or(&f.blake3)
-                );
-            }
+        CkptCommand::List { root, endpoint } => list(&root, &endpoint),
+        CkptCommand::Verify { path, endpoint } => verify(&path, &endpoint),
+        CkptCommand::Show { path, endpoint } => show(&path, &endpoint),
+    }
+}
+
+/// `catapult ckpt list`: one line per checkpoint, the newest valid one starred.
+fn list(root: &str, endpoint: &Option<String>) -> Result<(), crate::Failure> {
+    let (store, _) = open(root, endpoint)?;
+    let latest = store.latest()?;
+    let steps = store.steps()?;
+    if steps.is_empty() {
+        println!("{}: no checkpoints", store.root());
+    }
+    println!(
+        "{:<15} {:>12} {:>6} {:>11}  latest",
+        "checkpoint", "tokens", "files", "size"
+    );
+    for step in steps {
+        match store.manifest(step) {
+            Ok(m) => println!(
+                "{:<15} {:>12} {:>6} {:>11}  {}",
+                step_dir(step),
+                m.tokens,
+                m.files.len(),
+                human(m.files.iter().map(|f| f.bytes).sum()),
+                if latest == Some(step) { "*" } else { "" }
+            ),
+            Err(e) => println!("{:<15} unreadable: {e}", step_dir(step)),
         }
     }
     Ok(())
+}
+
+/// `catapult ckpt verify`: every checkpoint at `path` against its manifest; an error
+/// (exit 1) when any fails.
+fn verify(path: &str, endpoint: &Option<String>) -> Result<(), crate::Failure> {
+    let (store, step) = open(path, endpoint)?;
+    let steps = match step {
+        Some(s) => vec![s],
+        None => store.steps()?,
+    };
+    let mut bad = 0;
+    for s in &steps {
+        match store.verify(*s) {
+            Ok(m) => println!("{}: ok ({} files)", step_dir(*s), m.files.len()),
+            Err(e) => {
+                bad += 1;
+                println!("{}: FAILED: {e}", step_dir(*s));
+            }
+        }
+    }
+    if bad > 0 {
+        return Err(
+            anyhow::anyhow!("{bad} of {} checkpoint(s) failed verification", steps.len()).into(),
+        );
+    }
+    Ok(())
+}
+
+/// `catapult ckpt show`: the manifest, then tensor counts and sizes by group, dtypes and
+/// files of one checkpoint (the newest at a root).
+fn show(path: &str, endpoint: &Option<String>) -> Result<(), crate::Failure> {
+    let (store, step) = open(path, endpoint)?;
+    let step = match step {
+        Some(s) => s,
+        None => *store.steps()?.last().ok_or_else(|| {
+            UsageError::new(format!(
+                "{path}: no checkpoints; name a checkpoint root that holds one, or a step \
+                 directory"
+            ))
+        })?,
+    };
+    let loaded = store.load(step, false)?;
+    let m = &loaded.manifest;
+    println!(
+        "checkpoint {} (catapult {})",
+        loaded.location, m.catapult_version
+    );
+    println!("step {}, tokens {}", m.step, m.tokens);
+    println!(
+        "world: data-parallel {}, expert-parallel {}; experts per rank: {}",
+        m.world.data_parallel,
+        m.world.expert_parallel,
+        m.world
+            .ranks
+            .iter()
+            .map(|r| format!("rank {} [{}, {})", r.rank, r.experts[0], r.experts[1]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some(name) = m.recipe["name"].as_str() {
+        println!("recipe: {name}");
+    }
+    show_tensors(&loaded);
+    for f in &m.files {
+        println!(
+            "  {:<24} rank {:<3} {:>11}  blake3 {}",
+            f.name,
+            f.rank,
+            human(f.bytes),
+            f.blake3.get(..16).unwrap_or(&f.blake3)
+        );
+    }
+    Ok(())
+}
+
+/// Tensors, values and bytes of the model and of the optimizer; the dtypes present.
+fn show_tensors(loaded: &catapult_checkpoints::Loaded) {
+    let mut groups: std::collections::BTreeMap<&str, (usize, u64, u64)> = Default::default();
+    for t in loaded.tensors.values() {
+        let group = if t.name.starts_with("optimizer.") {
+            "optimizer"
+        } else {
+            "model"
+        };
+        let e = groups.entry(group).or_default();
+        e.0 += 1;
+        e.1 += t.numel() as u64;
+        e.2 += t.data.len() as u64;
+    }
+    for (group, (count, numel, bytes)) in groups {
+        println!(
+            "{group:<10} {count:>5} tensors {numel:>14} values {:>11}",
+            human(bytes)
+        );
+    }
+    let dtypes: std::collections::BTreeSet<String> = loaded
+        .tensors
+        .values()
+        .map(|t| format!("{:?}", t.dtype as Dtype))
+        .collect();
+    println!(
+        "dtypes: {}",
+        dtypes.into_iter().collect::<Vec<_>>().join(", ")
+    );
 }

@@ -1,7 +1,8 @@
 //! `catapult data ...`: prepare shards, train a tokenizer, and stream a recipe's batches
 //! (to inspect them, compare world sizes or check a resumed stream).
 
-use anyhow::{bail, Context};
+use crate::{UsageContext, UsageError};
+use anyhow::Context;
 use catapult_data::{
     DataState, Dataset, DatasetSpec, DocumentSplit, Pipeline, PrepareOptions, ShardSize,
     StorageOptions, Tokenizer,
@@ -9,7 +10,8 @@ use catapult_data::{
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -134,7 +136,7 @@ pub enum TokenizerCommand {
 }
 
 /// Resident anonymous memory of this process, in bytes (Linux; 0 elsewhere).
-pub fn rss_anon() -> u64 {
+fn rss_anon() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -153,11 +155,29 @@ fn is_dataset(input: &str) -> bool {
         || std::path::Path::new(input).is_dir()
 }
 
-/// The texts of all inputs, in order, read lazily.
+/// The first error met while reading the tokenizer's inputs lazily (the trainer pulls
+/// the texts, so the error waits here until it returns).
+type ReadError = Arc<Mutex<Option<anyhow::Error>>>;
+
+/// The error in `failed`, taken out (a panic elsewhere cannot leave it half-written).
+fn take(failed: &ReadError) -> Option<anyhow::Error> {
+    failed.lock().unwrap_or_else(PoisonError::into_inner).take()
+}
+
+fn has_failed(failed: &ReadError) -> bool {
+    failed
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .is_some()
+}
+
+/// The texts of all inputs, in order, read lazily; a dataset that cannot be read ends
+/// its texts and leaves the error in `failed`.
 fn texts(
     inputs: &[String],
     text_column: &str,
     storage: &StorageOptions,
+    failed: &ReadError,
 ) -> anyhow::Result<Vec<Box<dyn Iterator<Item = String> + Send>>> {
     let bytes = Tokenizer::bytes();
     let mut out: Vec<Box<dyn Iterator<Item = String> + Send>> = Vec::new();
@@ -169,16 +189,29 @@ fn texts(
                 text_column: text_column.into(),
                 tokens_column: None,
             };
-            let dataset = std::sync::Arc::new(Dataset::open(&spec, storage, &bytes)?);
+            let dataset = Arc::new(Dataset::open(&spec, storage, &bytes)?);
             let units = dataset.units();
-            out.push(Box::new(units.into_iter().flat_map(move |(s, g)| {
-                dataset
-                    .read_texts(s, g)
-                    .unwrap_or_else(|e| panic!("reading tokenizer input: {e}"))
-            })));
+            let (input, failed) = (input.clone(), failed.clone());
+            out.push(Box::new(
+                units
+                    .into_iter()
+                    .map_while(move |(s, g)| match dataset.read_texts(s, g) {
+                        Ok(texts) => Some(texts),
+                        Err(e) => {
+                            let error = anyhow::Error::new(e).context(format!(
+                                "{input}: cannot read the tokenizer input (shard {s}, row \
+                                 group {g}); no tokenizer was written"
+                            ));
+                            let mut slot = failed.lock().unwrap_or_else(PoisonError::into_inner);
+                            slot.get_or_insert(error);
+                            None
+                        }
+                    })
+                    .flatten(),
+            ));
         } else {
             let text = std::fs::read_to_string(input)
-                .with_context(|| format!("{input}: cannot read the tokenizer input"))?;
+                .usage_context(|| format!("{input}: cannot read the tokenizer input"))?;
             let lines: Vec<String> = text
                 .lines()
                 .filter(|l| !l.trim().is_empty())
@@ -188,6 +221,19 @@ fn texts(
         }
     }
     Ok(out)
+}
+
+/// What `catapult data stream` was asked for.
+struct StreamJob {
+    recipe: PathBuf,
+    overrides: crate::OverrideArgs,
+    batches: u64,
+    rank: usize,
+    world: usize,
+    resume: Option<PathBuf>,
+    save_state: Option<PathBuf>,
+    output: Option<PathBuf>,
+    summary: Option<PathBuf>,
 }
 
 pub fn run(command: DataCommand) -> Result<(), crate::Failure> {
@@ -219,19 +265,7 @@ pub fn run(command: DataCommand) -> Result<(), crate::Failure> {
                 workers,
                 storage: storage.options(),
             };
-            let summary =
-                catapult_data::prepare(&inputs, &output, &opts).context("data prepare failed")?;
-            let ix = &summary.index;
-            let row_groups: usize = ix.shards.iter().map(|s| s.row_groups.len()).sum();
-            print!("{} documents, {} bytes of text", ix.rows, ix.text_bytes);
-            if let Some(tokens) = ix.tokens {
-                print!(", {tokens} tokens");
-            }
-            println!(
-                ", {} shard(s), {row_groups} row group(s) in {} (index: dataset.json)",
-                ix.shards.len(),
-                summary.location
-            );
+            prepare(&inputs, &output, &opts)
         }
         DataCommand::Tokenizer {
             command:
@@ -242,19 +276,7 @@ pub fn run(command: DataCommand) -> Result<(), crate::Failure> {
                     text_column,
                     storage,
                 },
-        } => {
-            let started = Instant::now();
-            let sources = texts(&inputs, &text_column, &storage.options())?;
-            catapult_data::train_bpe(sources.into_iter().flatten(), vocab_size, &output)?;
-            let t = Tokenizer::load(output.to_str().context("non-UTF-8 output path")?, None)?;
-            println!(
-                "trained a byte-level BPE with {} ids (end of document: id {}) in {:.1} s: {}",
-                t.vocab_size(),
-                t.eod(),
-                started.elapsed().as_secs_f64(),
-                output.display()
-            );
-        }
+        } => train_tokenizer(&inputs, &text_column, &storage, vocab_size, &output),
         DataCommand::Stream {
             recipe,
             overrides,
@@ -265,97 +287,196 @@ pub fn run(command: DataCommand) -> Result<(), crate::Failure> {
             save_state,
             output,
             summary,
-        } => {
-            let recipe = crate::load_recipe(&recipe, &overrides)?;
-            let baseline = rss_anon();
-            let mut pipeline = Pipeline::open(recipe.pipeline_config(), rank, world)?;
-            if let Some(path) = &resume {
-                let state = read_state(path)?;
-                pipeline.restore(&state)?;
-            }
-            let names: Vec<String> = pipeline.datasets().iter().map(|d| d.name.clone()).collect();
-            let mut out = match &output {
-                Some(p) => Some(std::io::BufWriter::new(
-                    std::fs::File::create(p)
-                        .with_context(|| format!("{}: cannot create", p.display()))?,
-                )),
-                None => None,
-            };
-            let progress = ProgressBar::new(batches);
-            progress.set_style(
-                ProgressStyle::with_template("stream {bar:30} {pos}/{len} batches {msg}")
-                    .expect("template"),
-            );
-            let started = Instant::now();
-            let mut tokens = 0u64;
-            let mut peak = baseline;
-            let mut by_dataset = vec![0u64; names.len()];
-            for _ in 0..batches {
-                let batch = pipeline.next_batch()?;
-                for (seq, &d) in batch.sequences.iter().zip(&batch.datasets) {
-                    tokens += batch.seq_len as u64;
-                    by_dataset[d as usize] += batch.seq_len as u64;
-                    if let Some(w) = out.as_mut() {
-                        let line = serde_json::json!({
-                            "batch": batch.index,
-                            "rank": rank,
-                            "dataset": names[d as usize],
-                            "tokens": seq,
-                        });
-                        writeln!(w, "{line}")?;
-                    }
-                }
-                peak = peak.max(rss_anon());
-                progress.inc(1);
-                progress.set_message(format!(
-                    "{:.0} tok/s",
-                    tokens as f64 / started.elapsed().as_secs_f64()
-                ));
-            }
-            progress.finish_and_clear();
-            if let Some(mut w) = out {
-                w.flush()?;
-            }
-            let elapsed = started.elapsed().as_secs_f64();
-            if let Some(p) = &save_state {
-                let json = serde_json::to_string_pretty(&pipeline.state())?;
-                catapult_checkpoints::write_atomically(p, json.as_bytes())?;
-            }
-            let report = serde_json::json!({
-                "batches": batches,
-                "tokens": tokens,
-                "tokens_by_dataset": names.iter().cloned().zip(by_dataset.iter().map(|&t| serde_json::Value::from(t))).collect::<serde_json::Map<_, _>>(),
-                "elapsed_s": elapsed,
-                "tokens_per_s": tokens as f64 / elapsed,
-                "rss_anon_baseline_bytes": baseline,
-                "rss_anon_peak_bytes": peak,
-                "read_ahead_bytes": recipe.data.read_ahead_mb << 20,
-            });
-            println!(
-                "{tokens} tokens in {batches} batches, {:.0} tokens/s, peak resident growth {:.1} MiB",
-                tokens as f64 / elapsed,
-                (peak - baseline) as f64 / (1 << 20) as f64
-            );
-            if let Some(p) = &summary {
-                catapult_checkpoints::write_atomically(
-                    p,
-                    serde_json::to_string_pretty(&report)?.as_bytes(),
-                )?;
-            }
+        } => stream(StreamJob {
+            recipe,
+            overrides,
+            batches,
+            rank,
+            world,
+            resume,
+            save_state,
+            output,
+            summary,
+        }),
+    }
+}
+
+/// `catapult data prepare`: the shards and a one-line summary of them.
+fn prepare(inputs: &[PathBuf], output: &str, opts: &PrepareOptions) -> Result<(), crate::Failure> {
+    let summary = catapult_data::prepare(inputs, output, opts).context("data prepare failed")?;
+    let ix = &summary.index;
+    let row_groups: usize = ix.shards.iter().map(|s| s.row_groups.len()).sum();
+    print!("{} documents, {} bytes of text", ix.rows, ix.text_bytes);
+    if let Some(tokens) = ix.tokens {
+        print!(", {tokens} tokens");
+    }
+    println!(
+        ", {} shard(s), {row_groups} row group(s) in {} (index: dataset.json)",
+        ix.shards.len(),
+        summary.location
+    );
+    Ok(())
+}
+
+/// `catapult data tokenizer train`: a byte-level BPE from the inputs' texts.
+fn train_tokenizer(
+    inputs: &[String],
+    text_column: &str,
+    storage: &StorageArgs,
+    vocab_size: usize,
+    output: &Path,
+) -> Result<(), crate::Failure> {
+    let started = Instant::now();
+    let failed = ReadError::default();
+    let sources = texts(inputs, text_column, &storage.options(), &failed)?;
+    let all = sources
+        .into_iter()
+        .flatten()
+        .take_while(|_| !has_failed(&failed));
+    let trained = catapult_data::train_bpe(all, vocab_size, output);
+    if let Some(error) = take(&failed) {
+        if trained.is_ok() {
+            // What was written came from part of the input only.
+            let _ = std::fs::remove_file(output);
         }
+        return Err(error.into());
+    }
+    trained?;
+    let path = output.to_str().ok_or_else(|| {
+        UsageError::new(format!(
+            "{}: the path is not UTF-8; give a UTF-8 --output path",
+            output.display()
+        ))
+    })?;
+    let t = Tokenizer::load(path, None)?;
+    println!(
+        "trained a byte-level BPE with {} ids (end of document: id {}) in {:.1} s: {}",
+        t.vocab_size(),
+        t.eod(),
+        started.elapsed().as_secs_f64(),
+        output.display()
+    );
+    Ok(())
+}
+
+/// Totals of a stream.
+struct Delivered {
+    tokens: u64,
+    by_dataset: Vec<u64>,
+    peak_rss: u64,
+    elapsed_s: f64,
+}
+
+/// `catapult data stream`: the recipe's batches (optionally from a saved state), their
+/// sequences as JSON lines, the state after the last batch and a summary.
+fn stream(job: StreamJob) -> Result<(), crate::Failure> {
+    let recipe = crate::load_recipe(&job.recipe, &job.overrides)?;
+    let baseline = rss_anon();
+    let mut pipeline = Pipeline::open(recipe.pipeline_config(), job.rank, job.world)?;
+    if let Some(path) = &job.resume {
+        let state = read_state(path)?;
+        pipeline.restore(&state)?;
+    }
+    let names: Vec<String> = pipeline.datasets().iter().map(|d| d.name.clone()).collect();
+    let out = match &job.output {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?,
+        )),
+        None => None,
+    };
+    let d = deliver(&mut pipeline, &job, &names, out, baseline)?;
+    let (batches, tokens, elapsed) = (job.batches, d.tokens, d.elapsed_s);
+    if let Some(p) = &job.save_state {
+        let json = serde_json::to_string_pretty(&pipeline.state())?;
+        catapult_checkpoints::write_atomically(p, json.as_bytes())?;
+    }
+    let report = serde_json::json!({
+        "batches": batches,
+        "tokens": tokens,
+        "tokens_by_dataset": names.iter().cloned().zip(d.by_dataset.iter().map(|&t| serde_json::Value::from(t))).collect::<serde_json::Map<_, _>>(),
+        "elapsed_s": elapsed,
+        "tokens_per_s": tokens as f64 / elapsed,
+        "rss_anon_baseline_bytes": baseline,
+        "rss_anon_peak_bytes": d.peak_rss,
+        "read_ahead_bytes": recipe.data.read_ahead_mb << 20,
+    });
+    println!(
+        "{tokens} tokens in {batches} batches, {:.0} tokens/s, peak resident growth {:.1} MiB",
+        tokens as f64 / elapsed,
+        (d.peak_rss - baseline) as f64 / (1 << 20) as f64
+    );
+    if let Some(p) = &job.summary {
+        catapult_checkpoints::write_atomically(
+            p,
+            serde_json::to_string_pretty(&report)?.as_bytes(),
+        )?;
     }
     Ok(())
 }
 
-/// A data state from a state file or a checkpoint's meta.json (its `data_state`).
-fn read_state(path: &PathBuf) -> anyhow::Result<DataState> {
-    let raw = std::fs::read(path)
-        .with_context(|| format!("{}: cannot read the data state", path.display()))?;
-    let value: serde_json::Value =
-        serde_json::from_slice(&raw).with_context(|| format!("{}: not JSON", path.display()))?;
-    let state = value.get("data_state").cloned().unwrap_or(value);
-    match serde_json::from_value(state) {
-        Ok(s) => Ok(s),
-        Err(e) => bail!("{}: not a data state ({e})", path.display()),
+/// Pulls `job.batches` batches (writing their sequences to `out`) under a progress bar.
+fn deliver(
+    pipeline: &mut Pipeline,
+    job: &StreamJob,
+    names: &[String],
+    mut out: Option<std::io::BufWriter<std::fs::File>>,
+    baseline: u64,
+) -> anyhow::Result<Delivered> {
+    let progress = ProgressBar::new(job.batches);
+    progress.set_style(
+        ProgressStyle::with_template("stream {bar:30} {pos}/{len} batches {msg}")
+            .expect("a static template that parses"),
+    );
+    let started = Instant::now();
+    let mut tokens = 0u64;
+    let mut peak = baseline;
+    let mut by_dataset = vec![0u64; names.len()];
+    for _ in 0..job.batches {
+        let batch = pipeline.next_batch()?;
+        for (seq, &d) in batch.sequences.iter().zip(&batch.datasets) {
+            tokens += batch.seq_len as u64;
+            by_dataset[d as usize] += batch.seq_len as u64;
+            if let Some(w) = out.as_mut() {
+                let line = serde_json::json!({
+                    "batch": batch.index,
+                    "rank": job.rank,
+                    "dataset": names[d as usize],
+                    "tokens": seq,
+                });
+                writeln!(w, "{line}")?;
+            }
+        }
+        peak = peak.max(rss_anon());
+        progress.inc(1);
+        progress.set_message(format!(
+            "{:.0} tok/s",
+            tokens as f64 / started.elapsed().as_secs_f64()
+        ));
     }
+    progress.finish_and_clear();
+    if let Some(mut w) = out {
+        w.flush()?;
+    }
+    Ok(Delivered {
+        tokens,
+        by_dataset,
+        peak_rss: peak,
+        elapsed_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// A data state from a state file or a checkpoint's meta.json (its `data_state`).
+fn read_state(path: &Path) -> Result<DataState, UsageError> {
+    let raw = std::fs::read(path)
+        .usage_context(|| format!("{}: cannot read the data state", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&raw).usage_context(|| format!("{}: not JSON", path.display()))?;
+    let state = value.get("data_state").cloned().unwrap_or(value);
+    serde_json::from_value(state).map_err(|e| {
+        UsageError::new(format!(
+            "{}: not a data state ({e}); give a file written by --save-state or a \
+             checkpoint's meta.json",
+            path.display()
+        ))
+    })
 }

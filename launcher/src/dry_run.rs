@@ -2,6 +2,7 @@
 //! (nothing is allocated, no data is read): parameters, FLOPs per token, memory per rank,
 //! communication per step, and a step-time estimate on a stated cluster.
 
+use crate::UsageError;
 use catapult_trainer::sizing::{gpu_by_name, Cluster, Plan, GPUS};
 use catapult_trainer::Recipe;
 use clap::Args;
@@ -65,44 +66,9 @@ fn secs(s: f64) -> String {
     }
 }
 
-/// Runs the dry run; the error names the bad flag.
+/// Runs the dry run; a bad flag is a `UsageError` that names it.
 pub fn run(recipe: &Recipe, args: &DryRunArgs) -> anyhow::Result<()> {
-    let gpu = gpu_by_name(&args.gpu).ok_or_else(|| {
-        let names: Vec<&str> = GPUS.iter().map(|g| g.name).collect();
-        anyhow::anyhow!(
-            "--gpu {}: not in the device table; use one of {}",
-            args.gpu,
-            names.join(", ")
-        )
-    })?;
-    if !(args.mfu > 0.0 && args.mfu <= 1.0) {
-        anyhow::bail!("--mfu {}: use a fraction in (0, 1]", args.mfu);
-    }
-    if args.link_gbps.is_nan() || args.link_gbps <= 0.0 {
-        anyhow::bail!("--link-gbps {}: use a positive bandwidth", args.link_gbps);
-    }
-    let ep = recipe.parallel.expert.max(1);
-    let world = args.world.unwrap_or(recipe.parallel.data.max(1) * ep);
-    if world == 0 || !world.is_multiple_of(ep) {
-        anyhow::bail!(
-            "--world {world}: not a multiple of parallel.expert = {ep}; use a multiple of {ep}"
-        );
-    }
-    if recipe.parallel.data > 0 && recipe.parallel.data * ep != world {
-        anyhow::bail!(
-            "--world {world}: the recipe fixes parallel.data = {} x parallel.expert = {ep} = {} ranks; \
-             pass --world {} or set parallel.data: 0",
-            recipe.parallel.data,
-            recipe.parallel.data * ep,
-            recipe.parallel.data * ep
-        );
-    }
-    let cluster = Cluster {
-        gpu,
-        gpus: world,
-        link_gbps: args.link_gbps,
-        mfu: args.mfu,
-    };
+    let cluster = cluster(recipe, args)?;
     let plan = Plan::of(recipe, &cluster);
     let days = args.tokens.map(|t| plan.days_for(t));
     if args.json {
@@ -116,9 +82,64 @@ pub fn run(recipe: &Recipe, args: &DryRunArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
+    println!("{}: dry run (nothing allocated)", recipe.name);
+    print_params(recipe, &plan);
+    print_memory(recipe, &plan, &cluster);
+    print_comm(&plan);
+    print_time(&plan, &cluster, args.tokens, days);
+    Ok(())
+}
+
+/// The cluster the flags describe, checked against the recipe's layout.
+fn cluster(recipe: &Recipe, args: &DryRunArgs) -> Result<Cluster, UsageError> {
+    let gpu = gpu_by_name(&args.gpu).ok_or_else(|| {
+        let names: Vec<&str> = GPUS.iter().map(|g| g.name).collect();
+        UsageError::new(format!(
+            "--gpu {}: not in the device table; use one of {}",
+            args.gpu,
+            names.join(", ")
+        ))
+    })?;
+    if !(args.mfu > 0.0 && args.mfu <= 1.0) {
+        return Err(UsageError::new(format!(
+            "--mfu {}: use a fraction in (0, 1]",
+            args.mfu
+        )));
+    }
+    if args.link_gbps.is_nan() || args.link_gbps <= 0.0 {
+        return Err(UsageError::new(format!(
+            "--link-gbps {}: use a positive bandwidth",
+            args.link_gbps
+        )));
+    }
+    let ep = recipe.parallel.expert.max(1);
+    let world = args.world.unwrap_or(recipe.parallel.data.max(1) * ep);
+    if world == 0 || !world.is_multiple_of(ep) {
+        return Err(UsageError::new(format!(
+            "--world {world}: not a multiple of parallel.expert = {ep}; use a multiple of {ep}"
+        )));
+    }
+    if recipe.parallel.data > 0 && recipe.parallel.data * ep != world {
+        return Err(UsageError::new(format!(
+            "--world {world}: the recipe fixes parallel.data = {} x parallel.expert = {ep} = {} ranks; \
+             pass --world {} or set parallel.data: 0",
+            recipe.parallel.data,
+            recipe.parallel.data * ep,
+            recipe.parallel.data * ep
+        )));
+    }
+    Ok(Cluster {
+        gpu,
+        gpus: world,
+        link_gbps: args.link_gbps,
+        mfu: args.mfu,
+    })
+}
+
+/// Parameters: total, experts, embedding, MTP, and activated per token with FLOPs.
+fn print_params(recipe: &Recipe, plan: &Plan) {
     let m = &recipe.model;
     let p = &plan.params;
-    println!("{}: dry run (nothing allocated)", recipe.name);
     println!("parameters");
     println!(
         "  total                          {:>12}  ({} exactly)",
@@ -155,6 +176,12 @@ pub fn run(recipe: &Recipe, args: &DryRunArgs) -> anyhow::Result<()> {
             plan.flops_per_token[i]
         );
     }
+}
+
+/// Memory per rank against the GPU's.
+fn print_memory(recipe: &Recipe, plan: &Plan, cluster: &Cluster) {
+    let (world, gpu) = (cluster.gpus, cluster.gpu);
+    let ep = recipe.parallel.expert.max(1);
     let mem = &plan.memory;
     println!(
         "memory per rank ({} ranks = {} data x {} expert; {} parameters held)",
@@ -189,6 +216,10 @@ pub fn run(recipe: &Recipe, args: &DryRunArgs) -> anyhow::Result<()> {
     if !fits {
         println!("    dense parameters are replicated on every rank (no tensor or pipeline parallelism here)");
     }
+}
+
+/// Bytes each rank exchanges per step.
+fn print_comm(plan: &Plan) {
     let c = &plan.comm;
     println!("communication per rank per step");
     println!("  MoE all-to-all                 {:>12}", gib(c.all_to_all));
@@ -200,10 +231,15 @@ pub fn run(recipe: &Recipe, args: &DryRunArgs) -> anyhow::Result<()> {
         "  expert gradient sum            {:>12}",
         gib(c.expert_gradients)
     );
+}
+
+/// The step-time estimate, and the days for `tokens`.
+fn print_time(plan: &Plan, cluster: &Cluster, tokens: Option<f64>, days: Option<f64>) {
+    let (world, gpu) = (cluster.gpus, cluster.gpu);
     let t = &plan.time;
     println!(
         "step on {} x {} ({} TFLOP/s at MFU {}, {} GB/s links), {} tokens per step",
-        world, gpu.name, gpu.peak_tflops, args.mfu, args.link_gbps, t.tokens_per_step
+        world, gpu.name, gpu.peak_tflops, cluster.mfu, cluster.link_gbps, t.tokens_per_step
     );
     println!("  compute                        {:>12}", secs(t.compute_s));
     println!(
@@ -220,7 +256,7 @@ pub fn run(recipe: &Recipe, args: &DryRunArgs) -> anyhow::Result<()> {
     );
     println!("  step (nothing overlapped)      {:>12}", secs(t.serial_s));
     println!("  step (everything overlapped)   {:>12}", secs(t.hidden_s));
-    if let (Some(tokens), Some(d)) = (args.tokens, days) {
+    if let (Some(tokens), Some(d)) = (tokens, days) {
         let steps = tokens / t.tokens_per_step;
         println!(
             "{tokens:.3e} tokens ({steps:.0} steps): {d:.1} days (all-to-all overlapped), {:.1} days \
@@ -229,5 +265,4 @@ pub fn run(recipe: &Recipe, args: &DryRunArgs) -> anyhow::Result<()> {
             steps * t.compute_s / 86_400.0
         );
     }
-    Ok(())
 }

@@ -1,18 +1,24 @@
 //! The `catapult` command: a thin layer of argument parsing over the library crates.
-//! Results go to stdout and files, progress and errors to stderr; exit code 0 on
-//! success, 1 on a failed run, 2 on bad input (recipe or arguments).
+//! This file owns the command line (every subcommand's arguments or where they live) and
+//! the dispatch to the module that runs each. Results go to stdout and files, progress
+//! and errors to stderr; the exit code (0, 1 at run time, 2 bad input) is decided in
+//! `failure`.
 
 mod bench;
-mod bench_methods;
 mod ckpt_cmd;
 mod comm_cmd;
 mod data_cmd;
 mod dry_run;
-mod growth_cmd;
+mod failure;
+mod grow;
 mod launch;
 mod plot;
 mod slurm;
+mod transfer;
 
+pub use failure::{Failure, UsageContext, UsageError};
+
+use catapult_trainer::checkpoint::Resume;
 use catapult_trainer::{recipe, Override, RecipeError, RunOptions};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -20,7 +26,14 @@ use std::process::ExitCode;
 
 /// Distributed pretraining for LongCat-Flash-style mixture-of-experts models.
 #[derive(Parser)]
-#[command(name = "catapult", version, about)]
+#[command(
+    name = "catapult",
+    version,
+    about,
+    after_help = "Exit codes: 0 success; 1 failure at run time (I/O, a rank died, corruption); \
+                  2 bad input (recipe, arguments, paths, a checkpoint that does not fit the \
+                  recipe)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -41,7 +54,7 @@ enum Command {
         /// checkpoint root; a fresh start if there is none), a checkpoint root, or one
         /// step directory.
         #[arg(long, value_name = "auto|PATH", num_args = 0..=1, default_missing_value = "auto")]
-        resume: Option<String>,
+        resume: Option<Resume>,
         /// Skip the BLAKE3 check of checkpoint files when resuming.
         #[arg(long)]
         no_verify: bool,
@@ -81,9 +94,9 @@ enum Command {
     },
     /// Print the per-group init std and learning rate that width transfer derives from
     /// the recipe's proxy (and the rule behind each).
-    Transfer(growth_cmd::TransferArgs),
+    Transfer(transfer::TransferArgs),
     /// Build a deeper model's checkpoint by stacking a trained one's layers (model growth).
-    Grow(growth_cmd::GrowArgs),
+    Grow(grow::GrowArgs),
     /// Render a run's metrics as PNG charts (several runs overlaid).
     Plot(plot::PlotArgs),
     /// Collectives: conformance checks in the current (MPI or single-process) world.
@@ -158,24 +171,6 @@ enum ShowFormat {
     Json,
 }
 
-/// A failure and the exit code it maps to.
-pub struct Failure {
-    code: u8,
-    error: anyhow::Error,
-}
-
-impl<E: Into<anyhow::Error>> From<E> for Failure {
-    fn from(e: E) -> Self {
-        let error = e.into();
-        let code = if error.downcast_ref::<RecipeError>().is_some() {
-            2
-        } else {
-            1
-        };
-        Self { code, error }
-    }
-}
-
 pub fn load_recipe(
     file: &std::path::Path,
     overrides: &OverrideArgs,
@@ -201,11 +196,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             let recipe = load_recipe(&recipe, &overrides)?;
             if dry_run.dry_run {
-                return dry_run::run(&recipe, &dry_run).map_err(|error| Failure { code: 2, error });
+                dry_run::run(&recipe, &dry_run)?;
+                return Ok(());
             }
             let opts = RunOptions {
                 overwrite,
-                resume: resume.map(|r| r.parse().expect("any string is a Resume")),
+                resume,
                 no_verify,
                 no_fallback,
             };
@@ -258,8 +254,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Comm { command } => comm_cmd::run(command)?,
         Command::Launch(args) => launch::run(args)?,
         Command::Plot(args) => plot::run(args)?,
-        Command::Transfer(args) => growth_cmd::transfer(args)?,
-        Command::Grow(args) => growth_cmd::grow_cmd(args)?,
+        Command::Transfer(args) => transfer::run(args)?,
+        Command::Grow(args) => grow::run(args)?,
         Command::Submit(args) => slurm::submit(args)?,
         Command::Status { run } => slurm::status(&run)?,
         Command::Cancel { run } => slurm::cancel(&run)?,
@@ -275,5 +271,39 @@ fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::from(code)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent_and_documents_exit_codes() {
+        Cli::command().debug_assert();
+        let help = Cli::command().render_long_help().to_string();
+        assert!(
+            help.contains("Exit codes: 0 success; 1 failure at run time"),
+            "{help}"
+        );
+    }
+
+    #[test]
+    fn resume_is_parsed_by_the_command_line() {
+        let resume = |args: &[&str]| match Cli::try_parse_from(args).map(|c| c.command) {
+            Ok(Command::Train { resume, .. }) => resume,
+            _ => panic!("{args:?} does not parse as train"),
+        };
+        let bare = ["catapult", "train", "r.yaml"];
+        assert_eq!(resume(&bare), None);
+        assert_eq!(
+            resume(&[&bare[..], &["--resume"]].concat()),
+            Some(Resume::Auto)
+        );
+        assert_eq!(
+            resume(&[&bare[..], &["--resume", "runs/x/checkpoints"]].concat()),
+            Some(Resume::Path("runs/x/checkpoints".into()))
+        );
     }
 }

@@ -2,8 +2,9 @@
 //! loss and validation loss, learning rate, gradient norm, tokens/s, FFN experts per
 //! token per layer against K_e, and per-layer x per-expert load heatmaps — with several
 //! runs overlaid. `plots.json` in the output lists every file (and, for a heatmap, where
-//! its cells are).
+//! its cells are). Its line charts also draw `catapult bench growth|transfer`'s PNGs.
 
+use crate::UsageContext;
 use anyhow::{bail, Context};
 use clap::Args;
 use plotters::prelude::*;
@@ -50,7 +51,7 @@ impl Run {
         } else {
             path.join("metrics.jsonl")
         };
-        let text = std::fs::read_to_string(&file).with_context(|| {
+        let text = std::fs::read_to_string(&file).usage_context(|| {
             format!(
                 "{}: cannot read the metrics (give a run directory holding metrics.jsonl)",
                 file.display()
@@ -342,20 +343,9 @@ fn heatmap(path: &Path, run: &Run, step: u64, loads: &[Vec<f64>]) -> anyhow::Res
 
 /// Renders the charts; prints the files written.
 pub fn run(args: PlotArgs) -> anyhow::Result<()> {
-    let mut runs: Vec<Run> = args
-        .runs
-        .iter()
-        .map(|p| Run::load(p))
-        .collect::<Result<_, _>>()?;
-    // Runs with the same directory name are told apart by their position.
-    let labels: Vec<String> = runs.iter().map(|r| r.label.clone()).collect();
-    for (i, r) in runs.iter_mut().enumerate() {
-        if labels.iter().filter(|l| **l == r.label).count() > 1 {
-            r.label = format!("{} #{}", r.label, i + 1);
-        }
-    }
+    let runs = load_runs(&args.runs)?;
     let out = args.output.clone().unwrap_or_else(|| {
-        let first = &args.runs[0];
+        let first = args.runs.first().expect("clap requires at least one run");
         let dir = if first.is_dir() {
             first.clone()
         } else {
@@ -364,8 +354,75 @@ pub fn run(args: PlotArgs) -> anyhow::Result<()> {
         dir.join("plots")
     });
     std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
-    let mut index = Vec::new();
-    let mut written = |name: &str, made: bool, extra: serde_json::Value| {
+    let mut index = Index {
+        out,
+        files: Vec::new(),
+    };
+    loss_chart(&runs, &mut index)?;
+    lr_chart(&runs, &mut index)?;
+    for (file, title, y_label, key) in [
+        (
+            "grad_norm.png",
+            "gradient norm (before clipping)",
+            "L2 norm",
+            "grad_norm",
+        ),
+        ("tokens_per_s.png", "throughput", "tokens/s", "tokens_per_s"),
+    ] {
+        let made = line_chart(
+            &index.path(file),
+            title,
+            "step",
+            y_label,
+            &simple(&runs, key),
+        )?;
+        index.add(file, made, serde_json::json!({}));
+    }
+    experts_chart(&runs, &mut index)?;
+    // Heatmaps of the first run at the chosen steps.
+    let run0 = runs.first().expect("clap requires at least one run");
+    heatmaps(run0, &args.steps, &mut index)?;
+    let index_path = index.path("plots.json");
+    std::fs::write(
+        &index_path,
+        serde_json::to_string_pretty(&index.files)? + "\n",
+    )
+    .with_context(|| format!("{}: cannot write", index_path.display()))?;
+    for v in &index.files {
+        println!("{}", index.path(v["file"].as_str().unwrap_or("")).display());
+    }
+    Ok(())
+}
+
+/// The runs named on the command line; runs with the same directory name are told apart
+/// by their position.
+fn load_runs(paths: &[PathBuf]) -> anyhow::Result<Vec<Run>> {
+    let mut runs: Vec<Run> = paths
+        .iter()
+        .map(|p| Run::load(p))
+        .collect::<Result<_, _>>()?;
+    let labels: Vec<String> = runs.iter().map(|r| r.label.clone()).collect();
+    for (i, r) in runs.iter_mut().enumerate() {
+        if labels.iter().filter(|l| **l == r.label).count() > 1 {
+            r.label = format!("{} #{}", r.label, i + 1);
+        }
+    }
+    Ok(runs)
+}
+
+/// The files written, for plots.json.
+struct Index {
+    out: PathBuf,
+    files: Vec<serde_json::Value>,
+}
+
+impl Index {
+    fn path(&self, name: &str) -> PathBuf {
+        self.out.join(name)
+    }
+
+    /// Lists `name` (with `extra`'s fields) when it was `made`.
+    fn add(&mut self, name: &str, made: bool, extra: serde_json::Value) {
         if made {
             let mut v = serde_json::json!({"file": name});
             if let serde_json::Value::Object(m) = extra {
@@ -373,22 +430,27 @@ pub fn run(args: PlotArgs) -> anyhow::Result<()> {
                     v[k] = x;
                 }
             }
-            index.push(v);
+            self.files.push(v);
         }
-    };
-    let simple = |key: &str| -> Vec<Curve> {
-        runs.iter()
-            .enumerate()
-            .map(|(i, r)| Curve {
-                label: r.label.clone(),
-                points: r.series(key),
-                color: palette(i),
-                dashed: false,
-            })
-            .filter(|c| !c.points.is_empty())
-            .collect()
-    };
+    }
+}
 
+/// One curve of `key` per run that has it.
+fn simple(runs: &[Run], key: &str) -> Vec<Curve> {
+    runs.iter()
+        .enumerate()
+        .map(|(i, r)| Curve {
+            label: r.label.clone(),
+            points: r.series(key),
+            color: palette(i),
+            dashed: false,
+        })
+        .filter(|c| !c.points.is_empty())
+        .collect()
+}
+
+/// loss.png: training (lighter) and validation loss of every run.
+fn loss_chart(runs: &[Run], index: &mut Index) -> anyhow::Result<()> {
     let mut loss = Vec::new();
     for (i, r) in runs.iter().enumerate() {
         loss.push(Curve {
@@ -406,15 +468,19 @@ pub fn run(args: PlotArgs) -> anyhow::Result<()> {
     }
     loss.retain(|c| !c.points.is_empty());
     let made = line_chart(
-        &out.join("loss.png"),
+        &index.path("loss.png"),
         "loss",
         "step",
         "cross-entropy (nats)",
         &loss,
     )?;
-    written("loss.png", made, serde_json::json!({}));
+    index.add("loss.png", made, serde_json::json!({}));
+    Ok(())
+}
 
-    let mut lr = simple("lr");
+/// lr.png: the schedule, and each group whose rate differs from it (width transfer).
+fn lr_chart(runs: &[Run], index: &mut Index) -> anyhow::Result<()> {
+    let mut lr = simple(runs, "lr");
     for (i, r) in runs.iter().enumerate() {
         // Groups whose rate differs from the schedule's (width transfer) get their own line.
         let base = r.series("lr");
@@ -444,21 +510,13 @@ pub fn run(args: PlotArgs) -> anyhow::Result<()> {
             });
         }
     }
-    let made = line_chart(&out.join("lr.png"), "learning rate", "step", "lr", &lr)?;
-    written("lr.png", made, serde_json::json!({}));
-    for (file, title, y_label, key) in [
-        (
-            "grad_norm.png",
-            "gradient norm (before clipping)",
-            "L2 norm",
-            "grad_norm",
-        ),
-        ("tokens_per_s.png", "throughput", "tokens/s", "tokens_per_s"),
-    ] {
-        let made = line_chart(&out.join(file), title, "step", y_label, &simple(key))?;
-        written(file, made, serde_json::json!({}));
-    }
+    let made = line_chart(&index.path("lr.png"), "learning rate", "step", "lr", &lr)?;
+    index.add("lr.png", made, serde_json::json!({}));
+    Ok(())
+}
 
+/// ffn_experts_per_token.png: FFN experts per token of every layer, against K_e.
+fn experts_chart(runs: &[Run], index: &mut Index) -> anyhow::Result<()> {
     let mut experts = Vec::new();
     for (i, r) in runs.iter().enumerate() {
         let router = r.router();
@@ -501,55 +559,51 @@ pub fn run(args: PlotArgs) -> anyhow::Result<()> {
         }
     }
     let made = line_chart(
-        &out.join("ffn_experts_per_token.png"),
+        &index.path("ffn_experts_per_token.png"),
         "FFN experts per token, per layer",
         "step",
         "experts",
         &experts,
     )?;
-    written("ffn_experts_per_token.png", made, serde_json::json!({}));
+    index.add("ffn_experts_per_token.png", made, serde_json::json!({}));
+    Ok(())
+}
 
-    // Heatmaps of the first run at the chosen steps.
-    let run0 = &runs[0];
+/// expert_load_stepS.png for each of `steps` (default: the last step with loads), each
+/// matched to the nearest step of `run0` that has per-expert loads.
+fn heatmaps(run0: &Run, steps: &[u64], index: &mut Index) -> anyhow::Result<()> {
     let router: Vec<(u64, &serde_json::Value)> = run0
         .router()
         .into_iter()
         .filter(|(_, v)| v["expert_load_per_layer"].is_array())
         .collect();
-    if router.is_empty() {
+    let Some(&(last, _)) = router.last() else {
         eprintln!(
             "plot: {} has no per-expert loads (router metrics with expert_load_per_layer); no heatmap",
             run0.label
         );
+        return Ok(());
+    };
+    let wanted = if steps.is_empty() {
+        vec![last]
     } else {
-        let wanted = if args.steps.is_empty() {
-            vec![router.last().expect("not empty").0]
-        } else {
-            args.steps.clone()
-        };
-        let mut done = Vec::new();
-        for want in wanted {
-            let (step, v) = router
-                .iter()
-                .min_by_key(|(s, _)| s.abs_diff(want))
-                .expect("not empty");
-            if done.contains(step) {
-                continue;
-            }
-            done.push(*step);
-            let loads: Vec<Vec<f64>> =
-                serde_json::from_value(v["expert_load_per_layer"].clone())
-                    .context("expert_load_per_layer is not a list of lists of numbers")?;
-            let name = format!("expert_load_step{step}.png");
-            let grid = heatmap(&out.join(&name), run0, *step, &loads)?;
-            written(&name, true, serde_json::to_value(&grid)?);
+        steps.to_vec()
+    };
+    let mut done = Vec::new();
+    for want in wanted {
+        let (step, v) = router
+            .iter()
+            .min_by_key(|(s, _)| s.abs_diff(want))
+            .expect("router holds at least its last step");
+        if done.contains(step) {
+            continue;
         }
-    }
-    let index_path = out.join("plots.json");
-    std::fs::write(&index_path, serde_json::to_string_pretty(&index)? + "\n")
-        .with_context(|| format!("{}: cannot write", index_path.display()))?;
-    for v in &index {
-        println!("{}", out.join(v["file"].as_str().unwrap_or("")).display());
+        done.push(*step);
+        let loads: Vec<Vec<f64>> = serde_json::from_value(v["expert_load_per_layer"].clone())
+            .context("expert_load_per_layer is not a list of lists of numbers")?;
+        let name = format!("expert_load_step{step}.png");
+        let grid = heatmap(&index.path(&name), run0, *step, &loads)?;
+        index.add(&name, true, serde_json::to_value(&grid)?);
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! (restarts, hang detection, preemption by `--signal=B:USR1@120`, requeue).
 //! `catapult status|cancel|logs RUN` read the run directory and ask Slurm.
 
-use crate::OverrideArgs;
+use crate::{OverrideArgs, UsageContext, UsageError};
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -193,7 +193,7 @@ pub fn submit(args: SubmitArgs) -> Result<(), crate::Failure> {
 
 fn record(run: &Path) -> anyhow::Result<JobRecord> {
     let path = run.join("slurm.json");
-    let bytes = std::fs::read(&path).with_context(|| {
+    let bytes = std::fs::read(&path).usage_context(|| {
         format!(
             "{}: no Slurm job recorded here (was the run submitted with `catapult submit`?)",
             path.display()
@@ -254,10 +254,10 @@ pub fn status(run: &Path) -> Result<(), crate::Failure> {
         out["checkpoint"] = latest.trim().into();
     }
     if out.get("job_id").is_none() && out.get("supervisor").is_none() {
-        return Err(anyhow::anyhow!(
+        return Err(UsageError::new(format!(
             "{}: not a run directory (no slurm.json or supervisor.json)",
             run.display()
-        )
+        ))
         .into());
     }
     println!("{}", serde_json::to_string_pretty(&out)?);
@@ -297,11 +297,11 @@ pub fn logs(run: &Path, rank: usize, follow: bool) -> Result<(), crate::Failure>
             std::io::stdout().write_all(&buf)?;
             std::io::stdout().flush()?;
         } else if !follow {
-            return Err(anyhow::anyhow!(
+            return Err(UsageError::new(format!(
                 "{}: no log for rank {rank} yet (logs are written by `catapult launch` and \
                  `catapult submit`)",
                 path.display()
-            )
+            ))
             .into());
         }
         if !follow {

@@ -1,24 +1,11 @@
-//! `catapult transfer RECIPE`: the per-group hyperparameters that width transfer derives;
-//! `catapult grow`: a deeper model's checkpoint stacked from a trained one.
+//! `catapult grow --from CKPT --recipe DEEP -o OUT`: builds a deeper model's checkpoint by
+//! stacking a trained one's layers (model growth), into an empty checkpoint root, and
+//! says how to continue training from it.
 
-use crate::OverrideArgs;
-use anyhow::Context;
+use crate::{OverrideArgs, UsageError};
 use catapult_checkpoints::Checkpoints;
 use catapult_trainer::growth::{grow, OptimizerInit};
-use catapult_trainer::transfer::table;
 use std::path::PathBuf;
-
-/// Arguments of `catapult transfer`.
-#[derive(clap::Args)]
-pub struct TransferArgs {
-    /// The recipe (its `transfer.proxy` section names the proxy width).
-    pub recipe: PathBuf,
-    #[command(flatten)]
-    pub overrides: OverrideArgs,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
-}
 
 /// Arguments of `catapult grow`.
 #[derive(clap::Args)]
@@ -43,60 +30,17 @@ pub struct GrowArgs {
     pub output: String,
 }
 
-pub fn transfer(args: TransferArgs) -> Result<(), crate::Failure> {
-    let recipe = crate::load_recipe(&args.recipe, &args.overrides)?;
-    let rows = table(&recipe);
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).context("serialize")?
-        );
-        return Ok(());
-    }
-    match &recipe.transfer {
-        Some(t) => println!(
-            "{}: width {} from proxy width {} (s = {})",
-            recipe.name,
-            recipe.model.hidden_size,
-            t.proxy.hidden_size,
-            recipe.model.hidden_size as f64 / t.proxy.hidden_size as f64
-        ),
-        None => println!(
-            "{}: no transfer.proxy: one learning rate and init std",
-            recipe.name
-        ),
-    }
-    println!(
-        "{:<10} {:>14} {:>12} {:>12}  rule",
-        "group", "parameters", "init std", "lr"
-    );
-    for r in rows {
-        let std = r
-            .init_std
-            .map_or("1 (const)".to_string(), |s| format!("{s:.6}"));
-        println!(
-            "{:<10} {:>14} {:>12} {:>12.6e}  {}",
-            r.group.name(),
-            r.params,
-            std,
-            r.lr,
-            r.rule
-        );
-    }
-    Ok(())
-}
-
-pub fn grow_cmd(args: GrowArgs) -> Result<(), crate::Failure> {
+pub fn run(args: GrowArgs) -> Result<(), crate::Failure> {
     let target = crate::load_recipe(&args.recipe, &args.overrides)?;
     let (store, step) = Checkpoints::open_path(&args.from, &Default::default())?;
     let loaded = match step {
         Some(s) => store.load(s, true)?,
         None => store.load_newest(true, false)?.ok_or_else(|| {
-            anyhow::anyhow!(
+            UsageError::new(format!(
                 "{}: holds no checkpoint to grow from; train the smaller model with \
                      checkpoint.every set, or name a step directory",
                 store.root()
-            )
+            ))
         })?,
     };
     let request =
@@ -106,10 +50,10 @@ pub fn grow_cmd(args: GrowArgs) -> Result<(), crate::Failure> {
         })?;
     let out = Checkpoints::open(&args.output, &Default::default())?;
     if let Some(newest) = out.steps()?.last() {
-        return Err(anyhow::anyhow!(
+        return Err(UsageError::new(format!(
             "{}: already holds checkpoints (newest step {newest}); write the grown model to an empty location",
             out.root()
-        )
+        ))
         .into());
     }
     let manifest = out.save(request)?;

@@ -1,0 +1,226 @@
+//! `catapult bench ckpt`: sharded checkpoint save and verified load throughput against
+//! torch.save/torch.load of the same tensors (measured in the same run), and the training
+//! loop's blocking time per asynchronous save.
+
+use super::{create_dir, python_json, spinner, train_here, utf8};
+use catapult_checkpoints::{
+    Checkpoints, Dtype, HostTensor, RankLayout, RankState, SaveRequest, World,
+};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Seconds of each measurement.
+struct Times {
+    save_s: f64,
+    load_s: f64,
+    base_save: f64,
+    base_load: f64,
+    /// Mean training step, and mean time the loop blocked per asynchronous save.
+    step_s: f64,
+    block_s: f64,
+}
+
+pub(super) fn run(
+    gib: f64,
+    recipe: &Path,
+    python: &Path,
+    dir: &Path,
+) -> Result<(), crate::Failure> {
+    let _ = std::fs::remove_dir_all(dir);
+    create_dir(dir)?;
+    let (tensors, count, total) = fill(gib);
+    let (save_s, load_s, shard) = save_and_load(tensors, dir)?;
+    let (base_save, base_load) = baseline(python, &shard, dir)?;
+    let (step_s, block_s) = async_blocking(recipe, dir)?;
+    let times = Times {
+        save_s,
+        load_s,
+        base_save,
+        base_load,
+        step_s,
+        block_s,
+    };
+    report(&times, count, total, recipe, dir)
+}
+
+/// 64 MiB fp32 tensors filled from a fixed generator, `gib` GiB in all; their count and
+/// bytes.
+fn fill(gib: f64) -> (Vec<HostTensor>, usize, f64) {
+    let per = 64usize << 20;
+    let count = ((gib * (1u64 << 30) as f64) as usize).div_ceil(per).max(1);
+    let p = spinner(&format!("filling {count} x 64 MiB tensors"));
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let tensors: Vec<HostTensor> = (0..count)
+        .map(|i| {
+            let data: Vec<u8> = (0..per / 8)
+                .flat_map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x.to_le_bytes()
+                })
+                .collect();
+            HostTensor {
+                name: format!("model.layers.{i}.weight"),
+                dtype: Dtype::F32,
+                shape: vec![per / 4 / 4096, 4096],
+                data: data.into(),
+            }
+        })
+        .collect();
+    let total = (count * per) as f64;
+    p.finish_and_clear();
+    (tensors, count, total)
+}
+
+/// catapult's save (serialize, BLAKE3, write, fsync) and verified load of `tensors` as
+/// one rank's checkpoint; the seconds of each and the shard written.
+fn save_and_load(tensors: Vec<HostTensor>, dir: &Path) -> anyhow::Result<(f64, f64, PathBuf)> {
+    let store = Checkpoints::open(utf8(&dir.join("ckpt"))?, &Default::default())?;
+    let request = SaveRequest {
+        step: 1,
+        tokens: 0,
+        recipe: serde_json::json!({"name": "bench"}),
+        world: World {
+            data_parallel: 1,
+            expert_parallel: 1,
+            ranks: vec![RankLayout {
+                rank: 0,
+                data_parallel_rank: 0,
+                experts: [0, 0],
+            }],
+        },
+        ranks: vec![RankState {
+            rank: 0,
+            tensors,
+            slices: Default::default(),
+            state: serde_json::json!({}),
+        }],
+        growth: None,
+    };
+    let p = spinner("catapult: save (serialize, BLAKE3, write, fsync), then verified load");
+    let started = Instant::now();
+    store.save(request)?;
+    let shard = dir.join("ckpt/step-00000001/rank-00000.safetensors");
+    let save_s = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let loaded = store.load(1, true)?;
+    let load_s = started.elapsed().as_secs_f64();
+    drop(loaded);
+    p.finish_and_clear();
+    Ok((save_s, load_s, shard))
+}
+
+/// torch.save / torch.load of the shard's tensors: (save seconds, load seconds).
+fn baseline(python: &Path, shard: &Path, dir: &Path) -> anyhow::Result<(f64, f64)> {
+    let p = spinner("baseline: torch.save / torch.load of the same tensors");
+    let torch_file = dir.join("torch.pt");
+    let base = python_json(
+        python,
+        "ckpt_baseline.py",
+        &[shard.as_os_str(), torch_file.as_os_str()],
+    )?;
+    let (base_save, base_load) = (
+        base["save_s"].as_f64().unwrap_or(f64::NAN),
+        base["load_s"].as_f64().unwrap_or(f64::NAN),
+    );
+    p.finish_and_clear();
+    Ok((base_save, base_load))
+}
+
+/// 40 steps of `recipe` with an asynchronous save every 10: the mean step and the mean
+/// time the loop blocked per save, in seconds.
+fn async_blocking(recipe: &Path, dir: &Path) -> anyhow::Result<(f64, f64)> {
+    let p = spinner(&format!(
+        "training {} for 40 steps, async save every 10",
+        recipe.display()
+    ));
+    let sets = [
+        "train.steps=40".to_string(),
+        "train.warmup_steps=0".to_string(),
+        "train.log_every=1".to_string(),
+        "train.eval_sequences=8".to_string(),
+        "checkpoint.every=10".to_string(),
+        "parallel.expert=1".to_string(),
+        format!("output.dir={}", dir.join("train-run").display()),
+    ];
+    let (r, lines) = train_here(recipe, &sets)?;
+    let step_s: Vec<f64> = lines
+        .iter()
+        .filter_map(|v| {
+            Some(
+                r.train.global_batch_size as f64 * v["seq_len"].as_f64()?
+                    / v["tokens_per_s"].as_f64()?,
+            )
+        })
+        .collect();
+    let block_s: Vec<f64> = lines
+        .iter()
+        .filter_map(|v| v["ckpt_block_s"].as_f64())
+        .collect();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    p.finish_and_clear();
+    Ok((mean(&step_s), mean(&block_s)))
+}
+
+/// Prints the table and writes results.json.
+fn report(
+    t: &Times,
+    count: usize,
+    total: f64,
+    recipe: &Path,
+    dir: &Path,
+) -> Result<(), crate::Failure> {
+    let Times {
+        save_s,
+        load_s,
+        base_save,
+        base_load,
+        step_s,
+        block_s,
+    } = *t;
+    let gb = total / 1e9;
+    println!(
+        "checkpoint of {:.2} GB ({count} fp32 tensors), local disk {}",
+        gb,
+        dir.display()
+    );
+    println!(
+        "{:<6} {:>14} {:>22} {:>7}",
+        "", "catapult GB/s", "torch.save/load GB/s", "ratio"
+    );
+    println!(
+        "{:<6} {:>14.2} {:>22.2} {:>7.2}",
+        "save",
+        gb / save_s,
+        gb / base_save,
+        base_save / save_s
+    );
+    println!(
+        "{:<6} {:>14.2} {:>22.2} {:>7.2}",
+        "load",
+        gb / load_s,
+        gb / base_load,
+        base_load / load_s
+    );
+    println!(
+        "(catapult's save includes BLAKE3 hashing and the manifest; its load verifies every hash)"
+    );
+    println!(
+        "async save in training ({}): blocks {:.2} ms per save = {:.1}% of a {:.1} ms step",
+        recipe.display(),
+        block_s * 1e3,
+        100.0 * block_s / step_s,
+        step_s * 1e3
+    );
+    let report = serde_json::json!({
+        "bytes": total, "save_gb_per_s": gb / save_s, "load_gb_per_s": gb / load_s,
+        "torch_save_gb_per_s": gb / base_save, "torch_load_gb_per_s": gb / base_load,
+        "async_block_s": block_s, "step_s": step_s,
+    });
+    let _ = std::fs::remove_dir_all(dir.join("ckpt"));
+    let out = dir.join("results.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+    println!("results: {}", out.display());
+    Ok(())
+}
