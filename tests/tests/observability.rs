@@ -264,7 +264,7 @@ fn plot_names_bad_metrics_and_skips_a_live_runs_partial_line() {
         .args(["plot", "no-such-run"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("no-such-run/metrics.jsonl") && err.contains("run directory"),
