@@ -7,10 +7,10 @@
 pub mod safetensors;
 pub mod sharded;
 
-pub use safetensors::{Dtype, HostTensor};
+pub use safetensors::{Dtype, HostTensor, SafetensorsError};
 pub use sharded::{
-    kill_self, kill_self_on, step_dir, FAULT_ENV, AsyncSaver, Checkpoints, FileEntry, Loaded, Manifest,
-    RankLayout, RankState, SaveRequest, ShardError, Slice, World,
+    kill_self, kill_self_on, step_dir, AsyncSaver, Checkpoints, FileEntry, Loaded, Manifest,
+    RankLayout, RankState, SaveRequest, ShardError, Slice, World, FAULT_ENV,
 };
 
 use std::path::{Path, PathBuf};
