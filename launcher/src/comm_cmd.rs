@@ -5,6 +5,7 @@
 use catapult_kernels::comm::Comm;
 use catapult_kernels::ep::{owner, Direction, ExchangeStats, Plan};
 use catapult_kernels::moe::{ffn_choice_mask, ExpertDispatch};
+use catapult_kernels::CommError;
 use catapult_trainer::engine::{forward, is_expert_param, Parallel};
 use catapult_trainer::recipe::ModelConfig;
 use clap::Subcommand;
@@ -44,7 +45,7 @@ pub fn run(command: CommCommand) -> Result<(), crate::Failure> {
             return Err(anyhow::anyhow!("--backend {other}: use mpi (or single) or nccl").into())
         }
     }
-    let comm = Comm::from_env();
+    let comm = Comm::from_env()?;
     let (r, p) = (comm.rank(), comm.size());
     let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (r as u64 + 1);
     let mut jitter = || {
@@ -172,7 +173,13 @@ pub fn run(command: CommCommand) -> Result<(), crate::Failure> {
     for ep in (1..=p).filter(|e| p.is_multiple_of(*e)) {
         jitter();
         let par = Parallel::new(comm.split(0, r), ep, 0, true).map_err(|e| anyhow::anyhow!(e))?;
-        check(&format!("ep{ep}_identity"), ep_identity_check(&par));
+        match ep_identity_check(&par) {
+            Ok(ok) => check(&format!("ep{ep}_identity"), ok),
+            Err(problem) => {
+                eprintln!("rank {r}: ep{ep}_identity: {problem}");
+                check(&format!("ep{ep}_identity"), false);
+            }
+        }
         match ep_gradient_check(&par) {
             Ok(()) => {}
             Err(problem) => {
@@ -216,8 +223,8 @@ fn choices(rank: usize, tokens: usize, k: usize, n: usize, zero: usize) -> Vec<i
 
 /// Identity experts: each row comes back bit for bit, each owner receives rows of its own
 /// experts only (the rows carry their source and token), and the combined MoE output
-/// equals one process's.
-fn ep_identity_check(par: &Parallel) -> bool {
+/// equals one process's. An error when an exchange fails.
+fn ep_identity_check(par: &Parallel) -> Result<bool, CommError> {
     let (ep, e_rank) = (par.expert.size(), par.expert.rank());
     let (n, zero, k, h) = (8usize, 3usize, 3usize, 4i64);
     let tokens_of = |s: usize| 5 + 2 * s;
@@ -231,11 +238,11 @@ fn ep_identity_check(par: &Parallel) -> bool {
         Tensor::from_slice(&choices(e_rank, tokens, k, n, zero)).view([tokens as i64, k as i64]);
     let d = ExpertDispatch::new(&choice, n as i64, (n + zero) as i64);
     let sent = d.gather(&x);
-    let plan = Plan::new(&par.expert, &d, Device::Cpu);
+    let plan = Plan::new(&par.expert, &d, Device::Cpu)?;
     let mut stats = ExchangeStats::default();
     let received = plan
-        .start(&par.expert, None, &sent, Direction::ToOwners)
-        .wait(false, &mut stats);
+        .start(&par.expert, None, &sent, Direction::ToOwners)?
+        .wait(false, &mut stats)?;
     // Ownership: expert-major rows of local expert j come from tokens that chose it.
     let by_expert = plan.expert_major(&received);
     let mut row = 0i64;
@@ -257,8 +264,8 @@ fn ep_identity_check(par: &Parallel) -> bool {
             None,
             &plan.source_major(&by_expert),
             Direction::Back,
-        )
-        .wait(false, &mut stats);
+        )?
+        .wait(false, &mut stats)?;
     let weights = Tensor::from_slice(
         &(0..tokens * k)
             .map(|i| 0.25 + value(e_rank, i).abs().fract())
@@ -268,13 +275,14 @@ fn ep_identity_check(par: &Parallel) -> bool {
     let mask = ffn_choice_mask(&choice, n as i64, Kind::Float);
     let combined = d.combine(&returned, &weights, &mask, &x);
     let alone = d.combine(&sent, &weights, &mask, &x);
-    owned && returned.equal(&sent) && combined.equal(&alone)
+    Ok(owned && returned.equal(&sent) && combined.equal(&alone))
 }
 
 /// Gradients of a small model trained through the engine in this layout equal (within
 /// 1e-6 relative per tensor) those of one process holding every expert and the whole
-/// batch, computed on expert-parallel rank 0 of each replica.
-fn ep_gradient_check(par: &Parallel) -> Result<(), String> {
+/// batch, computed on expert-parallel rank 0 of each replica. An error names the first
+/// tensor that differs, or the exchange that failed.
+fn ep_gradient_check(par: &Parallel) -> anyhow::Result<()> {
     let config: ModelConfig = serde_json::from_value(serde_json::json!({
         "vocab_size": 64, "hidden_size": 32, "num_layers": 2, "num_attention_heads": 2,
         "q_lora_rank": 16, "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
@@ -303,7 +311,7 @@ fn ep_gradient_check(par: &Parallel) -> Result<(), String> {
             local,
         );
         let mut stats = ExchangeStats::default();
-        let f = forward(&model, par, tokens, None, true, &mut stats);
+        let f = forward(&model, par, tokens, None, true, &mut stats)?;
         let len = tokens.size()[1];
         let loss = f
             .logits
@@ -311,7 +319,7 @@ fn ep_gradient_check(par: &Parallel) -> Result<(), String> {
             .reshape([-1, 64])
             .cross_entropy_for_logits(&tokens.narrow(1, 1, len - 1).reshape([-1]));
         let none = (0..config.num_layers).map(|_| None).collect();
-        f.backward(par, &loss, none, &mut stats);
+        f.backward(par, &loss, none, &mut stats)?;
         let mut named: Vec<(String, Tensor)> = vs
             .variables()
             .into_iter()
@@ -319,9 +327,9 @@ fn ep_gradient_check(par: &Parallel) -> Result<(), String> {
             .map(|(n, t)| (n, t.grad()))
             .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        named
+        Ok::<_, CommError>(named)
     };
-    let mine = grads(par, par.local_experts(8), &batch(rank));
+    let mine = grads(par, par.local_experts(8), &batch(rank))?;
     // Average over the world as the trainer does: dense over everyone, experts over
     // their replicas (each rank's loss is the mean over its own tokens).
     let mut reduced = Vec::new();
@@ -341,7 +349,7 @@ fn ep_gradient_check(par: &Parallel) -> Result<(), String> {
     // One process, every expert, every rank's sequences in rank order.
     let all = Tensor::cat(&(0..world).map(batch).collect::<Vec<_>>(), 0);
     let single = Parallel::single();
-    let reference = grads(&single, 0..8, &all);
+    let reference = grads(&single, 0..8, &all)?;
     let per = 8 / par.expert_size as i64;
     for ((name, got), (_, want)) in reduced.iter().zip(&reference) {
         let want = if is_expert_param(name) {
@@ -352,7 +360,7 @@ fn ep_gradient_check(par: &Parallel) -> Result<(), String> {
         let scale = want.abs().max().double_value(&[]).max(1e-12);
         let diff = (got - &want).abs().max().double_value(&[]) / scale;
         if diff > 1e-6 {
-            return Err(format!("{name}: relative difference {diff:e}"));
+            anyhow::bail!("{name}: relative difference {diff:e}");
         }
     }
     Ok(())
@@ -360,12 +368,12 @@ fn ep_gradient_check(par: &Parallel) -> Result<(), String> {
 
 /// The NCCL backend's conformance checks on this rank's GPU (one per rank).
 fn nccl_check() -> Result<(), crate::Failure> {
-    let comm = Comm::from_env();
+    let comm = Comm::from_env()?;
     let (r, p) = (comm.rank(), comm.size());
     if let Err(why) = catapult_kernels::nccl::available() {
         println!(
             "{}",
-            serde_json::json!({"rank": r, "size": p, "backend": "nccl", "skipped": why})
+            serde_json::json!({"rank": r, "size": p, "backend": "nccl", "skipped": why.to_string()})
         );
         return Ok(());
     }
@@ -389,7 +397,7 @@ fn nccl_check() -> Result<(), crate::Failure> {
         .collect();
     let recv_counts: Vec<usize> = (0..p).map(|s| (r + s) % 3 + 1).collect();
     let sent = Tensor::from_slice(&rows).view([-1, 3]).to_device(device);
-    let got = nccl.all_to_all_rows(&sent, &counts, &recv_counts);
+    let got = nccl.all_to_all_rows(&sent, &counts, &recv_counts)?;
     let expected: Vec<f32> = (0..p)
         .flat_map(|s| (0..recv_counts[s] * 3).map(move |i| (s * 1000 + r * 10) as f32 + i as f32))
         .collect();
@@ -403,13 +411,13 @@ fn nccl_check() -> Result<(), crate::Failure> {
     let in_order: Vec<f32> = (0..len)
         .map(|i| (1..p).fold(value(0, i), |acc, s| acc + value(s, i)))
         .collect();
-    let summed = nccl.all_reduce_sum(&Tensor::from_slice(&mine).to_device(device));
+    let summed = nccl.all_reduce_sum(&Tensor::from_slice(&mine).to_device(device))?;
     check(
         "all_reduce_sum",
         Vec::<f32>::try_from(&summed.to_device(Device::Cpu)).ok() == Some(in_order),
     );
     // all-gather and broadcast from the last rank.
-    let gathered = nccl.all_gather(&Tensor::from_slice(&[r as i64, 7]).to_device(device));
+    let gathered = nccl.all_gather(&Tensor::from_slice(&[r as i64, 7]).to_device(device))?;
     let want: Vec<i64> = (0..p).flat_map(|s| [s as i64, 7]).collect();
     check(
         "all_gather",
@@ -418,7 +426,7 @@ fn nccl_check() -> Result<(), crate::Failure> {
     let b = nccl.broadcast(
         &Tensor::from_slice(&[r as f64 + 0.5]).to_device(device),
         p - 1,
-    );
+    )?;
     check("broadcast", b.double_value(&[0]) == (p - 1) as f64 + 0.5);
     comm.barrier();
     println!(

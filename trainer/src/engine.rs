@@ -30,6 +30,7 @@ use crate::model::LongcatModel;
 use catapult_kernels::comm::Comm;
 use catapult_kernels::ep::{Direction, ExchangeStats, Plan};
 use catapult_kernels::nccl::NcclComm;
+use catapult_kernels::CommError;
 use std::ops::Range;
 use tch::{Kind, Tensor};
 
@@ -104,9 +105,9 @@ impl Parallel {
         let nccl = match nccl {
             None => None,
             Some(device) => Some([
-                NcclComm::new(&world, device)?,
-                NcclComm::new(&group, device)?,
-                NcclComm::new(&replicas, device)?,
+                NcclComm::new(&world, device).map_err(|e| e.to_string())?,
+                NcclComm::new(&group, device).map_err(|e| e.to_string())?,
+                NcclComm::new(&replicas, device).map_err(|e| e.to_string())?,
             ]),
         };
         Ok(Self {
@@ -214,7 +215,7 @@ pub fn forward(
     mask: Option<&Tensor>,
     train: bool,
     stats: &mut ExchangeStats,
-) -> Forward {
+) -> Result<Forward, CommError> {
     let rope = model.rope();
     let embedded = model.embed(tokens);
     let mut x = leaf(&embedded, train);
@@ -229,17 +230,17 @@ pub fn forward(
         let (probs, choice) = layer.moe.route(&flat);
         let dispatch = layer.moe.dispatch(&choice);
         let sent = dispatch.gather(&flat);
-        let plan = Plan::new(&par.expert, &dispatch, x.device());
-        let mut flight = plan.start(&par.expert, par.nccl(1), &sent, Direction::ToOwners);
+        let plan = Plan::new(&par.expert, &dispatch, x.device())?;
+        let mut flight = plan.start(&par.expert, par.nccl(1), &sent, Direction::ToOwners)?;
         let (h1_d, u_d, probs_d) = (leaf(&h1, train), leaf(&u, train), leaf(&probs, train));
         let weights = layer.moe.gate_weights(&probs_d, &choice);
         // FFN0 while the dispatch moves (or after it, without overlap).
         let (h2, received) = if par.overlap {
             let h2 = layer.ffn0(&h1_d, &u_d);
             flight.poll();
-            (h2, flight.wait(train, stats))
+            (h2, flight.wait(train, stats)?)
         } else {
-            let received = flight.wait(train, stats);
+            let received = flight.wait(train, stats)?;
             (layer.ffn0(&h1_d, &u_d), received)
         };
         // expert: this rank's experts on what arrived, back in arrival order.
@@ -248,15 +249,15 @@ pub fn forward(
                 .moe
                 .local_experts(&plan.expert_major(&received), &plan.local_counts),
         );
-        let mut back = plan.start(&par.expert, par.nccl(1), &expert_out, Direction::Back);
+        let mut back = plan.start(&par.expert, par.nccl(1), &expert_out, Direction::Back)?;
         // MLA1 and FFN1 while the combine moves.
         let (f1, returned) = if par.overlap {
             let h3 = layer.attention1(&h2, rope, mask);
             back.poll();
             let f1 = layer.ffn1(&h3);
-            (f1, back.wait(train, stats))
+            (f1, back.wait(train, stats)?)
         } else {
-            let returned = back.wait(train, stats);
+            let returned = back.wait(train, stats)?;
             (layer.ffn1(&layer.attention1(&h2, rope, mask)), returned)
         };
         let is_ffn = layer.moe.ffn_mask(&choice, Kind::Float);
@@ -282,13 +283,13 @@ pub fn forward(
         x = next;
     }
     let logits = model.head(&x);
-    Forward {
+    Ok(Forward {
         logits,
         last_hidden: x,
         routing,
         embedded,
         layers,
-    }
+    })
 }
 
 impl Forward {
@@ -301,7 +302,7 @@ impl Forward {
         head_loss: &Tensor,
         layer_losses: Vec<Option<Tensor>>,
         stats: &mut ExchangeStats,
-    ) {
+    ) -> Result<(), CommError> {
         assert_eq!(
             layer_losses.len(),
             self.layers.len(),
@@ -321,7 +322,7 @@ impl Forward {
                 &grad_or_zeros(&t.returned),
                 Direction::ToOwners,
                 stats,
-            );
+            )?;
             if t.expert_out.requires_grad() {
                 (&t.expert_out * g_out).sum(Kind::Float).backward();
             }
@@ -331,7 +332,7 @@ impl Forward {
                 &grad_or_zeros(&t.received),
                 Direction::Back,
                 stats,
-            );
+            )?;
             let mut pre = (&t.sent * g_sent).sum(Kind::Float);
             for (value, joint) in &t.joints {
                 let gj = joint.grad();
@@ -345,6 +346,7 @@ impl Forward {
             g = grad_or_zeros(&t.input);
         }
         (&self.embedded * g).sum(Kind::Float).backward();
+        Ok(())
     }
 }
 
@@ -354,8 +356,8 @@ fn plan_move(
     rows: &Tensor,
     direction: Direction,
     stats: &mut ExchangeStats,
-) -> Tensor {
-    plan.start(&par.expert, par.nccl(1), rows, direction)
+) -> Result<Tensor, CommError> {
+    plan.start(&par.expert, par.nccl(1), rows, direction)?
         .wait(false, stats)
 }
 
@@ -383,14 +385,14 @@ mod tests {
         let grads = |segmented: bool| {
             let mut stats = ExchangeStats::default();
             if segmented {
-                let f = forward(&model, &par, &tokens, None, true, &mut stats);
+                let f = forward(&model, &par, &tokens, None, true, &mut stats).unwrap();
                 let head = f.logits.square().mean(Kind::Double);
                 let lb: Vec<Option<Tensor>> = f
                     .routing
                     .iter()
                     .map(|r| Some(r.probs.narrow(1, 0, 2).sum(Kind::Double) * 0.1))
                     .collect();
-                f.backward(&par, &head, lb, &mut stats);
+                f.backward(&par, &head, lb, &mut stats).unwrap();
             } else {
                 let out = model.forward(&tokens);
                 let mut loss = out.logits.square().mean(Kind::Double);

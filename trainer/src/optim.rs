@@ -134,9 +134,9 @@ impl AdamW {
         nccl: Option<&catapult_kernels::nccl::NcclComm>,
         select: impl Fn(&str) -> bool,
         divisor: f64,
-    ) {
+    ) -> Result<(), catapult_kernels::NcclError> {
         if world.size() == 1 && divisor == 1.0 {
-            return;
+            return Ok(());
         }
         let chosen: Vec<&(String, Tensor)> =
             self.params.iter().filter(|(n, _)| select(n)).collect();
@@ -153,7 +153,7 @@ impl AdamW {
             }
         }
         if let Some(nccl) = nccl {
-            tch::no_grad(|| {
+            return tch::no_grad(|| {
                 let live: Vec<&Tensor> = chosen
                     .iter()
                     .zip(&defined)
@@ -161,13 +161,13 @@ impl AdamW {
                     .map(|((_, p), _)| p)
                     .collect();
                 if live.is_empty() {
-                    return;
+                    return Ok(());
                 }
                 let flat: Vec<Tensor> = live
                     .iter()
                     .map(|p| p.grad().to_kind(Kind::Float).reshape([-1]))
                     .collect();
-                let summed = nccl.all_reduce_sum(&Tensor::cat(&flat, 0));
+                let summed = nccl.all_reduce_sum(&Tensor::cat(&flat, 0))?;
                 let mut at = 0;
                 for p in live {
                     let n = p.numel() as i64;
@@ -179,8 +179,8 @@ impl AdamW {
                     at += n;
                     p.grad().copy_(&g);
                 }
+                Ok(())
             });
-            return;
         }
         tch::no_grad(|| {
             let mut flat: Vec<f32> = Vec::new();
@@ -209,6 +209,7 @@ impl AdamW {
                 p.grad().copy_(&summed);
             }
         });
+        Ok(())
     }
 
     /// The parameters, by name, in update order.

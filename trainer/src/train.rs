@@ -48,6 +48,9 @@ pub enum TrainError {
     /// A silent-data-corruption check found a rank computing different gradients twice.
     #[error("{0}")]
     Corruption(String),
+    /// A collective failed (MPI could not start, an NCCL call or a peer failed).
+    #[error(transparent)]
+    Comm(#[from] catapult_kernels::CommError),
 }
 
 impl TrainError {
@@ -291,7 +294,7 @@ fn mean_loss(
     sequences: &[Vec<u32>],
     micro: usize,
     device: Device,
-) -> f64 {
+) -> Result<f64, catapult_kernels::CommError> {
     let (rank, world) = (par.world.rank(), par.world.size());
     tch::no_grad(|| {
         let chunks: Vec<&[Vec<u32>]> = sequences.chunks(micro).collect();
@@ -303,13 +306,13 @@ fn mean_loss(
                 None => (chunks[0], 0.0),
             };
             let (inputs, targets) = batch_tensors(chunk, device);
-            let f = crate::engine::forward(model, par, &inputs, None, false, &mut stats);
+            let f = crate::engine::forward(model, par, &inputs, None, false, &mut stats)?;
             let loss = cross_entropy(&f.logits, &targets).double_value(&[]);
             sums[0] += weight * loss * chunk.len() as f64;
             sums[1] += weight * chunk.len() as f64;
         }
         par.world.all_reduce_sum(&mut sums);
-        sums[0] / sums[1]
+        Ok(sums[0] / sums[1])
     })
 }
 
@@ -343,7 +346,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         _ => None,
     };
     let par = Parallel::with_nccl(
-        Comm::from_env().fast_reductions(p.fast_reductions),
+        Comm::from_env()?.fast_reductions(p.fast_reductions),
         p.expert,
         p.data,
         p.overlap,
@@ -554,12 +557,12 @@ fn train_with(
         let losses: Vec<(String, f64)> = valid
             .iter()
             .map(|(name, seqs)| {
-                (
+                Ok((
                     name.clone(),
-                    mean_loss(model, par, seqs, t.micro_batch_size, device),
-                )
+                    mean_loss(model, par, seqs, t.micro_batch_size, device)?,
+                ))
             })
-            .collect();
+            .collect::<Result<_, TrainError>>()?;
         let mean = losses.iter().map(|(_, l)| l).sum::<f64>() / losses.len() as f64;
         let mut line = serde_json::json!({"step": step, "val_loss": mean});
         if losses.len() > 1 {
@@ -569,7 +572,7 @@ fn train_with(
                 .collect::<serde_json::Map<_, _>>()
                 .into();
         }
-        (mean, line)
+        Ok::<_, TrainError>((mean, line))
     };
 
     let mut start = 0usize;
@@ -600,7 +603,7 @@ fn train_with(
             (m, first)
         }
         None => {
-            let (first, line) = eval(model, 0);
+            let (first, line) = eval(model, 0)?;
             if lead {
                 let mut m = Metrics::create(run_dir.join("metrics.jsonl"))?;
                 m.write(line)?;
@@ -677,7 +680,7 @@ fn train_with(
                 measure_rg,
                 &mut stats,
                 &mut exchange,
-            );
+            )?;
             if micro == 0 && sdc_due {
                 // Replay the micro-batch: its gradients must come out bit for bit the same.
                 let replay_start = Instant::now();
@@ -694,7 +697,7 @@ fn train_with(
                     false,
                     &mut scratch,
                     &mut [ExchangeStats::default(), ExchangeStats::default()],
-                );
+                )?;
                 sdc_fault(rank, done, &optimizer);
                 let differs = first_difference(&first, &optimizer.gradients());
                 sdc = Some((replay_start.elapsed().as_secs_f64(), differs));
@@ -749,14 +752,18 @@ fn train_with(
             rollbacks = 0;
         }
         let dense = |n: &str| !is_expert_param(n);
-        optimizer.reduce_gradients(comm, comm, par.nccl(0), dense, world as f64);
-        optimizer.reduce_gradients(
-            &par.replicas,
-            comm,
-            par.nccl(2),
-            is_expert_param,
-            world as f64,
-        );
+        optimizer
+            .reduce_gradients(comm, comm, par.nccl(0), dense, world as f64)
+            .map_err(catapult_kernels::CommError::from)?;
+        optimizer
+            .reduce_gradients(
+                &par.replicas,
+                comm,
+                par.nccl(2),
+                is_expert_param,
+                world as f64,
+            )
+            .map_err(catapult_kernels::CommError::from)?;
         stats.all_reduce(comm);
         let grad_norm = optimizer.clip_grad_norm_sharded(t.grad_clip, is_expert_param, |x| {
             let mut v = [x];
@@ -865,7 +872,7 @@ fn train_with(
             }
         }
         if done.is_multiple_of(t.eval_every) || done == t.steps {
-            let (loss, line) = eval(model, done);
+            let (loss, line) = eval(model, done)?;
             last_val_loss = loss;
             metrics.write(line)?;
         }
@@ -1397,9 +1404,9 @@ fn micro_step(
     measure_rg: bool,
     stats: &mut StepStats,
     exchange: &mut [ExchangeStats; 2],
-) {
+) -> Result<(), catapult_kernels::CommError> {
     let (inputs, targets, mask) = (batch.inputs, batch.targets, batch.mask);
-    let f = crate::engine::forward(model, par, inputs, mask, true, &mut exchange[0]);
+    let f = crate::engine::forward(model, par, inputs, mask, true, &mut exchange[0])?;
     // This micro-batch's selections and tokens over every rank.
     let local = Tensor::stack(
         &f.routing
@@ -1492,7 +1499,7 @@ fn micro_step(
     }
     let probs: Vec<Tensor> = f.routing.iter().map(|r| r.probs.shallow_clone()).collect();
     let layer_losses = balance.into_iter().map(|b| b.map(|b| b * scale)).collect();
-    f.backward(par, &head, layer_losses, &mut exchange[1]);
+    f.backward(par, &head, layer_losses, &mut exchange[1])?;
     if measure_rg {
         stats.gradient_ratio = match lb_grads {
             Some(lb) => tch::no_grad(|| {
@@ -1512,6 +1519,7 @@ fn micro_step(
     }
     stats.counts += global;
     stats.tokens += global_tokens;
+    Ok(())
 }
 
 /// Average number of FFN experts per token, per layer.
