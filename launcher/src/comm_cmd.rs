@@ -47,149 +47,30 @@ pub fn run(command: CommCommand) -> Result<(), crate::Failure> {
     }
     let comm = Comm::from_env()?;
     let (r, p) = (comm.rank(), comm.size());
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (r as u64 + 1);
-    let mut jitter = || {
-        if jitter_ms > 0 {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            std::thread::sleep(std::time::Duration::from_micros(rng % (jitter_ms * 1000)));
-        }
-    };
-    let mut failures: Vec<String> = Vec::new();
-    let mut check = |name: &str, ok: bool| {
-        if !ok {
-            failures.push(name.to_string());
-        }
-    };
-
-    // all-to-all with variable counts: rank s sends (d + s) % 3 + 1 values to rank d.
-    jitter();
-    let counts: Vec<usize> = (0..p).map(|d| (d + r) % 3 + 1).collect();
-    let send: Vec<i64> = (0..p)
-        .flat_map(|d| (0..counts[d]).map(move |i| (r * 1000 + d * 10 + i) as i64))
-        .collect();
-    let (recv, got) = comm.all_to_all_v(&send, &counts);
-    let expected: Vec<i64> = (0..p)
-        .flat_map(|s| (0..(r + s) % 3 + 1).map(move |i| (s * 1000 + r * 10 + i) as i64))
-        .collect();
-    check(
-        "all_to_all_v",
-        recv == expected && got == (0..p).map(|s| (r + s) % 3 + 1).collect::<Vec<_>>(),
-    );
-
-    // all-gather with variable counts: rank s contributes s + 1 copies of s.
-    jitter();
-    let (all, sizes) = comm.all_gather_v(&vec![r as i32; r + 1]);
-    let expected: Vec<i32> = (0..p).flat_map(|s| vec![s as i32; s + 1]).collect();
-    check(
-        "all_gather_v",
-        all == expected && sizes == (1..=p).collect::<Vec<_>>(),
-    );
-
-    // broadcast from the last rank.
-    jitter();
-    let mut b = if r == p - 1 {
-        vec![7.5f64, -1.25]
-    } else {
-        vec![0.0; 2]
-    };
-    comm.broadcast(&mut b, p - 1);
-    check("broadcast", b == vec![7.5, -1.25]);
-
-    // Deterministic sums: the expected value adds ranks 0..P-1 in order, bit for bit.
-    let len = 1003;
-    let local: Vec<f32> = (0..len).map(|i| value(r, i)).collect();
-    let in_order: Vec<f32> = (0..len)
-        .map(|i| (1..p).fold(value(0, i), |acc, s| acc + value(s, i)))
-        .collect();
-    jitter();
-    let chunk = comm.reduce_scatter_sum(&local);
-    let mine = len * r / p..len * (r + 1) / p;
-    check("reduce_scatter_sum", chunk == in_order[mine]);
-    let mut digest = blake3::Hasher::new();
-    for round in 0..10 {
-        jitter();
-        let mut x = local.clone();
-        comm.all_reduce_sum(&mut x);
-        check(&format!("all_reduce_sum round {round}"), x == in_order);
-        for v in &x {
-            digest.update(&v.to_le_bytes());
-        }
-    }
-    // Gather to one root (the last rank): rank s contributes s + 2 copies of 10 s.
-    jitter();
-    let gathered = comm.gather_v(&vec![10 * r as i64; r + 2], p - 1);
-    let expected: Vec<i64> = (0..p).flat_map(|s| vec![10 * s as i64; s + 2]).collect();
-    check(
-        "gather_v",
-        match gathered {
-            Some((all, sizes)) => {
-                r == p - 1 && all == expected && sizes == (2..p + 2).collect::<Vec<_>>()
-            }
-            None => r != p - 1,
-        },
-    );
-
-    // The nonblocking all-to-all delivers what the blocking one does, polled or not.
-    let counts: Vec<usize> = (0..p).map(|d| (d * 5 + r) % 4).collect();
-    let recv_counts: Vec<usize> = (0..p).map(|s| (r * 5 + s) % 4).collect();
-    let send: Vec<f32> = (0..counts.iter().sum::<usize>())
-        .map(|i| value(r, i))
-        .collect();
-    jitter();
-    let blocking = comm.all_to_all_v(&send, &counts);
-    let mut pending = comm.start_all_to_all_v(send.clone(), &counts, &recv_counts);
-    jitter();
-    pending.test();
-    check("start_all_to_all_v", pending.wait() == blocking);
-
-    // Nothing to move: empty buffers everywhere (MPI must not see them as aliased).
-    jitter();
-    let none: Vec<f32> = Vec::new();
-    let empty = comm.all_to_all_v(&none, &vec![0; p]);
-    let pending = comm.start_all_to_all_v(none.clone(), &vec![0; p], &vec![0; p]);
-    let gathered = comm.all_gather_v(&none);
-    let rooted = comm.gather_v(&none, 0);
-    check(
-        "empty_exchanges",
-        empty.0.is_empty()
-            && pending.wait().0.is_empty()
-            && gathered.0.is_empty()
-            && rooted.is_none_or(|(v, _)| v.is_empty()),
-    );
-
-    // Groups: ranks of the same parity sum among themselves.
-    jitter();
-    let group = comm.split(r % 2, r);
-    let mut members = [1i64 << r];
-    group.all_reduce_sum(&mut members);
-    let want: i64 = (0..p).filter(|s| s % 2 == r % 2).map(|s| 1i64 << s).sum();
-    check("split", members[0] == want && group.rank() == r / 2);
-
+    let mut c = Checks::new(r, jitter_ms);
+    exchange_checks(&comm, &mut c);
+    let digest = sum_checks(&comm, &mut c);
+    nonblocking_and_group_checks(&comm, &mut c);
     // Expert parallelism in every layout of this world (each expert-parallel size that
     // divides it): the exchange is the identity with identity experts, and a model's
     // gradients equal one process's on the whole batch.
     for ep in (1..=p).filter(|e| p.is_multiple_of(*e)) {
-        jitter();
+        c.jitter();
         let par = Parallel::new(comm.split(0, r), ep, 0, true).map_err(|e| anyhow::anyhow!(e))?;
         match ep_identity_check(&par) {
-            Ok(ok) => check(&format!("ep{ep}_identity"), ok),
+            Ok(ok) => c.check(&format!("ep{ep}_identity"), ok),
             Err(problem) => {
                 eprintln!("rank {r}: ep{ep}_identity: {problem}");
-                check(&format!("ep{ep}_identity"), false);
+                c.check(&format!("ep{ep}_identity"), false);
             }
         }
-        match ep_gradient_check(&par) {
-            Ok(()) => {}
-            Err(problem) => {
-                eprintln!("rank {r}: ep{ep}_gradients: {problem}");
-                check(&format!("ep{ep}_gradients"), false);
-            }
+        if let Err(problem) = ep_gradient_check(&par) {
+            eprintln!("rank {r}: ep{ep}_gradients: {problem}");
+            c.check(&format!("ep{ep}_gradients"), false);
         }
     }
 
-    jitter();
+    c.jitter();
     comm.barrier();
 
     println!(
@@ -198,15 +79,169 @@ pub fn run(command: CommCommand) -> Result<(), crate::Failure> {
             "rank": r,
             "size": p,
             "backend": comm.backend(),
-            "failures": failures,
-            "digest": digest.finalize().to_hex().to_string(),
+            "failures": c.failures,
+            "digest": digest,
         })
     );
-    if failures.is_empty() {
+    if c.failures.is_empty() {
         Ok(())
     } else {
-        Err(anyhow::anyhow!("rank {r}: collectives failed: {}", failures.join(", ")).into())
+        Err(anyhow::anyhow!("rank {r}: collectives failed: {}", c.failures.join(", ")).into())
     }
+}
+
+/// The checks' failures so far, and the timing perturbation between them.
+struct Checks {
+    failures: Vec<String>,
+    jitter_ms: u64,
+    rng: u64,
+}
+
+impl Checks {
+    fn new(rank: usize, jitter_ms: u64) -> Self {
+        Self {
+            failures: Vec::new(),
+            jitter_ms,
+            rng: 0x9E37_79B9_7F4A_7C15u64 ^ (rank as u64 + 1),
+        }
+    }
+
+    /// Sleeps up to `jitter_ms` (seeded by rank), to perturb message timing.
+    fn jitter(&mut self) {
+        if self.jitter_ms > 0 {
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            std::thread::sleep(std::time::Duration::from_micros(
+                self.rng % (self.jitter_ms * 1000),
+            ));
+        }
+    }
+
+    /// Records `name` as failed unless `ok`.
+    fn check(&mut self, name: &str, ok: bool) {
+        if !ok {
+            self.failures.push(name.to_string());
+        }
+    }
+}
+
+/// The blocking exchanges: all-to-all and all-gather with variable counts, broadcast.
+fn exchange_checks(comm: &Comm, c: &mut Checks) {
+    let (r, p) = (comm.rank(), comm.size());
+    // all-to-all with variable counts: rank s sends (d + s) % 3 + 1 values to rank d.
+    c.jitter();
+    let counts: Vec<usize> = (0..p).map(|d| (d + r) % 3 + 1).collect();
+    let send: Vec<i64> = (0..p)
+        .flat_map(|d| (0..counts[d]).map(move |i| (r * 1000 + d * 10 + i) as i64))
+        .collect();
+    let (recv, got) = comm.all_to_all_v(&send, &counts);
+    let expected: Vec<i64> = (0..p)
+        .flat_map(|s| (0..(r + s) % 3 + 1).map(move |i| (s * 1000 + r * 10 + i) as i64))
+        .collect();
+    c.check(
+        "all_to_all_v",
+        recv == expected && got == (0..p).map(|s| (r + s) % 3 + 1).collect::<Vec<_>>(),
+    );
+
+    // all-gather with variable counts: rank s contributes s + 1 copies of s.
+    c.jitter();
+    let (all, sizes) = comm.all_gather_v(&vec![r as i32; r + 1]);
+    let expected: Vec<i32> = (0..p).flat_map(|s| vec![s as i32; s + 1]).collect();
+    c.check(
+        "all_gather_v",
+        all == expected && sizes == (1..=p).collect::<Vec<_>>(),
+    );
+
+    // broadcast from the last rank.
+    c.jitter();
+    let mut b = if r == p - 1 {
+        vec![7.5f64, -1.25]
+    } else {
+        vec![0.0; 2]
+    };
+    comm.broadcast(&mut b, p - 1);
+    c.check("broadcast", b == vec![7.5, -1.25]);
+}
+
+/// Deterministic sums (reduce-scatter, ten all-reduces) and a rooted gather; returns the
+/// digest of the all-reduce results.
+fn sum_checks(comm: &Comm, c: &mut Checks) -> String {
+    let (r, p) = (comm.rank(), comm.size());
+    // Deterministic sums: the expected value adds ranks 0..P-1 in order, bit for bit.
+    let len = 1003;
+    let local: Vec<f32> = (0..len).map(|i| value(r, i)).collect();
+    let in_order: Vec<f32> = (0..len)
+        .map(|i| (1..p).fold(value(0, i), |acc, s| acc + value(s, i)))
+        .collect();
+    c.jitter();
+    let chunk = comm.reduce_scatter_sum(&local);
+    let mine = len * r / p..len * (r + 1) / p;
+    c.check("reduce_scatter_sum", chunk == in_order[mine]);
+    let mut digest = blake3::Hasher::new();
+    for round in 0..10 {
+        c.jitter();
+        let mut x = local.clone();
+        comm.all_reduce_sum(&mut x);
+        c.check(&format!("all_reduce_sum round {round}"), x == in_order);
+        for v in &x {
+            digest.update(&v.to_le_bytes());
+        }
+    }
+    // Gather to one root (the last rank): rank s contributes s + 2 copies of 10 s.
+    c.jitter();
+    let gathered = comm.gather_v(&vec![10 * r as i64; r + 2], p - 1);
+    let expected: Vec<i64> = (0..p).flat_map(|s| vec![10 * s as i64; s + 2]).collect();
+    c.check(
+        "gather_v",
+        match gathered {
+            Some((all, sizes)) => {
+                r == p - 1 && all == expected && sizes == (2..p + 2).collect::<Vec<_>>()
+            }
+            None => r != p - 1,
+        },
+    );
+    digest.finalize().to_hex().to_string()
+}
+
+/// The nonblocking all-to-all, exchanges of nothing, and groups split by parity.
+fn nonblocking_and_group_checks(comm: &Comm, c: &mut Checks) {
+    let (r, p) = (comm.rank(), comm.size());
+    // The nonblocking all-to-all delivers what the blocking one does, polled or not.
+    let counts: Vec<usize> = (0..p).map(|d| (d * 5 + r) % 4).collect();
+    let recv_counts: Vec<usize> = (0..p).map(|s| (r * 5 + s) % 4).collect();
+    let send: Vec<f32> = (0..counts.iter().sum::<usize>())
+        .map(|i| value(r, i))
+        .collect();
+    c.jitter();
+    let blocking = comm.all_to_all_v(&send, &counts);
+    let mut pending = comm.start_all_to_all_v(send.clone(), &counts, &recv_counts);
+    c.jitter();
+    pending.test();
+    c.check("start_all_to_all_v", pending.wait() == blocking);
+
+    // Nothing to move: empty buffers everywhere (MPI must not see them as aliased).
+    c.jitter();
+    let none: Vec<f32> = Vec::new();
+    let empty = comm.all_to_all_v(&none, &vec![0; p]);
+    let pending = comm.start_all_to_all_v(none.clone(), &vec![0; p], &vec![0; p]);
+    let gathered = comm.all_gather_v(&none);
+    let rooted = comm.gather_v(&none, 0);
+    c.check(
+        "empty_exchanges",
+        empty.0.is_empty()
+            && pending.wait().0.is_empty()
+            && gathered.0.is_empty()
+            && rooted.is_none_or(|(v, _)| v.is_empty()),
+    );
+
+    // Groups: ranks of the same parity sum among themselves.
+    c.jitter();
+    let group = comm.split(r % 2, r);
+    let mut members = [1i64 << r];
+    group.all_reduce_sum(&mut members);
+    let want: i64 = (0..p).filter(|s| s % 2 == r % 2).map(|s| 1i64 << s).sum();
+    c.check("split", members[0] == want && group.rank() == r / 2);
 }
 
 /// The top-K choices of `rank`'s token t: a fixed function of (rank, t), so every rank
