@@ -139,6 +139,28 @@ impl Plan {
         rows.index_select(0, &self.to_source_major)
     }
 
+    /// The hidden size of rows of `shape` to `send` over `comm`: an error unless they are
+    /// rows x hidden, as many rows as the plan sends, over a group of the plan's size.
+    fn check_rows(&self, comm: &Comm, send: &[usize], shape: &[i64]) -> Result<i64, CommError> {
+        let planned: usize = send.iter().sum();
+        let problem = match shape {
+            _ if send.len() != comm.size() => format!(
+                "the plan was made for a group of {} ranks, not this one of {}",
+                send.len(),
+                comm.size()
+            ),
+            [n, _] if usize::try_from(*n).ok() != Some(planned) => {
+                format!("{n} rows to send, but the plan sends {planned}")
+            }
+            [_, hidden] => return Ok(*hidden),
+            _ => format!("rows must be rows x hidden, not of shape {shape:?}"),
+        };
+        Err(CommError::Exchange {
+            rank: comm.rank(),
+            problem,
+        })
+    }
+
     /// Starts moving `rows` (this rank's rows for `direction`, in order) over `comm`, or
     /// over `nccl` (the same ranks, GPU to GPU) when given. The result arrives as a new
     /// leaf tensor (its gradient is what moves back): see `InFlight`. An error when
@@ -156,31 +178,7 @@ impl Plan {
             Direction::Back => (&self.recv_rows, &self.send_rows),
         };
         let (kind, device) = (rows.kind(), rows.device());
-        let fits = |shape: &[i64]| -> Result<i64, String> {
-            let [n, hidden] = shape else {
-                return Err(format!(
-                    "rows must be rows x hidden, not of shape {shape:?}"
-                ));
-            };
-            if send.len() != comm.size() {
-                return Err(format!(
-                    "the plan was made for a group of {} ranks, not this one of {}",
-                    send.len(),
-                    comm.size()
-                ));
-            }
-            if usize::try_from(*n).ok() != Some(send.iter().sum::<usize>()) {
-                return Err(format!(
-                    "{n} rows to send, but the plan sends {}",
-                    send.iter().sum::<usize>()
-                ));
-            }
-            Ok(*hidden)
-        };
-        let hidden = fits(&rows.size()).map_err(|problem| CommError::Exchange {
-            rank: comm.rank(),
-            problem,
-        })?;
+        let hidden = self.check_rows(comm, send, &rows.size())?;
         let mut stats = ExchangeStats {
             exchanges: 1,
             bytes: (rows.numel() * 4) as u64,
