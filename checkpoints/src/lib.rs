@@ -7,7 +7,7 @@
 pub mod safetensors;
 pub mod sharded;
 
-pub use safetensors::{Dtype, HostTensor};
+pub use safetensors::{Dtype, HostTensor, SafetensorsError};
 pub use sharded::{
     kill_self, kill_self_on, step_dir, AsyncSaver, Checkpoints, FileEntry, Loaded, Manifest,
     RankLayout, RankState, SaveRequest, ShardError, Slice, World, FAULT_ENV,

@@ -8,6 +8,42 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// Why bytes are not a usable safetensors file.
+#[derive(Debug, thiserror::Error)]
+pub enum SafetensorsError {
+    /// Fewer bytes than the header length field.
+    #[error("{len} bytes, shorter than the 8-byte header length: the file is truncated")]
+    Short {
+        /// Bytes in the file.
+        len: usize,
+    },
+    /// The header length points past the end of the file.
+    #[error(
+        "header length {header} runs past the end of the file ({len} bytes): the file is \
+         truncated or not safetensors"
+    )]
+    HeaderPastEnd {
+        /// The header length the file gives.
+        header: u64,
+        /// Bytes in the file.
+        len: usize,
+    },
+    /// The header is not a JSON object of tensor entries.
+    #[error("bad header ({reason})")]
+    Header {
+        /// What the JSON parser said.
+        reason: String,
+    },
+    /// One tensor's entry is malformed or does not fit the data.
+    #[error("tensor {name}: {problem}")]
+    Tensor {
+        /// The tensor's name.
+        name: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
 /// Element types used by checkpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Dtype {
@@ -97,32 +133,47 @@ pub fn serialize(tensors: &[HostTensor]) -> Vec<u8> {
 }
 
 /// The tensors of a safetensors file, by name; an error says what is malformed.
-pub fn deserialize(bytes: &Bytes) -> Result<Vec<HostTensor>, String> {
-    if bytes.len() < 8 {
-        return Err("shorter than the 8-byte header length".into());
-    }
-    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-    let n = usize::try_from(n).unwrap_or(usize::MAX);
-    if n > bytes.len() - 8 {
-        return Err(format!("header length {n} runs past the end of the file"));
-    }
+pub fn deserialize(bytes: &Bytes) -> Result<Vec<HostTensor>, SafetensorsError> {
+    let Some((len_field, rest)) = bytes.split_first_chunk::<8>() else {
+        return Err(SafetensorsError::Short { len: bytes.len() });
+    };
+    let header_len = u64::from_le_bytes(*len_field);
+    let n = match usize::try_from(header_len) {
+        Ok(n) if n <= rest.len() => n,
+        _ => {
+            return Err(SafetensorsError::HeaderPastEnd {
+                header: header_len,
+                len: bytes.len(),
+            })
+        }
+    };
     let header: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| format!("bad header ({e})"))?;
+        serde_json::from_slice(&rest[..n]).map_err(|e| SafetensorsError::Header {
+            reason: e.to_string(),
+        })?;
     let data = bytes.slice(8 + n..);
     let mut out = Vec::new();
     for (name, value) in header {
         if name == "__metadata__" {
             continue;
         }
-        let e: Entry = serde_json::from_value(value).map_err(|e| format!("tensor {name}: {e}"))?;
+        let bad = |problem: String| SafetensorsError::Tensor {
+            name: name.clone(),
+            problem,
+        };
+        let e: Entry = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
         let [begin, end] = e.data_offsets;
         let expected = e
             .shape
             .iter()
             .try_fold(e.dtype.size(), |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| format!("tensor {name}: shape {:?} overflows", e.shape))?;
+            .ok_or_else(|| bad(format!("shape {:?} overflows", e.shape)))?;
         if end < begin || end > data.len() || end - begin != expected {
-            return Err(format!("tensor {name}: offsets {begin}..{end} do not fit"));
+            return Err(bad(format!(
+                "offsets {begin}..{end} do not fit: its shape needs {expected} bytes, and the \
+                 data section has {}",
+                data.len()
+            )));
         }
         out.push(HostTensor {
             name,
@@ -169,7 +220,11 @@ mod tests {
             br#"{"x":{"dtype":"F32","shape":[4611686018427387904,8],"data_offsets":[0,0]}}"#;
         let mut overflow = (header.len() as u64).to_le_bytes().to_vec();
         overflow.extend_from_slice(header);
-        let err = deserialize(&Bytes::from(overflow)).unwrap_err();
+        let err = deserialize(&Bytes::from(overflow)).unwrap_err().to_string();
         assert!(err.contains("overflows"), "{err}");
+        assert!(matches!(
+            deserialize(&Bytes::from_static(b"1234")),
+            Err(SafetensorsError::Short { len: 4 })
+        ));
     }
 }

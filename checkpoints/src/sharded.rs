@@ -13,7 +13,7 @@
 //! and the manifest is put-if-absent, so a crash at any point leaves the previous
 //! checkpoint or the new one, never a loadable half.
 
-use crate::safetensors::{deserialize, serialize_chunks, HostTensor};
+use crate::safetensors::{deserialize, serialize_chunks, HostTensor, SafetensorsError};
 use bytes::Bytes;
 use catapult_data::{Location, StorageOptions};
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,22 @@ pub enum ShardError {
         rank: usize,
         /// Expected and found.
         problem: String,
+    },
+    /// A rank's tensor file that is not valid safetensors (its size and hash matched the
+    /// manifest, so the writer itself wrote it wrong, or verification was off).
+    #[error(
+        "{location}: rank {rank}'s file {file} is not valid safetensors ({problem}); the \
+         checkpoint cannot be loaded: resume from an earlier one or start a new run"
+    )]
+    Tensors {
+        /// The step directory.
+        location: String,
+        /// The file.
+        file: String,
+        /// The rank that wrote it.
+        rank: usize,
+        /// What is malformed.
+        problem: SafetensorsError,
     },
     /// Something that is not a usable checkpoint.
     #[error("{location}: {problem}")]
@@ -160,17 +176,19 @@ pub struct Loaded {
     pub location: String,
     /// Full tensors by name.
     pub tensors: BTreeMap<String, HostTensor>,
-    /// Each rank's state, by rank.
+    /// The state of each rank that wrote files, in rank order (rank 0's first; replicas
+    /// that wrote nothing are absent).
     pub states: Vec<serde_json::Value>,
 }
 
 impl Loaded {
     /// The rows of `name` that rank `part` of `parts` owns under an even dim-0 split:
-    /// resharding to another expert-parallel layout.
+    /// resharding to another expert-parallel layout. None when there is no such tensor
+    /// or it does not split so.
     pub fn slice_for(&self, name: &str, part: usize, parts: usize) -> Option<HostTensor> {
         let t = self.tensors.get(name)?;
         let rows = *t.shape.first()?;
-        if parts == 0 || rows % parts != 0 {
+        if parts == 0 || part >= parts || rows % parts != 0 {
             return None;
         }
         let per = rows / parts;
@@ -481,6 +499,13 @@ impl Checkpoints {
         // The ranks that wrote files (replicas of rank 0's experts write none).
         let ranks: std::collections::BTreeSet<usize> =
             manifest.files.iter().map(|f| f.rank).collect();
+        if ranks.is_empty() {
+            return Err(invalid(
+                "the manifest lists no files; the checkpoint holds nothing to load: resume from \
+                 an earlier one or start a new run"
+                    .into(),
+            ));
+        }
         let mut states = Vec::with_capacity(ranks.len());
         let mut pieces: BTreeMap<String, Vec<(Slice, HostTensor)>> = BTreeMap::new();
         let mut tensors = BTreeMap::new();
@@ -493,10 +518,17 @@ impl Checkpoints {
             let slices: BTreeMap<String, Slice> = serde_json::from_value(json["slices"].clone())
                 .map_err(|e| invalid(format!("rank {rank} slices: {e}")))?;
             states.push(json["state"].clone());
+            let file = rank_file(rank, "safetensors");
             let bytes = files
-                .get(&rank_file(rank, "safetensors"))
+                .get(&file)
                 .ok_or_else(|| invalid(format!("rank {rank} has no tensor file")))?;
-            for t in deserialize(bytes).map_err(|e| invalid(format!("rank {rank} tensors: {e}")))? {
+            let rank_tensors = deserialize(bytes).map_err(|problem| ShardError::Tensors {
+                location: location.clone(),
+                file,
+                rank,
+                problem,
+            })?;
+            for t in rank_tensors {
                 match slices.get(&t.name) {
                     Some(s) => pieces.entry(t.name.clone()).or_default().push((*s, t)),
                     None => {
@@ -519,14 +551,18 @@ impl Checkpoints {
                 )));
             }
             let mut data = Vec::new();
-            let mut next = 0;
+            let mut next = 0usize;
             for (s, t) in &parts {
-                if s.start != next || s.full != full {
-                    return Err(invalid(format!(
-                        "the slices of {name} do not tile rows 0..{full}"
-                    )));
+                // Not empty: the trailing-shape check above compared it with a shape that has rows.
+                let rows = t.shape[0];
+                match next.checked_add(rows) {
+                    Some(end) if s.start == next && s.full == full => next = end,
+                    _ => {
+                        return Err(invalid(format!(
+                            "the slices of {name} do not tile rows 0..{full}"
+                        )))
+                    }
                 }
-                next += t.shape[0];
                 data.extend_from_slice(&t.data);
             }
             if next != full {

@@ -144,6 +144,115 @@ fn has_glob(s: &str) -> bool {
     s.contains(['*', '?', '[', '{'])
 }
 
+/// A listed shard: name relative to the dataset, key, size in bytes.
+type Listed = (String, ObjPath, u64);
+
+/// The part of `location` before its first glob character (cut at a `/`), and the glob
+/// after it; the whole location and None without a glob.
+fn split_glob(location: &str) -> (&str, Option<&str>) {
+    match location.find(['*', '?', '[', '{']) {
+        Some(i) if has_glob(location) => {
+            let cut = location[..i].rfind('/').map_or(0, |j| j + 1);
+            (&location[..cut], Some(&location[cut..]))
+        }
+        _ => (location, None),
+    }
+}
+
+/// `m`'s key relative to a prefix of `prefix_parts` parts, joined with `/`.
+fn relative_name(m: &object_store::ObjectMeta, prefix_parts: usize) -> String {
+    let rel: Vec<String> = m
+        .location
+        .parts()
+        .skip(prefix_parts)
+        .map(|p| p.as_ref().to_string())
+        .collect();
+    rel.join("/")
+}
+
+/// The shards of `spec` under `location`: those matching `pattern`, the one parquet file
+/// named, those `dataset.json` lists (returned with the index), or every `*.parquet`.
+fn list_shards(
+    spec: &DatasetSpec,
+    location: &Location,
+    pattern: Option<&str>,
+) -> Result<(Vec<Listed>, Option<DatasetIndex>), DataError> {
+    let prefix_parts = location.key.parts().count();
+    if let Some(pattern) = pattern {
+        let glob = globset::GlobBuilder::new(pattern)
+            .literal_separator(true)
+            .build()
+            .map_err(|e| DataError::Empty {
+                location: spec.location.clone(),
+                problem: format!("is not a valid glob ({e})"),
+            })?
+            .compile_matcher();
+        let listed = location
+            .list()?
+            .into_iter()
+            .filter_map(|m| {
+                let rel = relative_name(&m, prefix_parts);
+                glob.is_match(&rel).then_some((rel, m.location, m.size))
+            })
+            .collect();
+        return Ok((listed, None));
+    }
+    if spec.location.ends_with(".parquet") {
+        let meta = location.head(&location.key, &location.display)?;
+        let name = location.key.filename().unwrap_or("shard").to_string();
+        return Ok((vec![(name, location.key.clone(), meta.size)], None));
+    }
+    if let Some(raw) = location.get_optional(
+        &location.child(INDEX_FILE),
+        &location.display_child(INDEX_FILE),
+    )? {
+        let parsed: DatasetIndex = serde_json::from_slice(&raw).map_err(|e| DataError::Index {
+            location: location.display_child(INDEX_FILE),
+            problem: e.to_string(),
+        })?;
+        let files = parsed
+            .shards
+            .iter()
+            .map(|s| (s.name.clone(), location.child(&s.name), s.bytes))
+            .collect();
+        return Ok((files, Some(parsed)));
+    }
+    let listed = location
+        .list()?
+        .into_iter()
+        .filter(|m| m.location.extension() == Some("parquet"))
+        .map(|m| (relative_name(&m, prefix_parts), m.location, m.size))
+        .collect();
+    Ok((listed, None))
+}
+
+/// The column to read: the recipe's tokens column, the index's pre-tokenized column
+/// when it was made with `tokenizer`, else the text column.
+fn choose_column(
+    spec: &DatasetSpec,
+    location: &Location,
+    index: Option<&DatasetIndex>,
+    tokenizer: &Tokenizer,
+) -> Result<Column, DataError> {
+    Ok(match (&spec.tokens_column, index) {
+        (Some(c), _) => Column::Tokens(c.clone()),
+        (None, Some(ix)) => match (&ix.tokens_column, &ix.tokenizer) {
+            (Some(c), Some(fp)) if fp == tokenizer.fingerprint() => Column::Tokens(c.clone()),
+            (Some(_), Some(_)) if ix.text_column.is_none() => {
+                return Err(DataError::Index {
+                    location: location.display_child(INDEX_FILE),
+                    problem: "was pre-tokenized with a different tokenizer than data.tokenizer \
+                              and has no text column; re-run `catapult data prepare` with \
+                              --tokenizer set to the recipe's tokenizer"
+                        .into(),
+                })
+            }
+            _ => Column::Text(spec.text_column.clone()),
+        },
+        (None, None) => Column::Text(spec.text_column.clone()),
+    })
+}
+
 impl Dataset {
     /// Opens the dataset: lists its shards (or reads its index) and checks the column.
     pub fn open(
@@ -151,13 +260,7 @@ impl Dataset {
         storage: &StorageOptions,
         tokenizer: &Tokenizer,
     ) -> Result<Self, DataError> {
-        let (base, pattern) = match spec.location.find(['*', '?', '[', '{']) {
-            Some(i) if has_glob(&spec.location) => {
-                let cut = spec.location[..i].rfind('/').map_or(0, |j| j + 1);
-                (&spec.location[..cut], Some(&spec.location[cut..]))
-            }
-            _ => (spec.location.as_str(), None),
-        };
+        let (base, pattern) = split_glob(&spec.location);
         let base = if base.is_empty() { "." } else { base };
         if !base.contains("://") && !std::path::Path::new(base).exists() {
             return Err(DataError::Empty {
@@ -173,65 +276,7 @@ impl Dataset {
             location: spec.location.clone(),
             problem,
         };
-        let mut index = None;
-        let listed: Vec<(String, ObjPath, u64)> = if let Some(pattern) = pattern {
-            let glob = globset::GlobBuilder::new(pattern)
-                .literal_separator(true)
-                .build()
-                .map_err(|e| empty(format!("is not a valid glob ({e})")))?
-                .compile_matcher();
-            let prefix_parts = location.key.parts().count();
-            location
-                .list()?
-                .into_iter()
-                .filter_map(|m| {
-                    let rel: Vec<String> = m
-                        .location
-                        .parts()
-                        .skip(prefix_parts)
-                        .map(|p| p.as_ref().to_string())
-                        .collect();
-                    let rel = rel.join("/");
-                    glob.is_match(&rel).then_some((rel, m.location, m.size))
-                })
-                .collect()
-        } else if spec.location.ends_with(".parquet") {
-            let meta = location.head(&location.key, &location.display)?;
-            let name = location.key.filename().unwrap_or("shard").to_string();
-            vec![(name, location.key.clone(), meta.size)]
-        } else if let Some(raw) = location.get_optional(
-            &location.child(INDEX_FILE),
-            &location.display_child(INDEX_FILE),
-        )? {
-            let parsed: DatasetIndex =
-                serde_json::from_slice(&raw).map_err(|e| DataError::Index {
-                    location: location.display_child(INDEX_FILE),
-                    problem: e.to_string(),
-                })?;
-            let files = parsed
-                .shards
-                .iter()
-                .map(|s| (s.name.clone(), location.child(&s.name), s.bytes))
-                .collect();
-            index = Some(parsed);
-            files
-        } else {
-            let prefix_parts = location.key.parts().count();
-            location
-                .list()?
-                .into_iter()
-                .filter(|m| m.location.extension() == Some("parquet"))
-                .map(|m| {
-                    let rel: Vec<String> = m
-                        .location
-                        .parts()
-                        .skip(prefix_parts)
-                        .map(|p| p.as_ref().to_string())
-                        .collect();
-                    (rel.join("/"), m.location, m.size)
-                })
-                .collect()
-        };
+        let (listed, index) = list_shards(spec, &location, pattern)?;
         if listed.is_empty() {
             return Err(empty(
                 "holds no *.parquet shards (and no dataset.json); create them with \
@@ -239,26 +284,7 @@ impl Dataset {
                     .into(),
             ));
         }
-
-        let column = match (&spec.tokens_column, &index) {
-            (Some(c), _) => Column::Tokens(c.clone()),
-            (None, Some(ix)) => match (&ix.tokens_column, &ix.tokenizer) {
-                (Some(c), Some(fp)) if fp == tokenizer.fingerprint() => Column::Tokens(c.clone()),
-                (Some(_), Some(_)) if ix.text_column.is_none() => {
-                    return Err(DataError::Index {
-                        location: location.display_child(INDEX_FILE),
-                        problem:
-                            "was pre-tokenized with a different tokenizer than data.tokenizer \
-                                  and has no text column; re-run `catapult data prepare` with \
-                                  --tokenizer set to the recipe's tokenizer"
-                                .into(),
-                    })
-                }
-                _ => Column::Text(spec.text_column.clone()),
-            },
-            (None, None) => Column::Text(spec.text_column.clone()),
-        };
-
+        let column = choose_column(spec, &location, index.as_ref(), tokenizer)?;
         let mut shards: Vec<Shard> = listed
             .into_iter()
             .map(|(name, key, size)| Shard {
@@ -278,69 +304,90 @@ impl Dataset {
             column,
             index,
         };
-        if let Some(ix) = &dataset.index {
-            if let Some(ixs) = ix
-                .shards
-                .iter()
-                .find(|s| s.row_groups.len() != s.row_group_bytes.len())
-            {
-                return Err(DataError::Index {
-                    location: dataset.location.display_child(INDEX_FILE),
-                    problem: format!("shard {} lists row groups inconsistently", ixs.name),
-                });
-            }
-            let columns = [&ix.text_column, &ix.tokens_column];
-            let wanted = dataset.column.name().to_string();
-            if !columns
-                .iter()
-                .any(|c| c.as_deref() == Some(wanted.as_str()))
-            {
-                return Err(DataError::Column {
-                    location: dataset.location.display_child(INDEX_FILE),
-                    problem: format!(
-                        "the dataset has no column `{wanted}` (columns: {})",
-                        columns
-                            .iter()
-                            .filter_map(|c| c.as_deref())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                });
-            }
-            for (shard, ixs) in shards.iter_mut().zip(&ix.shards) {
-                shard.row_groups = ixs.row_groups.clone();
-                shard.row_group_bytes = ixs.row_group_bytes.clone();
-            }
-        } else {
-            // Read every footer (8 at a time) and check the column in each.
-            let loaded = load_all_metadata(&dataset.location, &shards)?;
-            for (shard, meta) in shards.iter_mut().zip(loaded) {
-                let display = dataset.location.display_child(&shard.name);
-                let root = check_column(&meta, &dataset.column, &display)?;
-                let md = meta.metadata();
-                for rg in md.row_groups() {
-                    shard.row_groups.push(rg.num_rows() as u64);
-                    let bytes: i64 = rg
-                        .columns()
-                        .iter()
-                        .filter(|c| c.column_path().parts()[0] == root)
-                        .map(|c| c.uncompressed_size())
-                        .sum();
-                    shard.row_group_bytes.push(bytes.max(0) as u64);
-                }
-                let _ = shard.metadata.set(meta);
-            }
+        match &dataset.index {
+            Some(ix) => dataset.layout_from_index(ix, &mut shards)?,
+            None => dataset.layout_from_footers(&mut shards)?,
         }
-        let mut offset = 0;
+        let mut offset = 0u64;
         for shard in &mut shards {
             shard.row_offset = offset;
-            offset += shard.row_groups.iter().sum::<u64>();
+            offset = shard
+                .row_groups
+                .iter()
+                .try_fold(offset, |acc, &r| acc.checked_add(r))
+                .ok_or_else(|| DataError::Index {
+                    location: dataset.location.display_child(&shard.name),
+                    problem: "its row counts overflow 64 bits; re-run `catapult data prepare`"
+                        .into(),
+                })?;
         }
         if offset == 0 {
             return Err(empty("has shards but no rows".into()));
         }
         dataset.shards = shards;
         Ok(dataset)
+    }
+
+    /// Takes the row groups of `shards` from the index `ix`, after checking that it lists
+    /// them consistently and has the column to read.
+    fn layout_from_index(&self, ix: &DatasetIndex, shards: &mut [Shard]) -> Result<(), DataError> {
+        if let Some(ixs) = ix
+            .shards
+            .iter()
+            .find(|s| s.row_groups.len() != s.row_group_bytes.len())
+        {
+            return Err(DataError::Index {
+                location: self.location.display_child(INDEX_FILE),
+                problem: format!("shard {} lists row groups inconsistently", ixs.name),
+            });
+        }
+        let columns = [&ix.text_column, &ix.tokens_column];
+        let wanted = self.column.name().to_string();
+        if !columns
+            .iter()
+            .any(|c| c.as_deref() == Some(wanted.as_str()))
+        {
+            return Err(DataError::Column {
+                location: self.location.display_child(INDEX_FILE),
+                problem: format!(
+                    "the dataset has no column `{wanted}` (columns: {})",
+                    columns
+                        .iter()
+                        .filter_map(|c| c.as_deref())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
+        for (shard, ixs) in shards.iter_mut().zip(&ix.shards) {
+            shard.row_groups = ixs.row_groups.clone();
+            shard.row_group_bytes = ixs.row_group_bytes.clone();
+        }
+        Ok(())
+    }
+
+    /// Reads every footer (8 at a time), checks the column in each and takes the row
+    /// groups from them.
+    fn layout_from_footers(&self, shards: &mut [Shard]) -> Result<(), DataError> {
+        let loaded = load_all_metadata(&self.location, shards)?;
+        for (shard, meta) in shards.iter_mut().zip(loaded) {
+            let display = self.location.display_child(&shard.name);
+            let root = check_column(&meta, &self.column, &display)?;
+            let md = meta.metadata();
+            for rg in md.row_groups() {
+                shard.row_groups.push(rg.num_rows() as u64);
+                let bytes: i64 = rg
+                    .columns()
+                    .iter()
+                    // A column path always has its root's name first.
+                    .filter(|c| c.column_path().parts()[0] == root)
+                    .map(|c| c.uncompressed_size())
+                    .sum();
+                shard.row_group_bytes.push(bytes.max(0) as u64);
+            }
+            let _ = shard.metadata.set(meta);
+        }
+        Ok(())
     }
 
     /// Where the dataset lives, as the user wrote it.
@@ -381,13 +428,30 @@ impl Dataset {
     }
 
     /// Estimated bytes a tokenized row group occupies in memory (text decoded plus ids).
+    /// `shard` and `row_group` come from `units`.
     pub fn unit_cost(&self, shard: u32, row_group: u32) -> u64 {
         let bytes = self.shards[shard as usize].row_group_bytes[row_group as usize];
+        // Saturating: an index may claim any size.
         match self.column {
             // Text and up to one u32 id per byte.
-            Column::Text(_) => bytes * 5 + 4096,
-            Column::Tokens(_) => bytes * 2 + 4096,
+            Column::Text(_) => bytes.saturating_mul(5).saturating_add(4096),
+            Column::Tokens(_) => bytes.saturating_mul(2).saturating_add(4096),
         }
+    }
+
+    /// Shard `shard`, when it has row group `row_group`.
+    fn shard(&self, shard: u32, row_group: u32) -> Result<&Shard, DataError> {
+        self.shards
+            .get(shard as usize)
+            .filter(|s| (row_group as usize) < s.row_groups.len())
+            .ok_or_else(|| DataError::Config {
+                problem: format!(
+                    "dataset `{}` has no row group {row_group} in shard {shard} ({} shards); \
+                     read the units `Dataset::units` lists",
+                    self.name,
+                    self.shards.len()
+                ),
+            })
     }
 
     fn metadata(&self, shard: &Shard) -> Result<ArrowReaderMetadata, DataError> {
@@ -426,9 +490,20 @@ impl Dataset {
         shard: u32,
         row_group: u32,
     ) -> Result<Vec<arrow_array::RecordBatch>, DataError> {
-        let sh = &self.shards[shard as usize];
+        let sh = self.shard(shard, row_group)?;
         let display = self.location.display_child(&sh.name);
         let meta = self.metadata(sh)?;
+        let in_file = meta.metadata().num_row_groups();
+        if row_group as usize >= in_file {
+            return Err(DataError::Index {
+                location: display,
+                problem: format!(
+                    "has {in_file} row groups, but dataset.json lists {}: the shards changed \
+                     after the index was written; re-run `catapult data prepare`",
+                    sh.row_groups.len()
+                ),
+            });
+        }
         let root = meta
             .schema()
             .index_of(self.column.name())
@@ -458,6 +533,16 @@ impl Dataset {
 
     /// The text of every non-null row of a row group (text column only).
     pub fn read_texts(&self, shard: u32, row_group: u32) -> Result<Vec<String>, DataError> {
+        if let Column::Tokens(name) = &self.column {
+            return Err(DataError::Column {
+                location: self.location.display.clone(),
+                problem: format!(
+                    "is read from its token column `{name}`, which holds ids, not text; \
+                     texts need a dataset read from its text column (one not pre-tokenized \
+                     with the tokenizer it was opened with)"
+                ),
+            });
+        }
         let mut out = Vec::new();
         for batch in self.fetch(shard, row_group)? {
             let col = batch.column(0);
@@ -480,7 +565,7 @@ impl Dataset {
         valid_fraction: f64,
         tokenizer: &Tokenizer,
     ) -> Result<Documents, DataError> {
-        let sh = &self.shards[shard as usize];
+        let sh = self.shard(shard, row_group)?;
         let display = self.location.display_child(&sh.name);
         let batches = self.fetch(shard, row_group)?;
         let first_row = sh.row_offset + sh.row_groups[..row_group as usize].iter().sum::<u64>();
@@ -513,6 +598,23 @@ impl Dataset {
                 }
                 out.docs.push((global, ids));
             }
+        }
+        let expected = sh.row_groups[row_group as usize];
+        if row - first_row != expected {
+            return Err(DataError::Index {
+                location: display,
+                problem: format!(
+                    "row group {row_group} has {} rows, but {} says {expected}: the shards \
+                     changed after the dataset was opened or indexed; re-run `catapult data \
+                     prepare`",
+                    row - first_row,
+                    if self.index.is_some() {
+                        INDEX_FILE
+                    } else {
+                        "its footer"
+                    }
+                ),
+            });
         }
         Ok(out)
     }

@@ -21,7 +21,9 @@ pub use pipeline::{
     Batch, BlockState, DataState, Phase, Pipeline, PipelineConfig, Position, StreamState, SubState,
     ValidationSet,
 };
-pub use prepare::{prepare, DocumentSplit, PrepareOptions, PrepareSummary, ShardSize};
+pub use prepare::{
+    prepare, DocumentSplit, PrepareOptions, PrepareSummary, ShardSize, ShardSizeError,
+};
 pub use store::{Location, StorageOptions};
 pub use tokenizer::{train_bpe, ByteTokenizer, Tokenizer, END_OF_TEXT};
 

@@ -672,6 +672,29 @@ impl SubStream {
             return Ok(());
         };
         let s = &b.start;
+        let stream = self.stream;
+        let dataset = &shared.datasets[self.dataset];
+        let damaged = |what: String| DataError::State {
+            problem: format!(
+                "dataset `{}` stream {stream}: {what}; the data state is damaged: resume from \
+                 another checkpoint",
+                dataset.name
+            ),
+        };
+        let streams = shared.cfg.streams as u64;
+        if s.unit
+            .checked_mul(streams)
+            .and_then(|i| i.checked_add(stream as u64))
+            .is_none()
+        {
+            return Err(damaged(format!("unit {} is beyond any epoch", s.unit)));
+        }
+        if !shared.cfg.phases.iter().any(|p| p.seq_len == b.seq_len) {
+            return Err(damaged(format!(
+                "block {} was cut at length {}, which no data phase has",
+                b.index, b.seq_len
+            )));
+        }
         self.unit = s.unit;
         self.current = None;
         self.queue.clear();
@@ -679,8 +702,6 @@ impl SubStream {
         self.offset = s.offset as usize;
         self.pending = s.pending.clone();
         let (shard, row_group) = self.unit_at(shared, s.unit);
-        let dataset = &shared.datasets[self.dataset];
-        let stream = self.stream;
         let changed = |what: String| DataError::State {
             problem: format!(
                 "dataset `{}` stream {stream}: {what}; the data changed since the state was saved",
@@ -773,6 +794,38 @@ impl Stream {
     }
 }
 
+/// The first global batch of each phase: a phase begins with the first batch at or after
+/// its `start_tokens`.
+fn phase_starts(cfg: &PipelineConfig) -> Result<Vec<u64>, DataError> {
+    let mut starts = vec![0u64];
+    let mut tokens = 0u64;
+    let mut batch = 0u64;
+    for (i, w) in cfg.phases.windows(2).enumerate() {
+        let overflow = || DataError::Config {
+            problem: format!(
+                "phase {} starts at {} tokens, too far to count in batches of {} x {} tokens",
+                i + 1,
+                w[1].start_tokens,
+                cfg.global_batch,
+                w[0].seq_len
+            ),
+        };
+        let per = cfg
+            .global_batch
+            .checked_mul(w[0].seq_len)
+            .map(|p| p as u64)
+            .ok_or_else(overflow)?;
+        let count = w[1].start_tokens.saturating_sub(tokens).div_ceil(per);
+        batch = batch.checked_add(count).ok_or_else(overflow)?;
+        tokens = count
+            .checked_mul(per)
+            .and_then(|t| t.checked_add(tokens))
+            .ok_or_else(overflow)?;
+        starts.push(batch);
+    }
+    Ok(starts)
+}
+
 /// The pipeline of one data-parallel rank.
 pub struct Pipeline {
     shared: Shared,
@@ -809,9 +862,12 @@ impl Pipeline {
                 cfg.streams
             )));
         }
-        if cfg.streams == 0 || !cfg.global_batch.is_multiple_of(cfg.streams) {
+        if cfg.streams == 0
+            || cfg.global_batch == 0
+            || !cfg.global_batch.is_multiple_of(cfg.streams)
+        {
             return Err(config(format!(
-                "data.streams = {} must divide train.global_batch_size = {}",
+                "data.streams = {} must divide train.global_batch_size = {} (both at least 1)",
                 cfg.streams, cfg.global_batch
             )));
         }
@@ -820,10 +876,27 @@ impl Pipeline {
                 "data.shuffle_buffer and data.mixture_window must be at least 1".into(),
             ));
         }
+        if cfg.phases.is_empty() {
+            return Err(config(
+                "no data phase given; give one phase starting at token 0".into(),
+            ));
+        }
         for (i, p) in cfg.phases.iter().enumerate() {
             if p.weights.len() != cfg.datasets.len() || p.weights.iter().sum::<f64>() <= 0.0 {
                 return Err(config(format!(
                     "phase {i} needs a positive weight for at least one dataset"
+                )));
+            }
+            if p.weights.iter().any(|w| !w.is_finite() || *w < 0.0) {
+                return Err(config(format!(
+                    "phase {i} has weights {:?}; every mixture weight must be a finite number \
+                     of at least 0",
+                    p.weights
+                )));
+            }
+            if p.seq_len == 0 {
+                return Err(config(format!(
+                    "phase {i} has sequence length 0; give it at least 1 token"
                 )));
             }
         }
@@ -835,16 +908,7 @@ impl Pipeline {
             .collect::<Result<_, _>>()?;
         let units = datasets.iter().map(|d| Arc::new(d.units())).collect();
 
-        let mut starts = vec![0u64];
-        let mut tokens = 0u64;
-        let mut batch = 0u64;
-        for w in cfg.phases.windows(2) {
-            let per = (cfg.global_batch * w[0].seq_len) as u64;
-            let count = w[1].start_tokens.saturating_sub(tokens).div_ceil(per);
-            batch += count;
-            tokens += count * per;
-            starts.push(batch);
-        }
+        let starts = phase_starts(&cfg)?;
 
         let mut h = blake3::Hasher::new();
         h.update(&cfg.seed.to_le_bytes());
@@ -990,6 +1054,8 @@ impl Pipeline {
             });
         }
         let shared = &self.shared;
+        let per_stream = (shared.cfg.global_batch / shared.cfg.streams) as u64;
+        let vocab = self.tokenizer.vocab_size();
         for stream in &mut self.streams {
             let saved = state
                 .streams
@@ -1001,6 +1067,19 @@ impl Pipeline {
                         stream.id
                     ),
                 })?;
+            if state.batches.checked_mul(per_stream) != Some(saved.sequences) {
+                return Err(DataError::State {
+                    problem: format!(
+                        "stream {} emitted {} sequences, but {} batches of {per_stream} per \
+                         stream make {}; the data state is damaged: resume from another \
+                         checkpoint",
+                        stream.id,
+                        saved.sequences,
+                        state.batches,
+                        state.batches.saturating_mul(per_stream)
+                    ),
+                });
+            }
             stream.sequences = saved.sequences;
             stream.window = None;
             for sub in &mut stream.subs {
@@ -1012,6 +1091,17 @@ impl Pipeline {
                     .ok_or_else(|| DataError::State {
                         problem: format!("the data state has no entry for dataset `{name}`"),
                     })?;
+                let pending = sub_state.block.iter().flat_map(|b| &b.start.pending);
+                if let Some(bad) = pending.into_iter().find(|&&id| id as usize >= vocab) {
+                    return Err(DataError::State {
+                        problem: format!(
+                            "dataset `{name}` stream {}: pending token id {bad} is outside the \
+                             tokenizer's {vocab} ids; resume with the tokenizer the state was \
+                             saved with",
+                            stream.id
+                        ),
+                    });
+                }
                 sub.restore(shared, sub_state)?;
             }
         }

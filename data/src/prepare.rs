@@ -37,24 +37,65 @@ pub enum ShardSize {
     Bytes(u64),
 }
 
+/// Why a string is not a `ShardSize`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShardSizeError {
+    /// No number in front.
+    #[error("`{input}` is not a size: use a document count (10000) or bytes (64MB)")]
+    NotANumber {
+        /// What was given.
+        input: String,
+    },
+    /// A unit that is not B, KB, MB or GB.
+    #[error("`{input}`: unknown unit `{unit}` (use KB, MB or GB)")]
+    Unit {
+        /// What was given.
+        input: String,
+        /// The unit part.
+        unit: String,
+    },
+    /// More than fits in 64 bits.
+    #[error("`{input}` is too large: use a size below 16 EiB (e.g. 64MB or 1GB)")]
+    TooLarge {
+        /// What was given.
+        input: String,
+    },
+}
+
 impl FromStr for ShardSize {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ShardSizeError;
+    fn from_str(s: &str) -> Result<Self, ShardSizeError> {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: u64 = num.parse().map_err(|_| {
-            format!("`{s}` is not a size: use a document count (10000) or bytes (64MB)")
+        let input = || s.to_string();
+        let n: u64 = num.parse().map_err(|e: std::num::ParseIntError| {
+            if *e.kind() == std::num::IntErrorKind::PosOverflow {
+                ShardSizeError::TooLarge { input: input() }
+            } else {
+                ShardSizeError::NotANumber { input: input() }
+            }
         })?;
-        let mult = match unit.trim().to_ascii_uppercase().as_str() {
-            "" => return Ok(ShardSize::Documents(n as usize)),
+        let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+            "" => {
+                return usize::try_from(n)
+                    .map(ShardSize::Documents)
+                    .map_err(|_| ShardSizeError::TooLarge { input: input() })
+            }
             "B" => 1,
             "K" | "KB" | "KIB" => 1 << 10,
             "M" | "MB" | "MIB" => 1 << 20,
             "G" | "GB" | "GIB" => 1 << 30,
-            _ => return Err(format!("`{s}`: unknown unit `{unit}` (use KB, MB or GB)")),
+            _ => {
+                return Err(ShardSizeError::Unit {
+                    input: input(),
+                    unit: unit.to_string(),
+                })
+            }
         };
-        Ok(ShardSize::Bytes(n * mult))
+        n.checked_mul(mult)
+            .map(ShardSize::Bytes)
+            .ok_or_else(|| ShardSizeError::TooLarge { input: input() })
     }
 }
 
@@ -379,6 +420,14 @@ mod tests {
             ShardSize::Bytes(512 << 10)
         );
         assert!("12 parsecs".parse::<ShardSize>().is_err());
+        assert!(matches!(
+            "99999999999G".parse::<ShardSize>(),
+            Err(ShardSizeError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            "999999999999999999999".parse::<ShardSize>(),
+            Err(ShardSizeError::TooLarge { .. })
+        ));
         assert_eq!(
             groups(&[5, 5, 5, 20, 1], ShardSize::Bytes(10)),
             vec![0..2, 2..3, 3..4, 4..5]

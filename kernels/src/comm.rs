@@ -12,6 +12,7 @@
 //! and the replicas of its experts. `start_all_to_all_v` starts a nonblocking exchange
 //! and returns a handle to poll and wait on, so that compute can run while it moves.
 
+use crate::error::CommError;
 use mpi::datatype::{Partition, PartitionMut};
 use mpi::topology::Color;
 use mpi::traits::*;
@@ -114,24 +115,29 @@ fn displacements(counts: &[i32]) -> Vec<i32> {
 
 impl Comm {
     /// MPI when started by an MPI launcher, else a world of one.
-    pub fn from_env() -> Comm {
+    pub fn from_env() -> Result<Comm, CommError> {
         if launched_by_mpi() {
             Comm::mpi()
         } else {
-            Comm::Single
+            Ok(Comm::Single)
         }
     }
 
-    /// Initializes MPI (once per process).
-    pub fn mpi() -> Comm {
-        let universe = mpi::initialize().expect("MPI initializes once per process");
+    /// Initializes MPI (once per process: a second call is an error, as is a call after
+    /// the first world was dropped, since MPI cannot start again once finalized).
+    pub fn mpi() -> Result<Comm, CommError> {
+        let universe = mpi::initialize().ok_or_else(|| CommError::MpiInit {
+            problem: "MPI was already initialized in this process (it starts once, and cannot \
+                      start again after it was finalized)"
+                .into(),
+        })?;
         let world = universe.world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);
         let jitter_ms = std::env::var("CATAPULT_COMM_JITTER_MS")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        Comm::Mpi(MpiComm {
+        Ok(Comm::Mpi(MpiComm {
             world,
             rank,
             size,
@@ -139,7 +145,7 @@ impl Comm {
             calls: std::cell::Cell::new(0),
             fast: false,
             universe: Arc::new(universe),
-        })
+        }))
     }
 
     /// The same communicator, summing with MPI's own reductions when `on` (faster, but
@@ -161,6 +167,8 @@ impl Comm {
                 let group = m
                     .world
                     .split_by_color_with_key(Color::with_value(color as i32), key as i32)
+                    // rsmpi returns None only for `Color::undefined()`, and a color made
+                    // from a value is always defined.
                     .expect("a defined color always gives a group");
                 let (rank, size) = (group.rank() as usize, group.size() as usize);
                 Comm::Mpi(MpiComm {

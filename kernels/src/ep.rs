@@ -10,12 +10,14 @@
 //! plan in the opposite direction (`Direction::Back`).
 
 use crate::comm::{Comm, Pending};
+use crate::error::CommError;
 use crate::moe::ExpertDispatch;
 use crate::nccl::NcclComm;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-/// The rank that owns `expert` of `n_experts` over `ranks` ranks.
+/// The rank that owns `expert` of `n_experts` over `ranks` ranks (`ranks` divides
+/// `n_experts`, as `Plan::new` checks).
 pub fn owner(expert: usize, n_experts: usize, ranks: usize) -> usize {
     expert / (n_experts / ranks)
 }
@@ -72,19 +74,34 @@ pub struct Plan {
 impl Plan {
     /// The plan for `dispatch` (this rank's routing over all N FFN experts) in the
     /// expert-parallel group `comm`: exchanges the per-expert row counts (a small
-    /// blocking all-to-all).
-    pub fn new(comm: &Comm, dispatch: &ExpertDispatch, device: Device) -> Plan {
+    /// blocking all-to-all). An error when the experts do not split evenly over the
+    /// group, or when a peer's counts do not fit (the ranks disagree on the model).
+    pub fn new(comm: &Comm, dispatch: &ExpertDispatch, device: Device) -> Result<Plan, CommError> {
         let p = comm.size();
         let n = dispatch.counts.len();
-        assert!(
-            n.is_multiple_of(p),
-            "{n} experts do not split over {p} ranks"
-        );
+        if !n.is_multiple_of(p) {
+            return Err(CommError::ExpertSplit {
+                rank: comm.rank(),
+                experts: n,
+                ranks: p,
+            });
+        }
         let e = n / p;
         let send_rows: Vec<usize> = (0..p)
             .map(|d| dispatch.counts[d * e..(d + 1) * e].iter().sum::<i64>() as usize)
             .collect();
         let (c, _) = comm.all_to_all_v(&dispatch.counts, &vec![e; p]);
+        if c.len() != p * e || c.iter().any(|&x| x < 0) {
+            return Err(CommError::Exchange {
+                rank: comm.rank(),
+                problem: format!(
+                    "the group sent {} expert row counts (expected {p} ranks x {e} experts, none \
+                     negative): the ranks disagree on the number of experts; start every rank \
+                     with the same recipe",
+                    c.len()
+                ),
+            });
+        }
         let recv_rows: Vec<usize> = (0..p)
             .map(|s| c[s * e..(s + 1) * e].iter().sum::<i64>() as usize)
             .collect();
@@ -102,13 +119,13 @@ impl Plan {
         }
         let to_expert_major = Tensor::from_slice(&order).to_device(device);
         let to_source_major = to_expert_major.argsort(0, false);
-        Plan {
+        Ok(Plan {
             send_rows,
             recv_rows,
             local_counts,
             to_expert_major,
             to_source_major,
-        }
+        })
     }
 
     /// Received (source-major) rows regrouped by local expert: a permutation, so its
@@ -122,23 +139,46 @@ impl Plan {
         rows.index_select(0, &self.to_source_major)
     }
 
+    /// The hidden size of rows of `shape` to `send` over `comm`: an error unless they are
+    /// rows x hidden, as many rows as the plan sends, over a group of the plan's size.
+    fn check_rows(&self, comm: &Comm, send: &[usize], shape: &[i64]) -> Result<i64, CommError> {
+        let planned: usize = send.iter().sum();
+        let problem = match shape {
+            _ if send.len() != comm.size() => format!(
+                "the plan was made for a group of {} ranks, not this one of {}",
+                send.len(),
+                comm.size()
+            ),
+            [n, _] if usize::try_from(*n).ok() != Some(planned) => {
+                format!("{n} rows to send, but the plan sends {planned}")
+            }
+            [_, hidden] => return Ok(*hidden),
+            _ => format!("rows must be rows x hidden, not of shape {shape:?}"),
+        };
+        Err(CommError::Exchange {
+            rank: comm.rank(),
+            problem,
+        })
+    }
+
     /// Starts moving `rows` (this rank's rows for `direction`, in order) over `comm`, or
     /// over `nccl` (the same ranks, GPU to GPU) when given. The result arrives as a new
-    /// leaf tensor (its gradient is what moves back): see `InFlight`.
+    /// leaf tensor (its gradient is what moves back): see `InFlight`. An error when
+    /// `rows` do not fit the plan or `comm`, or when an NCCL call fails.
     pub fn start(
         &self,
         comm: &Comm,
         nccl: Option<&NcclComm>,
         rows: &Tensor,
         direction: Direction,
-    ) -> InFlight {
+    ) -> Result<InFlight, CommError> {
         let begun = Instant::now();
         let (send, recv) = match direction {
             Direction::ToOwners => (&self.send_rows, &self.recv_rows),
             Direction::Back => (&self.recv_rows, &self.send_rows),
         };
         let (kind, device) = (rows.kind(), rows.device());
-        let hidden = rows.size()[1];
+        let hidden = self.check_rows(comm, send, &rows.size())?;
         let mut stats = ExchangeStats {
             exchanges: 1,
             bytes: (rows.numel() * 4) as u64,
@@ -152,7 +192,7 @@ impl Plan {
             Flight::Local(rows.detach())
         } else if let Some(nccl) = nccl {
             // Enqueued on the compute stream: ordered with what uses the result.
-            Flight::Local(nccl.all_to_all_rows(&rows.detach(), send, recv))
+            Flight::Local(nccl.all_to_all_rows(&rows.detach(), send, recv)?)
         } else {
             let host: Vec<f32> = Vec::try_from(
                 &rows
@@ -161,21 +201,23 @@ impl Plan {
                     .to_device(Device::Cpu)
                     .reshape([-1]),
             )
-            .expect("f32 rows");
+            // A contiguous float tensor on the CPU always converts.
+            .expect("rows converted to f32 on the CPU");
             let h = hidden as usize;
             let sc: Vec<usize> = send.iter().map(|r| r * h).collect();
             let rc: Vec<usize> = recv.iter().map(|r| r * h).collect();
             Flight::Mpi(comm.start_all_to_all_v(host, &sc, &rc))
         };
         stats.exposed_s = begun.elapsed().as_secs_f64();
-        InFlight {
+        Ok(InFlight {
             state,
             rows: recv.iter().sum::<usize>() as i64,
             hidden,
             kind,
             device,
+            rank: comm.rank(),
             stats,
-        }
+        })
     }
 }
 
@@ -191,6 +233,8 @@ pub struct InFlight {
     hidden: i64,
     kind: Kind,
     device: Device,
+    /// This rank in the group, for messages.
+    rank: usize,
     stats: ExchangeStats,
 }
 
@@ -206,14 +250,23 @@ impl InFlight {
 
     /// Waits for the rows: rows x hidden, in the sender's kind and device, a leaf that
     /// requires a gradient when `requires_grad`. Adds the exchange's cost to `stats`.
-    pub fn wait(self, requires_grad: bool, stats: &mut ExchangeStats) -> Tensor {
+    /// An error when what arrived does not have the planned rows.
+    pub fn wait(self, requires_grad: bool, stats: &mut ExchangeStats) -> Result<Tensor, CommError> {
         let begun = Instant::now();
         let t = match self.state {
             Flight::Local(t) => t,
             Flight::Mpi(p) => {
                 let (data, _) = p.wait();
+                let len = data.len();
                 Tensor::from_slice(&data)
-                    .view([self.rows, self.hidden])
+                    .f_view([self.rows, self.hidden])
+                    .map_err(|e| CommError::Exchange {
+                        rank: self.rank,
+                        problem: format!(
+                            "{len} values arrived for {} rows of {} ({e})",
+                            self.rows, self.hidden
+                        ),
+                    })?
                     .to_device(self.device)
                     .to_kind(self.kind)
             }
@@ -221,11 +274,11 @@ impl InFlight {
         let mut s = self.stats;
         s.exposed_s += begun.elapsed().as_secs_f64();
         stats.add(&s);
-        if requires_grad {
+        Ok(if requires_grad {
             t.set_requires_grad(true)
         } else {
             t
-        }
+        })
     }
 }
 
@@ -238,7 +291,7 @@ mod tests {
         let comm = Comm::Single;
         let idx = Tensor::from_slice(&[3i64, 1, 0, 5, 2, 2, 1, 3, 4, 0]).view([5, 2]);
         let d = ExpertDispatch::new(&idx, 4, 6);
-        let plan = Plan::new(&comm, &d, Device::Cpu);
+        let plan = Plan::new(&comm, &d, Device::Cpu).unwrap();
         assert_eq!(plan.send_rows, vec![8]);
         assert_eq!(plan.recv_rows, vec![8]);
         assert_eq!(plan.local_counts, vec![2, 2, 2, 2]);
@@ -247,15 +300,29 @@ mod tests {
         let mut stats = ExchangeStats::default();
         let there = plan
             .start(&comm, None, &rows, Direction::ToOwners)
-            .wait(true, &mut stats);
+            .unwrap()
+            .wait(true, &mut stats)
+            .unwrap();
         assert!(there.requires_grad() && there.is_leaf());
         assert_eq!(plan.expert_major(&there), rows);
         let back = plan
             .start(&comm, None, &plan.source_major(&there), Direction::Back)
-            .wait(false, &mut stats);
+            .unwrap()
+            .wait(false, &mut stats)
+            .unwrap();
         assert_eq!(back, rows);
         assert_eq!(stats.exchanges, 2);
         assert_eq!(stats.bytes_remote, 0);
         assert_eq!(owner(5, 8, 2), 1);
+        // Rows that do not fit the plan are an error, not a panic.
+        let err = plan
+            .start(&comm, None, &rows.narrow(0, 0, 3), Direction::ToOwners)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("3 rows to send, but the plan sends 8"),
+            "{err}"
+        );
     }
 }

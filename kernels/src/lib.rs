@@ -5,5 +5,8 @@
 
 pub mod comm;
 pub mod ep;
+pub mod error;
 pub mod moe;
 pub mod nccl;
+
+pub use error::{CommError, NcclError};

@@ -15,6 +15,7 @@
 //! reductions are never used.
 
 use crate::comm::Comm;
+use crate::error::NcclError;
 use libloading::Library;
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::Arc;
@@ -84,24 +85,24 @@ fn candidates() -> Vec<String> {
 }
 
 impl Api {
-    fn load() -> Result<Api, String> {
+    fn load() -> Result<Api, NcclError> {
         let tried = candidates();
         let lib = tried
             .iter()
             // SAFETY: loading NCCL runs its initializers, which have no preconditions.
             .find_map(|c| unsafe { Library::new(c) }.ok())
-            .ok_or_else(|| {
-                format!(
-                    "NCCL not found (tried {}); install torch's nvidia-nccl dependency or point \
-                     CATAPULT_NCCL_LIB at libnccl.so.2",
-                    tried.join(", ")
-                )
+            .ok_or_else(|| NcclError::NotFound {
+                tried: tried.clone(),
             })?;
         macro_rules! sym {
             ($name:literal, $ty:ty) => {
                 // SAFETY: the types match NCCL's C declarations (nccl.h, 2.x).
-                *unsafe { lib.get::<$ty>(concat!($name, "\0").as_bytes()) }
-                    .map_err(|e| format!("NCCL lacks {}: {e}", $name))?
+                *unsafe { lib.get::<$ty>(concat!($name, "\0").as_bytes()) }.map_err(|e| {
+                    NcclError::MissingSymbol {
+                        symbol: $name,
+                        reason: e.to_string(),
+                    }
+                })?
             };
         }
         Ok(Api {
@@ -118,22 +119,32 @@ impl Api {
         })
     }
 
-    fn check(&self, what: &str, code: c_int) -> Result<(), String> {
+    /// `code` as an error naming `call` and this rank (`rank` of `size`).
+    fn check(
+        &self,
+        call: &'static str,
+        code: c_int,
+        rank: usize,
+        size: usize,
+    ) -> Result<(), NcclError> {
         if code == 0 {
             return Ok(());
         }
         // SAFETY: NCCL returns a static string for every result code.
         let text = unsafe { std::ffi::CStr::from_ptr((self.error_string)(code)) };
-        Err(format!(
-            "{what}: NCCL error {code}: {}",
-            text.to_string_lossy()
-        ))
+        Err(NcclError::Call {
+            call,
+            rank,
+            size,
+            code,
+            message: text.to_string_lossy().into_owned(),
+        })
     }
 }
 
 /// NCCL's name for a tensor kind.
-fn datatype(kind: Kind) -> c_int {
-    match kind {
+fn datatype(kind: Kind) -> Result<c_int, NcclError> {
+    Ok(match kind {
         Kind::Int8 => 0,
         Kind::Uint8 => 1,
         Kind::Int => 2,
@@ -142,14 +153,18 @@ fn datatype(kind: Kind) -> c_int {
         Kind::Float => 7,
         Kind::Double => 8,
         Kind::BFloat16 => 9,
-        other => panic!("no NCCL datatype for {other:?}"),
-    }
+        other => {
+            return Err(NcclError::Datatype {
+                kind: format!("{other:?}"),
+            })
+        }
+    })
 }
 
 /// Whether this process can use NCCL: a CUDA device and the library.
-pub fn available() -> Result<(), String> {
+pub fn available() -> Result<(), NcclError> {
     if !tch::Cuda::is_available() {
-        return Err("no CUDA device".into());
+        return Err(NcclError::NoCuda);
     }
     Api::load().map(|_| ())
 }
@@ -185,15 +200,19 @@ impl Drop for NcclComm {
 impl NcclComm {
     /// A communicator over the ranks of `host` (a collective call there): rank 0 makes
     /// the id, `host` broadcasts it, every rank joins with its GPU `device`.
-    pub fn new(host: &Comm, device: Device) -> Result<NcclComm, String> {
+    pub fn new(host: &Comm, device: Device) -> Result<NcclComm, NcclError> {
         let Device::Cuda(index) = device else {
-            return Err(format!("NCCL needs a CUDA device, not {device:?}"));
+            return Err(NcclError::NotCuda {
+                device: format!("{device:?}"),
+            });
         };
         let api = Api::load()?;
+        let (rank, size) = (host.rank(), host.size());
         let mut id = UniqueId { internal: [0; 128] };
-        if host.rank() == 0 {
+        if rank == 0 {
             // SAFETY: `id` is a valid ncclUniqueId to write.
-            api.check("ncclGetUniqueId", unsafe { (api.get_unique_id)(&mut id) })?;
+            let code = unsafe { (api.get_unique_id)(&mut id) };
+            api.check("ncclGetUniqueId", code, rank, size)?;
         }
         host.broadcast(&mut id.internal, 0);
         // Make the device current on this thread the way torch does, before NCCL binds.
@@ -201,14 +220,13 @@ impl NcclComm {
         tch::Cuda::synchronize(index as i64);
         let mut comm: RawComm = std::ptr::null_mut();
         // SAFETY: `comm` receives the new communicator; every rank passes the same id.
-        api.check("ncclCommInitRank", unsafe {
-            (api.comm_init_rank)(&mut comm, host.size() as c_int, id, host.rank() as c_int)
-        })?;
+        let code = unsafe { (api.comm_init_rank)(&mut comm, size as c_int, id, rank as c_int) };
+        api.check("ncclCommInitRank", code, rank, size)?;
         Ok(NcclComm {
             api: Arc::new(api),
             comm,
-            rank: host.rank(),
-            size: host.size(),
+            rank,
+            size,
             device,
         })
     }
@@ -233,6 +251,40 @@ impl NcclComm {
         v
     }
 
+    /// Checks that `shape` has rows, that `send_rows` and `recv_rows` give one count per
+    /// rank, and that the send counts cover the rows.
+    fn check_counts(
+        &self,
+        shape: &[i64],
+        send_rows: &[usize],
+        recv_rows: &[usize],
+    ) -> Result<(), NcclError> {
+        let rows = shape.first().copied();
+        let problem = if rows.is_none() {
+            "a 0-dimensional tensor has no rows to send; reshape it to rows x ...".to_string()
+        } else if send_rows.len() != self.size || recv_rows.len() != self.size {
+            format!(
+                "{} send and {} receive counts for {} ranks; give one of each per rank",
+                send_rows.len(),
+                recv_rows.len(),
+                self.size
+            )
+        } else if i64::try_from(send_rows.iter().sum::<usize>()).ok() != rows {
+            format!(
+                "the send counts add up to {} rows, but the tensor has {}",
+                send_rows.iter().sum::<usize>(),
+                rows.unwrap_or(0)
+            )
+        } else {
+            return Ok(());
+        };
+        Err(NcclError::Counts {
+            call: "all_to_all_rows",
+            rank: self.rank,
+            problem,
+        })
+    }
+
     /// Sends `send_rows[d]` consecutive rows of `rows` (rows x ..., on this rank's GPU)
     /// to rank d; returns what arrived, rows from rank 0 first.
     pub fn all_to_all_rows(
@@ -240,25 +292,25 @@ impl NcclComm {
         rows: &Tensor,
         send_rows: &[usize],
         recv_rows: &[usize],
-    ) -> Tensor {
-        assert_eq!(send_rows.len(), self.size, "one send count per rank");
-        assert_eq!(recv_rows.len(), self.size, "one receive count per rank");
+    ) -> Result<Tensor, NcclError> {
         let send = rows.contiguous();
         let shape = send.size();
+        self.check_counts(&shape, send_rows, recv_rows)?;
         let row: usize = shape[1..].iter().product::<i64>() as usize;
         let mut out_shape = shape.clone();
         out_shape[0] = recv_rows.iter().sum::<usize>() as i64;
+        let (dt, elt) = (datatype(send.kind())?, send.kind().elt_size_in_bytes());
         let recv = Tensor::empty(out_shape.as_slice(), (send.kind(), send.device()));
-        let (dt, elt) = (datatype(send.kind()), send.kind().elt_size_in_bytes());
         let (sp, rp) = (send.data_ptr() as *const u8, recv.data_ptr() as *mut u8);
         let stream: Stream = std::ptr::null_mut();
         let api = &self.api;
+        let check = |call, code| api.check(call, code, self.rank, self.size);
         // SAFETY: offsets stay inside the two contiguous buffers (counts sum to their
         // rows), and the work is ordered on the stream every use of them runs on.
         unsafe {
-            api.check("ncclGroupStart", (api.group_start)())
-                .expect("NCCL");
+            check("ncclGroupStart", (api.group_start)())?;
             let (mut s_at, mut r_at) = (0usize, 0usize);
+            let mut failed = Ok(());
             for peer in 0..self.size {
                 let (sn, rn) = (send_rows[peer] * row, recv_rows[peer] * row);
                 if sn > 0 {
@@ -270,9 +322,9 @@ impl NcclComm {
                         self.comm,
                         stream,
                     );
-                    api.check("ncclSend", r).expect("NCCL");
+                    failed = check("ncclSend", r);
                 }
-                if rn > 0 {
+                if rn > 0 && failed.is_ok() {
                     let r = (api.recv)(
                         rp.add(r_at * elt) as *mut c_void,
                         rn,
@@ -281,36 +333,43 @@ impl NcclComm {
                         self.comm,
                         stream,
                     );
-                    api.check("ncclRecv", r).expect("NCCL");
+                    failed = check("ncclRecv", r);
+                }
+                if failed.is_err() {
+                    break;
                 }
                 s_at += sn;
                 r_at += rn;
             }
-            api.check("ncclGroupEnd", (api.group_end)()).expect("NCCL");
+            // The group is closed even after a failed send or receive, so this thread's
+            // NCCL state is not left inside a group; the first error is the one returned.
+            let ended = check("ncclGroupEnd", (api.group_end)());
+            failed.and(ended)?;
         }
         // Dropping `send` here is safe: torch's caching allocator reuses its memory only
         // for work on the same (default) stream, which runs after the transfer.
         drop(send);
-        recv
+        Ok(recv)
     }
 
     /// Every rank's `t` (same shape on all), stacked in rank order: P x shape.
-    pub fn all_gather(&self, t: &Tensor) -> Tensor {
+    pub fn all_gather(&self, t: &Tensor) -> Result<Tensor, NcclError> {
         let flat = t.contiguous().reshape([1, -1]);
         let copies = flat
             .expand([self.size as i64, flat.size()[1]], false)
             .contiguous();
         let mut shape = vec![self.size as i64];
         shape.extend(t.size());
-        self.all_to_all_rows(&copies, &vec![1; self.size], &vec![1; self.size])
-            .view(shape.as_slice())
+        Ok(self
+            .all_to_all_rows(&copies, &vec![1; self.size], &vec![1; self.size])?
+            .view(shape.as_slice()))
     }
 
     /// The sum over ranks of `t`, the same bits on every rank: chunk r of every rank goes
     /// to rank r, which adds the P contributions in rank order; the sums are gathered.
-    pub fn all_reduce_sum(&self, t: &Tensor) -> Tensor {
+    pub fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor, NcclError> {
         if self.size == 1 {
-            return t.shallow_clone();
+            return Ok(t.shallow_clone());
         }
         let p = self.size as i64;
         let flat = t.contiguous().reshape([-1]);
@@ -318,20 +377,28 @@ impl NcclComm {
         let chunk = (n + p - 1) / p;
         let padded = Tensor::cat(&[&flat, &flat.zeros_like().narrow(0, 0, chunk * p - n)], 0)
             .view([p, chunk]);
-        let pieces = self.all_to_all_rows(&padded, &vec![1; self.size], &vec![1; self.size]);
+        let pieces = self.all_to_all_rows(&padded, &vec![1; self.size], &vec![1; self.size])?;
         let mut sum = pieces.get(0).copy();
         for src in 1..p {
             sum += pieces.get(src);
         }
-        self.all_gather(&sum)
+        Ok(self
+            .all_gather(&sum)?
             .reshape([-1])
             .narrow(0, 0, n)
-            .view(t.size().as_slice())
+            .view(t.size().as_slice()))
     }
 
     /// `root`'s `t` on every rank.
-    pub fn broadcast(&self, t: &Tensor, root: usize) -> Tensor {
-        self.all_gather(t).get(root as i64)
+    pub fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor, NcclError> {
+        if root >= self.size {
+            return Err(NcclError::Counts {
+                call: "broadcast",
+                rank: self.rank,
+                problem: format!("root {root} is not a rank of {}", self.size),
+            });
+        }
+        Ok(self.all_gather(t)?.get(root as i64))
     }
 }
 

@@ -46,6 +46,9 @@ pub enum TrainError {
     /// Saving or loading a sharded checkpoint failed.
     #[error(transparent)]
     Shard(#[from] catapult_checkpoints::ShardError),
+    /// A collective failed (MPI initialization, an NCCL call, an exchange).
+    #[error(transparent)]
+    Comm(#[from] catapult_kernels::CommError),
     /// A silent-data-corruption check found a rank computing different gradients twice.
     #[error("{0}")]
     Corruption(String),
@@ -82,7 +85,10 @@ impl TrainError {
             TrainError::Peer { bad_input, .. } => *bad_input,
             TrainError::Data(e) => data_is_bad_input(e),
             TrainError::Shard(e) => shard_is_bad_input(e),
-            TrainError::Io { .. } | TrainError::Export(_) | TrainError::Corruption(_) => false,
+            TrainError::Io { .. }
+            | TrainError::Export(_)
+            | TrainError::Comm(_)
+            | TrainError::Corruption(_) => false,
         }
     }
 }

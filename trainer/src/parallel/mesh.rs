@@ -3,6 +3,7 @@
 
 use catapult_kernels::comm::Comm;
 use catapult_kernels::nccl::NcclComm;
+use catapult_kernels::NcclError;
 use std::ops::Range;
 
 /// Errors of laying out the mesh; each says what to change.
@@ -38,8 +39,8 @@ pub enum LayoutError {
         auto: usize,
     },
     /// An NCCL communicator could not be created.
-    #[error("{0}")]
-    Nccl(String),
+    #[error(transparent)]
+    Nccl(#[from] NcclError),
 }
 
 /// One group of ranks of the mesh: its host communicator and, with the NCCL backend, an
@@ -55,7 +56,7 @@ impl Group {
     fn new(comm: Comm, device: Option<tch::Device>) -> Result<Self, LayoutError> {
         let nccl = match device {
             None => None,
-            Some(d) => Some(NcclComm::new(&comm, d).map_err(LayoutError::Nccl)?),
+            Some(d) => Some(NcclComm::new(&comm, d)?),
         };
         Ok(Self { comm, nccl })
     }

@@ -31,6 +31,7 @@ use super::mesh::Parallel;
 use crate::model::{LongcatModel, MoeExchange};
 use catapult_kernels::ep::{Direction, ExchangeStats, InFlight, Plan};
 use catapult_kernels::moe::ExpertDispatch;
+use catapult_kernels::CommError;
 use tch::{Kind, Tensor};
 
 /// What one layer's MoE did, for the losses and metrics.
@@ -124,22 +125,21 @@ impl<'a> TapeExchange<'a> {
     }
 
     /// Starts `rows` moving in `direction`; without overlap, waits for them at once.
-    fn start(&mut self, rows: &Tensor, direction: Direction) -> Option<Tensor> {
-        let flight = self
-            .plan()
-            .start(&self.par.expert, self.par.expert.nccl(), rows, direction);
+    fn start(&mut self, rows: &Tensor, direction: Direction) -> Result<Option<Tensor>, CommError> {
+        let expert = &self.par.expert;
+        let flight = self.plan().start(expert, expert.nccl(), rows, direction)?;
         if self.par.overlap {
             self.flight = Some(flight);
-            None
+            Ok(None)
         } else {
-            Some(flight.wait(self.train, self.stats))
+            Ok(Some(flight.wait(self.train, self.stats)?))
         }
     }
 
     /// The rows of the exchange started last, waiting for them if still in flight.
-    fn arrived(&mut self, done: Option<Tensor>) -> Tensor {
+    fn arrived(&mut self, done: Option<Tensor>) -> Result<Tensor, CommError> {
         match (done, self.flight.take()) {
-            (Some(t), _) => t,
+            (Some(t), _) => Ok(t),
             (None, Some(mut flight)) => {
                 flight.poll();
                 flight.wait(self.train, self.stats)
@@ -165,7 +165,7 @@ impl<'a> TapeExchange<'a> {
 }
 
 impl MoeExchange for TapeExchange<'_> {
-    type Error = std::convert::Infallible;
+    type Error = CommError;
 
     fn cut(&mut self, t: &Tensor) -> Tensor {
         let l = leaf(t, self.train);
@@ -176,15 +176,15 @@ impl MoeExchange for TapeExchange<'_> {
     }
 
     fn send(&mut self, dispatch: &ExpertDispatch, rows: Tensor) -> Result<(), Self::Error> {
-        self.plan = Some(Plan::new(&self.par.expert, dispatch, rows.device()));
-        self.received = self.start(&rows, Direction::ToOwners);
+        self.plan = Some(Plan::new(&self.par.expert, dispatch, rows.device())?);
+        self.received = self.start(&rows, Direction::ToOwners)?;
         self.sent = Some(rows);
         Ok(())
     }
 
     fn receive(&mut self) -> Result<(Tensor, Vec<i64>), Self::Error> {
         let done = self.received.take();
-        let received = self.arrived(done);
+        let received = self.arrived(done)?;
         let rows = self.plan().expert_major(&received);
         self.received = Some(received);
         Ok((rows, self.plan().local_counts.clone()))
@@ -192,7 +192,7 @@ impl MoeExchange for TapeExchange<'_> {
 
     fn send_back(&mut self, outputs: Tensor) -> Result<(), Self::Error> {
         let expert_out = self.plan().source_major(&outputs);
-        self.returned = self.start(&expert_out, Direction::Back);
+        self.returned = self.start(&expert_out, Direction::Back)?;
         self.expert_out = Some(expert_out);
         Ok(())
     }
@@ -205,7 +205,7 @@ impl MoeExchange for TapeExchange<'_> {
 
     fn returned(&mut self) -> Result<Tensor, Self::Error> {
         let done = self.returned.take();
-        let returned = self.arrived(done);
+        let returned = self.arrived(done)?;
         self.returned = Some(returned.shallow_clone());
         Ok(returned)
     }
@@ -221,7 +221,7 @@ pub fn forward(
     mask: Option<&Tensor>,
     train: bool,
     stats: &mut ExchangeStats,
-) -> Forward {
+) -> Result<Forward, CommError> {
     let rope = model.rope();
     let embedded = model.embed(tokens);
     let mut x = leaf(&embedded, train);
@@ -229,10 +229,7 @@ pub fn forward(
     let mut routing = Vec::with_capacity(model.layers.len());
     for layer in &model.layers {
         let mut ex = TapeExchange::new(par, train, stats);
-        let (out, moe) = match layer.forward_with(&x, rope, mask, &mut ex) {
-            Ok(o) => o,
-            Err(never) => match never {},
-        };
+        let (out, moe) = layer.forward_with(&x, rope, mask, &mut ex)?;
         routing.push(LayerRouting {
             probs: moe.probs,
             selections: moe.selections,
@@ -244,13 +241,13 @@ pub fn forward(
         x = next;
     }
     let logits = model.head(&x);
-    Forward {
+    Ok(Forward {
         logits,
         last_hidden: x,
         routing,
         embedded,
         layers,
-    }
+    })
 }
 
 impl Forward {
@@ -263,7 +260,7 @@ impl Forward {
         head_loss: &Tensor,
         layer_losses: Vec<Option<Tensor>>,
         stats: &mut ExchangeStats,
-    ) {
+    ) -> Result<(), CommError> {
         assert_eq!(
             layer_losses.len(),
             self.layers.len(),
@@ -283,7 +280,7 @@ impl Forward {
                 &grad_or_zeros(&t.returned),
                 Direction::ToOwners,
                 stats,
-            );
+            )?;
             if t.expert_out.requires_grad() {
                 (&t.expert_out * g_out).sum(Kind::Float).backward();
             }
@@ -293,7 +290,7 @@ impl Forward {
                 &grad_or_zeros(&t.received),
                 Direction::Back,
                 stats,
-            );
+            )?;
             let mut pre = (&t.sent * g_sent).sum(Kind::Float);
             for (value, joint) in &t.joints {
                 let gj = joint.grad();
@@ -307,6 +304,7 @@ impl Forward {
             g = grad_or_zeros(&t.input);
         }
         (&self.embedded * g).sum(Kind::Float).backward();
+        Ok(())
     }
 }
 
@@ -316,8 +314,8 @@ fn plan_move(
     rows: &Tensor,
     direction: Direction,
     stats: &mut ExchangeStats,
-) -> Tensor {
-    plan.start(&par.expert, par.expert.nccl(), rows, direction)
+) -> Result<Tensor, CommError> {
+    plan.start(&par.expert, par.expert.nccl(), rows, direction)?
         .wait(false, stats)
 }
 
@@ -345,14 +343,14 @@ mod tests {
         let grads = |segmented: bool| {
             let mut stats = ExchangeStats::default();
             if segmented {
-                let f = forward(&model, &par, &tokens, None, true, &mut stats);
+                let f = forward(&model, &par, &tokens, None, true, &mut stats).unwrap();
                 let head = f.logits.square().mean(Kind::Double);
                 let lb: Vec<Option<Tensor>> = f
                     .routing
                     .iter()
                     .map(|r| Some(r.probs.narrow(1, 0, 2).sum(Kind::Double) * 0.1))
                     .collect();
-                f.backward(&par, &head, lb, &mut stats);
+                f.backward(&par, &head, lb, &mut stats).unwrap();
             } else {
                 let out = model.forward(&tokens);
                 let mut loss = out.logits.square().mean(Kind::Double);

@@ -6,6 +6,7 @@ use crate::losses::cross_entropy;
 use crate::model::LongcatModel;
 use crate::parallel::{forward, Parallel};
 use catapult_kernels::ep::ExchangeStats;
+use catapult_kernels::CommError;
 use tch::Device;
 
 /// The held-out sequences of each dataset, by name.
@@ -20,7 +21,7 @@ fn mean_loss(
     sequences: &[Vec<u32>],
     micro: usize,
     device: Device,
-) -> f64 {
+) -> Result<f64, CommError> {
     let (rank, world) = (par.world.rank(), par.world.size());
     tch::no_grad(|| {
         let chunks: Vec<&[Vec<u32>]> = sequences.chunks(micro).collect();
@@ -32,13 +33,13 @@ fn mean_loss(
                 None => (chunks[0], 0.0),
             };
             let (inputs, targets) = batch_tensors(chunk, device);
-            let f = forward(model, par, &inputs, None, false, &mut stats);
+            let f = forward(model, par, &inputs, None, false, &mut stats)?;
             let loss = cross_entropy(&f.logits, &targets).double_value(&[]);
             sums[0] += weight * loss * chunk.len() as f64;
             sums[1] += weight * chunk.len() as f64;
         }
         par.world.all_reduce_sum(&mut sums);
-        sums[0] / sums[1]
+        Ok(sums[0] / sums[1])
     })
 }
 
@@ -51,11 +52,11 @@ pub fn validate(
     micro: usize,
     device: Device,
     step: usize,
-) -> (f64, serde_json::Value) {
+) -> Result<(f64, serde_json::Value), CommError> {
     let losses: Vec<(String, f64)> = valid
         .iter()
-        .map(|(name, seqs)| (name.clone(), mean_loss(model, par, seqs, micro, device)))
-        .collect();
+        .map(|(name, seqs)| Ok((name.clone(), mean_loss(model, par, seqs, micro, device)?)))
+        .collect::<Result<_, CommError>>()?;
     let mean = losses.iter().map(|(_, l)| l).sum::<f64>() / losses.len() as f64;
     let mut line = serde_json::json!({"step": step, "val_loss": mean});
     if losses.len() > 1 {
@@ -65,5 +66,5 @@ pub fn validate(
             .collect::<serde_json::Map<_, _>>()
             .into();
     }
-    (mean, line)
+    Ok((mean, line))
 }

@@ -43,7 +43,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainErro
         (Backend::Nccl, _) | (Backend::Auto, Device::Cuda(_)) => Some(device),
         _ => None,
     };
-    let world = Comm::from_env().fast_reductions(p.fast_reductions);
+    let world = Comm::from_env()?.fast_reductions(p.fast_reductions);
     let par = Parallel::with_nccl(world, p.expert, p.data, p.overlap, nccl).map_err(|source| {
         TrainError::Layout {
             recipe: recipe.name.clone(),

@@ -231,7 +231,7 @@ impl<'a> Trainer<'a> {
 
     /// The validation loss before the first step, in a new metrics file.
     fn start_fresh(&mut self) -> Result<(), TrainError> {
-        let (loss, line) = self.validation(0);
+        let (loss, line) = self.validation(0)?;
         self.first_val_loss = loss;
         if self.lead() {
             self.metrics = Metrics::create(self.run_dir.join("metrics.jsonl"))?;

@@ -10,6 +10,7 @@ use crate::optim::AdamW;
 use crate::parallel::is_expert_param;
 use crate::recipe::SdcAction;
 use catapult_kernels::comm::Comm;
+use catapult_kernels::CommError;
 use std::time::Instant;
 use tch::Tensor;
 
@@ -33,18 +34,18 @@ pub fn replay(
     scratch: StepStats,
     rank: usize,
     done: usize,
-) -> Replay {
+) -> Result<Replay, CommError> {
     let started = Instant::now();
     let first = optimizer.gradients();
     optimizer.zero_grad();
     let mut scratch = scratch;
-    micro_step(cx, batch, false, &mut scratch);
+    micro_step(cx, batch, false, &mut scratch)?;
     fault_hook(rank, done, optimizer);
     let differs = first_difference(&first, &optimizer.gradients());
-    Replay {
+    Ok(Replay {
         seconds: started.elapsed().as_secs_f64(),
         differs,
-    }
+    })
 }
 
 /// For the check: the first tensor whose gradient differs (in any bit) between two

@@ -12,6 +12,7 @@ use crate::recipe::Recipe;
 use catapult_data::Batch;
 use catapult_kernels::comm::Comm;
 use catapult_kernels::ep::ExchangeStats;
+use catapult_kernels::CommError;
 use tch::{Device, Kind, Tensor};
 
 /// The load-balance loss's view of the recipe.
@@ -198,7 +199,12 @@ fn gradient_ratio(probs: &[Tensor], lb_grads: &[Tensor], micro_batches: usize) -
 /// accumulate in the parameters. The load-balance loss and the statistics use the
 /// micro-batch's global expert counts (every rank's). With `measure_rg`, also R_g and
 /// the hidden RMS.
-pub fn micro_step(cx: &StepContext, batch: &MicroBatch, measure_rg: bool, stats: &mut StepStats) {
+pub fn micro_step(
+    cx: &StepContext,
+    batch: &MicroBatch,
+    measure_rg: bool,
+    stats: &mut StepStats,
+) -> Result<(), CommError> {
     let recipe = cx.recipe;
     let f = forward(
         cx.model,
@@ -207,7 +213,7 @@ pub fn micro_step(cx: &StepContext, batch: &MicroBatch, measure_rg: bool, stats:
         batch.mask.as_ref(),
         true,
         &mut stats.exchange[0],
-    );
+    )?;
     let (global, global_tokens) = global_counts(&f, &batch.inputs, &cx.par.world);
     let scale = 1.0 / cx.micro_batches as f64;
     let lm_loss = cross_entropy(&f.logits, &batch.targets);
@@ -269,7 +275,7 @@ pub fn micro_step(cx: &StepContext, batch: &MicroBatch, measure_rg: bool, stats:
     }
     let probs: Vec<Tensor> = f.routing.iter().map(|r| r.probs.shallow_clone()).collect();
     let layer_losses = balance.into_iter().map(|b| b.map(|b| b * scale)).collect();
-    f.backward(cx.par, &head, layer_losses, &mut stats.exchange[1]);
+    f.backward(cx.par, &head, layer_losses, &mut stats.exchange[1])?;
     if measure_rg {
         stats.gradient_ratio = match lb_grads {
             Some(lb) => gradient_ratio(&probs, &lb, cx.micro_batches),
@@ -278,4 +284,5 @@ pub fn micro_step(cx: &StepContext, batch: &MicroBatch, measure_rg: bool, stats:
     }
     stats.counts += global;
     stats.tokens += global_tokens;
+    Ok(())
 }

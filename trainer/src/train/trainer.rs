@@ -19,6 +19,7 @@ use crate::recipe::Recipe;
 use crate::supervision::{self, Heartbeat};
 use catapult_checkpoints::{AsyncSaver, Checkpoints, Loaded};
 use catapult_data::{Batch, Pipeline};
+use catapult_kernels::CommError;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -104,7 +105,7 @@ impl Trainer<'_> {
 
             // Micro-steps: forward and backward of each micro-batch, gradients
             // accumulating; the first replayed when a corruption check is due.
-            let (mut stats, replay) = self.micro_steps(&batch, step, done);
+            let (mut stats, replay) = self.micro_steps(&batch, step, done)?;
             if let Some(replay) = &replay {
                 let verdict =
                     sdc::verdict(&self.par.world, replay, done, t.sdc_action, self.rollbacks)?;
@@ -116,7 +117,7 @@ impl Trainer<'_> {
             }
 
             // Reduce: dense gradients over the world, expert gradients over replicas.
-            reduce_gradients(self.par, self.optimizer.parameters());
+            reduce_gradients(self.par, self.optimizer.parameters()).map_err(CommError::from)?;
             stats.all_reduce(&self.par.world);
 
             // Clip (the experts' squared norm summed over the expert group), then step.
@@ -198,7 +199,7 @@ impl Trainer<'_> {
         batch: &Batch,
         step: usize,
         done: usize,
-    ) -> (StepStats, Option<sdc::Replay>) {
+    ) -> Result<(StepStats, Option<sdc::Replay>), CommError> {
         let recipe = self.recipe;
         let t = &recipe.train;
         let router_metrics_due = done.is_multiple_of(recipe.moe.metrics_every) || done == t.steps;
@@ -221,7 +222,7 @@ impl Trainer<'_> {
                 t.micro_batch_size,
                 self.device,
             );
-            step::micro_step(&cx, &input, router_metrics_due && micro == 0, &mut stats);
+            step::micro_step(&cx, &input, router_metrics_due && micro == 0, &mut stats)?;
             if micro == 0 && sdc_due {
                 let scratch = StepStats::new(recipe, self.device, step);
                 let rank = self.par.world.rank();
@@ -232,10 +233,10 @@ impl Trainer<'_> {
                     scratch,
                     rank,
                     done,
-                ));
+                )?);
             }
         }
-        (stats, replay)
+        Ok((stats, replay))
     }
 
     /// Clips the gradients to `train.grad_clip`; returns the norm before clipping.
@@ -282,14 +283,14 @@ impl Trainer<'_> {
     }
 
     /// The validation loss after `step` steps and its metrics line (every rank computes).
-    pub(super) fn validation(&self, step: usize) -> (f64, serde_json::Value) {
+    pub(super) fn validation(&self, step: usize) -> Result<(f64, serde_json::Value), CommError> {
         let micro = self.recipe.train.micro_batch_size;
         eval::validate(&self.built.model, self.par, &self.valid, micro, self.device, step)
     }
 
     /// The validation loss after `done` steps, written to the metrics.
     pub(super) fn evaluate(&mut self, done: usize) -> Result<(), TrainError> {
-        let (loss, line) = self.validation(done);
+        let (loss, line) = self.validation(done)?;
         self.last_val_loss = loss;
         self.metrics.write(line)
     }
