@@ -5,32 +5,10 @@
 //! tokens seen, the data position and the schedule continue. Optimizer moments are
 //! copied the same way (`copy`) or start at zero (`fresh`); the manifest records which.
 
+pub use crate::recipe::OptimizerInit;
 use crate::recipe::Recipe;
 use catapult_checkpoints::{HostTensor, Loaded, SaveRequest};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-
-/// What happens to AdamW's state at growth.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OptimizerInit {
-    /// Moments and update counts stacked like the weights.
-    #[default]
-    Copy,
-    /// Moments zero, update counts zero (bias correction starts over).
-    Fresh,
-}
-
-impl std::str::FromStr for OptimizerInit {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "copy" => Ok(Self::Copy),
-            "fresh" => Ok(Self::Fresh),
-            other => Err(format!("`{other}`: use copy or fresh")),
-        }
-    }
-}
 
 /// The layer index of a tensor name and the text around it
 /// (`optimizer.exp_avg.model.layers.3.mlp...` -> ("optimizer.exp_avg.model.layers.", 3,
