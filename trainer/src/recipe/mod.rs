@@ -15,6 +15,8 @@
 mod error;
 #[cfg(test)]
 mod fixtures;
+#[cfg(test)]
+mod golden;
 mod overrides;
 mod schema;
 mod validate;
