@@ -21,6 +21,6 @@ pub mod tensorboard;
 pub mod train;
 pub mod transfer;
 
-pub use recipe::{Override, Recipe, RecipeError};
 pub use exit::exit_code;
+pub use recipe::{Override, Recipe, RecipeError};
 pub use train::{train, RunOptions, RunSummary, TrainError};
