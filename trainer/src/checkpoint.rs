@@ -90,7 +90,7 @@ pub struct GrowthRecord {
     /// Layers after growth.
     pub layers: usize,
     /// What happened to the optimizer's moments.
-    pub optimizer: crate::growth::OptimizerInit,
+    pub optimizer: crate::recipe::OptimizerInit,
     /// The step grown at.
     pub step: u64,
     /// Tokens seen at growth.

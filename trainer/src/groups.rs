@@ -1,54 +1,13 @@
 //! Parameter groups: every trainable tensor belongs to exactly one, by name. The groups
 //! carry their own learning rates (logged as `lr_<group>`) and, with width transfer
 //! (longcat-methods section 7), their own initialization and learning-rate rules.
+//!
+//! The `Group` enum, its names and `Group::ALL` are recipe vocabulary
+//! (`crate::recipe::Group`, re-exported here); this module says which tensor is in which.
 
-use serde::{Deserialize, Serialize};
-
-/// A named group of parameters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Group {
-    /// The input embedding `model.embed_tokens.weight`.
-    Embedding,
-    /// MLA projections (`self_attn.*_proj`), in the layers and the MTP layer.
-    Attention,
-    /// Dense SwiGLU FFNs (`mlps.*`, the MTP layer's FFN) and the MTP input projection.
-    DenseFfn,
-    /// Routed experts (`mlp.experts.*`).
-    Experts,
-    /// Router classifiers (`mlp.router.classifier`).
-    Router,
-    /// RMSNorm gains (every `*norm*` weight).
-    Norms,
-    /// The output head `lm_head.weight` (the unembedding).
-    Head,
-}
+pub use crate::recipe::Group;
 
 impl Group {
-    /// Every group, in display order.
-    pub const ALL: [Group; 7] = [
-        Group::Embedding,
-        Group::Attention,
-        Group::DenseFfn,
-        Group::Experts,
-        Group::Router,
-        Group::Norms,
-        Group::Head,
-    ];
-
-    /// The group's name in recipes and metrics.
-    pub fn name(self) -> &'static str {
-        match self {
-            Group::Embedding => "embedding",
-            Group::Attention => "attention",
-            Group::DenseFfn => "dense_ffn",
-            Group::Experts => "experts",
-            Group::Router => "router",
-            Group::Norms => "norms",
-            Group::Head => "head",
-        }
-    }
-
     /// The group of a parameter name (as the model's VarStore names them).
     pub fn of(name: &str) -> Group {
         if name.contains("norm") {
@@ -66,12 +25,6 @@ impl Group {
         } else {
             Group::DenseFfn
         }
-    }
-}
-
-impl std::fmt::Display for Group {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
     }
 }
 

@@ -7,37 +7,10 @@
 
 use crate::checkpoint::{GrowthRecord, TrainerState};
 pub use crate::error::GrowthError;
+pub use crate::recipe::OptimizerInit;
 use crate::recipe::Recipe;
 use catapult_checkpoints::{HostTensor, Loaded, SaveRequest};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-
-/// What happens to AdamW's state at growth.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OptimizerInit {
-    /// Moments and update counts stacked like the weights.
-    #[default]
-    Copy,
-    /// Moments zero, update counts zero (bias correction starts over).
-    Fresh,
-}
-
-/// An optimizer-init mode that is neither `copy` nor `fresh`.
-#[derive(Debug, thiserror::Error)]
-#[error("`{0}`: use copy or fresh")]
-pub struct UnknownOptimizerInit(String);
-
-impl std::str::FromStr for OptimizerInit {
-    type Err = UnknownOptimizerInit;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "copy" => Ok(Self::Copy),
-            "fresh" => Ok(Self::Fresh),
-            other => Err(UnknownOptimizerInit(other.to_string())),
-        }
-    }
-}
 
 /// The layer index of a tensor name and the text around it
 /// (`optimizer.exp_avg.model.layers.3.mlp...` -> ("optimizer.exp_avg.model.layers.", 3,
