@@ -2,7 +2,7 @@
 //! torch.save/torch.load of the same tensors (measured in the same run), and the training
 //! loop's blocking time per asynchronous save.
 
-use super::{create_dir, python_json, spinner, train_here, utf8};
+use super::common::{create_dir, python_json, spinner, train_here, utf8};
 use catapult_checkpoints::{
     Checkpoints, Dtype, HostTensor, RankLayout, RankState, SaveRequest, World,
 };

@@ -3,7 +3,7 @@
 //! same run on the same files (pyarrow plus the Python `tokenizers` package), and beside
 //! the rate at which the trainer consumes tokens.
 
-use super::{create_dir, python_json, spinner, train_here, utf8};
+use super::common::{create_dir, python_json, spinner, train_here, utf8};
 use crate::UsageContext;
 use anyhow::Context;
 use catapult_data::{

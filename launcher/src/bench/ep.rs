@@ -2,7 +2,7 @@
 //! Batch Overlap on and off: step time, the share of all-to-all time hidden behind
 //! compute, and the exchanged volume against the analytic one.
 
-use super::{create_dir, spinner};
+use super::common::{create_dir, spinner};
 use crate::UsageError;
 use anyhow::Context;
 use std::path::Path;

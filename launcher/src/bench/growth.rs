@@ -3,7 +3,7 @@
 //! total tokens; validation-loss curves (growth.png), which ends lower, and results.json.
 //! Each run is a `catapult train` process on one rank, on the built-in corpus.
 
-use super::{common_sets, create_dir, train_child, val_curve};
+use super::common::{common_sets, create_dir, train_child, val_curve};
 use crate::plot::{line_chart, palette, Curve};
 use crate::UsageContext;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! time to the first training step for each rank count — and the time the supervisor
 //! takes to detect a killed rank and train again.
 
-use super::{create_dir, spinner};
+use super::common::{create_dir, spinner};
 use crate::UsageError;
 use anyhow::Context;
 use catapult_trainer::supervision::env;

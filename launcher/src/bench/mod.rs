@@ -1,7 +1,7 @@
 //! `catapult bench ...`: benchmarks that print ratios against a baseline measured in the
-//! same run. This module owns the subcommand's arguments, the dispatch to one module per
-//! benchmark, and what several of them share: spinners, the Python baselines under
-//! scripts/bench, and training runs (in this process, or as a `catapult train` child).
+//! same run. This module owns the subcommand's arguments and the dispatch to one module
+//! per benchmark; what several share (spinners, the Python baselines under scripts/bench,
+//! training runs in this process or as a `catapult train` child) is in [`common`].
 //!
 //! - `data`: the data pipeline against pyarrow + tokenizers ([`data`]);
 //! - `ckpt`: checkpoint save/load against torch.save/torch.load ([`ckpt`]);
@@ -11,19 +11,15 @@
 //! - `transfer`: width transfer of the learning rate ([`transfer`]).
 
 mod ckpt;
+mod common;
 mod data;
 mod ep;
 mod growth;
 mod launch;
 mod transfer;
 
-use crate::UsageError;
-use anyhow::{bail, Context};
-use catapult_trainer::supervision::env;
 use clap::Subcommand;
-use indicatif::{ProgressBar, ProgressStyle};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -175,127 +171,4 @@ pub fn run(command: BenchCommand) -> Result<(), crate::Failure> {
         } => ep::run(&recipe, ranks, steps, repeats, &dir),
         BenchCommand::Launch { recipe, ranks, dir } => launch::run(&recipe, &ranks, &dir),
     }
-}
-
-fn spinner(msg: &str) -> ProgressBar {
-    let p = ProgressBar::new_spinner();
-    p.set_style(
-        ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
-            .expect("a static template that parses"),
-    );
-    p.set_message(msg.to_string());
-    p.enable_steady_tick(std::time::Duration::from_millis(200));
-    p
-}
-
-/// Creates the benchmark's working directory (`--dir`).
-fn create_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))
-}
-
-/// `path` as UTF-8 (the data and checkpoint libraries take string locations).
-fn utf8(path: &Path) -> Result<&str, UsageError> {
-    path.to_str().ok_or_else(|| {
-        UsageError::new(format!(
-            "{}: the path is not UTF-8; give a --dir whose path is",
-            path.display()
-        ))
-    })
-}
-
-/// Runs a baseline script of scripts/bench with the venv's Python; its stdout is JSON.
-fn python_json(
-    python: &Path,
-    script: &str,
-    args: &[&std::ffi::OsStr],
-) -> anyhow::Result<serde_json::Value> {
-    let out = std::process::Command::new(python)
-        .arg(Path::new("scripts/bench").join(script))
-        .args(args)
-        .output()
-        .with_context(|| {
-            format!(
-                "{}: cannot run the baseline (run scripts/setup)",
-                python.display()
-            )
-        })?;
-    if !out.status.success() {
-        bail!(
-            "baseline {script} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("baseline {script}: output is not JSON"))
-}
-
-/// Trains `recipe` with `sets` in this process, replacing an earlier run in its output
-/// directory; the recipe as loaded and the run's metrics lines.
-fn train_here(
-    recipe: &Path,
-    sets: &[String],
-) -> anyhow::Result<(catapult_trainer::Recipe, Vec<serde_json::Value>)> {
-    let overrides: Vec<catapult_trainer::Override> = sets
-        .iter()
-        .map(|s| catapult_trainer::Override::parse(s))
-        .collect::<Result<_, _>>()?;
-    let r = catapult_trainer::recipe::load(recipe, &overrides)?;
-    let opts = catapult_trainer::RunOptions {
-        overwrite: true,
-        ..Default::default()
-    };
-    let summary = catapult_trainer::train(&r, &opts)?;
-    let lines = std::fs::read_to_string(&summary.metrics)?
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    Ok((r, lines))
-}
-
-/// One `catapult train RECIPE --overwrite --set ...` to completion; its wall time.
-fn train_child(recipe: &Path, sets: &[String], label: &str) -> anyhow::Result<f64> {
-    let exe = std::env::current_exe()?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("train").arg(recipe).arg("--overwrite");
-    for s in sets {
-        cmd.args(["--set", s]);
-    }
-    cmd.env(env::PROGRESS, "off");
-    eprintln!("bench: {label}");
-    let started = std::time::Instant::now();
-    let out = cmd.output().context("catapult starts")?;
-    if !out.status.success() {
-        bail!(
-            "{label} failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(started.elapsed().as_secs_f64())
-}
-
-/// Settings every growth and transfer run shares: one process on both cores, regular
-/// validation.
-fn common_sets(dir: &Path, steps: usize, eval_every: usize) -> Vec<String> {
-    vec![
-        format!("output.dir={}", dir.display()),
-        format!("train.steps={steps}"),
-        format!("train.eval_every={eval_every}"),
-        "train.eval_sequences=64".into(),
-        "train.log_every=10".into(),
-        "parallel.expert=1".into(),
-        "system.threads=2".into(),
-        "checkpoint.every=0".into(),
-    ]
-}
-
-/// (step, validation loss) of a metrics file, in order.
-fn val_curve(metrics: &Path) -> anyhow::Result<Vec<(f64, f64)>> {
-    let text = std::fs::read_to_string(metrics)
-        .with_context(|| format!("{}: no metrics", metrics.display()))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v["step"].as_f64()?, v.get("val_loss")?.as_f64()?)))
-        .collect())
 }

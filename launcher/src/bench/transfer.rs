@@ -3,7 +3,7 @@
 //! grid step of the best at each target width (transfer.png, results.json). Each run is a
 //! `catapult train` process on one rank, on the built-in corpus.
 
-use super::{common_sets, create_dir, train_child, val_curve};
+use super::common::{common_sets, create_dir, train_child, val_curve};
 use crate::plot::{line_chart, palette, Curve};
 use crate::UsageError;
 use std::path::Path;

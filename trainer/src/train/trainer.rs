@@ -285,7 +285,14 @@ impl Trainer<'_> {
     /// The validation loss after `step` steps and its metrics line (every rank computes).
     pub(super) fn validation(&self, step: usize) -> Result<(f64, serde_json::Value), CommError> {
         let micro = self.recipe.train.micro_batch_size;
-        eval::validate(&self.built.model, self.par, &self.valid, micro, self.device, step)
+        eval::validate(
+            &self.built.model,
+            self.par,
+            &self.valid,
+            micro,
+            self.device,
+            step,
+        )
     }
 
     /// The validation loss after `done` steps, written to the metrics.
