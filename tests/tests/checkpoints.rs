@@ -307,7 +307,7 @@ fn resume_refuses_a_rollback_into_newer_checkpoints() {
         .args(["--resume", "straight/checkpoints/step-00000006"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("newer checkpoints (step-00000009, step-00000012)"),
@@ -323,7 +323,7 @@ fn resume_refuses_a_different_model() {
         .arg("--resume")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("model.num_layers is 3 in the recipe but 2 in the checkpoint"),
@@ -351,7 +351,7 @@ fn a_new_run_never_mixes_with_old_checkpoints() {
         dir.join("run/checkpoints").display()
     ));
     let out = train(&dir, "other", &custom).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("already holds checkpoints (newest step-00000003)")
