@@ -2,7 +2,7 @@
 //! `preempted`, `stopped` or `failed`), the closing message, and after a preemption under
 //! Slurm the job's requeue.
 
-use super::Supervisor;
+use super::supervisor::Supervisor;
 use std::process::Command;
 
 impl Supervisor {

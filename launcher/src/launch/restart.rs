@@ -2,7 +2,7 @@
 //! ranks start again from the last checkpoint after `launch.restart_backoff_s` (doubling
 //! with each restart), unless `launch.max_restarts` is spent (then the run has failed).
 
-use super::Supervisor;
+use super::supervisor::Supervisor;
 use std::time::Duration;
 
 impl Supervisor {

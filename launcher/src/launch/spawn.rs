@@ -3,35 +3,13 @@
 //! the attempt's record in supervisor.json, and the threads that pipe the ranks' output
 //! to the watcher.
 
-use super::{unix_now, Attempt, Supervisor};
+use super::ranks::Output;
+use super::supervisor::{unix_now, Attempt, Supervisor};
 use catapult_trainer::supervision::env;
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::SystemTime;
-
-/// How this machine starts ranks: the binary they run, and what mpirun must be told.
-pub(super) struct Ranks {
-    exe: PathBuf,
-    /// Running as root (mpirun refuses it unless allowed).
-    root: bool,
-    /// More ranks than cores need mpirun's --oversubscribe.
-    cores: usize,
-}
-
-impl Ranks {
-    pub(super) fn here() -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()?;
-        // SAFETY: getuid has no preconditions.
-        let root = unsafe { libc::getuid() } == 0;
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Ok(Self { exe, root, cores })
-    }
-}
-
-/// The ranks' output lines, in arrival order: (written to stdout, the line).
-pub(super) type Output = mpsc::Receiver<(bool, String)>;
 
 impl Supervisor {
     /// Starts attempt `attempt` (0 first) and records it; the process group's leader

@@ -4,12 +4,10 @@
 //! for a checkpoint and a clean stop, the second stops every rank at once), and the
 //! progress bar from rank 0's metrics.
 
-use super::spawn::Output;
-use super::{unix_now, Supervisor};
-use std::io::Write;
+use super::ranks::Output;
+use super::supervisor::{unix_now, Supervisor};
 use std::path::{Path, PathBuf};
 use std::process::Child;
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 /// How an attempt ended.
@@ -119,7 +117,7 @@ impl Supervisor {
     /// A first signal writes the stop file (preemption: the ranks finish their step,
     /// checkpoint and exit 0); a second stops every rank now.
     fn check_signal(&mut self, child: &mut Child) -> anyhow::Result<Option<Outcome>> {
-        let sig = SIGNAL.swap(0, Ordering::SeqCst);
+        let sig = super::signals::take();
         if sig != 0 && !self.stopping {
             self.stopping = true;
             std::fs::write(&self.stop_file, format!("signal {sig}\n"))?;
@@ -166,22 +164,6 @@ impl Supervisor {
             ),
             stop_s: detected.elapsed().as_secs_f64(),
         })
-    }
-}
-
-/// The last signal the launcher received (0: none).
-static SIGNAL: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn on_signal(sig: libc::c_int) {
-    SIGNAL.store(sig, Ordering::SeqCst);
-}
-
-pub(super) fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1] {
-        // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
-        unsafe {
-            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
-        }
     }
 }
 
@@ -278,43 +260,6 @@ fn stop_group(child: &mut Child, grace: Duration) {
         libc::kill(-pgid, libc::SIGKILL);
     }
     let _ = child.wait();
-}
-
-/// Ranks' logs under `<run>/logs`, opened on first use.
-pub(super) struct Logs {
-    dir: PathBuf,
-    files: std::collections::BTreeMap<String, std::fs::File>,
-}
-
-impl Logs {
-    pub(super) fn new(dir: PathBuf) -> Self {
-        Self {
-            dir,
-            files: Default::default(),
-        }
-    }
-
-    fn write(&mut self, name: &str, line: &str) {
-        if !self.files.contains_key(name) {
-            let path = self.dir.join(format!("{name}.log"));
-            match std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-            {
-                Ok(f) => {
-                    self.files.insert(name.to_string(), f);
-                }
-                Err(e) => {
-                    eprintln!("warning: {}: {e}", path.display());
-                    return;
-                }
-            }
-        }
-        if let Some(f) = self.files.get_mut(name) {
-            let _ = writeln!(f, "{line}");
-        }
-    }
 }
 
 /// Follows rank 0's metrics file for the progress bar.
