@@ -145,11 +145,19 @@ impl Supervisor {
         let &first = stuck.first()?;
         let detected = Instant::now();
         stop_group(child, Duration::from_secs(5));
-        // A rank stuck in a collective stalls the others too: every rank past the limit
-        // is named, with the step each last finished.
-        let named: Vec<String> = stuck
-            .iter()
-            .map(|&r| match &beats[r].1 {
+        // A rank stuck in a collective stalls the others too, and which of them crossed
+        // the limit first is timing: every rank that got no further than the last step
+        // of a rank past the limit is named, with the step each last finished.
+        let step_of = |r: usize| {
+            beats[r]
+                .1
+                .as_deref()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+        };
+        let furthest = stuck.iter().map(|&r| step_of(r)).max().flatten();
+        let named: Vec<String> = (0..self.nproc)
+            .filter(|&r| stuck.contains(&r) || step_of(r) <= furthest)
+            .map(|r| match &beats[r].1 {
                 Some(s) => format!("rank {r} after step {}", s.trim()),
                 None => format!("rank {r} before its first step"),
             })
