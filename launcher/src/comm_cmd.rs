@@ -313,7 +313,7 @@ fn ep_identity_check(par: &Parallel) -> Result<bool, CommError> {
     Ok(owned && returned.equal(&sent) && combined.equal(&alone))
 }
 
-/// Gradients of a small model trained through the engine in this layout equal (within
+/// Gradients of a small model trained through the parallel schedule in this layout equal (within
 /// 1e-6 relative per tensor) those of one process holding every expert and the whole
 /// batch, computed on expert-parallel rank 0 of each replica. An error names the first
 /// tensor that differs, or the exchange that failed.
