@@ -49,6 +49,9 @@ pub enum TrainError {
     /// A collective failed (MPI initialization, an NCCL call, an exchange).
     #[error(transparent)]
     Comm(#[from] catapult_kernels::CommError),
+    /// libtorch could not allocate what the run needs (the memory check did not foresee it).
+    #[error("{0}")]
+    Allocation(String),
     /// A silent-data-corruption check found a rank computing different gradients twice.
     #[error("{0}")]
     Corruption(String),
@@ -88,6 +91,7 @@ impl TrainError {
             TrainError::Io { .. }
             | TrainError::Export(_)
             | TrainError::Comm(_)
+            | TrainError::Allocation(_)
             | TrainError::Corruption(_) => false,
         }
     }

@@ -18,6 +18,7 @@ pub mod device;
 pub mod error;
 pub mod exit;
 pub mod export;
+pub mod fit;
 pub mod groups;
 pub mod growth;
 pub mod init;

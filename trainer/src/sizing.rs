@@ -41,13 +41,16 @@ pub struct ParamCounts {
     pub mtp: u64,
 }
 
-fn mla_block(c: &ModelConfig) -> u64 {
-    let (h, heads) = (c.hidden_size as u64, c.num_attention_heads as u64);
-    let (ql, kvl) = (c.q_lora_rank as u64, c.kv_lora_rank as u64);
+/// One MLA block's parameters, in f64: exact below 2^53, and no overflow for a recipe
+/// whose sizes are absurd (the memory check must see them to refuse them).
+fn mla_block(c: &ModelConfig) -> f64 {
+    let f = |x: usize| x as f64;
+    let (h, heads) = (f(c.hidden_size), f(c.num_attention_heads));
+    let (ql, kvl) = (f(c.q_lora_rank), f(c.kv_lora_rank));
     let (nope, rope, v) = (
-        c.qk_nope_head_dim as u64,
-        c.qk_rope_head_dim as u64,
-        c.v_head_dim as u64,
+        f(c.qk_nope_head_dim),
+        f(c.qk_rope_head_dim),
+        f(c.v_head_dim),
     );
     ql * h
         + ql
@@ -59,34 +62,36 @@ fn mla_block(c: &ModelConfig) -> u64 {
 }
 
 impl ParamCounts {
-    /// The exact counts of `LongcatModel::new` for `c`.
+    /// The exact counts of `LongcatModel::new` for `c` (computed in f64, exact below
+    /// 2^53 parameters; absurd sizes saturate at u64::MAX instead of wrapping).
     pub fn of(c: &ModelConfig) -> Self {
-        let h = c.hidden_size as u64;
-        let layers = c.num_layers as u64;
-        let embedding = c.vocab_size as u64 * h;
-        let head = c.vocab_size as u64 * h + h;
+        let f = |x: usize| x as f64;
+        let h = f(c.hidden_size);
+        let layers = f(c.num_layers);
+        let embedding = f(c.vocab_size) * h;
+        let head = f(c.vocab_size) * h + h;
         let mla = mla_block(c);
-        let dense_ffn = 3 * h * c.ffn_hidden_size as u64;
-        let expert = 3 * h * c.expert_ffn_hidden_size as u64;
-        let router = c.total_experts() as u64 * h;
-        let layer_dense = 4 * h + 2 * mla + 2 * dense_ffn + router;
-        let experts_all = layers * c.n_routed_experts as u64 * expert;
+        let dense_ffn = 3.0 * h * f(c.ffn_hidden_size);
+        let expert = 3.0 * h * f(c.expert_ffn_hidden_size);
+        let router = f(c.total_experts()) * h;
+        let layer_dense = 4.0 * h + 2.0 * mla + 2.0 * dense_ffn + router;
+        let experts_all = layers * f(c.n_routed_experts) * expert;
         let mtp = if c.mtp_layers > 0 {
-            2 * h * h + 5 * h + mla + dense_ffn
+            2.0 * h * h + 5.0 * h + mla + dense_ffn
         } else {
-            0
+            0.0
         };
         Self {
-            total: embedding + head + layers * layer_dense + experts_all + mtp,
-            embedding,
-            head,
-            mla_block: mla,
-            dense_ffn,
-            expert,
-            router,
-            layer_dense,
-            experts_all,
-            mtp,
+            total: (embedding + head + layers * layer_dense + experts_all + mtp) as u64,
+            embedding: embedding as u64,
+            head: head as u64,
+            mla_block: mla as u64,
+            dense_ffn: dense_ffn as u64,
+            expert: expert as u64,
+            router: router as u64,
+            layer_dense: layer_dense as u64,
+            experts_all: experts_all as u64,
+            mtp: mtp as u64,
         }
     }
 
@@ -101,7 +106,9 @@ impl ParamCounts {
 
     /// Parameters held by one rank of an expert-parallel group of `ep` ranks.
     pub fn per_rank(&self, ep: usize) -> u64 {
-        self.total - self.experts_all + self.experts_all / ep as u64
+        self.total
+            .saturating_sub(self.experts_all)
+            .saturating_add(self.experts_all / ep.max(1) as u64)
     }
 }
 
@@ -316,6 +323,38 @@ fn activation_elements_per_token(c: &ModelConfig) -> f64 {
     4.0 * h + 2.0 * mla + 2.0 * ffn + moe
 }
 
+/// Bytes per activation element in the recipe's precision.
+fn activation_bytes(r: &Recipe) -> f64 {
+    match r.system.precision {
+        Precision::Fp32 => 4.0,
+        Precision::Bf16 => 2.0,
+    }
+}
+
+impl Memory {
+    /// What one rank of `r` holds (parameters `p`): fp32 weights, gradients and AdamW's
+    /// two moments for its share of the parameters, and one micro-batch's activations.
+    pub fn of(r: &Recipe, p: &ParamCounts) -> Memory {
+        let c = &r.model;
+        let seq = r.data.max_seq_len();
+        let local = p.per_rank(r.parallel.expert.max(1));
+        let micro_tokens = (r.train.micro_batch_size * seq) as f64;
+        let logits = micro_tokens * c.vocab_size as f64 * 4.0 * 2.0;
+        let activations = micro_tokens
+            * (c.num_layers as f64 * activation_elements_per_token(c) * activation_bytes(r))
+            + logits;
+        let weights = local as f64 * 4.0;
+        Memory {
+            params: local,
+            weights,
+            gradients: weights,
+            optimizer: 2.0 * weights,
+            activations,
+            total: 4.0 * weights + activations,
+        }
+    }
+}
+
 impl Plan {
     /// The plan of `r` on `cluster`: one rank per GPU, `parallel.expert` of them per
     /// expert group.
@@ -330,25 +369,8 @@ impl Plan {
         let flops = [0.0, ke, k].map(|n| flops_per_token_uniform(c, seq, n));
         let ep = r.parallel.expert.max(1);
         let replicas = (world / ep).max(1);
-        let local = p.per_rank(ep);
-        let act_bytes = match r.system.precision {
-            Precision::Fp32 => 4.0,
-            Precision::Bf16 => 2.0,
-        };
-        let micro_tokens = (r.train.micro_batch_size * seq) as f64;
-        let logits = micro_tokens * c.vocab_size as f64 * 4.0 * 2.0;
-        let activations = micro_tokens
-            * (c.num_layers as f64 * activation_elements_per_token(c) * act_bytes)
-            + logits;
-        let weights = local as f64 * 4.0;
-        let memory = Memory {
-            params: local,
-            weights,
-            gradients: weights,
-            optimizer: 2.0 * weights,
-            activations,
-            total: 4.0 * weights + activations,
-        };
+        let act_bytes = activation_bytes(r);
+        let memory = Memory::of(r, &p);
         let tokens_per_step = (r.train.global_batch_size * seq) as f64;
         let rank_tokens = tokens_per_step / world as f64;
         let remote = (ep - 1) as f64 / ep as f64;

@@ -29,8 +29,13 @@ use crate::recipe::{Backend, Recipe};
 use catapult_kernels::comm::Comm;
 use tch::Device;
 
-/// Trains `recipe` to the end and writes the run directory.
+/// Trains `recipe` to the end and writes the run directory. A libtorch failure (an
+/// allocation the memory check did not foresee) is an error, never a panic.
 pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainError> {
+    crate::fit::without_panic(&recipe.name, || train_unguarded(recipe, opts))?
+}
+
+fn train_unguarded(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, TrainError> {
     let device = crate::device::device_for(recipe)?;
     if recipe.system.threads > 0 {
         tch::set_num_threads(recipe.system.threads as i32);

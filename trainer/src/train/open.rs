@@ -55,38 +55,31 @@ fn open_data(
     Ok((pipeline, valid))
 }
 
-/// Claims `dir` for the run: refuses one that holds a run unless overwriting or
-/// resuming, and writes the resolved recipe there.
-fn prepare_run_dir(dir: &Path, recipe: &Recipe, opts: &RunOptions) -> Result<(), TrainError> {
-    let io = |source| TrainError::Io {
-        path: dir.into(),
-        source,
-    };
+/// Refuses a run directory that holds a run unless overwriting or resuming (read-only:
+/// nothing is removed or written before the model is allocated).
+fn check_run_dir(dir: &Path, opts: &RunOptions) -> Result<(), TrainError> {
     if dir.join("metrics.jsonl").exists() && !opts.overwrite && opts.resume.is_none() {
         return Err(TrainError::Occupied(format!(
             "{} already holds a run; pass --overwrite to replace it, or set output.dir to a new directory",
             dir.display()
         )));
     }
-    std::fs::create_dir_all(dir).map_err(io)?;
-    std::fs::write(dir.join("recipe.yaml"), recipe.to_yaml()).map_err(io)
+    Ok(())
 }
 
-/// A fresh run refuses a checkpoint root that already holds checkpoints (or, with
-/// `--overwrite` and the default root, clears it). Rank 0 only.
-fn claim_checkpoint_root(
+/// A fresh run refuses a checkpoint root that already holds checkpoints, unless
+/// `--overwrite` may clear it (the default root only). Read-only; returns whether the
+/// root must be cleared when the run claims its directory.
+fn check_checkpoint_root(
     recipe: &Recipe,
     store: &Checkpoints,
-    run_dir: &Path,
     opts: &RunOptions,
-) -> Result<(), TrainError> {
+) -> Result<bool, TrainError> {
     let Some(newest) = store.steps()?.last().copied() else {
-        return Ok(());
+        return Ok(false);
     };
     if opts.overwrite && recipe.checkpoint.dir.is_none() {
-        let dir = run_dir.join("checkpoints");
-        return std::fs::remove_dir_all(&dir)
-            .map_err(|source| TrainError::Io { path: dir, source });
+        return Ok(true);
     }
     Err(TrainError::Occupied(format!(
         "{} already holds checkpoints (newest {}); pass --resume to continue from them, \
@@ -101,41 +94,66 @@ fn claim_checkpoint_root(
     )))
 }
 
-/// The checkpoint store, the checkpoint to resume from (checked against the recipe), and
-/// the claimed run directory; every rank agrees before anything is built.
-fn open_store(
-    recipe: &Recipe,
-    opts: &RunOptions,
-    par: &Parallel,
-) -> Result<(Checkpoints, Option<Loaded>), TrainError> {
-    let store = Checkpoints::open(
-        &recipe.checkpoint_root(),
-        &recipe.checkpoint.storage.options(),
-    )?;
+/// The checkpoint store and the checkpoint to resume from, checked against the recipe,
+/// and whether the run directory and checkpoint root are free for this run: every rank
+/// agrees, and nothing has been written or removed yet.
+fn open_store(recipe: &Recipe, opts: &RunOptions, par: &Parallel) -> Result<Opened, TrainError> {
+    let options = recipe.checkpoint.storage.options();
+    let store = Checkpoints::open(&recipe.checkpoint_root(), &options)?;
     let loaded = match &opts.resume {
         None => None,
-        Some(resume) => open_resume(
-            &store,
-            resume,
-            &recipe.checkpoint.storage.options(),
-            opts.load_policy(),
-        )?,
+        Some(resume) => open_resume(&store, resume, &options, opts.load_policy())?,
     };
     if let Some(l) = &loaded {
         check_model(recipe, l)?;
     }
     let lead = par.world.rank() == 0;
-    let run_dir = recipe.run_dir();
-    let prepared = if lead {
-        prepare_run_dir(&run_dir, recipe, opts)
+    let checked = if lead {
+        check_run_dir(&recipe.run_dir(), opts).and_then(|()| match opts.resume {
+            None => check_checkpoint_root(recipe, &store, opts),
+            Some(_) => Ok(false),
+        })
+    } else {
+        Ok(false)
+    };
+    let clear_root = agree(&par.world, checked)?;
+    Ok(Opened {
+        store,
+        loaded,
+        clear_root,
+    })
+}
+
+/// What `open_store` found.
+struct Opened {
+    store: Checkpoints,
+    loaded: Option<Loaded>,
+    /// A fresh `--overwrite` run replaces the default checkpoint root's old contents.
+    clear_root: bool,
+}
+
+/// Claims the run directory once the model is allocated, just before the first file
+/// is written (rank 0; every rank agrees): an overwritten run's old checkpoints go, and
+/// the resolved recipe is written.
+fn claim_run_dir(recipe: &Recipe, par: &Parallel, clear_root: bool) -> Result<(), TrainError> {
+    let claimed = if par.world.rank() == 0 {
+        let dir = recipe.run_dir();
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| TrainError::Io { path, source }
+        };
+        (|| {
+            if clear_root {
+                let root = dir.join("checkpoints");
+                std::fs::remove_dir_all(&root).map_err(io(&root))?;
+            }
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            std::fs::write(dir.join("recipe.yaml"), recipe.to_yaml()).map_err(io(&dir))
+        })()
     } else {
         Ok(())
     };
-    agree(&par.world, prepared)?;
-    if opts.resume.is_none() && lead {
-        claim_checkpoint_root(recipe, &store, &run_dir, opts)?;
-    }
-    Ok((store, loaded))
+    agree(&par.world, claimed)
 }
 
 impl<'a> Trainer<'a> {
@@ -150,16 +168,25 @@ impl<'a> Trainer<'a> {
     ) -> Result<Self, TrainError> {
         let (rank, world) = (par.world.rank(), par.world.size());
         check_batch(recipe, world)?;
+        crate::fit::check(recipe, device)?;
         let (pipeline, valid) = open_data(recipe, rank, world)?;
-        let (store, loaded) = open_store(recipe, opts, par)?;
-        let built = build_model_with_experts(
-            recipe,
-            device,
-            par.local_experts(recipe.model.n_routed_experts),
-        );
-        let params = built.parameters();
-        let param_count: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
-        let mut optimizer = AdamW::new(params, &recipe.train);
+        let Opened {
+            store,
+            loaded,
+            clear_root,
+        } = open_store(recipe, opts, par)?;
+        let local = par.local_experts(recipe.model.n_routed_experts);
+        let (built, mut optimizer) = crate::fit::without_panic(&recipe.name, || {
+            let built = build_model_with_experts(recipe, device, local);
+            let optimizer = AdamW::new(built.parameters(), &recipe.train);
+            (built, optimizer)
+        })?;
+        let param_count: i64 = built
+            .parameters()
+            .iter()
+            .map(|(_, p)| p.numel() as i64)
+            .sum();
+        claim_run_dir(recipe, par, clear_root)?;
         let lr_scales = crate::transfer::lr_scales(recipe);
         optimizer.set_lr_scales(|name| lr_scales[&Group::of(name)]);
         let controller =
@@ -260,9 +287,9 @@ impl<'a> Trainer<'a> {
 /// Makes every rank return an error when any rank's `result` is one (so no rank waits
 /// forever in a collective for a rank that stopped); the error says whether a failed
 /// rank's problem was bad input.
-pub(super) fn agree(comm: &Comm, result: Result<(), TrainError>) -> Result<(), TrainError> {
+pub(super) fn agree<T>(comm: &Comm, result: Result<T, TrainError>) -> Result<T, TrainError> {
     let code = match &result {
-        Ok(()) => 0,
+        Ok(_) => 0,
         Err(e) if e.is_bad_input() => 2,
         Err(_) => 1,
     };
@@ -273,10 +300,10 @@ pub(super) fn agree(comm: &Comm, result: Result<(), TrainError>) -> Result<(), T
         .collect();
     match result {
         Err(e) => Err(e),
-        Ok(()) if !failed.is_empty() => Err(TrainError::Peer {
+        Ok(_) if !failed.is_empty() => Err(TrainError::Peer {
             ranks: failed.join(", "),
             bad_input: codes.contains(&2),
         }),
-        Ok(()) => Ok(()),
+        ok => ok,
     }
 }

@@ -88,6 +88,8 @@ pub(super) fn train_growing(
     let stage1 = crate::growth::stage1_recipe(recipe)
         .expect("a recipe with a growth schedule has a first stage");
     let lead = par.world.rank() == 0;
+    // The grown model is the larger one: refuse it before an overwrite removes anything.
+    crate::fit::check(recipe, device)?;
     if lead && opts.overwrite {
         // Start over: the grown stage's outputs of an earlier run go too.
         clear_grown_stage(recipe, !grown.is_empty())?;

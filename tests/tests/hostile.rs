@@ -1,0 +1,133 @@
+//! End-to-end: hostile input loses nothing and panics nowhere. A run replaced with
+//! `--overwrite` by a model that cannot fit keeps every old file; a model beyond this
+//! machine's memory is refused before anything is allocated (exit 2, naming the bytes
+//! and the fields); an allocation that fails anyway is an error (exit 1), not a panic.
+
+use catapult_tests::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+fn tiny() -> PathBuf {
+    workspace().join("recipes").join("tiny.yaml")
+}
+
+/// `catapult train` of the tiny recipe on one process into `dir/run`, with `extra`.
+fn train(dir: &Path, extra: &[&str]) -> Output {
+    catapult(dir)
+        .arg("train")
+        .arg(tiny())
+        .args(["--set", &format!("data.path={}", corpus().display())])
+        .args([
+            "--set",
+            &format!("output.dir={}", dir.join("run").display()),
+        ])
+        .args([
+            "--set",
+            "parallel.expert=1",
+            "--set",
+            "train.warmup_steps=0",
+        ])
+        .args(["--set", "train.steps=2", "--set", "checkpoint.every=1"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// Every file under `root` (relative path -> content hash).
+fn snapshot(root: &Path) -> BTreeMap<String, String> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let rel = path.strip_prefix(root).unwrap().display().to_string();
+                out.insert(rel, file_hash(&path));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn overwriting_a_run_with_a_model_that_cannot_fit_keeps_every_old_file() {
+    let dir = scratch("hostile-overwrite");
+    let first = train(&dir, &[]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let before = snapshot(&dir.join("run"));
+    assert!(
+        before.keys().any(|k| k.starts_with("checkpoints/")),
+        "{before:?}"
+    );
+    assert!(
+        before.contains_key("checkpoint/model.safetensors"),
+        "{before:?}"
+    );
+    let out = train(
+        &dir,
+        &["--overwrite", "--set", "model.hidden_size=1000000000"],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "bad input exits with 2: {err}");
+    assert!(err.contains("does not fit this machine"), "{err}");
+    assert!(err.contains("model.hidden_size = 1000000000"), "{err}");
+    assert!(err.contains("GiB"), "{err}");
+    assert!(!err.contains("panicked at"), "{err}");
+    assert_eq!(
+        snapshot(&dir.join("run")),
+        before,
+        "the old run must be untouched"
+    );
+}
+
+#[test]
+fn a_model_beyond_memory_is_refused_before_anything_is_written() {
+    let dir = scratch("hostile-too-big");
+    let out = train(&dir, &["--set", "model.vocab_size=1000000000"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("model.vocab_size = 1000000000"), "{err}");
+    assert!(!err.contains("panicked at"), "{err}");
+    assert!(
+        !dir.join("run").exists(),
+        "nothing may be written for a refused run"
+    );
+}
+
+#[test]
+fn an_allocation_that_fails_anyway_is_exit_1_not_a_panic() {
+    let dir = scratch("hostile-alloc");
+    // 6 GB of address space: libtorch loads, the model (about 10 GB by the estimate,
+    // which this machine's memory allows) does not.
+    let cmd = format!(
+        "ulimit -v 6000000; exec '{}' train '{}' --set data.path='{}' --set output.dir='{}' \
+         --set parallel.expert=1 --set train.warmup_steps=0 --set train.steps=2 \
+         --set model.hidden_size=32768",
+        catapult_binary().display(),
+        tiny().display(),
+        corpus().display(),
+        dir.join("run").display()
+    );
+    let out = std::process::Command::new("bash")
+        .args(["-c", &cmd])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failure at run time exits with 1: {err}"
+    );
+    assert!(err.contains("can't allocate memory"), "{err}");
+    assert!(err.contains("ran out of memory"), "{err}");
+    assert!(!err.contains("panicked at"), "{err}");
+    assert!(!err.contains("frame #"), "no C++ frames: {err}");
+}

@@ -1,0 +1,141 @@
+//! Whether a recipe fits this machine, decided before anything is allocated: the sizing
+//! module's bytes for one rank against the host memory each rank on this node can have
+//! (MemAvailable, or the cgroup limit when lower, less a headroom). And allocating the
+//! model without a panic: a failure that the estimate missed is an error, exit 1.
+
+use crate::error::TrainError;
+use crate::recipe::Recipe;
+use crate::sizing::{Memory, ParamCounts};
+use tch::Device;
+
+/// The share of available memory a run may plan to use; the rest is for libtorch's
+/// workspaces, the data pipeline, MPI buffers and estimation error.
+pub const HEADROOM: f64 = 0.10;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Bytes the kernel could give this process now: MemAvailable, or the cgroup's limit
+/// less its usage when that is lower. None where neither can be read.
+pub fn host_available_bytes() -> Option<f64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: f64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let mut available = kib * 1024.0;
+    let read = |p: &str| -> Option<f64> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
+    if let (Some(limit), Some(used)) = (
+        read("/sys/fs/cgroup/memory.max"),
+        read("/sys/fs/cgroup/memory.current"),
+    ) {
+        available = available.min(limit - used);
+    }
+    Some(available)
+}
+
+/// Ranks of this job on this node (Open MPI, Slurm), 1 alone.
+pub fn ranks_on_node() -> usize {
+    ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+fn gib(bytes: f64) -> String {
+    format!("{:.2} GiB", bytes / GIB)
+}
+
+/// What one rank of `recipe` needs on the host: everything on CPU; on a GPU the model
+/// is still drawn on the CPU first (so the initial weights do not depend on the device).
+pub fn host_bytes(recipe: &Recipe, device: Device) -> (Memory, f64) {
+    let memory = Memory::of(recipe, &ParamCounts::of(&recipe.model));
+    let host = match device {
+        Device::Cpu => memory.total,
+        _ => memory.weights,
+    };
+    (memory, host)
+}
+
+/// Refuses `recipe` when one rank cannot fit in its share of this node's memory, naming
+/// the bytes and the fields that drive them.
+pub fn check(recipe: &Recipe, device: Device) -> Result<(), TrainError> {
+    let (m, need) = host_bytes(recipe, device);
+    let Some(available) = host_available_bytes() else {
+        return Ok(());
+    };
+    let ranks = ranks_on_node();
+    let budget = available * (1.0 - HEADROOM) / ranks as f64;
+    if need <= budget {
+        return Ok(());
+    }
+    let c = &recipe.model;
+    Err(TrainError::Recipe(format!(
+        "{}: the model does not fit this machine: one rank needs about {} on the host \
+         ({} parameters: fp32 weights {}, gradients {}, AdamW moments {}, activations {} for \
+         train.micro_batch_size = {} x data.seq_len = {}), but each of the {ranks} rank(s) on \
+         this node has {} ({} available, less {:.0}% headroom). The size comes from \
+         model.hidden_size = {}, model.num_layers = {}, model.vocab_size = {}, \
+         model.ffn_hidden_size = {} and model.n_routed_experts = {} x \
+         model.expert_ffn_hidden_size = {}: shrink them, raise parallel.expert to split the \
+         experts over more ranks, or lower train.micro_batch_size (`catapult train RECIPE \
+         --dry-run` shows the estimate)",
+        recipe.name,
+        gib(need),
+        m.params,
+        gib(m.weights),
+        gib(m.gradients),
+        gib(m.optimizer),
+        gib(m.activations),
+        recipe.train.micro_batch_size,
+        recipe.data.max_seq_len(),
+        gib(budget),
+        gib(available),
+        HEADROOM * 100.0,
+        c.hidden_size,
+        c.num_layers,
+        c.vocab_size,
+        c.ffn_hidden_size,
+        c.n_routed_experts,
+        c.expert_ffn_hidden_size,
+    )))
+}
+
+/// Runs `allocate` (building tensors through libtorch, which panics when an allocation
+/// fails) and turns a panic into an error naming `what`, with the panic hook silenced so
+/// no Rust backtrace or C++ frames reach the user.
+pub fn without_panic<T>(what: &str, allocate: impl FnOnce() -> T) -> Result<T, TrainError> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(allocate));
+    std::panic::set_hook(hook);
+    result.map_err(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("libtorch failed");
+        // libtorch's message is one line of cause and dozens of C++ frames.
+        let cause = message
+            .split("\\n")
+            .next()
+            .and_then(|m| m.lines().next())
+            .unwrap_or(message);
+        let cause = cause.split_once("Torch(\"").map_or(cause, |(_, c)| c);
+        if cause.contains("alloc") {
+            TrainError::Allocation(format!(
+                "{what}: {cause}; the machine ran out of memory (the estimate of \
+                 `catapult train RECIPE --dry-run` did not foresee it): shrink the model, \
+                 lower train.micro_batch_size or raise parallel.expert"
+            ))
+        } else {
+            TrainError::Allocation(format!(
+                "{what}: libtorch failed: {cause}; this is a bug in catapult or libtorch: \
+                 report it with the recipe"
+            ))
+        }
+    })
+}
