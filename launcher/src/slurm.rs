@@ -57,6 +57,79 @@ fn quote(s: &str) -> String {
     }
 }
 
+/// A Slurm name (partition, account): letters, digits, '-', '_' and '.'; anything else
+/// (a newline, a quote, `$(...)`) would end or change the `#SBATCH` line it is written to.
+fn check_slurm_name(flag: &str, value: &str) -> Result<(), UsageError> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+    if !value.is_empty() && value.chars().all(ok) {
+        return Ok(());
+    }
+    Err(UsageError::new(format!(
+        "--{flag} {value:?}: a Slurm {flag} name holds only letters, digits, '-', '_' and '.'; \
+         give the name `sinfo` (partitions) or `sacctmgr show assoc` (accounts) lists"
+    )))
+}
+
+/// Whether `t` is a time limit in one of Slurm's formats: `M`, `M:S`, `H:M:S`, `D-H`,
+/// `D-H:M`, `D-H:M:S`, or `UNLIMITED`/`INFINITE`.
+fn is_slurm_time(t: &str) -> bool {
+    if t == "UNLIMITED" || t == "INFINITE" {
+        return true;
+    }
+    let number = |s: &str| !s.is_empty() && s.len() <= 9 && s.chars().all(|c| c.is_ascii_digit());
+    let (days, clock) = match t.split_once('-') {
+        Some((d, rest)) => (Some(d), rest),
+        None => (None, t),
+    };
+    let parts: Vec<&str> = clock.split(':').collect();
+    if days.is_some_and(|d| !number(d)) || !parts.iter().all(|p| number(p)) {
+        return false;
+    }
+    (1..=3).contains(&parts.len())
+}
+
+fn check_slurm_time(value: &str) -> Result<(), UsageError> {
+    if is_slurm_time(value) {
+        return Ok(());
+    }
+    Err(UsageError::new(format!(
+        "--time {value:?}: not a Slurm time limit; use minutes (90), M:S, H:M:S (2:00:00), \
+         D-H, D-H:M or D-H:M:S (1-12:00:00), or UNLIMITED"
+    )))
+}
+
+/// A path written into an `#SBATCH` line (not a shell line): control characters, quotes
+/// and backslashes would end or change the line, so they are refused; spaces are kept
+/// inside double quotes, which sbatch reads as one value.
+fn sbatch_path(what: &str, p: &Path) -> Result<String, UsageError> {
+    let s = p.display().to_string();
+    if s.chars().any(|c| c.is_control() || "\"'\\".contains(c)) {
+        return Err(UsageError::new(format!(
+            "{what} {s:?}: a path with control characters, quotes or backslashes cannot be \
+             written into the batch script; choose another directory (output.dir)"
+        )));
+    }
+    Ok(if s.contains(' ') {
+        format!("\"{s}\"")
+    } else {
+        s
+    })
+}
+
+/// `s` for a `#` comment line: control characters (a newline would start a new line of
+/// the script) shown escaped.
+fn comment_text(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn absolute(p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
@@ -75,21 +148,31 @@ struct JobRecord {
     cluster_conf: Option<String>,
 }
 
-pub fn submit(args: SubmitArgs) -> Result<(), crate::Failure> {
-    let recipe = crate::load_recipe(&args.recipe, &args.overrides)?;
-    let per_node = args.tasks_per_node.or(args.gpus_per_node).unwrap_or(1);
-    let nproc = args.nodes * per_node;
-    crate::launch::check_nproc(&recipe, &args.recipe, nproc)?;
-    let run_dir = absolute(&recipe.run_dir());
-    std::fs::create_dir_all(run_dir.join("logs"))
-        .with_context(|| format!("{}: cannot create", run_dir.display()))?;
-    let exe = std::env::current_exe()?;
-    let workdir = std::env::current_dir()?;
+/// Refuses partition, account and time values that are not Slurm's (exit 2).
+fn check_inputs(args: &SubmitArgs) -> Result<(), UsageError> {
+    for (flag, v) in [("partition", &args.partition), ("account", &args.account)] {
+        if let Some(v) = v {
+            check_slurm_name(flag, v)?;
+        }
+    }
+    match &args.time {
+        Some(t) => check_slurm_time(t),
+        None => Ok(()),
+    }
+}
+
+/// The batch script's `#SBATCH` header.
+fn sbatch_header(
+    args: &SubmitArgs,
+    recipe: &catapult_trainer::Recipe,
+    per_node: usize,
+    slurm_out: &str,
+) -> Vec<String> {
     let mut lines = vec![
         "#!/bin/bash".to_string(),
         format!(
             "# Written by `catapult submit` for {}: {} node(s) x {} rank(s).",
-            args.recipe.display(),
+            comment_text(&args.recipe.display().to_string()),
             args.nodes,
             per_node
         ),
@@ -98,7 +181,7 @@ pub fn submit(args: SubmitArgs) -> Result<(), crate::Failure> {
         format!("#SBATCH --job-name=catapult-{}", recipe.name),
         format!("#SBATCH --nodes={}", args.nodes),
         format!("#SBATCH --ntasks-per-node={per_node}"),
-        format!("#SBATCH --output={}/logs/slurm-%j.out", run_dir.display()),
+        format!("#SBATCH --output={slurm_out}"),
         "#SBATCH --open-mode=append".to_string(),
         // The batch shell (the launcher, by exec) gets USR1 before the time limit.
         format!("#SBATCH --signal=B:USR1@{}", args.signal_before_s),
@@ -120,6 +203,22 @@ pub fn submit(args: SubmitArgs) -> Result<(), crate::Failure> {
             lines.push(format!("#SBATCH --{flag}={v}"));
         }
     }
+    lines
+}
+
+pub fn submit(args: SubmitArgs) -> Result<(), crate::Failure> {
+    let recipe = crate::load_recipe(&args.recipe, &args.overrides)?;
+    check_inputs(&args)?;
+    let per_node = args.tasks_per_node.or(args.gpus_per_node).unwrap_or(1);
+    let nproc = args.nodes * per_node;
+    crate::launch::check_nproc(&recipe, &args.recipe, nproc)?;
+    let run_dir = absolute(&recipe.run_dir());
+    let slurm_out = sbatch_path("output.dir", &run_dir.join("logs").join("slurm-%j.out"))?;
+    std::fs::create_dir_all(run_dir.join("logs"))
+        .with_context(|| format!("{}: cannot create", run_dir.display()))?;
+    let exe = std::env::current_exe()?;
+    let workdir = std::env::current_dir()?;
+    let mut lines = sbatch_header(&args, &recipe, per_node, &slurm_out);
     lines.push("set -euo pipefail".into());
     lines.push(format!("cd {}", quote(&workdir.display().to_string())));
     let mut launch = vec![
@@ -315,5 +414,49 @@ pub fn logs(run: &Path, rank: usize, follow: bool) -> Result<(), crate::Failure>
             return Ok(());
         }
         std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slurm_time_limits_are_checked_in_slurms_formats() {
+        for ok in [
+            "90",
+            "30:00",
+            "2:00:00",
+            "1-12",
+            "1-12:30",
+            "1-12:30:00",
+            "UNLIMITED",
+        ] {
+            assert!(is_slurm_time(ok), "{ok}");
+        }
+        for bad in [
+            "banana",
+            "",
+            "1:2:3:4",
+            "-1",
+            "1-",
+            "2:00\n#SBATCH",
+            "$(id)",
+            "1h",
+        ] {
+            assert!(!is_slurm_time(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn names_and_paths_that_would_change_the_script_are_refused() {
+        assert!(check_slurm_name("partition", "gpu-a100.large_1").is_ok());
+        for bad in ["debug\nrm -rf ~", "a b", "x'y", "$(id)", "`id`", ""] {
+            assert!(check_slurm_name("partition", bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(sbatch_path("d", Path::new("/a b/c")).unwrap(), "\"/a b/c\"");
+        assert!(sbatch_path("d", Path::new("/a\nb")).is_err());
+        assert!(sbatch_path("d", Path::new("/a\"b")).is_err());
+        assert_eq!(comment_text("a\nb"), "a\\nb");
     }
 }

@@ -131,3 +131,111 @@ fn an_allocation_that_fails_anyway_is_exit_1_not_a_panic() {
     assert!(!err.contains("panicked at"), "{err}");
     assert!(!err.contains("frame #"), "no C++ frames: {err}");
 }
+
+/// `catapult submit --dry-run` of the tiny recipe into `dir/run`, with `extra`.
+fn submit(dir: &Path, extra: &[&str]) -> Output {
+    catapult(dir)
+        .arg("submit")
+        .arg(tiny())
+        .args([
+            "--set",
+            &format!("output.dir={}", dir.join("run").display()),
+        ])
+        .args(["--set", "parallel.expert=1", "--dry-run"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn slurm_inputs_cannot_inject_lines_or_commands_into_the_batch_script() {
+    let dir = scratch("hostile-submit");
+    let hostile = [
+        "debug\nrm -rf ~",
+        "x'$(touch PWNED)'",
+        "`touch PWNED`",
+        "a\"b",
+        "x y",
+    ];
+    for flag in ["--partition", "--account", "--time"] {
+        for value in hostile.iter().copied().chain(["banana"]) {
+            if flag != "--time" && value == "banana" {
+                continue;
+            }
+            let out = submit(&dir, &[flag, value]);
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "{flag} {value:?}: {err}");
+            assert!(err.contains(flag), "{flag} {value:?}: {err}");
+            assert!(
+                !dir.join("run/job.sbatch").exists(),
+                "{flag} {value:?} wrote a script"
+            );
+        }
+    }
+    // A recipe name with a newline would have put a line before the #SBATCH lines.
+    let named = dir.join("named.yaml");
+    let text = std::fs::read_to_string(tiny())
+        .unwrap()
+        .replace("name: tiny", "name: \"tiny\\n#SBATCH --wrap=id\"");
+    std::fs::write(&named, text).unwrap();
+    let out = catapult(&dir)
+        .arg("submit")
+        .arg(&named)
+        .args(["--set", "parallel.expert=1", "--dry-run"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("`name`"), "{err}");
+
+    // Accepted values with shell syntax reach the launcher as one argument each, and run
+    // nothing: bash reads the script's command line back to exactly the arguments given.
+    let data = format!(
+        "data.path={}/d $(touch PWNED) `touch PWNED` 'q' \"dq\"",
+        dir.display()
+    );
+    let ok = submit(
+        &dir,
+        &[
+            "--partition",
+            "gpu-a_1.x",
+            "--time",
+            "1-02:03:04",
+            "--set",
+            &data,
+        ],
+    );
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let script = std::fs::read_to_string(dir.join("run/job.sbatch")).unwrap();
+    assert!(
+        script.contains("\n#SBATCH --partition=gpu-a_1.x\n"),
+        "{script}"
+    );
+    assert!(script.contains("\n#SBATCH --time=1-02:03:04\n"), "{script}");
+    let exec = script.lines().last().unwrap();
+    let argv_of = exec.replacen("exec ", "printf '%s\\0' ", 1);
+    let parsed = std::process::Command::new("bash")
+        .args(["-c", &argv_of])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let args: Vec<String> = String::from_utf8(parsed.stdout)
+        .unwrap()
+        .split('\0')
+        .filter(|a| !a.is_empty())
+        .map(String::from)
+        .collect();
+    assert!(args.contains(&data), "{args:?}");
+    assert_eq!(
+        args[1..7],
+        [
+            "launch",
+            &tiny().display().to_string(),
+            "--via",
+            "srun",
+            "--nproc",
+            "1"
+        ]
+    );
+    assert!(!dir.join("PWNED").exists(), "a command ran");
+}

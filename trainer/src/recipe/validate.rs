@@ -14,6 +14,7 @@ use super::schema::{Backend, BiasMode, DeviceKind, Group, KiSchedule, Recipe, Sd
 /// The order is part of the behaviour (a recipe with several problems reports the first
 /// one), so new checks go where they belong in this sequence.
 pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
+    validate_name(r, origin)?;
     validate_counts(r, origin)?;
     validate_system(r, origin)?;
     validate_model(r, origin)?;
@@ -36,6 +37,24 @@ fn fail(origin: &str, fields: &[&str], problem: String, fix: &str) -> Result<(),
         problem,
         fix: fix.into(),
     })
+}
+
+/// The name: it names the run directory and the Slurm job, so it may hold only
+/// letters, digits, '-', '_' and '.' (no path separators, spaces or control characters).
+fn validate_name(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+    if !r.name.is_empty() && r.name.chars().all(ok) && !r.name.starts_with('.') {
+        return Ok(());
+    }
+    fail(
+        origin,
+        &["name"],
+        format!(
+            "{:?} is not a usable name (it names the run directory runs/<name> and the Slurm job)",
+            r.name
+        ),
+        "use letters, digits, '-', '_' and '.' only, not starting with '.'",
+    )
 }
 
 /// True for a number above zero (false for NaN).
