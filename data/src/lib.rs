@@ -108,4 +108,18 @@ pub enum DataError {
         /// What is wrong.
         problem: String,
     },
+    /// An output that already holds files, without `--overwrite`.
+    #[error(
+        "{location}: already holds {count} file(s) ({first}, ...); pass --overwrite to replace \
+         what is there (stale shards are removed once the new index is written), or choose an \
+         empty output"
+    )]
+    Occupied {
+        /// The output.
+        location: String,
+        /// Files found there.
+        count: usize,
+        /// The first of them.
+        first: String,
+    },
 }

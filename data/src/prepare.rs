@@ -118,6 +118,9 @@ pub struct PrepareOptions {
     pub workers: usize,
     /// How to reach an object-store destination.
     pub storage: StorageOptions,
+    /// Replace a dataset (or anything else) already at the output: stale files go once
+    /// the new index is written.
+    pub overwrite: bool,
 }
 
 impl Default for PrepareOptions {
@@ -131,6 +134,7 @@ impl Default for PrepareOptions {
             keep_text: true,
             workers: 2,
             storage: StorageOptions::default(),
+            overwrite: false,
         }
     }
 }
@@ -214,12 +218,7 @@ pub fn prepare(
         })?;
     }
     let location = Location::open(out, &opts.storage)?;
-    // An index left from an earlier preparation would describe shards that are about to
-    // be replaced: remove it first, so the dataset has no index until this one is done.
-    location.delete(
-        &location.child(INDEX_FILE),
-        &location.display_child(INDEX_FILE),
-    )?;
+    let existing = claim_output(&location, opts.overwrite)?;
     let sizes: Vec<usize> = documents.iter().map(String::len).collect();
     let shards = groups(&sizes, opts.shard_size);
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -269,10 +268,53 @@ pub fn prepare(
         &location.display_child(INDEX_FILE),
         json,
     )?;
+    let mut kept: Vec<String> = index.shards.iter().map(|s| s.name.clone()).collect();
+    kept.push(INDEX_FILE.to_string());
+    remove_stale(&location, existing, &kept)?;
     Ok(PrepareSummary {
         location: location.display.clone(),
         index,
     })
+}
+
+/// What the output holds now: refused unless `overwrite`; with it, the old index goes
+/// first, so the location has no index (no dataset) until the new one is complete.
+fn claim_output(
+    location: &Location,
+    overwrite: bool,
+) -> Result<Vec<object_store::ObjectMeta>, DataError> {
+    let existing = location.list()?;
+    if let Some(first) = existing.first() {
+        if !overwrite {
+            return Err(DataError::Occupied {
+                location: location.display.clone(),
+                count: existing.len(),
+                first: first.location.filename().unwrap_or_default().to_string(),
+            });
+        }
+    }
+    location.delete(
+        &location.child(INDEX_FILE),
+        &location.display_child(INDEX_FILE),
+    )?;
+    Ok(existing)
+}
+
+/// Deletes what the output held before that the new dataset does not use (old shards a
+/// glob would otherwise mix in).
+fn remove_stale(
+    location: &Location,
+    existing: Vec<object_store::ObjectMeta>,
+    kept: &[String],
+) -> Result<(), DataError> {
+    let kept: Vec<object_store::path::Path> = kept.iter().map(|k| location.child(k)).collect();
+    for meta in existing {
+        if !kept.contains(&meta.location) {
+            let name = meta.location.filename().unwrap_or_default().to_string();
+            location.delete(&meta.location, &location.display_child(&name))?;
+        }
+    }
+    Ok(())
 }
 
 fn paragraphs(text: &str) -> Vec<String> {

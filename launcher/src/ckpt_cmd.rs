@@ -2,7 +2,7 @@
 //! files match their manifests, and what is inside one.
 
 use crate::UsageError;
-use catapult_checkpoints::{step_dir, Checkpoints, Dtype, ShardError};
+use catapult_checkpoints::{step_dir, Checkpoints, Dtype};
 use catapult_data::StorageOptions;
 use clap::Subcommand;
 
@@ -35,12 +35,53 @@ pub enum CkptCommand {
     },
 }
 
-fn open(path: &str, endpoint: &Option<String>) -> Result<(Checkpoints, Option<u64>), ShardError> {
+/// What a local `path` that holds no checkpoint is, for the error (None: it holds one,
+/// or it is not local).
+fn not_a_checkpoint(path: &str) -> Option<String> {
+    if path.contains("://") {
+        return None;
+    }
+    let p = std::path::Path::new(path);
+    if !p.exists() {
+        return Some("no such file or directory".into());
+    }
+    if p.is_file() {
+        return Some("a file, not a checkpoint root or step directory".into());
+    }
+    let entries: Vec<String> = std::fs::read_dir(p)
+        .ok()?
+        .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+        .collect();
+    if entries.iter().any(|e| e.starts_with("step-")) || p.join("manifest.json").exists() {
+        return None;
+    }
+    if entries.iter().any(|e| e == "checkpoints") {
+        return Some(format!(
+            "a run directory, not a checkpoint root: its checkpoints are in {}",
+            p.join("checkpoints").display()
+        ));
+    }
+    Some("a directory without checkpoints (no step-NNNNNNNN directory with a manifest.json)".into())
+}
+
+/// The checkpoints at `path`; a local path that holds none is bad input (exit 2),
+/// named with what it is.
+fn open(
+    path: &str,
+    endpoint: &Option<String>,
+) -> Result<(Checkpoints, Option<u64>), crate::Failure> {
+    if let Some(found) = not_a_checkpoint(path) {
+        return Err(UsageError::new(format!(
+            "{path}: {found}; give a checkpoint root (a run's checkpoints/ directory or an \
+             object-store prefix) or one step directory (.../step-NNNNNNNN)"
+        ))
+        .into());
+    }
     let options = StorageOptions {
         endpoint: endpoint.clone(),
         ..StorageOptions::default()
     };
-    Checkpoints::open_path(path, &options)
+    Ok(Checkpoints::open_path(path, &options)?)
 }
 
 fn human(bytes: u64) -> String {
@@ -65,7 +106,11 @@ fn list(root: &str, endpoint: &Option<String>) -> Result<(), crate::Failure> {
     let latest = store.latest()?;
     let steps = store.steps()?;
     if steps.is_empty() {
-        println!("{}: no checkpoints", store.root());
+        return Err(UsageError::new(format!(
+            "{}: no checkpoints there; give a checkpoint root that holds some",
+            store.root()
+        ))
+        .into());
     }
     println!(
         "{:<15} {:>12} {:>6} {:>11}  latest",

@@ -76,6 +76,9 @@ pub enum DataCommand {
         workers: usize,
         #[command(flatten)]
         storage: StorageArgs,
+        /// Replace a dataset already at the output (its stale shards are removed).
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Tokenizers.
     Tokenizer {
@@ -249,6 +252,7 @@ pub fn run(command: DataCommand) -> Result<(), crate::Failure> {
             drop_text,
             workers,
             storage,
+            overwrite,
         } => {
             let split = match split {
                 SplitArg::File => DocumentSplit::File,
@@ -264,6 +268,7 @@ pub fn run(command: DataCommand) -> Result<(), crate::Failure> {
                 keep_text: !drop_text,
                 workers,
                 storage: storage.options(),
+                overwrite,
             };
             prepare(&inputs, &output, &opts)
         }

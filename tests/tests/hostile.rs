@@ -239,3 +239,68 @@ fn slurm_inputs_cannot_inject_lines_or_commands_into_the_batch_script() {
     );
     assert!(!dir.join("PWNED").exists(), "a command ran");
 }
+
+#[test]
+fn data_prepare_refuses_an_occupied_output_and_overwrite_removes_stale_shards() {
+    let dir = scratch("hostile-prepare");
+    let text = corpus().parent().unwrap().join("kjv.txt");
+    let prepare = |extra: &[&str]| {
+        catapult(&dir)
+            .args(["data", "prepare"])
+            .arg(&text)
+            .args(["-o", "out", "--min-chars", "200"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let first = prepare(&["--shard-size", "1MB"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let before = snapshot(&dir.join("out"));
+    assert!(before.len() >= 4, "several shards: {before:?}");
+    let again = prepare(&["--shard-size", "256MB"]);
+    let err = stderr(&again);
+    assert_eq!(again.status.code(), Some(2), "{err}");
+    assert!(err.contains("out") && err.contains("--overwrite"), "{err}");
+    assert_eq!(
+        snapshot(&dir.join("out")),
+        before,
+        "a refused prepare changes nothing"
+    );
+    let replaced = prepare(&["--shard-size", "256MB", "--overwrite"]);
+    assert!(replaced.status.success(), "{}", stderr(&replaced));
+    let after: Vec<String> = snapshot(&dir.join("out")).into_keys().collect();
+    assert_eq!(
+        after,
+        ["dataset.json", "shard-00000.parquet"],
+        "no stale shard is left"
+    );
+}
+
+#[test]
+fn ckpt_commands_on_something_that_is_not_a_checkpoint_exit_2_saying_what_it_is() {
+    let dir = scratch("hostile-ckpt");
+    let first = train(&dir, &[]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let recipe = tiny().display().to_string();
+    let cases = [
+        ("no-such-dir", "no such file or directory"),
+        (recipe.as_str(), "a file, not a checkpoint root"),
+        ("run", "a run directory, not a checkpoint root"),
+        ("run/tensorboard", "a directory without checkpoints"),
+    ];
+    for command in ["verify", "list", "show"] {
+        for (path, says) in cases {
+            let out = catapult(&dir)
+                .args(["ckpt", command, path])
+                .output()
+                .unwrap();
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "ckpt {command} {path}: {err}");
+            assert!(
+                err.contains(path) && err.contains(says),
+                "ckpt {command} {path}: {err}"
+            );
+        }
+        run_ok(catapult(&dir).args(["ckpt", command, "run/checkpoints"]));
+    }
+}

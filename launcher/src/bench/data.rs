@@ -190,6 +190,7 @@ fn prepare(
             tokenizer,
             workers: 2,
             storage: StorageOptions::default(),
+            overwrite: false,
         },
     )?)
 }
