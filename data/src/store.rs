@@ -339,19 +339,26 @@ impl Location {
 /// Whether an error may go away if the call is repeated.
 pub(crate) fn is_transient(e: &object_store::Error) -> bool {
     use object_store::Error as E;
-    !matches!(
-        e,
-        E::NotFound { .. }
-            | E::InvalidPath { .. }
-            | E::NotSupported { .. }
-            | E::AlreadyExists { .. }
-            | E::Precondition { .. }
-            | E::NotModified { .. }
-            | E::NotImplemented { .. }
-            | E::PermissionDenied { .. }
-            | E::Unauthenticated { .. }
-            | E::UnknownConfigurationKey { .. }
-    )
+    !is_local(e)
+        && !matches!(
+            e,
+            E::NotFound { .. }
+                | E::InvalidPath { .. }
+                | E::NotSupported { .. }
+                | E::AlreadyExists { .. }
+                | E::Precondition { .. }
+                | E::NotModified { .. }
+                | E::NotImplemented { .. }
+                | E::PermissionDenied { .. }
+                | E::Unauthenticated { .. }
+                | E::UnknownConfigurationKey { .. }
+        )
+}
+
+/// A local filesystem's error (a path that is not a directory, a full disk, no
+/// permission): never transient, and nothing to do with an object store's credentials.
+fn is_local(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::Generic { store, .. } if *store == "LocalFileSystem")
 }
 
 /// Runs `op` on the I/O runtime, retrying transient failures with exponential backoff;
@@ -366,9 +373,22 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, object_store::Error>>,
 {
-    retry_with(options, display, what, is_transient, || {
-        runtime().block_on(op())
-    })
+    let mut local = None;
+    let result = retry_with(options, display, what, is_transient, || {
+        runtime().block_on(op()).inspect_err(|e| {
+            if is_local(e) {
+                local = Some(e.to_string());
+            }
+        })
+    });
+    match (result, local) {
+        // A local path's error fails at once, with the OS error and the path.
+        (Err(_), Some(e)) => Err(DataError::Store {
+            location: display.to_string(),
+            reason: format!("{what} failed: {e}"),
+        }),
+        (result, _) => result,
+    }
 }
 
 /// The retry loop, for any error type: `transient` decides which errors are retried.

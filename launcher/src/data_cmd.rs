@@ -354,11 +354,42 @@ fn train_tokenizer(
         ))
     })?;
     let t = Tokenizer::load(path, None)?;
+    check_vocab_reached(t.vocab_size(), vocab_size, inputs, output)?;
     println!(
         "trained a byte-level BPE with {} ids (end of document: id {}) in {:.1} s: {}",
         t.vocab_size(),
         t.eod(),
         started.elapsed().as_secs_f64(),
+        output.display()
+    );
+    Ok(())
+}
+
+/// A tokenizer that learned no merge at all (256 byte ids and the end of document) from
+/// its inputs is refused (exit 2, the file removed): the inputs hold no usable text. One
+/// that learned some but fewer than asked is kept with a warning naming the size reached.
+fn check_vocab_reached(
+    reached: usize,
+    asked: usize,
+    inputs: &[String],
+    output: &Path,
+) -> Result<(), crate::Failure> {
+    const BYTES_AND_EOD: usize = 257;
+    if reached >= asked {
+        return Ok(());
+    }
+    if reached <= BYTES_AND_EOD {
+        let _ = std::fs::remove_file(output);
+        return Err(UsageError::new(format!(
+            "{}: no merge could be learned ({reached} ids, the bytes and the end of document, \
+             of --vocab-size {asked}): the inputs hold no usable text; give inputs with text",
+            inputs.join(", ")
+        ))
+        .into());
+    }
+    eprintln!(
+        "warning: the tokenizer reached {reached} ids of --vocab-size {asked}: the inputs are \
+         too small for that vocabulary ({} kept)",
         output.display()
     );
     Ok(())

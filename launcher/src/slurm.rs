@@ -210,6 +210,15 @@ pub fn submit(args: SubmitArgs) -> Result<(), crate::Failure> {
     let recipe = crate::load_recipe(&args.recipe, &args.overrides)?;
     check_inputs(&args)?;
     let per_node = args.tasks_per_node.or(args.gpus_per_node).unwrap_or(1);
+    for (flag, n) in [
+        ("--nodes", args.nodes),
+        ("--tasks-per-node", args.tasks_per_node.unwrap_or(1)),
+        ("--gpus-per-node", args.gpus_per_node.unwrap_or(1)),
+    ] {
+        if n == 0 {
+            return Err(UsageError::new(format!("{flag} 0: give 1 or more")).into());
+        }
+    }
     let nproc = args.nodes * per_node;
     crate::launch::check_nproc(&recipe, &args.recipe, nproc)?;
     let run_dir = absolute(&recipe.run_dir());

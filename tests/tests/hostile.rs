@@ -304,3 +304,64 @@ fn ckpt_commands_on_something_that_is_not_a_checkpoint_exit_2_saying_what_it_is(
         run_ok(catapult(&dir).args(["ckpt", command, "run/checkpoints"]));
     }
 }
+
+#[test]
+fn an_unwritable_checkpoint_location_is_found_before_step_1() {
+    let dir = scratch("hostile-ckpt-dir");
+    std::fs::write(dir.join("a-file"), "not a directory").unwrap();
+    let root = dir.join("a-file").join("checkpoints");
+    let out = train(
+        &dir,
+        &["--set", &format!("checkpoint.dir={}", root.display())],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&root.display().to_string()) && err.contains("cannot write there"),
+        "{err}"
+    );
+    assert!(err.contains("Not a directory"), "the OS error: {err}");
+    assert!(!dir.join("run/metrics.jsonl").exists(), "no step ran");
+}
+
+#[test]
+fn zero_ranks_nodes_or_an_empty_tokenizer_input_are_named() {
+    let dir = scratch("hostile-zero");
+    let cases: [(&[&str], &str); 3] = [
+        (&["launch", "--nproc", "0"], "--nproc 0"),
+        (&["submit", "--nodes", "0", "--dry-run"], "--nodes 0"),
+        (
+            &["submit", "--tasks-per-node", "0", "--dry-run"],
+            "--tasks-per-node 0",
+        ),
+    ];
+    for (args, says) in cases {
+        let out = catapult(&dir).args(args).arg(tiny()).output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    std::fs::write(dir.join("empty.txt"), "").unwrap();
+    let out = catapult(&dir)
+        .args([
+            "data",
+            "tokenizer",
+            "train",
+            "--vocab-size",
+            "300",
+            "empty.txt",
+        ])
+        .args(["-o", "tok.json"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("empty.txt") && err.contains("no merge could be learned"),
+        "{err}"
+    );
+    assert!(
+        !dir.join("tok.json").exists(),
+        "no tokenizer is left behind"
+    );
+}

@@ -31,10 +31,16 @@ pub fn check_nproc(
     nproc: usize,
 ) -> anyhow::Result<()> {
     let par = &recipe.parallel;
-    if nproc == 0
-        || !nproc.is_multiple_of(par.expert)
-        || (par.data > 0 && nproc != par.data * par.expert)
-    {
+    if nproc == 0 {
+        return Err(UsageError::new(format!(
+            "--nproc 0: {} needs at least parallel.expert = {} rank(s); give --nproc {} or more",
+            file.display(),
+            par.expert,
+            par.expert * par.data.max(1)
+        ))
+        .into());
+    }
+    if !nproc.is_multiple_of(par.expert) || (par.data > 0 && nproc != par.data * par.expert) {
         return Err(UsageError::new(format!(
             "--nproc {nproc} does not fit {}: parallel.expert = {} and parallel.data = {} need a \
              multiple of {} ranks{}",

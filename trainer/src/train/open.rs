@@ -99,6 +99,7 @@ fn check_checkpoint_root(
 /// agrees, and nothing has been written or removed yet.
 fn open_store(recipe: &Recipe, opts: &RunOptions, par: &Parallel) -> Result<Opened, TrainError> {
     let options = recipe.checkpoint.storage.options();
+    check_local_root(&recipe.checkpoint_root())?;
     let store = Checkpoints::open(&recipe.checkpoint_root(), &options)?;
     let loaded = match &opts.resume {
         None => None,
@@ -132,6 +133,52 @@ struct Opened {
     clear_root: bool,
 }
 
+fn unwritable_root(root: &str, problem: String) -> TrainError {
+    TrainError::Recipe(format!(
+        "checkpoint location {root}: cannot write there ({problem}); set checkpoint.dir to a \
+         location this job can write, or fix its permissions or credentials"
+    ))
+}
+
+/// A local checkpoint root that is a file, or under one, is refused before it is read
+/// (read-only: the probe write comes once the model is allocated).
+fn check_local_root(root: &str) -> Result<(), TrainError> {
+    if root.contains("://") {
+        return Ok(());
+    }
+    match std::fs::metadata(root) {
+        Ok(m) if !m.is_dir() => Err(unwritable_root(root, "a file, not a directory".into())),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(unwritable_root(root, e.to_string()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Writes and removes a probe in the checkpoint root, so an unwritable location is found
+/// before step 1, not at the first save (local paths fail at once with the OS error).
+fn probe_checkpoint_root(recipe: &Recipe) -> Result<(), TrainError> {
+    let root = recipe.checkpoint_root();
+    let unwritable = |problem: String| unwritable_root(&root, problem);
+    let probe = format!(".catapult-probe-{}", std::process::id());
+    if root.contains("://") {
+        let options = recipe.checkpoint.storage.options();
+        let at = catapult_data::Location::open(&root, &options)
+            .map_err(|e| unwritable(e.to_string()))?;
+        let key = at.child(&probe);
+        at.put(&key, &at.display_child(&probe), b"probe".to_vec())
+            .and_then(|()| at.delete(&key, &at.display_child(&probe)))
+            .map_err(|e| unwritable(e.to_string()))
+    } else {
+        let dir = Path::new(&root);
+        let file = dir.join(&probe);
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(&file, b"probe"))
+            .and_then(|()| std::fs::remove_file(&file))
+            .map_err(|e| unwritable(e.to_string()))
+    }
+}
+
 /// Claims the run directory once the model is allocated, just before the first file
 /// is written (rank 0; every rank agrees): an overwritten run's old checkpoints go, and
 /// the resolved recipe is written.
@@ -148,7 +195,8 @@ fn claim_run_dir(recipe: &Recipe, par: &Parallel, clear_root: bool) -> Result<()
                 std::fs::remove_dir_all(&root).map_err(io(&root))?;
             }
             std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-            std::fs::write(dir.join("recipe.yaml"), recipe.to_yaml()).map_err(io(&dir))
+            std::fs::write(dir.join("recipe.yaml"), recipe.to_yaml()).map_err(io(&dir))?;
+            probe_checkpoint_root(recipe)
         })()
     } else {
         Ok(())
