@@ -374,11 +374,10 @@ fn check_vocab_reached(
     inputs: &[String],
     output: &Path,
 ) -> Result<(), crate::Failure> {
-    const BYTES_AND_EOD: usize = 257;
     if reached >= asked {
         return Ok(());
     }
-    if reached <= BYTES_AND_EOD {
+    if reached <= catapult_data::ByteTokenizer::VOCAB_SIZE {
         let _ = std::fs::remove_file(output);
         return Err(UsageError::new(format!(
             "{}: no merge could be learned ({reached} ids, the bytes and the end of document, \

@@ -104,8 +104,8 @@ fn a_model_beyond_memory_is_refused_before_anything_is_written() {
 #[test]
 fn an_allocation_that_fails_anyway_is_exit_1_not_a_panic() {
     let dir = scratch("hostile-alloc");
-    // 6 GB of address space: libtorch loads, the model (about 10 GB by the estimate,
-    // which this machine's memory allows) does not.
+    // 6 GB of address space: libtorch loads; the run (6.8 GiB by the estimate, which
+    // this machine's memory allows) does not.
     let cmd = format!(
         "ulimit -v 6000000; exec '{}' train '{}' --set data.path='{}' --set output.dir='{}' \
          --set parallel.expert=1 --set train.warmup_steps=0 --set train.steps=2 \

@@ -105,13 +105,23 @@ pub fn check(recipe: &Recipe, device: Device) -> Result<(), TrainError> {
 }
 
 /// Runs `allocate` (building tensors through libtorch, which panics when an allocation
-/// fails) and turns a panic into an error naming `what`, with the panic hook silenced so
-/// no Rust backtrace or C++ frames reach the user.
+/// fails) and turns a panic of this thread into an error naming `what`, with the panic
+/// hook silenced for this thread so no Rust backtrace or C++ frames reach the user.
 pub fn without_panic<T>(what: &str, allocate: impl FnOnce() -> T) -> Result<T, TrainError> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    // Silent for this thread only: a panic in another thread (the data pipeline's
+    // workers) still reports through the hook that was there before.
+    let previous: std::sync::Arc<dyn Fn(&std::panic::PanicHookInfo<'_>) + Send + Sync> =
+        std::panic::take_hook().into();
+    let here = std::thread::current().id();
+    let others = previous.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().id() != here {
+            others(info);
+        }
+    }));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(allocate));
-    std::panic::set_hook(hook);
+    let _ = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| previous(info)));
     result.map_err(|panic| {
         let message = panic
             .downcast_ref::<String>()
