@@ -6,6 +6,8 @@
 //! ROOT/step-00000100/manifest.json            written LAST: files, sizes, BLAKE3, recipe,
 //!                                             world layout, step, tokens, version
 //! ROOT/latest                                 "step-00000100", written after the manifest
+//! ROOT/quarantine/step-00000090/...           a broken checkpoint moved aside, with
+//!                                             reason.txt; no longer counted anywhere
 //! ```
 //!
 //! A step directory without a readable manifest is not a checkpoint. Files are written
@@ -23,6 +25,8 @@ use std::collections::BTreeMap;
 pub const MANIFEST: &str = "manifest.json";
 /// Name of the pointer to the newest complete checkpoint.
 pub const LATEST: &str = "latest";
+/// Where broken checkpoints are moved (`ROOT/quarantine/step-N`), out of every count.
+pub const QUARANTINE: &str = "quarantine";
 
 /// Errors of the sharded format; each names the checkpoint, file and rank involved.
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +183,9 @@ pub struct Loaded {
     /// The state of each rank that wrote files, in rank order (rank 0's first; replicas
     /// that wrote nothing are absent).
     pub states: Vec<serde_json::Value>,
+    /// Newer steps `load_newest` passed over because they did not load, with why: the
+    /// run that resumes from this one quarantines them before its first save.
+    pub passed_over: Vec<(u64, String)>,
 }
 
 impl Loaded {
@@ -400,29 +407,28 @@ impl Checkpoints {
         Ok(manifest)
     }
 
-    /// Steps that have a manifest, ascending.
-    pub fn steps(&self) -> Result<Vec<u64>, ShardError> {
+    /// Every object under the root by its path relative to the root, with its size.
+    fn listing(&self) -> Result<BTreeMap<String, u64>, ShardError> {
         let prefix = self.location.key.parts().count();
-        let mut steps: Vec<u64> = self
+        Ok(self
             .location
             .list()?
             .into_iter()
-            .filter_map(|m| {
-                let parts: Vec<String> = m
+            .map(|m| {
+                let rel: Vec<String> = m
                     .location
                     .parts()
                     .skip(prefix)
                     .map(|p| p.as_ref().to_string())
                     .collect();
-                match parts.as_slice() {
-                    [dir, file] if file == MANIFEST => dir.strip_prefix("step-")?.parse().ok(),
-                    _ => None,
-                }
+                (rel.join("/"), m.size)
             })
-            .collect();
-        steps.sort_unstable();
-        steps.dedup();
-        Ok(steps)
+            .collect())
+    }
+
+    /// Steps that have a manifest, ascending.
+    pub fn steps(&self) -> Result<Vec<u64>, ShardError> {
+        Ok(steps_in(&self.listing()?))
     }
 
     /// The `latest` pointer's step, if any.
@@ -586,6 +592,7 @@ impl Checkpoints {
             location,
             tensors,
             states,
+            passed_over: Vec::new(),
         })
     }
 
@@ -594,14 +601,19 @@ impl Checkpoints {
     /// false, in which case its error is returned. None when there is no checkpoint.
     pub fn load_newest(&self, verify: bool, fallback: bool) -> Result<Option<Loaded>, ShardError> {
         let steps = self.steps()?;
+        let mut passed_over = Vec::new();
         for &step in steps.iter().rev() {
             match self.load(step, verify) {
-                Ok(l) => return Ok(Some(l)),
+                Ok(mut l) => {
+                    l.passed_over = passed_over;
+                    return Ok(Some(l));
+                }
                 Err(e) if fallback => {
                     eprintln!(
                         "warning: skipping checkpoint {}: {e}; falling back to an earlier one",
                         step_dir(step)
                     );
+                    passed_over.push((step, e.to_string()));
                 }
                 Err(e) => return Err(e),
             }
@@ -620,10 +632,87 @@ impl Checkpoints {
         }
     }
 
+    /// Moves the broken checkpoint `step` aside to `ROOT/quarantine/step-N` (`.2`, `.3`,
+    /// ... when that exists), with `reason.txt` saying why: it no longer counts as a
+    /// checkpoint, for loading, for retention or for a new save of the same step. The
+    /// manifest moves first, so an interrupted move leaves no loadable half. Returns
+    /// where it went.
+    pub fn quarantine(&self, step: u64, reason: &str) -> Result<String, ShardError> {
+        let listing = self.listing()?;
+        let dir = step_dir(step);
+        let mut dest = format!("{QUARANTINE}/{dir}");
+        let mut k = 1;
+        while listing.keys().any(|p| p.starts_with(&format!("{dest}/"))) {
+            k += 1;
+            dest = format!("{QUARANTINE}/{dir}.{k}");
+        }
+        let mut files: Vec<&str> = listing
+            .keys()
+            .filter_map(|p| p.strip_prefix(&format!("{dir}/")))
+            .collect();
+        files.sort_by_key(|f| *f != MANIFEST);
+        for f in files {
+            let (from, display) = self.path(&format!("{dir}/{f}"));
+            let (to, _) = self.path(&format!("{dest}/{f}"));
+            self.location.rename(&from, &to, &display)?;
+        }
+        self.put(
+            &format!("{dest}/reason.txt"),
+            format!("{dir} was moved here because it cannot be loaded: {reason}\n").into_bytes(),
+        )?;
+        if self.latest()? == Some(step) {
+            match self.steps()?.last() {
+                Some(&newest) => self.put(LATEST, step_dir(newest).into_bytes())?,
+                None => {
+                    let (key, display) = self.path(LATEST);
+                    self.location.delete(&key, &display)?;
+                }
+            }
+        }
+        Ok(self.location.display_child(&dest))
+    }
+
+    /// The quarantined checkpoints (`step-N`, `step-N.2`, ...), by name.
+    pub fn quarantined(&self) -> Result<Vec<String>, ShardError> {
+        let mut names: Vec<String> = self
+            .listing()?
+            .keys()
+            .filter_map(|p| {
+                let (dir, _) = p.strip_prefix(&format!("{QUARANTINE}/"))?.split_once('/')?;
+                Some(dir.to_string())
+            })
+            .collect();
+        names.dedup();
+        Ok(names)
+    }
+
+    /// Why `step` is not a whole checkpoint, judged from the listing alone (a manifest
+    /// that parses, and every file it lists present with its size), or None.
+    fn unsound(&self, step: u64, listing: &BTreeMap<String, u64>) -> Option<String> {
+        let dir = step_dir(step);
+        let manifest = match self.manifest(step) {
+            Ok(m) => m,
+            Err(e) => return Some(e.to_string()),
+        };
+        manifest
+            .files
+            .iter()
+            .find_map(|f| match listing.get(&format!("{dir}/{}", f.name)) {
+                None => Some(format!("rank {}'s file {} is missing", f.rank, f.name)),
+                Some(&size) if size != f.bytes => Some(format!(
+                    "rank {}'s file {} has {size} bytes, the manifest says {}",
+                    f.rank, f.name, f.bytes
+                )),
+                _ => None,
+            })
+    }
+
     /// After `saved` is complete: deletes older checkpoints except the newest
-    /// `keep_last - 1` of them and every multiple of `keep_every` (0: none). The
-    /// manifest goes first, so a half-deleted checkpoint is never loadable. Returns the
-    /// deleted steps.
+    /// `keep_last - 1` whole ones and every multiple of `keep_every` (0: none). A broken
+    /// checkpoint (a missing or short file, an unreadable manifest) among the newest is
+    /// quarantined and not counted, so a good one is never deleted to keep a broken one.
+    /// The manifest goes first, so a half-deleted checkpoint is never loadable. Returns
+    /// the deleted steps.
     pub fn retain(
         &self,
         saved: u64,
@@ -632,27 +721,64 @@ impl Checkpoints {
     ) -> Result<Vec<u64>, ShardError> {
         // Only checkpoints older than the one just saved are candidates: newer ones (of
         // a run that was rolled back) are never touched, and `saved` always stays.
-        let older: Vec<u64> = self.steps()?.into_iter().filter(|&s| s < saved).collect();
-        let keep_from = older.len().saturating_sub(keep_last.max(1) - 1);
+        let listing = self.listing()?;
+        let older: Vec<u64> = steps_in(&listing)
+            .into_iter()
+            .filter(|&s| s < saved)
+            .collect();
+        let mut kept = 0;
         let mut deleted = Vec::new();
-        for (i, &step) in older.iter().enumerate() {
-            if i >= keep_from || (keep_every > 0 && step % keep_every == 0) {
+        for &step in older.iter().rev() {
+            if kept + 1 < keep_last.max(1) {
+                match self.unsound(step, &listing) {
+                    None => kept += 1,
+                    Some(reason) => {
+                        let to = self.quarantine(step, &reason)?;
+                        eprintln!(
+                            "warning: checkpoint {} is broken ({reason}); moved to {to}",
+                            step_dir(step)
+                        );
+                    }
+                }
                 continue;
             }
-            let dir = step_dir(step);
-            let manifest = self.manifest(step).ok();
-            let (key, display) = self.path(&format!("{dir}/{MANIFEST}"));
-            self.location.delete(&key, &display)?;
-            if let Some(m) = manifest {
-                for f in m.files {
-                    let (key, display) = self.path(&format!("{dir}/{}", f.name));
-                    self.location.delete(&key, &display)?;
-                }
+            if keep_every > 0 && step % keep_every == 0 {
+                continue;
             }
+            self.delete_step(step)?;
             deleted.push(step);
         }
+        deleted.reverse();
         Ok(deleted)
     }
+
+    fn delete_step(&self, step: u64) -> Result<(), ShardError> {
+        let dir = step_dir(step);
+        let manifest = self.manifest(step).ok();
+        let (key, display) = self.path(&format!("{dir}/{MANIFEST}"));
+        self.location.delete(&key, &display)?;
+        if let Some(m) = manifest {
+            for f in m.files {
+                let (key, display) = self.path(&format!("{dir}/{}", f.name));
+                self.location.delete(&key, &display)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The steps in a listing that have a manifest, ascending.
+fn steps_in(listing: &BTreeMap<String, u64>) -> Vec<u64> {
+    let mut steps: Vec<u64> = listing
+        .keys()
+        .filter_map(|p| match p.split('/').collect::<Vec<_>>().as_slice() {
+            [dir, file] if *file == MANIFEST => dir.strip_prefix("step-")?.parse().ok(),
+            _ => None,
+        })
+        .collect();
+    steps.sort_unstable();
+    steps.dedup();
+    steps
 }
 
 /// Saves in a background thread, at most one at a time; dropping it waits for the save
@@ -827,6 +953,95 @@ mod tests {
         );
         assert_eq!(store.latest().unwrap(), Some(5));
         assert_eq!(loaded.manifest.world.expert_parallel, 2);
+    }
+
+    #[test]
+    fn a_passed_over_step_is_quarantined_and_a_new_save_of_it_does_not_collide() {
+        let dir = root("quarantine");
+        let store = Checkpoints::open(&dir, &StorageOptions::default()).unwrap();
+        let dense = tensor("model.embed", 3, 2, 3);
+        let experts = tensor("model.layers.0.mlp.experts.up_proj", 4, 3, 7);
+        for step in [2, 4] {
+            store
+                .save(two_rank_request(step, &dense, &experts))
+                .unwrap();
+        }
+        // Step 4 broken differently from the run that resumes: its manifest differs.
+        let manifest = format!("{dir}/step-00000004/manifest.json");
+        let text = std::fs::read_to_string(&manifest).unwrap();
+        std::fs::write(
+            &manifest,
+            text.replace("\"tokens\": 400", "\"tokens\": 401"),
+        )
+        .unwrap();
+        let rank1 = format!("{dir}/step-00000004/rank-00001.safetensors");
+        std::fs::write(&rank1, b"torn").unwrap();
+        let loaded = store.load_newest(true, true).unwrap().unwrap();
+        assert_eq!(loaded.manifest.step, 2);
+        assert_eq!(loaded.passed_over.len(), 1);
+        assert_eq!(loaded.passed_over[0].0, 4);
+        // Without quarantine, saving step 4 again collides with the broken copy.
+        let collided = store
+            .save(two_rank_request(4, &dense, &experts))
+            .unwrap_err();
+        assert!(
+            collided.to_string().contains("already exists"),
+            "{collided}"
+        );
+        let to = store.quarantine(4, &loaded.passed_over[0].1).unwrap();
+        assert!(to.ends_with("quarantine/step-00000004"), "{to}");
+        let reason = std::fs::read_to_string(format!("{to}/reason.txt")).unwrap();
+        assert!(reason.contains("rank-00001.safetensors"), "{reason}");
+        assert_eq!(
+            std::fs::read(format!("{to}/rank-00001.safetensors")).unwrap(),
+            b"torn"
+        );
+        assert!(!std::path::Path::new(&rank1).exists());
+        assert_eq!(store.steps().unwrap(), vec![2]);
+        assert_eq!(
+            store.latest().unwrap(),
+            Some(2),
+            "latest no longer names it"
+        );
+        store.save(two_rank_request(4, &dense, &experts)).unwrap();
+        store.verify(4).unwrap();
+        // A second quarantine of the same step goes beside the first.
+        std::fs::write(&rank1, b"torn again").unwrap();
+        let again = store.quarantine(4, "second").unwrap();
+        assert!(again.ends_with("quarantine/step-00000004.2"), "{again}");
+        assert_eq!(store.steps().unwrap(), vec![2]);
+    }
+
+    #[test]
+    fn retention_never_keeps_a_broken_checkpoint_in_place_of_a_good_one() {
+        let dir = root("retain-broken");
+        let store = Checkpoints::open(&dir, &StorageOptions::default()).unwrap();
+        let dense = tensor("model.embed", 3, 2, 3);
+        let experts = tensor("model.layers.0.mlp.experts.up_proj", 4, 3, 7);
+        for step in [1, 2, 3] {
+            store
+                .save(two_rank_request(step, &dense, &experts))
+                .unwrap();
+        }
+        // Step 3 loses half a file; with keep_last 3, saving 4 keeps 2 whole older ones.
+        std::fs::write(
+            format!("{dir}/step-00000003/rank-00000.safetensors"),
+            b"half",
+        )
+        .unwrap();
+        store.save(two_rank_request(4, &dense, &experts)).unwrap();
+        let deleted = store.retain(4, 3, 0).unwrap();
+        assert_eq!(deleted, Vec::<u64>::new(), "1 and 2 are the two kept");
+        assert_eq!(store.steps().unwrap(), vec![1, 2, 4]);
+        assert!(
+            std::path::Path::new(&format!("{dir}/quarantine/step-00000003/reason.txt")).exists()
+        );
+        store.save(two_rank_request(5, &dense, &experts)).unwrap();
+        assert_eq!(store.retain(5, 3, 0).unwrap(), vec![1]);
+        assert_eq!(store.steps().unwrap(), vec![2, 4, 5]);
+        for step in [2, 4, 5] {
+            store.verify(step).unwrap();
+        }
     }
 
     #[test]

@@ -320,6 +320,17 @@ impl Location {
             })
     }
 
+    /// Moves `from` to `to` (a rename locally, a server-side copy and delete on object
+    /// stores).
+    pub fn rename(&self, from: &ObjPath, to: &ObjPath, display: &str) -> Result<(), DataError> {
+        let store = self.store.clone();
+        retry(&self.options, display, "move", || {
+            let store = store.clone();
+            let (from, to) = (from.clone(), to.clone());
+            async move { store.rename(&from, &to).await }
+        })
+    }
+
     /// Deletes `key` (a missing key is not an error).
     pub fn delete(&self, key: &ObjPath, display: &str) -> Result<(), DataError> {
         let store = self.store.clone();

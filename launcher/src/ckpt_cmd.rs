@@ -129,6 +129,13 @@ fn list(root: &str, endpoint: &Option<String>) -> Result<(), crate::Failure> {
             Err(e) => println!("{:<15} unreadable: {e}", step_dir(step)),
         }
     }
+    let quarantined = store.quarantined()?;
+    if !quarantined.is_empty() {
+        println!(
+            "quarantined (broken, not counted; reason.txt says why): {}",
+            quarantined.join(", ")
+        );
+    }
     Ok(())
 }
 

@@ -186,8 +186,25 @@ fn a_flipped_byte_is_named_and_resume_falls_back() {
         "{err}"
     );
     assert_matches_reference(&dir.join("run"), "after falling back");
-    // The resumed run rewrote step 12 with the bytes its manifest lists.
+    // The broken step was moved aside before the first save (so the new save of step 12
+    // could not collide with it), with the reason; the resumed run wrote step 12 afresh.
+    let quarantined = dir.join("run/checkpoints/quarantine/step-00000012");
+    let reason = std::fs::read_to_string(quarantined.join("reason.txt")).unwrap();
+    assert!(
+        reason.contains("rank-00000.safetensors") && reason.contains("BLAKE3"),
+        "{reason}"
+    );
+    assert!(
+        err.contains("moved the broken checkpoint step-00000012"),
+        "{err}"
+    );
     run_ok(catapult(&dir).args(["ckpt", "verify", "run/checkpoints/step-00000012"]));
+    let list = run_ok(catapult(&dir).args(["ckpt", "list", "run/checkpoints"]));
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        listed.contains("quarantined") && listed.contains("step-00000012"),
+        "{listed}"
+    );
 }
 
 #[test]

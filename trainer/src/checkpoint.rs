@@ -324,7 +324,14 @@ pub fn open_resume(
             }
             (root, None) => root
                 .load_newest(verify, fallback)?
-                .map(Some)
+                .map(|mut l| {
+                    // Broken steps of another run's root are left alone (this run never
+                    // saves there, so they cannot collide with its saves).
+                    if root.root() != store.root() {
+                        l.passed_over.clear();
+                    }
+                    Some(l)
+                })
                 .ok_or_else(|| {
                     TrainError::Checkpoint(format!(
                         "--resume {path}: no checkpoint there (a step-NNNNNNNN directory with a \
@@ -333,6 +340,20 @@ pub fn open_resume(
                 }),
         },
     }
+}
+
+/// Moves the broken checkpoints `loaded` passed over into quarantine (rank 0, once
+/// every rank has loaded), so the run's next save of their step does not collide with
+/// them and retention never counts them.
+pub fn quarantine_passed_over(store: &Checkpoints, loaded: &Loaded) -> Result<(), TrainError> {
+    for (step, reason) in &loaded.passed_over {
+        let to = store.quarantine(*step, reason)?;
+        eprintln!(
+            "warning: moved the broken checkpoint {} to {to} (see reason.txt there)",
+            catapult_checkpoints::step_dir(*step)
+        );
+    }
+    Ok(())
 }
 
 /// The parts of a run a checkpoint restores into.

@@ -11,6 +11,7 @@
 //! (`eval`), saving (`save`), growth schedules (`stages`) and the options (`options`).
 //! Submodules use their siblings, never this file.
 
+mod agree;
 mod eval;
 mod line;
 mod open;

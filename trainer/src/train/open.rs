@@ -3,11 +3,12 @@
 //! the run directory, builds the model, optimizer and controller, and restores them or
 //! writes the step-0 validation loss. Every rank opens; rank 0 writes.
 
+use super::agree::agree;
 use super::eval::ValidationSets;
 use super::options::RunOptions;
 use super::trainer::{Stop, Trainer};
 use crate::bias_control::ExpertBiasController;
-use crate::checkpoint::{check_model, open_resume};
+use crate::checkpoint::{check_model, open_resume, quarantine_passed_over};
 use crate::error::TrainError;
 use crate::groups::Group;
 use crate::init::build_model_with_experts;
@@ -18,7 +19,6 @@ use crate::recipe::Recipe;
 use crate::supervision::{install_preemption_handlers, Heartbeat};
 use catapult_checkpoints::{AsyncSaver, Checkpoints, Loaded};
 use catapult_data::Pipeline;
-use catapult_kernels::comm::Comm;
 use std::path::Path;
 use std::time::Instant;
 use tch::Device;
@@ -180,9 +180,15 @@ fn probe_checkpoint_root(recipe: &Recipe) -> Result<(), TrainError> {
 }
 
 /// Claims the run directory once the model is allocated, just before the first file
-/// is written (rank 0; every rank agrees): an overwritten run's old checkpoints go, and
-/// the resolved recipe is written.
-fn claim_run_dir(recipe: &Recipe, par: &Parallel, clear_root: bool) -> Result<(), TrainError> {
+/// is written (rank 0; every rank agrees): an overwritten run's old checkpoints go, the
+/// resolved recipe is written, and broken checkpoints a resume passed over are
+/// quarantined.
+fn claim_run_dir(
+    recipe: &Recipe,
+    par: &Parallel,
+    opened: (&Checkpoints, Option<&Loaded>, bool),
+) -> Result<(), TrainError> {
+    let (store, loaded, clear_root) = opened;
     let claimed = if par.world.rank() == 0 {
         let dir = recipe.run_dir();
         let io = |path: &Path| {
@@ -196,7 +202,11 @@ fn claim_run_dir(recipe: &Recipe, par: &Parallel, clear_root: bool) -> Result<()
             }
             std::fs::create_dir_all(&dir).map_err(io(&dir))?;
             std::fs::write(dir.join("recipe.yaml"), recipe.to_yaml()).map_err(io(&dir))?;
-            probe_checkpoint_root(recipe)
+            probe_checkpoint_root(recipe)?;
+            match loaded {
+                Some(l) => quarantine_passed_over(store, l),
+                None => Ok(()),
+            }
         })()
     } else {
         Ok(())
@@ -234,7 +244,7 @@ impl<'a> Trainer<'a> {
             .iter()
             .map(|(_, p)| p.numel() as i64)
             .sum();
-        claim_run_dir(recipe, par, clear_root)?;
+        claim_run_dir(recipe, par, (&store, loaded.as_ref(), clear_root))?;
         let lr_scales = crate::transfer::lr_scales(recipe);
         optimizer.set_lr_scales(|name| lr_scales[&Group::of(name)]);
         let controller =
@@ -329,29 +339,5 @@ impl<'a> Trainer<'a> {
         self.started = Instant::now();
         self.heartbeat.beat(self.step);
         install_preemption_handlers();
-    }
-}
-
-/// Makes every rank return an error when any rank's `result` is one (so no rank waits
-/// forever in a collective for a rank that stopped); the error says whether a failed
-/// rank's problem was bad input.
-pub(super) fn agree<T>(comm: &Comm, result: Result<T, TrainError>) -> Result<T, TrainError> {
-    let code = match &result {
-        Ok(_) => 0,
-        Err(e) if e.is_bad_input() => 2,
-        Err(_) => 1,
-    };
-    let (codes, _) = comm.all_gather_v(&[code]);
-    let failed: Vec<String> = (0..codes.len())
-        .filter(|&r| codes[r] != 0)
-        .map(|r| r.to_string())
-        .collect();
-    match result {
-        Err(e) => Err(e),
-        Ok(_) if !failed.is_empty() => Err(TrainError::Peer {
-            ranks: failed.join(", "),
-            bad_input: codes.contains(&2),
-        }),
-        ok => ok,
     }
 }

@@ -4,7 +4,7 @@
 //! it. A resumed run continues in whichever stage it stopped; every rank takes part,
 //! rank 0 writes the grown checkpoint.
 
-use super::open::agree;
+use super::agree::agree;
 use super::options::{RunOptions, RunSummary};
 use super::trainer::train_stage;
 use crate::checkpoint::Resume;

@@ -2,13 +2,14 @@
 //! and the loop itself, one optimizer step per iteration. Opening a run and saving are
 //! the `open` and `save` rooms' methods on it.
 
+use super::agree::agree;
 use super::eval;
 use super::line::{self, StepReport};
 use super::options::{RunOptions, RunSummary};
 use super::sdc;
 use super::step::{self, MicroBatch, StepContext, StepStats};
 use crate::bias_control::ExpertBiasController;
-use crate::checkpoint::Restorable;
+use crate::checkpoint::{quarantine_passed_over, Restorable};
 use crate::error::TrainError;
 use crate::groups::Group;
 use crate::init::BuiltModel;
@@ -356,6 +357,13 @@ impl Trainer<'_> {
                     self.store.root()
                 ))
             })?;
+        // Every rank has read it before rank 0 moves the broken ones aside.
+        agree(&self.par.world, Ok(()))?;
+        let quarantined = match self.lead() {
+            true => quarantine_passed_over(&self.store, &loaded),
+            false => Ok(()),
+        };
+        agree(&self.par.world, quarantined)?;
         self.restore(&loaded)?;
         self.optimizer.zero_grad();
         self.step = loaded.manifest.step as usize;
