@@ -347,11 +347,17 @@ impl Location {
     }
 }
 
-/// Whether an error may go away if the call is repeated.
+/// Whether an error may go away if the call is repeated: a network failure (connect,
+/// request, timeout, interruption), a 5xx, 408 or 429 status, or an error response a
+/// store sent with status 200 (S3's `InternalError`, `SlowDown`). A 4xx that is not a
+/// named variant (a bad request, a wrong region), a malformed response and every local
+/// filesystem error are not retried.
 pub(crate) fn is_transient(e: &object_store::Error) -> bool {
     use object_store::Error as E;
-    !is_local(e)
-        && !matches!(
+    match e {
+        E::Generic { .. } if is_local(e) => false,
+        E::Generic { source, .. } => http_transient(source.as_ref()),
+        _ => !matches!(
             e,
             E::NotFound { .. }
                 | E::InvalidPath { .. }
@@ -363,7 +369,32 @@ pub(crate) fn is_transient(e: &object_store::Error) -> bool {
                 | E::PermissionDenied { .. }
                 | E::Unauthenticated { .. }
                 | E::UnknownConfigurationKey { .. }
-        )
+        ),
+    }
+}
+
+/// Whether an HTTP client's error is worth repeating (see `is_transient`). The status
+/// is read from the message: object_store does not export the error type that holds it.
+fn http_transient(source: &(dyn std::error::Error + 'static)) -> bool {
+    use object_store::client::{HttpError, HttpErrorKind as K};
+    let mut next = Some(source);
+    while let Some(e) = next {
+        if let Some(http) = e.downcast_ref::<HttpError>() {
+            return matches!(
+                http.kind(),
+                K::Connect | K::Request | K::Timeout | K::Interrupted
+            );
+        }
+        next = e.source();
+    }
+    let text = source.to_string();
+    if let Some((_, rest)) = text.split_once("non-2xx status code: ") {
+        return match rest.get(..3).and_then(|c| c.parse::<u16>().ok()) {
+            Some(code) => code >= 500 || code == 408 || code == 429,
+            None => true,
+        };
+    }
+    text.contains("Server returned error response")
 }
 
 /// A local filesystem's error (a path that is not a directory, a full disk, no
@@ -440,5 +471,76 @@ pub(crate) fn retry_with<T, E: std::fmt::Display>(
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An HTTP server on 127.0.0.1 that answers every request with `status`; counts them.
+    fn server(status: &'static str) -> (String, Arc<AtomicUsize>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf);
+                seen.fetch_add(1, Ordering::SeqCst);
+                let body = "<Error><Code>Test</Code></Error>";
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        (endpoint, count)
+    }
+
+    #[test]
+    fn only_retryable_failures_are_retried() {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "test");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
+        for (status, requests) in [
+            ("503 Service Unavailable", 3),
+            ("429 Too Many Requests", 3),
+            ("400 Bad Request", 1),
+            ("405 Method Not Allowed", 1),
+        ] {
+            let (endpoint, count) = server(status);
+            let options = StorageOptions {
+                endpoint: Some(endpoint),
+                region: None,
+                retries: 2,
+                backoff: Duration::from_millis(1),
+            };
+            let at = Location::open("s3://bucket/prefix", &options).unwrap();
+            let err = at.get(&at.child("object"), "s3://bucket/prefix/object");
+            let err = err.unwrap_err().to_string();
+            assert_eq!(count.load(Ordering::SeqCst), requests, "{status}: {err}");
+            assert!(err.contains("s3://bucket/prefix/object"), "{err}");
+        }
+        // Nothing listening: a connection failure is retried.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let options = StorageOptions {
+            endpoint: Some(endpoint),
+            region: None,
+            retries: 1,
+            backoff: Duration::from_millis(1),
+        };
+        let at = Location::open("s3://bucket/prefix", &options).unwrap();
+        let err = at
+            .get(&at.child("object"), "object")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("after 2 attempts"), "{err}");
     }
 }
