@@ -32,6 +32,9 @@ pub struct DatasetSpec {
     /// Column holding pre-tokenized ids (a list of integers); None reads text, unless
     /// the dataset's index says it was pre-tokenized with the recipe's tokenizer.
     pub tokens_column: Option<String>,
+    /// Check each shard against the BLAKE3 its `dataset.json` lists, the first time this
+    /// process reads it (one streaming pass over the shard).
+    pub verify: bool,
 }
 
 /// The index `catapult data prepare` writes: shards, row counts, token counts, checksums.
@@ -107,6 +110,8 @@ pub struct Shard {
     pub row_group_bytes: Vec<u64>,
     /// Global index of this shard's first row (rows of earlier shards).
     pub row_offset: u64,
+    /// The BLAKE3 the index lists, when it is to be checked on first read.
+    blake3: Option<String>,
     metadata: OnceLock<ArrowReaderMetadata>,
 }
 
@@ -138,6 +143,8 @@ pub struct Dataset {
     pub column: Column,
     /// The index, when the dataset has one.
     pub index: Option<DatasetIndex>,
+    /// Whether shards are checked against the index's BLAKE3 on first read.
+    verify: bool,
 }
 
 fn has_glob(s: &str) -> bool {
@@ -294,6 +301,7 @@ impl Dataset {
                 row_groups: Vec::new(),
                 row_group_bytes: Vec::new(),
                 row_offset: 0,
+                blake3: None,
                 metadata: OnceLock::new(),
             })
             .collect();
@@ -303,6 +311,7 @@ impl Dataset {
             shards: Vec::new(),
             column,
             index,
+            verify: spec.verify,
         };
         match &dataset.index {
             Some(ix) => dataset.layout_from_index(ix, &mut shards)?,
@@ -362,6 +371,7 @@ impl Dataset {
         for (shard, ixs) in shards.iter_mut().zip(&ix.shards) {
             shard.row_groups = ixs.row_groups.clone();
             shard.row_group_bytes = ixs.row_group_bytes.clone();
+            shard.blake3 = self.verify.then(|| ixs.blake3.clone());
         }
         Ok(())
     }
@@ -470,6 +480,19 @@ impl Dataset {
                         shard.size
                     ),
                 });
+            }
+            if let Some(expected) = &shard.blake3 {
+                let found = self.location.blake3(&shard.key, &display)?;
+                if found != *expected {
+                    return Err(DataError::Index {
+                        location: display,
+                        problem: format!(
+                            "has BLAKE3 {found} but dataset.json says {expected}: the shard was \
+                             damaged or replaced after the index was written; re-run `catapult \
+                             data prepare` (or copy the shard again)"
+                        ),
+                    });
+                }
             }
         }
         let meta = load_metadata(
@@ -770,10 +793,33 @@ fn parquet_retry<T>(
     what: &str,
     op: impl FnMut() -> Result<T, parquet::errors::ParquetError>,
 ) -> Result<T, DataError> {
-    retry_with(options, display, what, parquet_transient, op).map_err(|e| match e {
+    retry_with(
+        options,
+        display,
+        what,
+        (parquet_transient, parquet_advice),
+        op,
+    )
+    .map_err(|e| match e {
         DataError::Store { location, reason } => DataError::Parquet { location, reason },
         other => other,
     })
+}
+
+/// A store's failure gets the store's advice; anything else is in the file itself.
+fn parquet_advice(e: &parquet::errors::ParquetError) -> &'static str {
+    match e {
+        parquet::errors::ParquetError::External(inner)
+            if inner.downcast_ref::<object_store::Error>().is_some() =>
+        {
+            crate::store::STORE_ADVICE
+        }
+        _ => {
+            "the file is damaged or not valid parquet; replace it, or re-run `catapult data \
+             prepare` (shards with a dataset.json are checked against its BLAKE3 unless \
+             data.verify_shards is false)"
+        }
+    }
 }
 
 fn parquet_transient(e: &parquet::errors::ParquetError) -> bool {

@@ -510,6 +510,7 @@ mod tests {
             location: out.to_str().unwrap().into(),
             text_column: "text".into(),
             tokens_column: None,
+            verify: true,
         };
         let dataset =
             Dataset::open(&spec, &StorageOptions::default(), &Tokenizer::bytes()).unwrap();

@@ -320,6 +320,23 @@ impl Location {
             })
     }
 
+    /// The BLAKE3 of object `key`, read as a stream (never whole in memory).
+    pub fn blake3(&self, key: &ObjPath, display: &str) -> Result<String, DataError> {
+        let store = self.store.clone();
+        retry(&self.options, display, "read", || {
+            let store = store.clone();
+            let key = key.clone();
+            async move {
+                let mut stream = store.get(&key).await?.into_stream();
+                let mut hasher = blake3::Hasher::new();
+                while let Some(chunk) = stream.try_next().await? {
+                    hasher.update(&chunk);
+                }
+                Ok(hasher.finalize().to_hex().to_string())
+            }
+        })
+    }
+
     /// Moves `from` to `to` (a rename locally, a server-side copy and delete on object
     /// stores).
     pub fn rename(&self, from: &ObjPath, to: &ObjPath, display: &str) -> Result<(), DataError> {
@@ -416,13 +433,19 @@ where
     Fut: Future<Output = Result<T, object_store::Error>>,
 {
     let mut local = None;
-    let result = retry_with(options, display, what, is_transient, || {
-        runtime().block_on(op()).inspect_err(|e| {
-            if is_local(e) {
-                local = Some(e.to_string());
-            }
-        })
-    });
+    let result = retry_with(
+        options,
+        display,
+        what,
+        (is_transient, |_| STORE_ADVICE),
+        || {
+            runtime().block_on(op()).inspect_err(|e| {
+                if is_local(e) {
+                    local = Some(e.to_string());
+                }
+            })
+        },
+    );
     match (result, local) {
         // A local path's error fails at once, with the OS error and the path.
         (Err(_), Some(e)) => Err(DataError::Store {
@@ -433,14 +456,20 @@ where
     }
 }
 
-/// The retry loop, for any error type: `transient` decides which errors are retried.
+/// What to check when a store call fails for good.
+pub(crate) const STORE_ADVICE: &str = "check that the store is reachable \
+     (data.storage.endpoint) and that the object exists and the credentials allow reading it";
+
+/// The retry loop, for any error type: `judge.0` decides which errors are retried, and
+/// `judge.1` what the final error advises.
 pub(crate) fn retry_with<T, E: std::fmt::Display>(
     options: &StorageOptions,
     display: &str,
     what: &str,
-    transient: impl Fn(&E) -> bool,
+    judge: (impl Fn(&E) -> bool, impl Fn(&E) -> &'static str),
     mut op: impl FnMut() -> Result<T, E>,
 ) -> Result<T, DataError> {
+    let (transient, advice) = judge;
     let mut wait = options.backoff;
     let mut attempt = 0;
     loop {
@@ -464,10 +493,7 @@ pub(crate) fn retry_with<T, E: std::fmt::Display>(
                 };
                 return Err(DataError::Store {
                     location: display.to_string(),
-                    reason: format!(
-                        "{what} failed{tries}: {e}; check that the store is reachable (data.storage.endpoint) \
-                         and that the object exists and the credentials allow reading it"
-                    ),
+                    reason: format!("{what} failed{tries}: {e}; {}", advice(&e)),
                 });
             }
         }

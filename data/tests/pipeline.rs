@@ -48,6 +48,7 @@ fn spec(name: &str, location: &str) -> DatasetSpec {
         location: location.into(),
         text_column: "text".into(),
         tokens_column: None,
+        verify: true,
     }
 }
 
@@ -367,7 +368,11 @@ fn bad_input_names_the_file_and_the_fix() {
     ));
     assert!(err.contains("nothing-*.parquet"), "{err}");
 
-    // Unreachable endpoint: retried with backoff, then a clear error.
+    // Unreachable endpoint: retried with backoff, then a clear error. (With credentials
+    // set: without them the S3 client asks the instance metadata service first, and a
+    // refusal there is not retried.)
+    std::env::set_var("AWS_ACCESS_KEY_ID", "test");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
     let mut cfg = config(vec![spec("s3", "s3://bucket/prefix")], vec![1.0]);
     cfg.storage = StorageOptions {
         endpoint: Some("http://127.0.0.1:1".into()),
@@ -422,4 +427,68 @@ fn globs_select_shards() {
         .map(|s| s.name.as_str())
         .collect();
     assert_eq!(names, vec!["shard-00000.parquet", "shard-00001.parquet"]);
+}
+
+#[test]
+fn a_shard_changed_after_indexing_fails_its_checksum_on_first_read() {
+    let dir = scratch("checksum");
+    let a = corpus(&dir, "a", 150, None);
+    // One letter of document 46 (in the second shard), same size: the footer and row
+    // counts still match, so only the checksum can tell.
+    let shard = PathBuf::from(&a).join("shard-00001.parquet");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let at = bytes
+        .windows(5)
+        .rposition(|w| w == b"a46: ")
+        .expect("the text is stored verbatim")
+        + 6;
+    bytes[at] = if bytes[at] == b'z' { b'y' } else { b'z' };
+    std::fs::write(&shard, bytes).unwrap();
+
+    let mut unverified = spec("a", &a);
+    unverified.verify = false;
+    let quiet = config(vec![unverified], vec![1.0]);
+    let mut p = Pipeline::open(quiet, 0, 1).unwrap();
+    for _ in 0..20 {
+        p.next_batch()
+            .expect("without the check the change goes unnoticed");
+    }
+
+    let cfg = config(vec![spec("a", &a)], vec![1.0]);
+    let mut p = Pipeline::open(cfg, 0, 1).unwrap();
+    let err = (0..20)
+        .find_map(|_| p.next_batch().err())
+        .expect("the changed shard is refused")
+        .to_string();
+    assert!(
+        err.contains("shard-00001.parquet")
+            && err.contains("BLAKE3")
+            && err.contains("dataset.json")
+            && err.contains("catapult data prepare"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_shard_that_does_not_decode_is_blamed_on_the_file_not_the_store() {
+    let dir = scratch("undecodable");
+    let a = corpus(&dir, "a", 150, None);
+    // A byte inside a compressed page: the decoder notices.
+    let shard = PathBuf::from(&a).join("shard-00001.parquet");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let at = bytes.windows(5).position(|w| w == b"a46: ").unwrap() + 6;
+    bytes[at] = if bytes[at] == b'z' { b'y' } else { b'z' };
+    std::fs::write(&shard, bytes).unwrap();
+    let mut unverified = spec("a", &a);
+    unverified.verify = false;
+    let mut p = Pipeline::open(config(vec![unverified], vec![1.0]), 0, 1).unwrap();
+    let err = (0..20)
+        .find_map(|_| p.next_batch().err())
+        .expect("the damaged page is refused")
+        .to_string();
+    assert!(
+        err.contains("shard-00001.parquet") && err.contains("damaged or not valid parquet"),
+        "{err}"
+    );
+    assert!(!err.contains("credentials"), "{err}");
 }

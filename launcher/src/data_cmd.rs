@@ -191,6 +191,7 @@ fn texts(
                 location: input.clone(),
                 text_column: text_column.into(),
                 tokens_column: None,
+                verify: true,
             };
             let dataset = Arc::new(Dataset::open(&spec, storage, &bytes)?);
             let units = dataset.units();

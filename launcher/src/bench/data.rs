@@ -13,12 +13,21 @@ use catapult_data::{
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Streams three passes over `dataset` (so that read-ahead past the end of the
-/// measurement is a small share) and returns (tokens, seconds).
+/// How one pipeline measurement reads.
+#[derive(Clone, Copy)]
+struct Reading {
+    workers: usize,
+    /// Passes over the corpus (three make read-ahead past the end a small share).
+    passes: u64,
+    /// Shards checked against dataset.json's BLAKE3 on first read.
+    verify: bool,
+}
+
+/// Streams `how.passes` passes over `dataset`; returns (tokens, seconds).
 fn pipeline_rate(
     dataset: &Path,
     tokenizer: &str,
-    workers: usize,
+    how: Reading,
     tokens: u64,
 ) -> anyhow::Result<(u64, f64)> {
     let cfg = PipelineConfig {
@@ -27,6 +36,7 @@ fn pipeline_rate(
             location: dataset.to_str().context("UTF-8 path")?.into(),
             text_column: "text".into(),
             tokens_column: None,
+            verify: how.verify,
         }],
         phases: vec![Phase {
             start_tokens: 0,
@@ -37,7 +47,7 @@ fn pipeline_rate(
         streams: 8,
         shuffle_buffer: 64,
         mixture_window: 100,
-        workers,
+        workers: how.workers,
         read_ahead_bytes: 256 << 20,
         valid_fraction: 0.001,
         seed: 1,
@@ -48,7 +58,7 @@ fn pipeline_rate(
     let started = Instant::now();
     let mut pipeline = Pipeline::open(cfg, 0, 1)?;
     let mut delivered = 0u64;
-    while delivered < tokens * 3 {
+    while delivered < tokens * how.passes {
         let batch = pipeline.next_batch()?;
         delivered += (batch.sequences.len() * batch.seq_len) as u64;
     }
@@ -109,12 +119,14 @@ pub(super) fn run(
 ) -> Result<(), crate::Failure> {
     let corpus = build_corpus(text, repeat, vocab_size, dir)?;
     let rows = pipeline_rows(&corpus, python)?;
+    let checksums = checksum_cost(&corpus)?;
     let growth = memory_growth(&corpus, vocab_size, recipe, dir)?;
     let trainer_rate = trainer_rate(recipe, dir)?;
     report(
         &corpus,
         vocab_size,
         &rows,
+        checksums,
         growth,
         trainer_rate,
         recipe,
@@ -203,13 +215,36 @@ fn pipeline_rows(corpus: &Corpus, python: &Path) -> anyhow::Result<Vec<Row>> {
             let p = spinner(&format!(
                 "{format}, {workers} worker(s): catapult, then the baseline"
             ));
-            let (t, s) = pipeline_rate(dataset, &corpus.tok, workers, corpus.tokens)?;
+            let how = Reading {
+                workers,
+                passes: 3,
+                verify: true,
+            };
+            let (t, s) = pipeline_rate(dataset, &corpus.tok, how, corpus.tokens)?;
             let (bt, bs) = baseline_rate(python, dataset, format, &corpus.tokenizer, workers)?;
             p.finish_and_clear();
             rows.push((format, workers, t as f64 / s, bt as f64 / bs));
         }
     }
     Ok(rows)
+}
+
+/// One pass over the pre-tokenized shards on 2 workers with and without checking each
+/// shard's BLAKE3 on first read: (verified tok/s, unverified tok/s).
+fn checksum_cost(corpus: &Corpus) -> anyhow::Result<(f64, f64)> {
+    let p = spinner("one pass with and without shard checksums");
+    let mut rates = [0.0; 2];
+    for (i, verify) in [true, false].into_iter().enumerate() {
+        let how = Reading {
+            workers: 2,
+            passes: 1,
+            verify,
+        };
+        let (t, s) = pipeline_rate(&corpus.tokens_dir, &corpus.tok, how, corpus.tokens)?;
+        rates[i] = t as f64 / s;
+    }
+    p.finish_and_clear();
+    Ok((rates[0], rates[1]))
 }
 
 /// Resident-memory growth over one pass with a 1 MiB read-ahead budget, measured in a
@@ -284,6 +319,7 @@ fn report(
     corpus: &Corpus,
     vocab_size: usize,
     rows: &[Row],
+    checksums: (f64, f64),
     growth: u64,
     trainer_rate: f64,
     recipe: &Path,
@@ -310,6 +346,13 @@ fn report(
         }));
     }
     println!(
+        "shard checksums: one pass over the pre-tokenized shards (2 workers) with BLAKE3 checks on \
+         first read delivers {:.0} tok/s, without {:.0} tok/s (ratio {:.2})",
+        checksums.0,
+        checksums.1,
+        checksums.0 / checksums.1
+    );
+    println!(
         "memory: one pass over the corpus ({:.0} MB of text, {:.0} MB as ids) in a new process with a 1 MiB \
          read-ahead budget grew resident memory by {:.1} MiB; the bound is the budget plus, per stream \
          (8 here), one decoded 1 MB row group with its ids and one shuffle block of 64 x 1025 ids",
@@ -328,6 +371,8 @@ fn report(
         "corpus_tokens": corpus_tokens,
         "results": results,
         "trainer_tokens_per_s": trainer_rate,
+        "checksum_verified_tokens_per_s": checksums.0,
+        "checksum_unverified_tokens_per_s": checksums.1,
         "memory_growth_bytes_at_1mib_budget": growth,
     });
     let out = dir.join("results.json");

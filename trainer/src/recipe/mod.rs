@@ -119,6 +119,7 @@ impl Recipe {
                     location: ds.path,
                     text_column: ds.text_column.unwrap_or_else(|| d.text_column.clone()),
                     tokens_column: ds.tokens_column.or_else(|| d.tokens_column.clone()),
+                    verify: d.verify_shards,
                 })
                 .collect(),
             phases: d.resolved_phases(),

@@ -555,6 +555,11 @@ pub struct DataConfig {
     /// Mask attention across document boundaries inside a packed sequence.
     #[serde(default)]
     pub mask_documents: bool,
+    /// Check each shard against the BLAKE3 its `dataset.json` lists the first time a
+    /// rank reads it (one streaming pass over the shard; `bench data` measures the
+    /// cost). Datasets without an index have nothing to check against.
+    #[serde(default = "defaults::yes")]
+    pub verify_shards: bool,
     /// Object-store access.
     #[serde(default)]
     pub storage: StorageConfig,
