@@ -76,7 +76,13 @@ pub fn parse(text: &str, origin: &str, overrides: &[Override]) -> Result<Recipe,
         }
         Err(e) => {
             let path = e.path().to_string();
-            let line = e.inner().location().map(|l| l.line());
+            let mut line = e.inner().location().map(|l| l.line());
+            // serde reports a duplicate key at its mapping's first line: point at the
+            // repeated key itself.
+            if let Some(key) = e.inner().to_string().split("duplicate field `").nth(1) {
+                let key = key.split('`').next().unwrap_or_default();
+                line = repeated_key_line(text, &path, key).or(line);
+            }
             if e.inner().to_string().contains("did not find expected")
                 || e.inner().to_string().contains("while parsing")
                 || e.inner().to_string().contains("while scanning")
@@ -94,8 +100,77 @@ pub fn parse(text: &str, origin: &str, overrides: &[Override]) -> Result<Recipe,
     if recipe.data.streams == 0 {
         recipe.data.streams = gcd(recipe.train.global_batch_size, 16);
     }
-    validate(&recipe, origin)?;
+    validate(&recipe, origin).map_err(|e| blame_overrides(e, overrides))?;
     Ok(recipe)
+}
+
+/// A check that failed on a field an override set names the override beside the file.
+fn blame_overrides(e: RecipeError, overrides: &[Override]) -> RecipeError {
+    match e {
+        RecipeError::Inconsistent {
+            file,
+            fields,
+            problem,
+            fix,
+        } => {
+            let set: Vec<String> = overrides
+                .iter()
+                .filter(|o| {
+                    let key = o.path.join(".");
+                    fields
+                        .iter()
+                        .any(|f| f == &key || f.starts_with(&format!("{key}.")))
+                })
+                .map(|o| format!("--set {}", o.arg))
+                .collect();
+            let file = match set.is_empty() {
+                true => file,
+                false => format!("{file} with {}", set.join(", ")),
+            };
+            RecipeError::Inconsistent {
+                file,
+                fields,
+                problem,
+                fix,
+            }
+        }
+        other => other,
+    }
+}
+
+/// The line (1-based) of the second `key:` directly under the block mapping at dotted
+/// `path` (`.` is the top level), or None when the text does not show one.
+fn repeated_key_line(text: &str, path: &str, key: &str) -> Option<usize> {
+    let want: Vec<&str> = path
+        .split('.')
+        .filter(|p| !p.is_empty())
+        .chain([key])
+        .collect();
+    // The keys of the mappings enclosing the current line, with their indentation.
+    let mut stack: Vec<(usize, &str)> = Vec::new();
+    let mut seen = 0;
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.split(" #").next().unwrap_or(raw);
+        let body = line.trim_start();
+        if body.is_empty() || body.starts_with('#') || body.starts_with('-') {
+            continue;
+        }
+        let Some((k, _)) = body.split_once(':') else {
+            continue;
+        };
+        let indent = line.len() - body.len();
+        while stack.last().is_some_and(|&(at, _)| at >= indent) {
+            stack.pop();
+        }
+        stack.push((indent, k.trim().trim_matches(['"', '\'']).trim()));
+        if stack.iter().map(|&(_, k)| k).eq(want.iter().copied()) {
+            seen += 1;
+            if seen == 2 {
+                return Some(i + 1);
+            }
+        }
+    }
+    None
 }
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -207,6 +282,35 @@ mod tests {
             "{m}"
         );
         assert!(m.contains("(1, 2, 4)"), "{m}");
+    }
+
+    #[test]
+    fn a_repeated_key_is_reported_at_its_own_line() {
+        let nested = GOOD.replace("  lr: 0.001\n", "  lr: 0.001\n  steps: 11\n");
+        let m = message(parse(&nested, "r.yaml", &[]));
+        let line = nested.lines().position(|l| l == "  steps: 11").unwrap() + 1;
+        assert!(
+            m.contains(&format!("(line {line})")) && m.contains("`steps`"),
+            "{m}"
+        );
+        let top = format!("name: a\n{GOOD}");
+        let m = message(parse(&top, "r.yaml", &[]));
+        assert!(m.contains("(line 2)") && m.contains("`name`"), "{m}");
+    }
+
+    #[test]
+    fn a_check_that_fails_on_an_overridden_field_names_the_override() {
+        let m = message(with("model.num_layers=0"));
+        assert!(
+            m.starts_with("r.yaml with --set model.num_layers=0: "),
+            "{m}"
+        );
+        let m = message(parse(
+            &GOOD.replace("num_layers: 1", "num_layers: 0"),
+            "r.yaml",
+            &[],
+        ));
+        assert!(m.starts_with("r.yaml: "), "{m}");
     }
 
     #[test]
