@@ -16,7 +16,7 @@ pub use sharded::{
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
-/// Errors while writing a checkpoint; each names the file.
+/// Errors while writing or reading a checkpoint directory; each names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     /// Filesystem failure.
@@ -30,6 +30,17 @@ pub enum CheckpointError {
     /// libtorch could not serialize the tensors.
     #[error("{path}: cannot write safetensors: {reason}")]
     Tensors {
+        /// The file.
+        path: PathBuf,
+        /// What libtorch said.
+        reason: String,
+    },
+    /// A model file that cannot be read back.
+    #[error(
+        "{path}: cannot read safetensors ({reason}); the file is damaged or was not written \
+         by catapult: point at a run's checkpoint/ directory, or export it again"
+    )]
+    Unreadable {
         /// The file.
         path: PathBuf,
         /// What libtorch said.
@@ -101,9 +112,12 @@ fn temporary(path: &Path) -> PathBuf {
 /// Reads every tensor of a checkpoint directory's model file, by name.
 pub fn load_model(dir: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
     let path = dir.join(MODEL_FILE);
-    Tensor::read_safetensors(&path).map_err(|e| CheckpointError::Tensors {
+    if let Err(source) = std::fs::metadata(&path) {
+        return Err(CheckpointError::Io { path, source });
+    }
+    Tensor::read_safetensors(&path).map_err(|e| CheckpointError::Unreadable {
         path,
-        reason: e.to_string(),
+        reason: e.to_string().lines().next().unwrap_or_default().to_string(),
     })
 }
 

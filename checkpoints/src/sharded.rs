@@ -752,6 +752,18 @@ impl Checkpoints {
         Ok(deleted)
     }
 
+    /// Deletes every checkpoint under the root (each manifest first) and the `latest`
+    /// pointer; quarantined ones stay. Returns the deleted steps.
+    pub fn clear(&self) -> Result<Vec<u64>, ShardError> {
+        let steps = self.steps()?;
+        for &step in &steps {
+            self.delete_step(step)?;
+        }
+        let (key, display) = self.path(LATEST);
+        self.location.delete(&key, &display)?;
+        Ok(steps)
+    }
+
     fn delete_step(&self, step: u64) -> Result<(), ShardError> {
         let dir = step_dir(step);
         let manifest = self.manifest(step).ok();

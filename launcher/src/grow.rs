@@ -25,13 +25,29 @@ pub struct GrowArgs {
     /// Optimizer state of the grown model: `copy` (stacked like the weights) or `fresh`.
     #[arg(long, default_value = "copy")]
     pub optimizer: OptimizerInit,
-    /// Checkpoint root to write the grown checkpoint into (it must hold no checkpoint).
+    /// Checkpoint root to write the grown checkpoint into (it must hold no checkpoint,
+    /// unless --overwrite).
     #[arg(short, long)]
     pub output: String,
+    /// Replace the checkpoints the output holds: they are removed only once the grown
+    /// checkpoint is built in memory, just before it is written.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 pub fn run(args: GrowArgs) -> Result<(), crate::Failure> {
     let target = crate::load_recipe(&args.recipe, &args.overrides)?;
+    // Checked first (read-only); replaced only once the grown checkpoint is built.
+    let out = Checkpoints::open(&args.output, &Default::default())?;
+    let occupied = out.steps()?;
+    if let (Some(newest), false) = (occupied.last(), args.overwrite) {
+        return Err(UsageError::new(format!(
+            "{}: already holds checkpoints (newest step {newest}); write the grown model to an \
+             empty location, or pass --overwrite to replace them",
+            out.root()
+        ))
+        .into());
+    }
     let (store, step) = Checkpoints::open_path(&args.from, &Default::default())?;
     let loaded = match step {
         Some(s) => store.load(s, true)?,
@@ -48,13 +64,13 @@ pub fn run(args: GrowArgs) -> Result<(), crate::Failure> {
             code: 2,
             error: anyhow::anyhow!("{}: {e}", args.recipe.display()),
         })?;
-    let out = Checkpoints::open(&args.output, &Default::default())?;
-    if let Some(newest) = out.steps()?.last() {
-        return Err(UsageError::new(format!(
-            "{}: already holds checkpoints (newest step {newest}); write the grown model to an empty location",
+    if !occupied.is_empty() {
+        let removed = out.clear()?;
+        eprintln!(
+            "--overwrite: removed {} old checkpoint(s) from {}",
+            removed.len(),
             out.root()
-        ))
-        .into());
+        );
     }
     let manifest = out.save(request)?;
     println!(

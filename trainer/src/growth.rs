@@ -31,7 +31,7 @@ pub fn check_target(source: &Recipe, target: &Recipe, factor: usize) -> Result<(
     if factor < 2 {
         problems.push(format!("--factor {factor}: grow by 2 or more"));
     }
-    let want = source.model.num_layers * factor;
+    let want = source.model.num_layers.saturating_mul(factor);
     if target.model.num_layers != want {
         problems.push(format!(
             "model.num_layers is {} in the target recipe, but {} layers x factor {factor} = {want}",
@@ -76,6 +76,42 @@ fn stacked_names(name: &str, layers: usize, factor: usize) -> Vec<String> {
             .collect(),
         None => vec![name.to_string()],
     }
+}
+
+/// Refuses a growth whose checkpoint would not fit this host's memory (with 10%
+/// headroom) before anything is allocated: the grown tensors, and their encoded copy
+/// while they are written.
+fn check_fits(loaded: &Loaded, factor: usize) -> Result<(), GrowthError> {
+    let (mut per_layer, mut other) = (0f64, 0f64);
+    for (name, t) in &loaded.tensors {
+        match layer_of(name) {
+            Some(_) => per_layer += t.data.len() as f64,
+            None => other += t.data.len() as f64,
+        }
+    }
+    let grown = per_layer * factor as f64 + other;
+    let needed = 2.0 * grown;
+    let Some(available) = crate::fit::host_available_bytes() else {
+        return Ok(());
+    };
+    let human = |b: f64| match b >= (1u64 << 30) as f64 {
+        true => format!("{:.1} GiB", b / (1u64 << 30) as f64),
+        false => format!("{:.1} MiB", b / (1u64 << 20) as f64),
+    };
+    if needed > 0.9 * available {
+        return Err(GrowthError::Target(format!(
+            "--factor {factor}: the grown checkpoint holds {} of tensors ({} of layers x \
+             {factor} + {} of the rest) and writing it needs about {}, but this host has {} \
+             available (less 10% headroom); grow by a smaller factor or on a host with more \
+             memory",
+            human(grown),
+            human(per_layer),
+            human(other),
+            human(needed),
+            human(0.9 * available)
+        )));
+    }
+    Ok(())
 }
 
 /// The tensors of `loaded` stacked `factor` times (moments zeroed with `Fresh`).
@@ -157,6 +193,7 @@ pub fn grow(
     })?;
     check_target(&source, target, factor)?;
     let layers = source.model.num_layers;
+    check_fits(loaded, factor)?;
     let tensors = grow_tensors(loaded, layers, factor, optimizer);
     let mut state = TrainerState::of(loaded).map_err(|e| GrowthError::Source(e.to_string()))?;
     grow_state(&mut state, &loaded.location, layers, factor, optimizer)?;
