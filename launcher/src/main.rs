@@ -150,6 +150,11 @@ enum RecipeCommand {
         file: PathBuf,
         #[command(flatten)]
         overrides: OverrideArgs,
+        /// Check the recipe only, not this machine (by default the model must fit this
+        /// host's memory, or its GPU's where it has the recipe's device, and local data
+        /// paths must exist).
+        #[arg(long)]
+        schema_only: bool,
     },
     /// Print the fully resolved recipe (defaults and overrides applied).
     Show {
@@ -229,9 +234,23 @@ fn run(cli: Cli) -> Result<(), Failure> {
             println!("exported {} to {}", checkpoint.display(), hf.display());
         }
         Command::Recipe {
-            command: RecipeCommand::Validate { file, overrides },
+            command:
+                RecipeCommand::Validate {
+                    file,
+                    overrides,
+                    schema_only,
+                },
         } => {
             let r = load_recipe(&file, &overrides)?;
+            if !schema_only {
+                let notes = catapult_trainer::fit::check_here(&r).map_err(|e| Failure {
+                    code: catapult_trainer::exit_code(&e),
+                    error: anyhow::anyhow!("{}: {e}", file.display()),
+                })?;
+                for note in notes {
+                    eprintln!("note: {note}");
+                }
+            }
             println!("{}: valid recipe `{}`", file.display(), r.name);
         }
         Command::Recipe {

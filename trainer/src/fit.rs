@@ -1,7 +1,9 @@
 //! Whether a recipe fits this machine, decided before anything is allocated: the sizing
 //! module's bytes for one rank against the host memory each rank on this node can have
-//! (MemAvailable, or the cgroup limit when lower, less a headroom). And allocating the
-//! model without a panic: a failure that the estimate missed is an error, exit 1.
+//! (MemAvailable, or the cgroup limit when lower, less a headroom) and, on a GPU, its
+//! free device memory. `recipe validate`'s checks of this machine (`check_here`). And
+//! allocating the model without a panic: a failure that the estimate missed is an
+//! error, exit 1.
 
 use crate::error::TrainError;
 use crate::recipe::Recipe;
@@ -60,31 +62,77 @@ pub fn host_bytes(recipe: &Recipe, device: Device) -> (Memory, f64) {
     (memory, host)
 }
 
-/// Refuses `recipe` when one rank cannot fit in its share of this node's memory, naming
-/// the bytes and the fields that drive them.
+/// Free memory of CUDA device `index` in bytes, as `nvidia-smi` reports it (None where
+/// it cannot be asked: libtorch exposes no memory query).
+pub fn device_free_bytes(index: usize) -> Option<f64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=memory.free", "--format=csv,noheader,nounits"])
+        .arg(format!("--id={index}"))
+        .output()
+        .ok()?;
+    let mib: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+    out.status.success().then_some(mib * (1u64 << 20) as f64)
+}
+
+/// Where one rank's bytes must fit, and how much it has there.
+struct Budget {
+    /// `the host` or `CUDA device N`.
+    place: String,
+    /// Bytes the rank needs there.
+    need: f64,
+    /// Bytes free there.
+    available: f64,
+    /// Ranks sharing it.
+    ranks: usize,
+}
+
+/// Refuses `recipe` when one rank cannot fit in its share of this node's memory, or in
+/// its GPU's free memory, naming the bytes and the fields that drive them.
 pub fn check(recipe: &Recipe, device: Device) -> Result<(), TrainError> {
-    let (m, need) = host_bytes(recipe, device);
-    let Some(available) = host_available_bytes() else {
-        return Ok(());
-    };
-    let ranks = ranks_on_node();
-    let budget = available * (1.0 - HEADROOM) / ranks as f64;
-    if need <= budget {
-        return Ok(());
+    let (m, host) = host_bytes(recipe, device);
+    let mut budgets = Vec::new();
+    if let Some(available) = host_available_bytes() {
+        budgets.push(Budget {
+            place: "the host".into(),
+            need: host,
+            available,
+            ranks: ranks_on_node(),
+        });
     }
+    if let Device::Cuda(i) = device {
+        if let Some(available) = device_free_bytes(i) {
+            budgets.push(Budget {
+                place: format!("CUDA device {i}"),
+                need: m.total,
+                available,
+                ranks: 1,
+            });
+        }
+    }
+    for b in budgets {
+        let share = b.available * (1.0 - HEADROOM) / b.ranks as f64;
+        if b.need > share {
+            return Err(refusal(recipe, &m, &b, share));
+        }
+    }
+    Ok(())
+}
+
+fn refusal(recipe: &Recipe, m: &Memory, b: &Budget, share: f64) -> TrainError {
     let c = &recipe.model;
-    Err(TrainError::Recipe(format!(
-        "{}: the model does not fit this machine: one rank needs about {} on the host \
+    TrainError::Recipe(format!(
+        "{}: the model does not fit this machine: one rank needs about {} on {} \
          ({} parameters: fp32 weights {}, gradients {}, AdamW moments {}, activations {} for \
-         train.micro_batch_size = {} x data.seq_len = {}), but each of the {ranks} rank(s) on \
-         this node has {} ({} available, less {:.0}% headroom). The size comes from \
+         train.micro_batch_size = {} x data.seq_len = {}), but each of the {} rank(s) there \
+         has {} ({} available, less {:.0}% headroom). The size comes from \
          model.hidden_size = {}, model.num_layers = {}, model.vocab_size = {}, \
          model.ffn_hidden_size = {} and model.n_routed_experts = {} x \
          model.expert_ffn_hidden_size = {}: shrink them, raise parallel.expert to split the \
          experts over more ranks, or lower train.micro_batch_size (`catapult train RECIPE \
          --dry-run` shows the estimate)",
         recipe.name,
-        gib(need),
+        gib(b.need),
+        b.place,
         m.params,
         gib(m.weights),
         gib(m.gradients),
@@ -92,8 +140,9 @@ pub fn check(recipe: &Recipe, device: Device) -> Result<(), TrainError> {
         gib(m.activations),
         recipe.train.micro_batch_size,
         recipe.data.max_seq_len(),
-        gib(budget),
-        gib(available),
+        b.ranks,
+        gib(share),
+        gib(b.available),
         HEADROOM * 100.0,
         c.hidden_size,
         c.num_layers,
@@ -101,7 +150,48 @@ pub fn check(recipe: &Recipe, device: Device) -> Result<(), TrainError> {
         c.ffn_hidden_size,
         c.n_routed_experts,
         c.expert_ffn_hidden_size,
-    )))
+    ))
+}
+
+/// What `catapult recipe validate` checks on this machine beyond the recipe itself: the
+/// memory check `train` makes before allocating (on a CUDA recipe, only where this host
+/// has the device), and that local data paths exist (the recipe's own checks read the
+/// tokenizer). Returns
+/// notes on what could not be checked here.
+pub fn check_here(recipe: &Recipe) -> Result<Vec<String>, TrainError> {
+    let mut notes = Vec::new();
+    match crate::device::device_for(recipe) {
+        Ok(device) => check(recipe, device)?,
+        Err(_) => notes.push(
+            "memory not checked: this host has no CUDA device (`catapult train RECIPE \
+             --dry-run --gpu NAME` estimates it)"
+                .to_string(),
+        ),
+    }
+    let d = &recipe.data;
+    for ds in d.dataset_list() {
+        let field = match d.datasets.is_empty() {
+            true => "data.path".to_string(),
+            false => format!("data.datasets[{}].path", ds.name),
+        };
+        if ds.path.contains("://") {
+            notes.push(format!("{field} {}: a URL, not checked here", ds.path));
+            continue;
+        }
+        let base = match ds.path.find(['*', '?', '[', '{']) {
+            Some(at) => ds.path[..at].rsplit_once('/').map_or(".", |(b, _)| b),
+            None => ds.path.as_str(),
+        };
+        if !std::path::Path::new(base).exists() {
+            return Err(TrainError::Recipe(format!(
+                "{}: {field} {}: does not exist (relative paths are from the directory \
+                 catapult runs in); create it with `catapult data prepare TEXT... -o DIR` or \
+                 fix the path",
+                recipe.name, ds.path
+            )));
+        }
+    }
+    Ok(notes)
 }
 
 /// Runs `allocate` (building tensors through libtorch, which panics when an allocation
