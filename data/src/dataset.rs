@@ -278,6 +278,19 @@ impl Dataset {
                         .into(),
             });
         }
+        if pattern.is_none()
+            && !base.contains("://")
+            && !base.ends_with(".parquet")
+            && std::path::Path::new(base).is_file()
+        {
+            return Err(DataError::Empty {
+                location: spec.location.clone(),
+                problem: "is a file but not a parquet shard (*.parquet); a dataset is a \
+                          directory of shards, one shard or a glob: turn text into one with \
+                          `catapult data prepare FILE -o DIR`"
+                    .into(),
+            });
+        }
         let location = Location::open(base, storage)?;
         let empty = |problem: String| DataError::Empty {
             location: spec.location.clone(),

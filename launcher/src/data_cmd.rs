@@ -309,7 +309,7 @@ pub fn run(command: DataCommand) -> Result<(), crate::Failure> {
 
 /// `catapult data prepare`: the shards and a one-line summary of them.
 fn prepare(inputs: &[PathBuf], output: &str, opts: &PrepareOptions) -> Result<(), crate::Failure> {
-    let summary = catapult_data::prepare(inputs, output, opts).context("data prepare failed")?;
+    let summary = catapult_data::prepare(inputs, output, opts)?;
     let ix = &summary.index;
     let row_groups: usize = ix.shards.iter().map(|s| s.row_groups.len()).sum();
     print!("{} documents, {} bytes of text", ix.rows, ix.text_bytes);

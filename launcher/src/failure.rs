@@ -29,6 +29,25 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
     }
 }
 
+impl Failure {
+    /// The error line: each cause of the chain once (a cause whose text an outer
+    /// message already quotes is not repeated).
+    pub fn message(&self) -> String {
+        let mut line = String::new();
+        for cause in self.error.chain() {
+            let text = cause.to_string();
+            if line.contains(&text) {
+                continue;
+            }
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+        line
+    }
+}
+
 /// Bad input the launcher detects itself: what is wrong with which argument or path, and
 /// what to do instead. Its message is printed as is (then its source, if any).
 #[derive(Debug)]

@@ -286,9 +286,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure { code, error }) => {
-            eprintln!("error: {error:#}");
-            ExitCode::from(code)
+        Err(failure) => {
+            // One write, so mpirun and srun never split the line.
+            let line = format!("error: {}\n", failure.message());
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+            ExitCode::from(failure.code)
         }
     }
 }

@@ -68,8 +68,14 @@ impl Run {
             if l.trim().is_empty() {
                 continue;
             }
-            let v: serde_json::Value = serde_json::from_str(l)
-                .with_context(|| format!("{}: line {} is not JSON", file.display(), i + 1))?;
+            let v: serde_json::Value = serde_json::from_str(l).usage_context(|| {
+                format!(
+                    "{}: line {} is not JSON (a metrics file written by `catapult train` \
+                         holds one JSON object per line)",
+                    file.display(),
+                    i + 1
+                )
+            })?;
             lines.push(v);
         }
         let dir = file.parent().unwrap_or(Path::new("."));

@@ -21,7 +21,9 @@ pub fn exit_code(error: &(dyn std::error::Error + 'static)) -> u8 {
                 .is_some_and(crate::TrainError::is_bad_input)
             || e.downcast_ref::<DataError>().is_some_and(data_is_bad_input)
             || e.downcast_ref::<ShardError>()
-                .is_some_and(shard_is_bad_input);
+                .is_some_and(shard_is_bad_input)
+            || e.downcast_ref::<crate::export::ExportError>()
+                .is_some_and(crate::export::ExportError::is_bad_input);
         if bad {
             return BAD_INPUT;
         }

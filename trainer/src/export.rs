@@ -46,6 +46,20 @@ pub enum ExportError {
     },
 }
 
+impl ExportError {
+    /// Whether the user named the wrong thing (no checkpoint there, or not one written by
+    /// `catapult train`): exit 2. A damaged or incomplete one is a failure (exit 1).
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            ExportError::Meta { .. } => true,
+            ExportError::Checkpoint(catapult_checkpoints::CheckpointError::Io {
+                source, ..
+            }) => source.kind() == std::io::ErrorKind::NotFound,
+            _ => false,
+        }
+    }
+}
+
 /// `config.json` for transformers' `LongcatFlashConfig`.
 pub fn hf_config(m: &ModelConfig, max_positions: usize) -> serde_json::Value {
     serde_json::json!({

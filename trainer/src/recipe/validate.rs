@@ -26,7 +26,42 @@ pub fn validate(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
     validate_parallel(r, origin)?;
     validate_adam_eps(r, origin)?;
     validate_transfer(r, origin)?;
-    validate_growth(r, origin)
+    validate_growth(r, origin)?;
+    validate_finite(r, origin)
+}
+
+/// Every number is finite: a NaN or an infinity that no check above caught (a gradient
+/// clip, a bias rate, a loss scale) would reach the step and poison the weights.
+fn validate_finite(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
+    fn walk(v: &serde_yaml_ng::Value, path: &mut Vec<String>) -> Option<(String, f64)> {
+        use serde_yaml_ng::Value;
+        match v {
+            Value::Number(n) => n
+                .as_f64()
+                .filter(|x| !x.is_finite())
+                .map(|x| (path.join("."), x)),
+            Value::Mapping(m) => m.iter().find_map(|(k, v)| {
+                path.push(k.as_str().unwrap_or("?").to_string());
+                let found = walk(v, path);
+                path.pop();
+                found
+            }),
+            Value::Sequence(items) => items.iter().enumerate().find_map(|(i, v)| {
+                let last = path.pop().unwrap_or_default();
+                path.push(format!("{last}[{i}]"));
+                let found = walk(v, path);
+                path.pop();
+                path.push(last);
+                found
+            }),
+            _ => None,
+        }
+    }
+    let tree = serde_yaml_ng::to_value(r).expect("a recipe serializes");
+    match walk(&tree, &mut Vec::new()) {
+        Some((field, x)) => fail(origin, &[&field], format!("is {x}"), "use a finite number"),
+        None => Ok(()),
+    }
 }
 
 /// The `Inconsistent` error of one check.
