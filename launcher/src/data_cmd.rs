@@ -2,7 +2,6 @@
 //! (to inspect them, compare world sizes or check a resumed stream).
 
 use crate::{UsageContext, UsageError};
-use anyhow::Context;
 use catapult_data::{
     DataState, Dataset, DatasetSpec, DocumentSplit, Pipeline, PrepareOptions, ShardSize,
     StorageOptions, Tokenizer,
@@ -416,7 +415,7 @@ fn stream(job: StreamJob) -> Result<(), crate::Failure> {
     let names: Vec<String> = pipeline.datasets().iter().map(|d| d.name.clone()).collect();
     let out = match &job.output {
         Some(p) => Some(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?,
+            std::fs::File::create(p).usage_context(|| format!("{}: cannot create", p.display()))?,
         )),
         None => None,
     };

@@ -48,7 +48,7 @@ enum Command {
         #[command(flatten)]
         overrides: OverrideArgs,
         /// Replace the outputs of an earlier run in the same run directory.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "resume")]
         overwrite: bool,
         /// Continue from a checkpoint: `auto` (the newest valid one under the recipe's
         /// checkpoint root; a fresh start if there is none), a checkpoint root, or one

@@ -365,3 +365,490 @@ fn zero_ranks_nodes_or_an_empty_tokenizer_input_are_named() {
         "no tokenizer is left behind"
     );
 }
+
+/// Files the table of bad inputs points at, beside a trained run (`run/`, checkpoints
+/// at steps 1 and 2, the final `run/checkpoint`).
+fn bad_input_fixtures(dir: &Path) {
+    run_ok_output(train(dir, &[]));
+    let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
+    write("empty.yaml", "");
+    write("tab.yaml", "name: x\n\tseed: 1\n");
+    write("dup.yaml", "name: a\nseed: 1\nseed: 2\n");
+    write("one.txt", "hello world\n");
+    write("a-file", "not a directory");
+    std::fs::create_dir_all(dir.join("badrun")).unwrap();
+    write("badrun/metrics.jsonl", "garbage{\n");
+    std::fs::create_dir_all(dir.join("no-metrics")).unwrap();
+    // A copy of the run's checkpoints whose newest manifest is torn.
+    let torn = dir.join("torn");
+    std::fs::create_dir_all(torn.join("step-00000002")).unwrap();
+    write("torn/step-00000002/manifest.json", "{\"form");
+    // The final weights, cut short.
+    std::fs::create_dir_all(dir.join("damaged")).unwrap();
+    for f in ["meta.json", "model.safetensors"] {
+        std::fs::copy(
+            dir.join("run/checkpoint").join(f),
+            dir.join("damaged").join(f),
+        )
+        .unwrap();
+    }
+    let model = dir.join("damaged/model.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..1000]).unwrap();
+    // A grown checkpoint already in `grown`.
+    run_ok(
+        catapult(dir)
+            .args(["grow", "--from", "run/checkpoints", "--recipe"])
+            .arg(tiny())
+            .args(["--set", "model.num_layers=4", "-o", "grown"]),
+    );
+}
+
+fn run_ok_output(out: Output) {
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn every_bad_input_in_the_table_exits_with_its_code_naming_the_culprit() {
+    let dir = scratch("hostile-table");
+    bad_input_fixtures(&dir);
+    let r = tiny().display().to_string();
+    let data = format!("data.path={}", corpus().display());
+    let shard = corpus().join("shard-00000.parquet").display().to_string();
+    let train_sets = [
+        "--set",
+        "train.warmup_steps=0",
+        "--set",
+        "train.steps=1",
+        "--set",
+        "parallel.expert=1",
+        "--set",
+        &data,
+    ];
+    let with_train = |extra: &[&str]| -> Vec<String> {
+        let mut v = vec!["train".to_string(), r.clone()];
+        v.extend(train_sets.iter().map(|s| s.to_string()));
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let s = |args: &[&str]| -> Vec<String> { args.iter().map(|a| a.to_string()).collect() };
+    let cases: Vec<(Vec<String>, i32, Vec<&str>)> = vec![
+        // Recipes.
+        (
+            s(&["recipe", "validate", "missing.yaml"]),
+            2,
+            vec!["cannot read recipe missing.yaml"],
+        ),
+        (
+            s(&["recipe", "validate", &shard]),
+            2,
+            vec!["cannot read recipe", "UTF-8"],
+        ),
+        (
+            s(&["recipe", "validate", "empty.yaml"]),
+            2,
+            vec!["`name`", "is required"],
+        ),
+        (
+            s(&["recipe", "validate", "tab.yaml"]),
+            2,
+            vec!["tab.yaml (line 2)", "invalid YAML"],
+        ),
+        (
+            s(&["recipe", "validate", "dup.yaml"]),
+            2,
+            vec!["(line 3)", "duplicate field `seed`"],
+        ),
+        (
+            s(&["recipe", "validate", &r, "--set", "novalue"]),
+            2,
+            vec!["--set novalue", "KEY=VALUE"],
+        ),
+        (
+            s(&[
+                "recipe",
+                "validate",
+                "--schema-only",
+                &r,
+                "--set",
+                "train.grad_clip=.nan",
+            ]),
+            2,
+            vec!["`train.grad_clip`", "is NaN"],
+        ),
+        (
+            s(&[
+                "recipe",
+                "validate",
+                "--schema-only",
+                &r,
+                "--set",
+                "train.lr=.inf",
+            ]),
+            2,
+            vec!["`train.lr`", "is inf"],
+        ),
+        (
+            s(&[
+                "recipe",
+                "validate",
+                "--schema-only",
+                &r,
+                "--set",
+                "model.moe_topk=100",
+            ]),
+            2,
+            vec!["with --set model.moe_topk=100", "`model.moe_topk`"],
+        ),
+        (
+            s(&[
+                "recipe",
+                "validate",
+                "--schema-only",
+                &r,
+                "--set",
+                "name=../escape",
+            ]),
+            2,
+            vec!["`name`", "not a usable name"],
+        ),
+        (
+            s(&[
+                "recipe",
+                "validate",
+                &r,
+                "--set",
+                &data,
+                "--set",
+                "model.num_layers=100000",
+            ]),
+            2,
+            vec!["does not fit this machine", "model.num_layers = 100000"],
+        ),
+        // Data.
+        (
+            s(&["data", "prepare", "missing.txt", "-o", "out"]),
+            2,
+            vec!["missing.txt", "No such file"],
+        ),
+        (
+            s(&[
+                "data",
+                "prepare",
+                "one.txt",
+                "-o",
+                "out",
+                "--shard-size",
+                "banana",
+            ]),
+            2,
+            vec!["--shard-size", "banana"],
+        ),
+        (
+            s(&[
+                "data",
+                "stream",
+                &r,
+                "--set",
+                "data.path=one.txt",
+                "--batches",
+                "1",
+            ]),
+            2,
+            vec!["one.txt", "not a parquet shard"],
+        ),
+        (
+            s(&[
+                "data",
+                "stream",
+                &r,
+                "--set",
+                &data,
+                "--batches",
+                "1",
+                "-o",
+                "a-file/b.jsonl",
+            ]),
+            2,
+            vec!["a-file/b.jsonl", "cannot create"],
+        ),
+        (
+            s(&[
+                "data",
+                "tokenizer",
+                "train",
+                "--vocab-size",
+                "10",
+                "one.txt",
+                "-o",
+                "t.json",
+            ]),
+            2,
+            vec!["--vocab-size 10", "257"],
+        ),
+        (
+            s(&[
+                "data",
+                "tokenizer",
+                "train",
+                "--vocab-size",
+                "300",
+                "nothing.txt",
+                "-o",
+                "t.json",
+            ]),
+            2,
+            vec!["nothing.txt"],
+        ),
+        // Checkpoints and export.
+        (
+            s(&["ckpt", "show", "run/checkpoints/step-00000099"]),
+            2,
+            vec!["step-00000099", "no such file"],
+        ),
+        (
+            s(&["ckpt", "show", "torn/step-00000002"]),
+            2,
+            vec!["manifest.json", "unreadable manifest"],
+        ),
+        (
+            s(&["export", "nowhere", "--hf", "hf"]),
+            2,
+            vec!["nowhere/meta.json"],
+        ),
+        (
+            s(&["export", "damaged", "--hf", "hf"]),
+            1,
+            vec!["damaged/model.safetensors", "cannot read safetensors"],
+        ),
+        // Plot.
+        (
+            s(&["plot", "no-metrics"]),
+            2,
+            vec!["metrics.jsonl", "cannot read the metrics"],
+        ),
+        (
+            s(&["plot", "badrun"]),
+            2,
+            vec!["badrun/metrics.jsonl", "line 1 is not JSON"],
+        ),
+        // Grow.
+        (
+            s(&["grow", "--from", "nowhere", "--recipe", &r, "-o", "g"]),
+            2,
+            vec!["nowhere", "holds no checkpoint"],
+        ),
+        (
+            s(&[
+                "grow",
+                "--from",
+                "run/checkpoints",
+                "--recipe",
+                &r,
+                "-o",
+                "g",
+                "--factor",
+                "1",
+            ]),
+            2,
+            vec!["--factor 1", "grow by 2"],
+        ),
+        (
+            s(&[
+                "grow",
+                "--from",
+                "run/checkpoints",
+                "--recipe",
+                &r,
+                "-o",
+                "g",
+                "--optimizer",
+                "x",
+            ]),
+            2,
+            vec!["`x`", "copy or fresh"],
+        ),
+        (
+            s(&[
+                "grow",
+                "--from",
+                "run/checkpoints",
+                "--recipe",
+                &r,
+                "-o",
+                "g",
+                "--set",
+                "model.num_layers=8000000000",
+                "--factor",
+                "4000000000",
+            ]),
+            2,
+            vec!["--factor 4000000000", "GiB", "available"],
+        ),
+        (
+            s(&[
+                "grow",
+                "--from",
+                "run/checkpoints",
+                "--recipe",
+                &r,
+                "--set",
+                "model.num_layers=4",
+                "-o",
+                "grown",
+            ]),
+            2,
+            vec!["grown", "already holds checkpoints", "--overwrite"],
+        ),
+        // Train.
+        (
+            with_train(&["--resume", "--overwrite"]),
+            2,
+            vec!["--resume", "--overwrite"],
+        ),
+        (
+            with_train(&["--set", "output.dir=a-file"]),
+            2,
+            vec!["a-file/checkpoints", "cannot write there"],
+        ),
+        (
+            with_train(&[
+                "--set",
+                "output.dir=fresh",
+                "--set",
+                "checkpoint.dir=a-file",
+            ]),
+            2,
+            vec!["a-file", "a file, not a directory"],
+        ),
+        (
+            with_train(&["--set", "output.dir=run"]),
+            2,
+            vec!["already holds a run", "--overwrite"],
+        ),
+        (
+            with_train(&[
+                "--set",
+                "output.dir=fresh",
+                "--set",
+                "data.tokenizer=a-file",
+            ]),
+            2,
+            vec!["a-file", "not a valid tokenizer.json"],
+        ),
+        // Launch, submit and the run commands.
+        (
+            s(&["launch", &r, "--nproc", "3"]),
+            2,
+            vec!["--nproc 3", "multiple of 2"],
+        ),
+        (
+            s(&["launch", "missing.yaml", "--nproc", "2"]),
+            2,
+            vec!["cannot read recipe missing.yaml"],
+        ),
+        (
+            s(&["submit", &r, "--partition", "", "--dry-run"]),
+            2,
+            vec!["--partition \"\""],
+        ),
+        (s(&["status", "nothing"]), 2, vec!["not a run directory"]),
+        (
+            s(&["logs", "run", "--rank", "7"]),
+            2,
+            vec!["no log for rank 7"],
+        ),
+    ];
+    assert!(cases.len() >= 35);
+    for (args, code, says) in cases {
+        let out = catapult(&dir).args(&args).output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        for s in &says {
+            assert!(err.contains(s), "{args:?} should say {s:?}: {err}");
+        }
+        assert!(!err.contains("panicked at"), "{args:?}: {err}");
+        // Each cause once: the OS error is not repeated after the message quoting it.
+        assert!(
+            !err.contains("(os error 2): No such file"),
+            "{args:?}: {err}"
+        );
+    }
+    // Nothing was written where the bad inputs pointed.
+    for path in ["out", "g", "fresh/metrics.jsonl", "hf", "t.json"] {
+        assert!(!dir.join(path).exists(), "{path} was written");
+    }
+}
+
+#[test]
+fn grow_overwrite_replaces_the_output_only_once_the_grown_checkpoint_is_built() {
+    let dir = scratch("hostile-grow-overwrite");
+    bad_input_fixtures(&dir);
+    let before = snapshot(&dir.join("grown"));
+    // A growth that fails (a factor this host cannot hold) leaves the output as it was.
+    let out = catapult(&dir)
+        .args(["grow", "--from", "run/checkpoints", "--recipe"])
+        .arg(tiny())
+        .args([
+            "--set",
+            "model.num_layers=8000000000",
+            "--factor",
+            "4000000000",
+        ])
+        .args(["-o", "grown", "--overwrite"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(snapshot(&dir.join("grown")), before);
+    // One that succeeds replaces it: from step 1 now, so step 2's checkpoint is gone.
+    let out = run_ok(
+        catapult(&dir)
+            .args([
+                "grow",
+                "--from",
+                "run/checkpoints/step-00000001",
+                "--recipe",
+            ])
+            .arg(tiny())
+            .args(["--set", "model.num_layers=4", "-o", "grown", "--overwrite"]),
+    );
+    assert!(
+        stderr(&out).contains("removed 1 old checkpoint"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(dir.join("grown/step-00000001/manifest.json").exists());
+    assert!(!dir
+        .join("grown/step-00000002")
+        .join("manifest.json")
+        .exists());
+    run_ok(catapult(&dir).args(["ckpt", "verify", "grown"]));
+}
+
+#[test]
+fn resuming_a_step_into_another_run_directory_ignores_the_source_roots_newer_steps() {
+    let dir = scratch("hostile-branch");
+    run_ok_output(train(&dir, &[]));
+    let step1 = dir.join("run/checkpoints/step-00000001");
+    let branch = dir.join("branch");
+    let out = train(
+        &dir,
+        &[
+            "--set",
+            &format!("output.dir={}", branch.display()),
+            "--resume",
+            step1.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    // It restarted from step 1: the branch's metrics hold step 2 only.
+    let steps: Vec<u64> = metrics(&branch.join("metrics.jsonl"))
+        .iter()
+        .filter_map(|m| m["loss"].is_number().then(|| m["step"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(steps, vec![2]);
+    // Into the same root, the newer step would collide: refused, naming it.
+    let out = train(&dir, &["--resume", step1.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("step-00000002"), "{}", stderr(&out));
+}

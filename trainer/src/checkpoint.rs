@@ -305,10 +305,12 @@ pub fn open_resume(
         }
         Resume::Path(path) => match Checkpoints::open_path(path, options)? {
             (root, Some(step)) => {
+                // Newer checkpoints collide only when this run saves beside them.
+                let same_root = same_place(root.root(), store.root());
                 let newer: Vec<String> = root
                     .steps()?
                     .into_iter()
-                    .filter(|&s| s > step)
+                    .filter(|&s| same_root && s > step)
                     .map(catapult_checkpoints::step_dir)
                     .collect();
                 if !newer.is_empty() {
@@ -327,7 +329,7 @@ pub fn open_resume(
                 .map(|mut l| {
                     // Broken steps of another run's root are left alone (this run never
                     // saves there, so they cannot collide with its saves).
-                    if root.root() != store.root() {
+                    if !same_place(root.root(), store.root()) {
                         l.passed_over.clear();
                     }
                     Some(l)
@@ -340,6 +342,13 @@ pub fn open_resume(
                 }),
         },
     }
+}
+
+/// Whether two checkpoint roots are one place (local paths compared after resolving
+/// them; URLs as written).
+fn same_place(a: &str, b: &str) -> bool {
+    let resolve = |p: &str| std::fs::canonicalize(p).unwrap_or_else(|_| p.into());
+    a == b || (!a.contains("://") && !b.contains("://") && resolve(a) == resolve(b))
 }
 
 /// Moves the broken checkpoints `loaded` passed over into quarantine (rank 0, once
