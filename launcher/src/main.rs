@@ -243,7 +243,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             let r = load_recipe(&file, &overrides)?;
             if !schema_only {
-                let notes = catapult_trainer::fit::check_here(&r).map_err(|e| Failure {
+                let notes = catapult_trainer::fit::check_here(&r, 1).map_err(|e| Failure {
                     code: catapult_trainer::exit_code(&e),
                     error: anyhow::anyhow!("{}: {e}", file.display()),
                 })?;

@@ -852,3 +852,61 @@ fn resuming_a_step_into_another_run_directory_ignores_the_source_roots_newer_ste
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("step-00000002"), "{}", stderr(&out));
 }
+
+/// `catapult launch` of the tiny recipe on one rank into `dir/run`, with `extra`.
+fn launch(dir: &Path, extra: &[&str]) -> Output {
+    catapult(dir)
+        .arg("launch")
+        .arg(tiny())
+        .args(["--nproc", "1", "--set", "parallel.expert=1"])
+        .args([
+            "--set",
+            &format!("output.dir={}", dir.join("run").display()),
+        ])
+        .args(["--set", "launch.restart_backoff_s=0.1"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn launch_refuses_bad_input_before_any_rank_starts_and_never_restarts_it() {
+    let dir = scratch("hostile-launch");
+    run_ok_output(train(&dir, &[]));
+    let before = snapshot(&dir.join("run"));
+    let data = format!("data.path={}", corpus().display());
+    // A model this machine cannot hold: refused before any rank starts; --overwrite
+    // removed nothing, wrote nothing (no logs, no supervisor state).
+    let out = launch(
+        &dir,
+        &[
+            "--set",
+            &data,
+            "--set",
+            "model.vocab_size=1000000000",
+            "--overwrite",
+        ],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("does not fit this machine"), "{err}");
+    assert!(!err.contains("[rank 0]"), "no rank started: {err}");
+    assert_eq!(snapshot(&dir.join("run")), before);
+    // Bad input only a rank can see (a dataset directory without shards): exit 2 after
+    // one attempt, not launch.max_restarts of them.
+    std::fs::create_dir_all(dir.join("no-shards")).unwrap();
+    let out = launch(
+        &dir,
+        &["--set", "data.path=no-shards", "--set", "output.dir=fresh"],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("holds no *.parquet shards") && err.contains("no restart was made"),
+        "{err}"
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("fresh/supervisor.json")).unwrap()).unwrap();
+    assert_eq!(state["status"], "failed");
+    assert_eq!(state["attempts"].as_array().unwrap().len(), 1, "{state}");
+}

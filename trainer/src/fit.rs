@@ -89,6 +89,11 @@ struct Budget {
 /// Refuses `recipe` when one rank cannot fit in its share of this node's memory, or in
 /// its GPU's free memory, naming the bytes and the fields that drive them.
 pub fn check(recipe: &Recipe, device: Device) -> Result<(), TrainError> {
+    check_with(recipe, device, ranks_on_node())
+}
+
+/// `check` for `ranks` ranks of the job on this node.
+fn check_with(recipe: &Recipe, device: Device, ranks: usize) -> Result<(), TrainError> {
     let (m, host) = host_bytes(recipe, device);
     let mut budgets = Vec::new();
     if let Some(available) = host_available_bytes() {
@@ -96,7 +101,7 @@ pub fn check(recipe: &Recipe, device: Device) -> Result<(), TrainError> {
             place: "the host".into(),
             need: host,
             available,
-            ranks: ranks_on_node(),
+            ranks,
         });
     }
     if let Device::Cuda(i) = device {
@@ -153,15 +158,16 @@ fn refusal(recipe: &Recipe, m: &Memory, b: &Budget, share: f64) -> TrainError {
     ))
 }
 
-/// What `catapult recipe validate` checks on this machine beyond the recipe itself: the
-/// memory check `train` makes before allocating (on a CUDA recipe, only where this host
+/// What `catapult recipe validate` (one rank) and `catapult launch` (`ranks` on this
+/// node, before any starts) check on this machine beyond the recipe itself: the memory
+/// check `train` makes before allocating (on a CUDA recipe, only where this host
 /// has the device), and that local data paths exist (the recipe's own checks read the
 /// tokenizer). Returns
 /// notes on what could not be checked here.
-pub fn check_here(recipe: &Recipe) -> Result<Vec<String>, TrainError> {
+pub fn check_here(recipe: &Recipe, ranks: usize) -> Result<Vec<String>, TrainError> {
     let mut notes = Vec::new();
     match crate::device::device_for(recipe) {
-        Ok(device) => check(recipe, device)?,
+        Ok(device) => check_with(recipe, device, ranks)?,
         Err(_) => notes.push(
             "memory not checked: this host has no CUDA device (`catapult train RECIPE \
              --dry-run --gpu NAME` estimates it)"
@@ -182,7 +188,15 @@ pub fn check_here(recipe: &Recipe) -> Result<Vec<String>, TrainError> {
             Some(at) => ds.path[..at].rsplit_once('/').map_or(".", |(b, _)| b),
             None => ds.path.as_str(),
         };
-        if !std::path::Path::new(base).exists() {
+        let path = std::path::Path::new(base);
+        if path.is_file() && !base.ends_with(".parquet") {
+            return Err(TrainError::Recipe(format!(
+                "{}: {field} {}: a file but not a parquet shard; point it at a directory of \
+                 shards (`catapult data prepare FILE -o DIR` makes one), a shard or a glob",
+                recipe.name, ds.path
+            )));
+        }
+        if !path.exists() {
             return Err(TrainError::Recipe(format!(
                 "{}: {field} {}: does not exist (relative paths are from the directory \
                  catapult runs in); create it with `catapult data prepare TEXT... -o DIR` or \

@@ -41,6 +41,19 @@ impl Supervisor {
     }
 
     /// No restart is left: the error names every attempt's cause.
+    /// A rank refused its input (exit 2): the run stops without a restart, with exit 2.
+    pub(super) fn refused(&mut self, cause: &str) -> Result<(), crate::Failure> {
+        self.state.status = "failed";
+        self.write_state()?;
+        self.bar.abandon();
+        Err(crate::UsageError::new(format!(
+            "{cause}: bad input, which a restart cannot fix (its error is above and in {}); \
+             no restart was made",
+            self.run_dir.join("logs").display()
+        ))
+        .into())
+    }
+
     pub(super) fn failed(&mut self) -> Result<(), crate::Failure> {
         self.state.status = "failed";
         self.write_state()?;

@@ -42,6 +42,14 @@ pub fn run(args: LaunchArgs) -> Result<(), crate::Failure> {
     let par = &recipe.parallel;
     let nproc = args.nproc.unwrap_or(par.expert * par.data.max(1));
     check_nproc(&recipe, &args.recipe, nproc)?;
+    // Every rank runs here: the model must fit this machine's memory nproc times.
+    let notes = catapult_trainer::fit::check_here(&recipe, nproc).map_err(|e| crate::Failure {
+        code: catapult_trainer::exit_code(&e),
+        error: anyhow::anyhow!("{}: {e}", args.recipe.display()),
+    })?;
+    for note in notes {
+        eprintln!("note: {note}");
+    }
     let mut supervisor = Supervisor::prepare(args, &recipe, nproc)?;
     let mut attempt = 0;
     loop {

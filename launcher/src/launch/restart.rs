@@ -1,6 +1,7 @@
 //! After a failed attempt: its cause and stop time go into supervisor.json, and the
 //! ranks start again from the last checkpoint after `launch.restart_backoff_s` (doubling
-//! with each restart), unless `launch.max_restarts` is spent (then the run has failed).
+//! with each restart), unless `launch.max_restarts` is spent (then the run has failed)
+//! or a rank exited with code 2: bad input, which no restart can fix.
 
 use super::supervisor::Supervisor;
 use std::time::Duration;
@@ -18,6 +19,12 @@ impl Supervisor {
         a.cause = Some(cause.clone());
         a.stop_s = Some(stop_s);
         let max_restarts = self.policy.max_restarts;
+        if cause.ends_with(&format!(
+            "exited with code {}",
+            catapult_trainer::exit::BAD_INPUT
+        )) {
+            return self.refused(&cause);
+        }
         if attempt >= max_restarts {
             return self.failed();
         }
