@@ -844,7 +844,8 @@ fn resuming_a_step_into_another_run_directory_ignores_the_source_roots_newer_ste
     // It restarted from step 1: the branch's metrics hold step 2 only.
     let steps: Vec<u64> = metrics(&branch.join("metrics.jsonl"))
         .iter()
-        .filter_map(|m| m["loss"].is_number().then(|| m["step"].as_u64().unwrap()))
+        .filter(|m| m["loss"].is_number())
+        .map(|m| m["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, vec![2]);
     // Into the same root, the newer step would collide: refused, naming it.

@@ -118,20 +118,24 @@ pub(super) fn run(
     dir: &Path,
 ) -> Result<(), crate::Failure> {
     let corpus = build_corpus(text, repeat, vocab_size, dir)?;
-    let rows = pipeline_rows(&corpus, python)?;
-    let checksums = checksum_cost(&corpus)?;
-    let growth = memory_growth(&corpus, vocab_size, recipe, dir)?;
-    let trainer_rate = trainer_rate(recipe, dir)?;
-    report(
-        &corpus,
-        vocab_size,
-        &rows,
-        checksums,
-        growth,
-        trainer_rate,
-        recipe,
-        dir,
-    )
+    let measured = Measured {
+        rows: pipeline_rows(&corpus, python)?,
+        checksums: checksum_cost(&corpus)?,
+        growth: memory_growth(&corpus, vocab_size, recipe, dir)?,
+        trainer_rate: trainer_rate(recipe, dir)?,
+    };
+    report(&corpus, vocab_size, &measured, recipe, dir)
+}
+
+/// What the benchmark measured.
+struct Measured {
+    rows: Vec<Row>,
+    /// (verified, unverified) tokens/s of one pass.
+    checksums: (f64, f64),
+    /// Resident-memory growth over one pass at a 1 MiB read-ahead budget.
+    growth: u64,
+    /// The trainer's tokens/s.
+    trainer_rate: f64,
 }
 
 /// Writes the corpus, trains the BPE on the text and writes raw-text and pre-tokenized
@@ -318,13 +322,17 @@ fn trainer_rate(recipe: &Path, dir: &Path) -> anyhow::Result<f64> {
 fn report(
     corpus: &Corpus,
     vocab_size: usize,
-    rows: &[Row],
-    checksums: (f64, f64),
-    growth: u64,
-    trainer_rate: f64,
+    measured: &Measured,
     recipe: &Path,
     dir: &Path,
 ) -> Result<(), crate::Failure> {
+    let Measured {
+        rows,
+        checksums,
+        growth,
+        trainer_rate,
+    } = measured;
+    let (checksums, growth, trainer_rate) = (*checksums, *growth, *trainer_rate);
     let (source, repeat, corpus_tokens) = (&corpus.source, corpus.repeat, corpus.tokens);
     println!(
         "data pipeline: {} MB of text, {corpus_tokens} BPE tokens ({vocab_size} ids); catapult streams 3 passes, the baseline reads 1",
