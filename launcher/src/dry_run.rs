@@ -196,8 +196,15 @@ fn print_memory(recipe: &Recipe, plan: &Plan, cluster: &Cluster) {
         gib(mem.gradients)
     );
     println!(
-        "  AdamW moments (fp32)           {:>12}",
-        gib(mem.optimizer)
+        "  AdamW moments (fp32)           {:>12}{}",
+        gib(mem.optimizer),
+        match recipe.parallel.shard {
+            catapult_trainer::recipe::ShardMode::None => String::new(),
+            catapult_trainer::recipe::ShardMode::Optimizer => format!(
+                "  (parallel.shard: optimizer: dense 1/{world}, experts 1/{})",
+                world / ep
+            ),
+        }
     );
     println!(
         "  activations (estimate, no recomputation; micro-batch {} x {} tokens) {}",

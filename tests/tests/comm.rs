@@ -3,7 +3,7 @@
 //! every check passes on every rank, and the reductions give the same bits regardless
 //! of message timing.
 
-use catapult_tests::{catapult_binary, corpus, scratch, workspace};
+use catapult_tests::{catapult_binary, corpus, file_hash, metrics, scratch, workspace};
 use std::path::Path;
 use std::process::Command;
 
@@ -323,4 +323,115 @@ fn the_sdc_check_names_the_corrupt_rank_and_rolls_back() {
         .filter_map(|l| l.get("sdc_check_fraction")?.as_f64())
         .collect();
     assert_eq!(checked.len(), 3, "steps 2, 4, 6 are checked");
+}
+
+#[test]
+fn sharded_optimizer_state_gives_the_bits_of_none_and_resumes_in_any_mode() {
+    let dir = scratch("shard-optimizer");
+    let sets = ["train.steps=10", "train.eval_every=5", "checkpoint.every=5"];
+    let with = |mode: &'static str| -> Vec<&str> {
+        let mut v = sets.to_vec();
+        v.push(mode);
+        v
+    };
+    let (none, opt) = ("parallel.shard=none", "parallel.shard=optimizer");
+    // DP 2 (dense state split over 2 ranks) and DP 2 x EP 2 (dense over 4, experts
+    // over their 2 replicas).
+    for (ranks, expert) in [(2, 1), (4, 2)] {
+        let (a, b) = (format!("none-{ranks}"), format!("opt-{ranks}"));
+        ok(train(&dir, &a, ranks, expert, &with(none), &[]));
+        ok(train(&dir, &b, ranks, expert, &with(opt), &[]));
+        assert!(
+            weights(&dir, &a) == weights(&dir, &b),
+            "{ranks} ranks: sharded optimizer state changed the weights"
+        );
+        // The checkpoints hold the moments whole: the same files either way.
+        let step = |run: &str| {
+            dir.join(run)
+                .join("checkpoints/step-00000010/rank-00000.safetensors")
+        };
+        assert_eq!(file_hash(&step(&a)), file_hash(&step(&b)), "{ranks} ranks");
+        // Each rank held 1/P of the dense moments.
+        let bytes = |run: &str| -> f64 {
+            metrics(&dir.join(run).join("metrics.jsonl"))
+                .iter()
+                .find_map(|l| l["optimizer_bytes"].as_f64())
+                .expect("the step lines report optimizer_bytes")
+        };
+        let ratio = bytes(&b) / bytes(&a);
+        assert!(
+            ratio < 1.0 / ranks as f64 + 0.15,
+            "{ranks} ranks: ratio {ratio}"
+        );
+        // The dry-run predicts each category this rank held.
+        let out = Command::new(catapult_binary())
+            .current_dir(&dir)
+            .args([
+                "train",
+                "--dry-run",
+                "--json",
+                "--world",
+                &ranks.to_string(),
+            ])
+            .arg(workspace().join("recipes/tiny.yaml"))
+            .args(["--set", &format!("parallel.expert={expert}"), "--set", opt])
+            .output()
+            .unwrap();
+        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("dry-run JSON");
+        let line = metrics(&dir.join(&b).join("metrics.jsonl"))
+            .into_iter()
+            .find(|l| l["param_bytes"].is_number())
+            .unwrap();
+        for (measured, predicted) in [
+            ("param_bytes", "weights"),
+            ("grad_bytes", "gradients"),
+            ("optimizer_bytes", "optimizer"),
+        ] {
+            let (m, p) = (
+                line[measured].as_f64().unwrap(),
+                plan["memory"][predicted].as_f64().unwrap(),
+            );
+            assert!(
+                (m - p).abs() <= 0.05 * p,
+                "{ranks} ranks: {measured} {m} vs predicted {p}"
+            );
+        }
+    }
+    // A checkpoint of one mode resumes in the other, bitwise on the same layout.
+    for (from, to, mode) in [
+        ("opt-4", "opt-to-none", none),
+        ("none-4", "none-to-opt", opt),
+    ] {
+        copy_dir(
+            &dir.join(from).join("checkpoints/step-00000005"),
+            &dir.join(to).join("checkpoints/step-00000005"),
+        );
+        let mut resumed = with(mode);
+        resumed.push(RESUME);
+        ok(train(&dir, to, 4, 2, &resumed, &[]));
+        assert!(
+            weights(&dir, to) == weights(&dir, "none-4"),
+            "{from} resumed as {mode}: the weights differ"
+        );
+        assert_eq!(
+            losses(&dir, to).first().map(|l| l.0),
+            Some(6),
+            "restarted at step 6"
+        );
+    }
+    // And in another world: 2 ranks, no sharding, the same losses to rounding.
+    copy_dir(
+        &dir.join("opt-4/checkpoints/step-00000005"),
+        &dir.join("opt-to-2/checkpoints/step-00000005"),
+    );
+    let mut resumed = with(none);
+    resumed.push(RESUME);
+    ok(train(&dir, "opt-to-2", 2, 1, &resumed, &[]));
+    let tail = |run: &str| -> Vec<(u64, f64)> {
+        losses(&dir, run)
+            .into_iter()
+            .filter(|(s, _)| *s > 5)
+            .collect()
+    };
+    assert_close(&tail("none-4"), &tail("opt-to-2"), "resumed on 2 ranks");
 }

@@ -736,7 +736,31 @@ fn every_bad_input_in_the_table_exits_with_its_code_naming_the_culprit() {
             2,
             vec!["a-file", "not a valid tokenizer.json"],
         ),
+        (
+            with_train(&[
+                "--set",
+                "output.dir=fresh",
+                "--set",
+                "parallel.shard=optimizer",
+            ]),
+            2,
+            vec!["parallel.shard = optimizer", "1 rank", "set parallel.shard"],
+        ),
         // Launch, submit and the run commands.
+        (
+            s(&[
+                "launch",
+                &r,
+                "--nproc",
+                "1",
+                "--set",
+                "parallel.expert=1",
+                "--set",
+                "parallel.shard=optimizer",
+            ]),
+            2,
+            vec!["--nproc 1", "parallel.shard = optimizer"],
+        ),
         (
             s(&["launch", &r, "--nproc", "3"]),
             2,
@@ -759,7 +783,7 @@ fn every_bad_input_in_the_table_exits_with_its_code_naming_the_culprit() {
             vec!["no log for rank 7"],
         ),
     ];
-    assert!(cases.len() >= 35);
+    assert!(cases.len() >= 40);
     for (args, code, says) in cases {
         let out = catapult(&dir).args(&args).output().unwrap();
         let err = stderr(&out);

@@ -284,7 +284,11 @@ fn plot_names_bad_metrics_and_skips_a_live_runs_partial_line() {
     // A broken complete line is named.
     std::fs::write(dir.join("live/metrics.jsonl"), format!("{text}not json\n")).unwrap();
     let out = catapult(&dir).args(["plot", "live"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "a metrics file that is not JSON is bad input");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a metrics file that is not JSON is bad input"
+    );
     let line = text.lines().count() + 1;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("line {line} is not JSON")), "{err}");

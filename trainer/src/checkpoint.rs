@@ -9,7 +9,7 @@ use crate::bias_control::{BiasControlState, ExpertBiasController};
 use crate::error::TrainError;
 use crate::init::BuiltModel;
 use crate::optim::{learning_rate, AdamW};
-use crate::parallel::{is_expert_param, Parallel};
+use crate::parallel::{is_expert_param, Parallel, ShardPlan};
 use crate::recipe::Recipe;
 use catapult_checkpoints::{
     Checkpoints, Dtype, HostTensor, Loaded, RankLayout, RankState, SaveRequest, Slice, World,
@@ -430,6 +430,34 @@ pub fn gather_data_state(comm: &Comm, pipeline: &Pipeline) -> Result<DataState, 
 /// The expert tensors (parameters and their optimizer moments) of every expert-parallel
 /// rank of replica 0, as host copies, gathered on rank 0 (Some there, None elsewhere).
 /// Every rank of the world calls it; only replica 0 moves data.
+/// The AdamW moments whole where a checkpoint needs them: a sharded moment is
+/// assembled from its slices on its group's first rank (world rank 0 for dense ones,
+/// replica 0 for expert ones) and left out elsewhere. Every rank calls it.
+fn whole_moments(par: &Parallel, plan: &ShardPlan, optimizer: &AdamW) -> Vec<(String, Tensor)> {
+    let moments = optimizer.moments();
+    let shapes: Vec<Vec<i64>> = optimizer
+        .parameters()
+        .iter()
+        .map(|(_, p)| p.size())
+        .collect();
+    let kind = |first: usize| -> Vec<Tensor> {
+        moments
+            .iter()
+            .skip(first)
+            .step_by(2)
+            .map(|(_, t)| t.shallow_clone())
+            .collect()
+    };
+    let avg = plan.gather_whole(par, &kind(0), &shapes);
+    let sq = plan.gather_whole(par, &kind(1), &shapes);
+    let mut out = Vec::with_capacity(moments.len());
+    for (pair, (a, s)) in moments.chunks(2).zip(avg.into_iter().zip(sq)) {
+        out.extend(a.map(|t| (pair[0].0.clone(), t)));
+        out.extend(s.map(|t| (pair[1].0.clone(), t)));
+    }
+    out
+}
+
 fn gather_expert_shards(par: &Parallel, mine: &[(String, Tensor)]) -> Option<Vec<Vec<HostTensor>>> {
     let experts: Vec<HostTensor> = mine
         .iter()
@@ -503,12 +531,13 @@ pub fn save_request(
     recipe: &Recipe,
     par: &Parallel,
     built: &BuiltModel,
-    optimizer: &AdamW,
+    optimizer: (&AdamW, &ShardPlan),
     state: &TrainerState,
     tokens: u64,
 ) -> Option<SaveRequest> {
+    let (optimizer, plan) = optimizer;
     let mut named = built.named();
-    named.extend(optimizer.moments());
+    named.extend(whole_moments(par, plan, optimizer));
     let shards = gather_expert_shards(par, &named)?;
     let tensors: Vec<_> = named
         .iter()

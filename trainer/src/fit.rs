@@ -53,8 +53,8 @@ fn gib(bytes: f64) -> String {
 
 /// What one rank of `recipe` needs on the host: everything on CPU; on a GPU the model
 /// is still drawn on the CPU first (so the initial weights do not depend on the device).
-pub fn host_bytes(recipe: &Recipe, device: Device) -> (Memory, f64) {
-    let memory = Memory::of(recipe, &ParamCounts::of(&recipe.model));
+pub fn host_bytes(recipe: &Recipe, device: Device, world: usize) -> (Memory, f64) {
+    let memory = Memory::of(recipe, &ParamCounts::of(&recipe.model), world);
     let host = match device {
         Device::Cpu => memory.total,
         _ => memory.weights,
@@ -88,13 +88,18 @@ struct Budget {
 
 /// Refuses `recipe` when one rank cannot fit in its share of this node's memory, or in
 /// its GPU's free memory, naming the bytes and the fields that drive them.
-pub fn check(recipe: &Recipe, device: Device) -> Result<(), TrainError> {
-    check_with(recipe, device, ranks_on_node())
+pub fn check(recipe: &Recipe, device: Device, world: usize) -> Result<(), TrainError> {
+    check_with(recipe, device, ranks_on_node(), world)
 }
 
-/// `check` for `ranks` ranks of the job on this node.
-fn check_with(recipe: &Recipe, device: Device, ranks: usize) -> Result<(), TrainError> {
-    let (m, host) = host_bytes(recipe, device);
+/// `check` for `ranks` ranks on this node of a world of `world`.
+fn check_with(
+    recipe: &Recipe,
+    device: Device,
+    ranks: usize,
+    world: usize,
+) -> Result<(), TrainError> {
+    let (m, host) = host_bytes(recipe, device, world);
     let mut budgets = Vec::new();
     if let Some(available) = host_available_bytes() {
         budgets.push(Budget {
@@ -167,7 +172,16 @@ fn refusal(recipe: &Recipe, m: &Memory, b: &Budget, share: f64) -> TrainError {
 pub fn check_here(recipe: &Recipe, ranks: usize) -> Result<Vec<String>, TrainError> {
     let mut notes = Vec::new();
     match crate::device::device_for(recipe) {
-        Ok(device) => check_with(recipe, device, ranks)?,
+        Ok(device) => {
+            // The world the recipe states (or, with data parallelism left to the launch,
+            // these ranks).
+            let p = &recipe.parallel;
+            let world = match p.data {
+                0 => ranks.max(p.expert),
+                d => d * p.expert,
+            };
+            check_with(recipe, device, ranks, world)?
+        }
         Err(_) => notes.push(
             "memory not checked: this host has no CUDA device (`catapult train RECIPE \
              --dry-run --gpu NAME` estimates it)"

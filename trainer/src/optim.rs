@@ -5,6 +5,7 @@
 
 use crate::recipe::{Schedule, TrainConfig};
 use std::collections::BTreeMap;
+use std::ops::Range;
 use tch::{Kind, Tensor};
 
 /// A checkpoint's optimizer state that does not fit the parameters.
@@ -45,6 +46,9 @@ pub struct AdamW {
     lr_scale: Vec<f64>,
     /// Updates applied to each parameter (a parameter joins late when its loss does).
     steps: Vec<i32>,
+    /// The flat range of each parameter this rank updates when the optimizer is sharded
+    /// (`parallel.shard`): its moments hold that range only. None: the whole parameter.
+    owned: Vec<Option<Range<usize>>>,
     beta1: f64,
     beta2: f64,
     eps: f64,
@@ -55,19 +59,61 @@ impl AdamW {
     /// An optimizer over `params` (sorted by name by the caller). Matrices get weight
     /// decay; vectors (norm weights) do not.
     pub fn new(params: Vec<(String, Tensor)>, t: &TrainConfig) -> Self {
-        let zeros = |p: &Tensor| Tensor::zeros_like(p);
+        let whole = vec![None; params.len()];
+        Self::with_owned(params, t, whole)
+    }
+
+    /// An optimizer that updates only `owned[i]` (a flat range) of each parameter i that
+    /// has one, with moments for that range alone (sharded data parallelism); the caller
+    /// gathers the updated ranges after each step.
+    pub fn with_owned(
+        params: Vec<(String, Tensor)>,
+        t: &TrainConfig,
+        owned: Vec<Option<Range<usize>>>,
+    ) -> Self {
+        let zeros = |i: usize| -> Tensor {
+            let p = &params[i].1;
+            match &owned[i] {
+                Some(r) => Tensor::zeros([r.len() as i64], (Kind::Float, p.device())),
+                None => Tensor::zeros_like(p),
+            }
+        };
         Self {
-            exp_avg: params.iter().map(|(_, p)| zeros(p)).collect(),
-            exp_avg_sq: params.iter().map(|(_, p)| zeros(p)).collect(),
+            exp_avg: (0..params.len()).map(zeros).collect(),
+            exp_avg_sq: (0..params.len()).map(zeros).collect(),
             decay: params.iter().map(|(_, p)| p.dim() >= 2).collect(),
             lr_scale: vec![1.0; params.len()],
             steps: vec![0; params.len()],
+            owned,
             params,
             beta1: t.beta1,
             beta2: t.beta2,
             eps: t.adam_eps,
             weight_decay: t.weight_decay,
         }
+    }
+
+    /// Bytes this rank holds in parameters, gradients and moments (summed tensor
+    /// storage by category).
+    pub fn held_bytes(&self) -> [u64; 3] {
+        let bytes = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+        let grads = self
+            .params
+            .iter()
+            .map(|(_, p)| p.grad())
+            .filter(Tensor::defined)
+            .map(|g| bytes(&g))
+            .sum();
+        [
+            self.params.iter().map(|(_, p)| bytes(p)).sum(),
+            grads,
+            self.exp_avg.iter().chain(&self.exp_avg_sq).map(bytes).sum(),
+        ]
+    }
+
+    /// The flat range of each parameter this rank updates (None: all of it).
+    pub fn owned(&self) -> &[Option<Range<usize>>] {
+        &self.owned
     }
 
     /// Sets each parameter's learning-rate factor (relative to the scheduled rate) from
@@ -141,6 +187,10 @@ impl AdamW {
                             parameter: p.size(),
                         });
                     }
+                    let src = match &self.owned[i] {
+                        Some(r) => src.reshape([-1]).narrow(0, r.start as i64, r.len() as i64),
+                        None => src,
+                    };
                     dst.shallow_clone().copy_(&src.to_device(dst.device()));
                 }
                 self.steps[i] = *steps
@@ -219,9 +269,10 @@ impl AdamW {
     /// clears the gradients.
     pub fn step(&mut self, base_lr: f64) {
         tch::no_grad(|| {
-            for (i, (_, p)) in self.params.iter_mut().enumerate() {
+            for i in 0..self.params.len() {
                 let lr = base_lr * self.lr_scale[i];
-                let g = p.grad();
+                let whole = self.params[i].1.shallow_clone();
+                let g = whole.grad();
                 if !g.defined() {
                     // Not in this step's graph (the MTP layer before it is switched on):
                     // no update, moments untouched.
@@ -230,6 +281,20 @@ impl AdamW {
                 self.steps[i] += 1;
                 let bias1 = 1.0 - self.beta1.powi(self.steps[i]);
                 let bias2 = 1.0 - self.beta2.powi(self.steps[i]);
+                // A sharded parameter: the owned range of it and of its gradient, flat
+                // (elementwise math, so the bits are those of the whole update).
+                let (mut p, g) = match &self.owned[i] {
+                    Some(r) if r.is_empty() => {
+                        self.params[i].1.zero_grad();
+                        continue;
+                    }
+                    Some(r) => {
+                        let (at, n) = (r.start as i64, r.len() as i64);
+                        let g = g.reshape([-1]).narrow(0, at, n);
+                        (whole.view([-1]).narrow(0, at, n), g)
+                    }
+                    None => (whole.shallow_clone(), g),
+                };
                 let m = &mut self.exp_avg[i];
                 let v = &mut self.exp_avg_sq[i];
                 *m = &*m * self.beta1 + &g * (1.0 - self.beta1);
@@ -239,8 +304,8 @@ impl AdamW {
                     let _ = p.g_mul_scalar_(1.0 - lr * self.weight_decay);
                 }
                 let update = &*m / denom * (lr / bias1);
-                *p -= update;
-                p.zero_grad();
+                p -= update;
+                self.params[i].1.zero_grad();
             }
         });
     }

@@ -13,7 +13,7 @@
 //!   norms, softmax and activations ignored) + attention 2 x heads x seq x (qk + v) per
 //!   MLA block (PaLM's convention: no causal discount).
 
-use crate::recipe::{ModelConfig, Precision, Recipe};
+use crate::recipe::{ModelConfig, Precision, Recipe, ShardMode};
 use serde::Serialize;
 
 /// Parameter counts of one model configuration.
@@ -332,25 +332,38 @@ fn activation_bytes(r: &Recipe) -> f64 {
 }
 
 impl Memory {
-    /// What one rank of `r` holds (parameters `p`): fp32 weights, gradients and AdamW's
-    /// two moments for its share of the parameters, and one micro-batch's activations.
-    pub fn of(r: &Recipe, p: &ParamCounts) -> Memory {
+    /// What one rank of `r` in a world of `world` ranks holds (parameters `p`): fp32
+    /// weights, gradients and AdamW's two moments for its share of the parameters (with
+    /// `parallel.shard: optimizer`, the moments of 1/world of the dense parameters and
+    /// 1/replicas of its experts), and one micro-batch's activations.
+    pub fn of(r: &Recipe, p: &ParamCounts, world: usize) -> Memory {
         let c = &r.model;
         let seq = r.data.max_seq_len();
-        let local = p.per_rank(r.parallel.expert.max(1));
+        let ep = r.parallel.expert.max(1);
+        let local = p.per_rank(ep);
         let micro_tokens = (r.train.micro_batch_size * seq) as f64;
         let logits = micro_tokens * c.vocab_size as f64 * 4.0 * 2.0;
         let activations = micro_tokens
             * (c.num_layers as f64 * activation_elements_per_token(c) * activation_bytes(r))
             + logits;
         let weights = local as f64 * 4.0;
+        let optimizer = match r.parallel.shard {
+            ShardMode::None => 2.0 * weights,
+            ShardMode::Optimizer => {
+                let world = world.max(1) as f64;
+                let replicas = (world / ep as f64).max(1.0);
+                let experts = (p.experts_all / ep as u64) as f64;
+                let dense = local as f64 - experts;
+                8.0 * (dense / world + experts / replicas)
+            }
+        };
         Memory {
             params: local,
             weights,
             gradients: weights,
-            optimizer: 2.0 * weights,
+            optimizer,
             activations,
-            total: 4.0 * weights + activations,
+            total: 2.0 * weights + optimizer + activations,
         }
     }
 }
@@ -370,7 +383,7 @@ impl Plan {
         let ep = r.parallel.expert.max(1);
         let replicas = (world / ep).max(1);
         let act_bytes = activation_bytes(r);
-        let memory = Memory::of(r, &p);
+        let memory = Memory::of(r, &p, world);
         let tokens_per_step = (r.train.global_batch_size * seq) as f64;
         let rank_tokens = tokens_per_step / world as f64;
         let remote = (ep - 1) as f64 / ep as f64;

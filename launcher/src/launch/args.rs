@@ -40,6 +40,15 @@ pub fn check_nproc(
         ))
         .into());
     }
+    if nproc == 1 && par.shard != catapult_trainer::recipe::ShardMode::None {
+        return Err(UsageError::new(format!(
+            "--nproc 1 does not fit {}: parallel.shard = {} splits state over the ranks that \
+             replicate it; give --nproc 2 or more, or set parallel.shard=none",
+            file.display(),
+            format!("{:?}", par.shard).to_lowercase()
+        ))
+        .into());
+    }
     if !nproc.is_multiple_of(par.expert) || (par.data > 0 && nproc != par.data * par.expert) {
         return Err(UsageError::new(format!(
             "--nproc {nproc} does not fit {}: parallel.expert = {} and parallel.data = {} need a \

@@ -38,6 +38,16 @@ pub enum LayoutError {
         /// What `data` should be.
         auto: usize,
     },
+    /// Sharding asked for where there is no second rank to split over.
+    #[error(
+        "parallel.shard = {mode} splits state over the ranks that replicate it, but the world \
+         has 1 rank; start more ranks (mpirun -np N catapult train ...) or set parallel.shard \
+         to none"
+    )]
+    ShardAlone {
+        /// The recipe's shard mode.
+        mode: String,
+    },
     /// An NCCL communicator could not be created.
     #[error(transparent)]
     Nccl(#[from] NcclError),

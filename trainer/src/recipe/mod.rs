@@ -27,7 +27,8 @@ pub use schema::{
     Backend, BiasControlConfig, BiasMode, CheckpointConfig, DataConfig, DatasetConfig, DeviceKind,
     Group, GroupOverride, GrowthConfig, KiSchedule, LaunchConfig, ModelConfig, MoeConfig,
     OptimizerInit, OutputConfig, ParallelConfig, PhaseConfig, Precision, ProxyConfig, Recipe,
-    Schedule, SdcAction, StorageConfig, SystemConfig, TrainConfig, TransferConfig, BYTE_VOCAB,
+    Schedule, SdcAction, ShardMode, StorageConfig, SystemConfig, TrainConfig, TransferConfig,
+    BYTE_VOCAB,
 };
 pub use validate::validate;
 

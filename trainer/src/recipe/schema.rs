@@ -233,6 +233,22 @@ pub struct ParallelConfig {
     /// Collectives for tensors: `auto` (NCCL on CUDA, MPI on CPU), `mpi` (host buffers,
     /// also for CUDA tensors) or `nccl` (CUDA only).
     pub backend: Backend,
+    /// Sharded data parallelism: `none` (every rank holds every replicated tensor's
+    /// optimizer state) or `optimizer` (ZeRO-1: each rank of a replicating group keeps
+    /// the AdamW moments of its 1/P flat slice only, updates that slice and all-gathers
+    /// the updated parameters; the same bits as `none`).
+    pub shard: ShardMode,
+}
+
+/// What sharded data parallelism splits over the ranks that replicate a tensor.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ShardMode {
+    /// Nothing: every replica holds everything.
+    #[default]
+    None,
+    /// The optimizer state (AdamW moments): 1/P per rank.
+    Optimizer,
 }
 
 /// Which library moves tensors between ranks.
@@ -256,6 +272,7 @@ impl Default for ParallelConfig {
             overlap: true,
             fast_reductions: false,
             backend: Backend::Auto,
+            shard: ShardMode::None,
         }
     }
 }

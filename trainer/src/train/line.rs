@@ -42,6 +42,8 @@ pub struct StepReport<'a> {
     pub per_layer: &'a [f64],
     /// Seconds of the silent-data-corruption replay, when one ran.
     pub sdc_check_s: Option<f64>,
+    /// Bytes this rank holds in parameters, gradients and optimizer state.
+    pub held: [u64; 3],
 }
 
 impl StepReport<'_> {
@@ -96,6 +98,9 @@ pub fn step_line(
         "all_to_all_bytes": volume[0],
         "all_to_all_remote_bytes": volume[1],
         "elapsed_s": r.elapsed_s,
+        "param_bytes": r.held[0],
+        "grad_bytes": r.held[1],
+        "optimizer_bytes": r.held[2],
     });
     // Model FLOPs of the experts actually activated, per rank, against the peak.
     let flops = crate::sizing::flops_per_token(&recipe.model, r.seq_len, r.per_layer);

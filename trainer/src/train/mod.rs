@@ -25,8 +25,8 @@ mod trainer;
 pub use options::{RunOptions, RunSummary};
 
 use crate::error::TrainError;
-use crate::parallel::Parallel;
-use crate::recipe::{Backend, Recipe};
+use crate::parallel::{LayoutError, Parallel};
+use crate::recipe::{Backend, Recipe, ShardMode};
 use catapult_kernels::comm::Comm;
 use tch::Device;
 
@@ -50,12 +50,16 @@ fn train_unguarded(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, Tra
         _ => None,
     };
     let world = Comm::from_env()?.fast_reductions(p.fast_reductions);
-    let par = Parallel::with_nccl(world, p.expert, p.data, p.overlap, nccl).map_err(|source| {
-        TrainError::Layout {
-            recipe: recipe.name.clone(),
-            source,
-        }
-    })?;
+    let layout = |source| TrainError::Layout {
+        recipe: recipe.name.clone(),
+        source,
+    };
+    let par = Parallel::with_nccl(world, p.expert, p.data, p.overlap, nccl).map_err(layout)?;
+    if p.shard != ShardMode::None && par.world.size() == 1 {
+        return Err(layout(LayoutError::ShardAlone {
+            mode: format!("{:?}", p.shard).to_lowercase(),
+        }));
+    }
     if recipe.growth.is_some() {
         stages::train_growing(recipe, opts, &par, device)
     } else {

@@ -14,8 +14,8 @@ use crate::groups::Group;
 use crate::init::build_model_with_experts;
 use crate::metrics::{Metrics, Progress};
 use crate::optim::AdamW;
-use crate::parallel::Parallel;
-use crate::recipe::Recipe;
+use crate::parallel::{Parallel, ShardPlan};
+use crate::recipe::{Recipe, ShardMode};
 use crate::supervision::{install_preemption_handlers, Heartbeat};
 use catapult_checkpoints::{AsyncSaver, Checkpoints, Loaded};
 use catapult_data::Pipeline;
@@ -226,7 +226,7 @@ impl<'a> Trainer<'a> {
     ) -> Result<Self, TrainError> {
         let (rank, world) = (par.world.rank(), par.world.size());
         check_batch(recipe, world)?;
-        crate::fit::check(recipe, device)?;
+        crate::fit::check(recipe, device, par.world.size())?;
         let (pipeline, valid) = open_data(recipe, rank, world)?;
         let Opened {
             store,
@@ -234,10 +234,16 @@ impl<'a> Trainer<'a> {
             clear_root,
         } = open_store(recipe, opts, par)?;
         let local = par.local_experts(recipe.model.n_routed_experts);
-        let (built, mut optimizer) = crate::fit::without_panic(&recipe.name, || {
+        let (built, mut optimizer, shard) = crate::fit::without_panic(&recipe.name, || {
             let built = build_model_with_experts(recipe, device, local);
-            let optimizer = AdamW::new(built.parameters(), &recipe.train);
-            (built, optimizer)
+            let params = built.parameters();
+            let shard = match recipe.parallel.shard {
+                ShardMode::None => ShardPlan::default(),
+                ShardMode::Optimizer => ShardPlan::new(par, &params),
+            };
+            let owned = shard.owned_ranges(params.len());
+            let optimizer = AdamW::with_owned(params, &recipe.train, owned);
+            (built, optimizer, shard)
         })?;
         let param_count: i64 = built
             .parameters()
@@ -258,6 +264,7 @@ impl<'a> Trainer<'a> {
             run_dir: recipe.run_dir(),
             built,
             optimizer,
+            shard,
             controller,
             pipeline,
             valid,

@@ -29,7 +29,7 @@ impl Trainer<'_> {
             recipe,
             self.par,
             &self.built,
-            &self.optimizer,
+            (&self.optimizer, &self.shard),
             &state,
             self.tokens_seen,
         );

@@ -89,7 +89,7 @@ pub(super) fn train_growing(
         .expect("a recipe with a growth schedule has a first stage");
     let lead = par.world.rank() == 0;
     // The grown model is the larger one: refuse it before an overwrite removes anything.
-    crate::fit::check(recipe, device)?;
+    crate::fit::check(recipe, device, par.world.size())?;
     if lead && opts.overwrite {
         // Start over: the grown stage's outputs of an earlier run go too.
         clear_grown_stage(recipe, !grown.is_empty())?;

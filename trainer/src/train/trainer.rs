@@ -15,7 +15,7 @@ use crate::groups::Group;
 use crate::init::BuiltModel;
 use crate::metrics::{Metrics, Progress};
 use crate::optim::{learning_rate, AdamW};
-use crate::parallel::{is_expert_param, reduce::reduce_gradients, Parallel};
+use crate::parallel::{is_expert_param, reduce::reduce_gradients, Parallel, ShardPlan};
 use crate::recipe::Recipe;
 use crate::supervision::{self, Heartbeat};
 use catapult_checkpoints::{AsyncSaver, Checkpoints, Loaded};
@@ -58,6 +58,8 @@ pub(super) struct Trainer<'a> {
     pub(super) run_dir: PathBuf,
     pub(super) built: BuiltModel,
     pub(super) optimizer: AdamW,
+    /// Which slice of the replicated parameters this rank updates (`parallel.shard`).
+    pub(super) shard: ShardPlan,
     pub(super) controller: ExpertBiasController,
     pub(super) pipeline: Pipeline,
     pub(super) valid: eval::ValidationSets,
@@ -124,6 +126,9 @@ impl Trainer<'_> {
             // Clip (the experts' squared norm summed over the expert group), then step.
             let grad_norm = self.clip_gradients();
             self.optimizer.step(lr);
+            self.shard
+                .gather_parameters(self.par, self.optimizer.parameters())
+                .map_err(CommError::from)?;
 
             // Expert-bias update from the global batch's counts: the same on every rank.
             let counts = stats.count_rows();
@@ -151,6 +156,7 @@ impl Trainer<'_> {
                 elapsed_s: self.started.elapsed().as_secs_f64(),
                 per_layer: &per_layer,
                 sdc_check_s: replay.as_ref().map(|r| r.seconds),
+                held: self.optimizer.held_bytes(),
             };
             self.log(&report, &counts)?;
 

@@ -1,0 +1,267 @@
+//! Sharded data parallelism (`parallel.shard: optimizer`, ZeRO-1): which contiguous flat
+//! range of its parameters each rank of a replicating group owns, and moving the owned
+//! ranges between the ranks. Dense parameters are split over the whole world, expert
+//! parameters over their replicas. A group's parameters, in the optimizer's fixed order,
+//! are flattened and concatenated; rank r of P owns elements `r * S .. (r + 1) * S` with
+//! `S = ceil(total / P)` (the last rank's range padded), so every rank's slice has the
+//! same length. The owner updates its slice (AdamW's moments exist for it only) and the
+//! updated slices are all-gathered, so every rank computes exactly the bits `none` does.
+
+use super::mesh::{is_expert_param, Group, Parallel};
+use catapult_kernels::NcclError;
+use std::ops::Range;
+use tch::{Kind, Tensor};
+
+/// How a group's members (tensors of `sizes` elements) are split over `ranks` ranks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlatLayout {
+    offsets: Vec<usize>,
+    sizes: Vec<usize>,
+    per_rank: usize,
+    rank: usize,
+}
+
+impl FlatLayout {
+    /// The layout of members of `sizes` elements over `ranks` ranks, seen from `rank`.
+    pub fn new(sizes: Vec<usize>, rank: usize, ranks: usize) -> Self {
+        let mut offsets = Vec::with_capacity(sizes.len());
+        let mut total = 0;
+        for &n in &sizes {
+            offsets.push(total);
+            total += n;
+        }
+        Self {
+            offsets,
+            sizes,
+            per_rank: total.div_ceil(ranks.max(1)),
+            rank,
+        }
+    }
+
+    /// Elements every rank's slice holds (padding included).
+    pub fn per_rank(&self) -> usize {
+        self.per_rank
+    }
+
+    /// The part of member `i` (a range of its flattened elements) rank `rank` owns;
+    /// empty when it owns none of it.
+    pub fn owned_by(&self, rank: usize, i: usize) -> Range<usize> {
+        let (lo, hi) = (rank * self.per_rank, (rank + 1) * self.per_rank);
+        let (start, end) = (self.offsets[i], self.offsets[i] + self.sizes[i]);
+        let (a, b) = (start.max(lo), end.min(hi));
+        if a >= b {
+            0..0
+        } else {
+            a - start..b - start
+        }
+    }
+
+    /// The part of member `i` this rank owns.
+    pub fn owned(&self, i: usize) -> Range<usize> {
+        self.owned_by(self.rank, i)
+    }
+}
+
+/// Which ranks replicate a group's tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Over {
+    /// Dense tensors: every rank.
+    World,
+    /// Expert tensors: the replicas of one expert shard.
+    Replicas,
+}
+
+/// One sharded group: the optimizer's parameter indices it holds, and its layout.
+#[derive(Debug)]
+struct ShardGroup {
+    over: Over,
+    members: Vec<usize>,
+    layout: FlatLayout,
+}
+
+/// The sharding of an optimizer's parameters over the mesh.
+#[derive(Debug, Default)]
+pub struct ShardPlan {
+    groups: Vec<ShardGroup>,
+}
+
+impl ShardPlan {
+    /// The plan for `params` (the optimizer's, in its order) on `par`: dense ones over
+    /// the world, expert ones over their replicas; a group of one rank is not split.
+    pub fn new(par: &Parallel, params: &[(String, Tensor)]) -> Self {
+        let mut groups = Vec::new();
+        for (over, group, expert) in [
+            (Over::World, &par.world, false),
+            (Over::Replicas, &par.replicas, true),
+        ] {
+            if group.size() < 2 {
+                continue;
+            }
+            let members: Vec<usize> = (0..params.len())
+                .filter(|&i| is_expert_param(&params[i].0) == expert)
+                .collect();
+            let sizes = members.iter().map(|&i| params[i].1.numel()).collect();
+            groups.push(ShardGroup {
+                over,
+                members,
+                layout: FlatLayout::new(sizes, group.rank(), group.size()),
+            });
+        }
+        Self { groups }
+    }
+
+    /// The flat range of each parameter this rank updates: Some(range) for a sharded
+    /// one (possibly empty), None for one it updates whole.
+    pub fn owned_ranges(&self, count: usize) -> Vec<Option<Range<usize>>> {
+        let mut out = vec![None; count];
+        for g in &self.groups {
+            for (k, &i) in g.members.iter().enumerate() {
+                out[i] = Some(g.layout.owned(k));
+            }
+        }
+        out
+    }
+
+    fn group<'a>(&self, par: &'a Parallel, g: &ShardGroup) -> &'a Group {
+        match g.over {
+            Over::World => &par.world,
+            Over::Replicas => &par.replicas,
+        }
+    }
+
+    /// After an optimizer step on the owned slices: every rank receives every slice,
+    /// so each holds the whole updated parameters again.
+    pub fn gather_parameters(
+        &self,
+        par: &Parallel,
+        params: &[(String, Tensor)],
+    ) -> Result<(), NcclError> {
+        for g in &self.groups {
+            let group = self.group(par, g);
+            let mine = self.owned_flat(g, |i| params[i].1.shallow_clone());
+            let all = all_gather(group, &mine)?;
+            tch::no_grad(|| {
+                for (k, &i) in g.members.iter().enumerate() {
+                    let p = &params[i].1;
+                    let whole = self.assemble(g, &all, k).to_kind(p.kind());
+                    p.shallow_clone().copy_(&whole.view(p.size().as_slice()));
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Whole tensors from their owned slices (`slices[i]` the flat slice of parameter i
+    /// this rank holds, `shapes[i]` its shape), on the group's first rank; None for the
+    /// members of a group on its other ranks (and for unsharded ones, the slice as is).
+    pub fn gather_whole(
+        &self,
+        par: &Parallel,
+        slices: &[Tensor],
+        shapes: &[Vec<i64>],
+    ) -> Vec<Option<Tensor>> {
+        let mut out: Vec<Option<Tensor>> = slices.iter().map(|t| Some(t.shallow_clone())).collect();
+        for g in &self.groups {
+            let group = self.group(par, g);
+            let mine = self.owned_flat(g, |i| slices[i].shallow_clone());
+            let host: Vec<f32> = Vec::try_from(&mine.to_device(tch::Device::Cpu))
+                .expect("optimizer state converts to f32 on the host");
+            let gathered = group.gather_v(&host, 0);
+            for (k, &i) in g.members.iter().enumerate() {
+                out[i] = gathered.as_ref().map(|(all, _)| {
+                    let all = Tensor::from_slice(all);
+                    self.assemble(g, &all, k)
+                        .view(shapes[i].as_slice())
+                        .to_device(slices[i].device())
+                });
+            }
+        }
+        out
+    }
+
+    /// This rank's slice of group `g` as one f32 buffer of `per_rank` elements: the
+    /// owned part of each member (`flat(i)` gives member i's elements, whole or just
+    /// the owned part when its length says so), then zeros.
+    fn owned_flat(&self, g: &ShardGroup, flat: impl Fn(usize) -> Tensor) -> Tensor {
+        let mut parts = Vec::new();
+        let mut len = 0;
+        let mut device = tch::Device::Cpu;
+        for (k, &i) in g.members.iter().enumerate() {
+            let r = g.layout.owned(k);
+            if r.is_empty() {
+                continue;
+            }
+            let t = flat(i).reshape([-1]).to_kind(Kind::Float);
+            device = t.device();
+            let piece = match t.numel() == r.len() {
+                true => t,
+                false => t.narrow(0, r.start as i64, r.len() as i64),
+            };
+            len += r.len();
+            parts.push(piece);
+        }
+        let pad = g.layout.per_rank() - len;
+        if pad > 0 || parts.is_empty() {
+            parts.push(Tensor::zeros([pad as i64], (Kind::Float, device)));
+        }
+        Tensor::cat(&parts, 0)
+    }
+
+    /// Member `k` of group `g`, flat, from the concatenation of every rank's slice.
+    fn assemble(&self, g: &ShardGroup, all: &Tensor, k: usize) -> Tensor {
+        let per = g.layout.per_rank();
+        let ranks = all.numel() / per.max(1);
+        let mut parts = Vec::new();
+        for rank in 0..ranks {
+            let r = g.layout.owned_by(rank, k);
+            if r.is_empty() {
+                continue;
+            }
+            // Where member k's part sits inside that rank's slice: after the owned parts
+            // of the members before it.
+            let before: usize = (0..k).map(|j| g.layout.owned_by(rank, j).len()).sum();
+            parts.push(all.narrow(0, (rank * per + before) as i64, r.len() as i64));
+        }
+        Tensor::cat(&parts, 0)
+    }
+}
+
+/// Every rank's `mine` (the same length on each), concatenated in rank order.
+fn all_gather(group: &Group, mine: &Tensor) -> Result<Tensor, NcclError> {
+    if let Some(nccl) = group.nccl() {
+        return Ok(nccl.all_gather(mine)?.reshape([-1]));
+    }
+    let host: Vec<f32> = Vec::try_from(&mine.to_device(tch::Device::Cpu))
+        .expect("parameters convert to f32 on the host");
+    let (all, _) = group.all_gather_v(&host);
+    Ok(Tensor::from_slice(&all).to_device(mine.device()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_are_equal_contiguous_ranges_that_tile_every_member() {
+        let sizes = vec![5, 3, 0, 9];
+        for ranks in 1..=5 {
+            let layout = FlatLayout::new(sizes.clone(), 0, ranks);
+            assert_eq!(layout.per_rank(), 17usize.div_ceil(ranks));
+            for (i, &n) in sizes.iter().enumerate() {
+                let mut covered = Vec::new();
+                for r in 0..ranks {
+                    covered.extend(layout.owned_by(r, i));
+                }
+                assert_eq!(
+                    covered,
+                    (0..n).collect::<Vec<_>>(),
+                    "{ranks} ranks, member {i}"
+                );
+            }
+            for r in 0..ranks {
+                let held: usize = (0..sizes.len()).map(|i| layout.owned_by(r, i).len()).sum();
+                assert!(held <= layout.per_rank());
+            }
+        }
+    }
+}
