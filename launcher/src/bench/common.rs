@@ -131,3 +131,64 @@ pub(super) fn val_curve(metrics: &Path) -> anyhow::Result<Vec<(f64, f64)>> {
         .filter_map(|v| Some((v["step"].as_f64()?, v.get("val_loss")?.as_f64()?)))
         .collect())
 }
+
+/// The median (NaN for none).
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// One training run of `recipe` on `ranks` ranks under mpirun (oversubscribed), `steps`
+/// steps with `sets`, into `out`; its per-step metric lines after 3 warm-up steps.
+pub(super) fn mpirun_train(
+    recipe: &Path,
+    ranks: usize,
+    steps: usize,
+    sets: &[String],
+    out: &Path,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut cmd = Command::new("mpirun");
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } == 0 {
+        cmd.arg("--allow-run-as-root");
+    }
+    cmd.args(["--oversubscribe", "-np", &ranks.to_string()])
+        .arg(std::env::current_exe()?)
+        .arg("train")
+        .arg(recipe)
+        .arg("--overwrite");
+    let common = [
+        format!("train.steps={steps}"),
+        "train.warmup_steps=0".into(),
+        format!("train.eval_every={steps}"),
+        "train.eval_sequences=8".into(),
+        "train.log_every=1".into(),
+        "system.threads=1".into(),
+        format!("output.dir={}", out.display()),
+    ];
+    for set in common.iter().chain(sets) {
+        cmd.args(["--set", set]);
+    }
+    let result = cmd
+        .env(env::PROGRESS, "off")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .context("mpirun (Open MPI; scripts/setup installs it) did not start")?;
+    if !result.status.success() {
+        bail!(
+            "the {ranks}-rank run failed: {}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+    }
+    let text = std::fs::read_to_string(out.join("metrics.jsonl"))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l.get("step_s").is_some() && l["step"].as_u64().is_some_and(|s| s > 3))
+        .collect())
+}

@@ -2,19 +2,9 @@
 //! Batch Overlap on and off: step time, the share of all-to-all time hidden behind
 //! compute, and the exchanged volume against the analytic one.
 
-use super::common::{create_dir, spinner};
+use super::common::{create_dir, median, mpirun_train, spinner};
 use crate::UsageError;
-use anyhow::Context;
 use std::path::Path;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
-}
 
 /// One expert-parallel training run under mpirun; its per-step metric lines after
 /// warm-up.
@@ -25,45 +15,11 @@ fn ep_run(
     overlap: bool,
     out: &Path,
 ) -> anyhow::Result<Vec<serde_json::Value>> {
-    let mut cmd = std::process::Command::new("mpirun");
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } == 0 {
-        cmd.arg("--allow-run-as-root");
-    }
-    cmd.args(["--oversubscribe", "-np", &ranks.to_string()])
-        .arg(std::env::current_exe()?)
-        .arg("train")
-        .arg(recipe)
-        .arg("--overwrite");
-    for set in [
-        format!("train.steps={steps}"),
-        "train.warmup_steps=0".into(),
-        format!("train.eval_every={steps}"),
-        "train.eval_sequences=8".into(),
-        "train.log_every=1".into(),
+    let sets = [
         format!("parallel.expert={ranks}"),
         format!("parallel.overlap={overlap}"),
-        format!("output.dir={}", out.display()),
-    ] {
-        cmd.args(["--set", &set]);
-    }
-    let result = cmd
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .output()
-        .context("mpirun (Open MPI; scripts/setup installs it) did not start")?;
-    if !result.status.success() {
-        anyhow::bail!(
-            "the {ranks}-rank run failed: {}",
-            String::from_utf8_lossy(&result.stderr)
-        );
-    }
-    let text = std::fs::read_to_string(out.join("metrics.jsonl"))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|l| l.get("step_s").is_some() && l["step"].as_u64().is_some_and(|s| s > 3))
-        .collect())
+    ];
+    mpirun_train(recipe, ranks, steps, &sets, out)
 }
 
 pub(super) fn run(

@@ -16,6 +16,7 @@ mod data;
 mod ep;
 mod growth;
 mod launch;
+mod scale;
 mod transfer;
 
 use clap::Subcommand;
@@ -94,6 +95,23 @@ pub enum BenchCommand {
         #[arg(long, default_value = "bench-results/ep")]
         dir: PathBuf,
     },
+    /// Sharded data parallelism on `ranks` ranks (mpirun), DP and DP x EP 2, in every
+    /// `parallel.shard` mode: bytes per rank by category, peak RSS, step time and
+    /// parameter-gather time as ratios against `shard: none` (run from the project root).
+    Scale {
+        /// Recipe to train (global batch 16).
+        #[arg(long, default_value = "recipes/tiny.yaml")]
+        recipe: PathBuf,
+        /// Ranks (even, at least 4).
+        #[arg(long, default_value_t = 4)]
+        ranks: usize,
+        /// Steps per run (the first 3 are warm-up and not counted).
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        /// Working directory for the runs and results.json.
+        #[arg(long, default_value = "bench-results/scale")]
+        dir: PathBuf,
+    },
     /// Checkpoint save/load throughput against torch.save/torch.load, and the training
     /// loop's blocking time per asynchronous save (run from the project root).
     Ckpt {
@@ -148,6 +166,12 @@ pub fn run(command: BenchCommand) -> Result<(), crate::Failure> {
             steps,
             dir,
         } => transfer::run(&proxy, &widths, &lrs, steps, &dir),
+        BenchCommand::Scale {
+            recipe,
+            ranks,
+            steps,
+            dir,
+        } => scale::run(&recipe, ranks, steps, &dir),
         BenchCommand::Data {
             text,
             repeat,

@@ -44,6 +44,8 @@ pub struct StepReport<'a> {
     pub sdc_check_s: Option<f64>,
     /// Bytes this rank holds in parameters, gradients and optimizer state.
     pub held: [u64; 3],
+    /// Seconds gathering the updated parameter slices (sharded optimizer state).
+    pub param_gather_s: f64,
 }
 
 impl StepReport<'_> {
@@ -101,6 +103,7 @@ pub fn step_line(
         "param_bytes": r.held[0],
         "grad_bytes": r.held[1],
         "optimizer_bytes": r.held[2],
+        "param_gather_s": r.param_gather_s,
     });
     // Model FLOPs of the experts actually activated, per rank, against the peak.
     let flops = crate::sizing::flops_per_token(&recipe.model, r.seq_len, r.per_layer);

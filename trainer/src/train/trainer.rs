@@ -126,9 +126,11 @@ impl Trainer<'_> {
             // Clip (the experts' squared norm summed over the expert group), then step.
             let grad_norm = self.clip_gradients();
             self.optimizer.step(lr);
+            let gather_start = Instant::now();
             self.shard
                 .gather_parameters(self.par, self.optimizer.parameters())
                 .map_err(CommError::from)?;
+            let gather_s = gather_start.elapsed().as_secs_f64();
 
             // Expert-bias update from the global batch's counts: the same on every rank.
             let counts = stats.count_rows();
@@ -157,6 +159,7 @@ impl Trainer<'_> {
                 per_layer: &per_layer,
                 sdc_check_s: replay.as_ref().map(|r| r.seconds),
                 held: self.optimizer.held_bytes(),
+                param_gather_s: gather_s,
             };
             self.log(&report, &counts)?;
 
