@@ -397,6 +397,18 @@ fn sharded_optimizer_state_gives_the_bits_of_none_and_resumes_in_any_mode() {
             );
         }
     }
+    // With bf16 compute (fp32 master weights and moments), against bf16 unsharded.
+    let bf16 = |mode: &'static str| -> Vec<&str> {
+        let mut v = with(mode);
+        v.push("system.precision=bf16");
+        v
+    };
+    ok(train(&dir, "bf16-none", 2, 1, &bf16(none), &[]));
+    ok(train(&dir, "bf16-opt", 2, 1, &bf16(opt), &[]));
+    assert!(
+        weights(&dir, "bf16-none") == weights(&dir, "bf16-opt"),
+        "bf16: sharded optimizer state changed the weights"
+    );
     // A checkpoint of one mode resumes in the other, bitwise on the same layout.
     for (from, to, mode) in [
         ("opt-4", "opt-to-none", none),

@@ -74,7 +74,7 @@ impl AdamW {
         let zeros = |i: usize| -> Tensor {
             let p = &params[i].1;
             match &owned[i] {
-                Some(r) => Tensor::zeros([r.len() as i64], (Kind::Float, p.device())),
+                Some(r) => Tensor::zeros([r.len() as i64], (p.kind(), p.device())),
                 None => Tensor::zeros_like(p),
             }
         };

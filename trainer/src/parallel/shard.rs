@@ -172,6 +172,7 @@ impl ShardPlan {
                     let all = Tensor::from_slice(all);
                     self.assemble(g, &all, k)
                         .view(shapes[i].as_slice())
+                        .to_kind(slices[i].kind())
                         .to_device(slices[i].device())
                 });
             }
