@@ -6,7 +6,7 @@ use catapult_kernels::comm::Comm;
 use catapult_kernels::ep::{owner, Direction, ExchangeStats, Plan};
 use catapult_kernels::moe::{ffn_choice_mask, ExpertDispatch};
 use catapult_kernels::CommError;
-use catapult_trainer::parallel::{forward, is_expert_param, Parallel};
+use catapult_trainer::parallel::{forward, is_expert_param, Parallel, Training};
 use catapult_trainer::recipe::ModelConfig;
 use clap::Subcommand;
 use tch::{Device, Kind, Tensor};
@@ -346,7 +346,7 @@ fn ep_gradient_check(par: &Parallel) -> anyhow::Result<()> {
             local,
         );
         let mut stats = ExchangeStats::default();
-        let f = forward(&model, par, tokens, None, true, &mut stats)?;
+        let f = forward(&model, par, tokens, None, Training::Keep, &mut stats)?;
         let len = tokens.size()[1];
         let loss = f
             .logits
@@ -354,7 +354,7 @@ fn ep_gradient_check(par: &Parallel) -> anyhow::Result<()> {
             .reshape([-1, 64])
             .cross_entropy_for_logits(&tokens.narrow(1, 1, len - 1).reshape([-1]));
         let none = (0..config.num_layers).map(|_| None).collect();
-        f.backward(par, &loss, none, &mut stats)?;
+        f.backward(&model, par, &loss, none, &mut stats)?;
         let mut named: Vec<(String, Tensor)> = vs
             .variables()
             .into_iter()

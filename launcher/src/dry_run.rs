@@ -207,7 +207,11 @@ fn print_memory(recipe: &Recipe, plan: &Plan, cluster: &Cluster) {
         }
     );
     println!(
-        "  activations (estimate, no recomputation; micro-batch {} x {} tokens) {}",
+        "  activations (estimate, {}; micro-batch {} x {} tokens) {}",
+        match recipe.train.recompute {
+            catapult_trainer::recipe::Recompute::None => "no recomputation",
+            catapult_trainer::recipe::Recompute::Layer => "train.recompute: layer",
+        },
         recipe.train.micro_batch_size,
         recipe.data.max_seq_len(),
         gib(mem.activations)

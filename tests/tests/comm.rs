@@ -397,6 +397,15 @@ fn sharded_optimizer_state_gives_the_bits_of_none_and_resumes_in_any_mode() {
             );
         }
     }
+    // Recomputing every layer in backward, with sharded optimizer state, on DP 2 x EP 2
+    // (the rows each layer received are kept, so no all-to-all runs twice): the same bits.
+    let mut both = with(opt);
+    both.push("train.recompute=layer");
+    ok(train(&dir, "recompute-4", 4, 2, &both, &[]));
+    assert!(
+        weights(&dir, "recompute-4") == weights(&dir, "none-4"),
+        "recomputation changed the weights"
+    );
     // With bf16 compute (fp32 master weights and moments), against bf16 unsharded.
     let bf16 = |mode: &'static str| -> Vec<&str> {
         let mut v = with(mode);

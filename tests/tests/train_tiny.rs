@@ -308,3 +308,46 @@ fn mtp_loss_switches_on_at_its_start_step() {
         assert!(keys.contains(name), "{name} missing from {keys}");
     }
 }
+
+#[test]
+fn recomputation_gives_the_same_weights_in_under_60_percent_of_the_peak_memory() {
+    let dir = scratch("recompute");
+    // A model whose activations dominate: 8 layers of 1024 tokens, 2 sequences a step.
+    let big = [
+        "model.num_layers=8",
+        "data.seq_len=1024",
+        "train.global_batch_size=2",
+        "train.micro_batch_size=2",
+        "train.eval_sequences=2",
+        "data.streams=2",
+        "train.steps=2",
+        "train.eval_every=2",
+    ];
+    let mut peak = Vec::new();
+    for mode in ["none", "layer"] {
+        let out = format!("output.dir={}", dir.join(mode).display());
+        let recompute = format!("train.recompute={mode}");
+        let mut sets = big.to_vec();
+        sets.extend([out.as_str(), recompute.as_str()]);
+        train(&dir, &sets);
+        // Each run is a fresh process: its peak RSS is its own.
+        let last = metrics(&dir.join(mode).join("metrics.jsonl"))
+            .into_iter()
+            .filter_map(|l| l["memory_peak_rss_bytes"].as_f64())
+            .next_back()
+            .expect("step lines report the peak RSS");
+        peak.push(last);
+    }
+    let weights =
+        |m: &str| std::fs::read(dir.join(m).join("checkpoint/model.safetensors")).unwrap();
+    assert!(
+        weights("none") == weights("layer"),
+        "recomputation changed the weights"
+    );
+    assert!(
+        peak[1] < 0.6 * peak[0],
+        "peak RSS {} with recomputation vs {} without",
+        peak[1],
+        peak[0]
+    );
+}

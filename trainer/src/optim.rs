@@ -361,6 +361,7 @@ mod tests {
             log_every: 1,
             mtp_loss_weight: 0.3,
             mtp_start_step: 0,
+            recompute: Default::default(),
             sdc_check_every: 0,
             sdc_action: Default::default(),
         }

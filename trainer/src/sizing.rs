@@ -13,7 +13,7 @@
 //!   norms, softmax and activations ignored) + attention 2 x heads x seq x (qk + v) per
 //!   MLA block (PaLM's convention: no causal discount).
 
-use crate::recipe::{ModelConfig, Precision, Recipe, ShardMode};
+use crate::recipe::{ModelConfig, Precision, Recipe, Recompute, ShardMode};
 use serde::Serialize;
 
 /// Parameter counts of one model configuration.
@@ -343,9 +343,18 @@ impl Memory {
         let local = p.per_rank(ep);
         let micro_tokens = (r.train.micro_batch_size * seq) as f64;
         let logits = micro_tokens * c.vocab_size as f64 * 4.0 * 2.0;
-        let activations = micro_tokens
-            * (c.num_layers as f64 * activation_elements_per_token(c) * activation_bytes(r))
-            + logits;
+        let layers = c.num_layers as f64;
+        let full = activation_elements_per_token(c);
+        let kept = match r.train.recompute {
+            Recompute::None => layers * full,
+            // Each layer's input and the rows its two exchanges brought (K_e rows of
+            // hidden each way), plus the one layer being re-run.
+            Recompute::Layer => {
+                let h = c.hidden_size as f64;
+                layers * (h + 2.0 * c.target_ffn_experts() as f64 * h) + full
+            }
+        };
+        let activations = micro_tokens * kept * activation_bytes(r) + logits;
         let weights = local as f64 * 4.0;
         let optimizer = match r.parallel.shard {
             ShardMode::None => 2.0 * weights,
@@ -402,7 +411,14 @@ impl Plan {
             dense_gradients: dense,
             expert_gradients: expert,
         };
-        let compute_s = flops[1] * rank_tokens / (cluster.gpu.peak_tflops * 1e12 * cluster.mfu);
+        // Recomputation runs each layer's forward once more: training FLOPs are 3 x the
+        // forward, so 4 / 3 of them.
+        let recompute = match r.train.recompute {
+            Recompute::None => 1.0,
+            Recompute::Layer => 4.0 / 3.0,
+        };
+        let compute_s =
+            recompute * flops[1] * rank_tokens / (cluster.gpu.peak_tflops * 1e12 * cluster.mfu);
         let bw = cluster.link_gbps * 1e9;
         let all_to_all_s = all_to_all / bw;
         let reduction_s = (dense + expert) / bw;

@@ -1,19 +1,26 @@
 //! `catapult bench scale`: a recipe on 4 ranks (started with mpirun), DP 4 and
-//! DP 2 x EP 2, in every sharding mode built (`parallel.shard`): the bytes rank 0 holds
-//! by category, its peak RSS, the step time and the time spent gathering parameters,
-//! each as a ratio against `shard: none` on the same layout, measured in the same run.
+//! DP 2 x EP 2, in every sharding mode built (`parallel.shard`), with and without
+//! activation recomputation (`train.recompute`): the bytes rank 0 holds by category, its
+//! peak RSS, the step time and the time spent gathering parameters, each as a ratio
+//! against `shard: none` without recomputation on the same layout, measured in the same
+//! run.
 
 use super::common::{create_dir, median, mpirun_train, spinner};
 use crate::UsageError;
 use std::path::Path;
 
-/// The sharding modes measured, `none` first (the baseline of each layout).
-const MODES: [&str; 2] = ["none", "optimizer"];
+/// The (sharding, recomputation) settings measured, the baseline of each layout first.
+const MODES: [(&str, &str); 4] = [
+    ("none", "none"),
+    ("optimizer", "none"),
+    ("none", "layer"),
+    ("optimizer", "layer"),
+];
 
 /// Medians of one setting's step lines after warm-up.
 struct Row {
     layout: String,
-    mode: &'static str,
+    mode: (&'static str, &'static str),
     /// param, grad, optimizer bytes (rank 0), peak RSS, step s, gather s.
     values: [f64; 6],
 }
@@ -50,13 +57,17 @@ pub(super) fn run(
     for expert in [1, 2] {
         let layout = format!("DP {} x EP {expert}", ranks / expert);
         for mode in MODES {
-            let p = spinner(&format!("{layout}, shard {mode}: {steps} steps"));
+            let (shard, recompute) = mode;
+            let p = spinner(&format!(
+                "{layout}, shard {shard}, recompute {recompute}: {steps} steps"
+            ));
             let sets = [
                 format!("parallel.expert={expert}"),
-                format!("parallel.shard={mode}"),
+                format!("parallel.shard={shard}"),
+                format!("train.recompute={recompute}"),
                 format!("train.micro_batch_size={}", 16 / ranks),
             ];
-            let out = dir.join(format!("ep{expert}-{mode}"));
+            let out = dir.join(format!("ep{expert}-{shard}-{recompute}"));
             let lines = mpirun_train(recipe, ranks, steps, &sets, &out)?;
             p.finish_and_clear();
             let values = KEYS.map(|k| median(lines.iter().filter_map(|l| l[k].as_f64()).collect()));
@@ -72,13 +83,14 @@ pub(super) fn run(
 
 fn report(recipe: &Path, ranks: usize, rows: &[Row], dir: &Path) -> Result<(), crate::Failure> {
     println!(
-        "sharded data parallelism, {} on {ranks} ranks (rank 0's medians after 3 warm-up steps; ratios against shard none on the same layout)",
+        "sharded data parallelism, {} on {ranks} ranks (rank 0's medians after 3 warm-up steps; ratios against shard none without recomputation on the same layout)",
         recipe.display()
     );
     println!(
-        "{:<14} {:<10} {:>16} {:>16} {:>20} {:>16} {:>14} {:>10}",
+        "{:<14} {:<10} {:<9} {:>16} {:>16} {:>20} {:>16} {:>14} {:>10}",
         "layout",
         "shard",
+        "recompute",
         "params MiB",
         "grads MiB",
         "optimizer MiB",
@@ -91,7 +103,7 @@ fn report(recipe: &Path, ranks: usize, rows: &[Row], dir: &Path) -> Result<(), c
     for row in rows {
         let base = rows
             .iter()
-            .find(|r| r.layout == row.layout && r.mode == "none")
+            .find(|r| r.layout == row.layout && r.mode == MODES[0])
             .expect("none is measured first");
         let cell = |i: usize, scale: f64| {
             format!(
@@ -101,9 +113,10 @@ fn report(recipe: &Path, ranks: usize, rows: &[Row], dir: &Path) -> Result<(), c
             )
         };
         println!(
-            "{:<14} {:<10} {:>16} {:>16} {:>20} {:>16} {:>14} {:>10.2}",
+            "{:<14} {:<10} {:<9} {:>16} {:>16} {:>20} {:>16} {:>14} {:>10.2}",
             row.layout,
-            row.mode,
+            row.mode.0,
+            row.mode.1,
             cell(0, mib(1.0)),
             cell(1, mib(1.0)),
             cell(2, mib(1.0)),
@@ -111,7 +124,11 @@ fn report(recipe: &Path, ranks: usize, rows: &[Row], dir: &Path) -> Result<(), c
             cell(4, 1e3),
             row.values[5] * 1e3
         );
-        let mut entry = serde_json::json!({"layout": row.layout, "shard": row.mode});
+        let mut entry = serde_json::json!({
+            "layout": row.layout,
+            "shard": row.mode.0,
+            "recompute": row.mode.1,
+        });
         for (i, k) in KEYS.iter().enumerate() {
             entry[*k] = row.values[i].into();
             entry[format!("{k}_over_none")] = (row.values[i] / base.values[i]).into();

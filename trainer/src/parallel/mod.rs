@@ -13,5 +13,5 @@ pub mod schedule;
 pub mod shard;
 
 pub use mesh::{is_expert_param, Group, LayoutError, Parallel};
-pub use schedule::{forward, Forward, LayerRouting};
+pub use schedule::{forward, Forward, LayerRouting, Training};
 pub use shard::ShardPlan;

@@ -56,6 +56,38 @@ struct LayerTape {
     plan: Plan,
 }
 
+/// What a layer keeps for its backward: its whole graph, or (activation recomputation)
+/// only what re-running it needs.
+enum Kept {
+    Graph(LayerTape),
+    Replay(ReplayTape),
+}
+
+/// A layer to re-run in backward: its input, the router probabilities' leaf (the
+/// load-balance loss was built on it) and the rows its exchanges brought, so that no
+/// all-to-all runs twice.
+struct ReplayTape {
+    input: Tensor,
+    probs: Tensor,
+    received: Tensor,
+    returned: Tensor,
+    plan: Plan,
+}
+
+/// Which of a layer's cuts (h1, u, probs) is the router probabilities.
+const PROBS_CUT: usize = 2;
+
+/// How a forward pass serves a backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Training {
+    /// No backward (evaluation, under `no_grad`).
+    No,
+    /// Keep every layer's graph.
+    Keep,
+    /// Keep each layer's input and received rows; re-run the layer in backward.
+    Recompute,
+}
+
 /// A forward pass, remembered for its backward.
 pub struct Forward {
     /// Next-token logits, batch x seq x vocab, fp32.
@@ -65,7 +97,8 @@ pub struct Forward {
     /// Per layer, what the router did.
     pub routing: Vec<LayerRouting>,
     embedded: Tensor,
-    layers: Vec<LayerTape>,
+    layers: Vec<Kept>,
+    mask: Option<Tensor>,
 }
 
 fn leaf(t: &Tensor, train: bool) -> Tensor {
@@ -148,6 +181,19 @@ impl<'a> TapeExchange<'a> {
         }
     }
 
+    /// What re-running this layer needs, once it has run on `input` (under `no_grad`)
+    /// and its cut of the router probabilities is `probs`.
+    fn into_replay(self, input: Tensor, probs: Tensor) -> ReplayTape {
+        let missing = "the layer ran its whole exchange";
+        ReplayTape {
+            input,
+            probs,
+            received: self.received.expect(missing),
+            returned: self.returned.expect(missing),
+            plan: self.plan.expect(missing),
+        }
+    }
+
     /// What the backward of this layer needs, once the layer has run on `input`.
     fn into_tape(self, input: Tensor, out: Tensor) -> LayerTape {
         let missing = "the layer ran its whole exchange";
@@ -219,9 +265,10 @@ pub fn forward(
     par: &Parallel,
     tokens: &Tensor,
     mask: Option<&Tensor>,
-    train: bool,
+    training: Training,
     stats: &mut ExchangeStats,
 ) -> Result<Forward, CommError> {
+    let train = training != Training::No;
     let rope = model.rope();
     let embedded = model.embed(tokens);
     let mut x = leaf(&embedded, train);
@@ -229,14 +276,21 @@ pub fn forward(
     let mut routing = Vec::with_capacity(model.layers.len());
     for layer in &model.layers {
         let mut ex = TapeExchange::new(par, train, stats);
-        let (out, moe) = layer.forward_with(&x, rope, mask, &mut ex)?;
+        let (out, moe) = match training {
+            // No graph: the layer is re-run in backward.
+            Training::Recompute => tch::no_grad(|| layer.forward_with(&x, rope, mask, &mut ex))?,
+            _ => layer.forward_with(&x, rope, mask, &mut ex)?,
+        };
+        let probs = moe.probs.shallow_clone();
         routing.push(LayerRouting {
             probs: moe.probs,
             selections: moe.selections,
         });
         let next = leaf(&out, train);
-        if train {
-            layers.push(ex.into_tape(x, out));
+        match training {
+            Training::No => {}
+            Training::Keep => layers.push(Kept::Graph(ex.into_tape(x, out))),
+            Training::Recompute => layers.push(Kept::Replay(ex.into_replay(x, probs))),
         }
         x = next;
     }
@@ -247,6 +301,89 @@ pub fn forward(
         routing,
         embedded,
         layers,
+        mask: mask.map(Tensor::shallow_clone),
+    })
+}
+
+/// Re-running a layer for its backward: the rows come from the first forward's
+/// exchanges and the probabilities' cut is the first forward's leaf, so the rebuilt
+/// graph computes exactly what the kept one would have.
+struct ReplayExchange<'a> {
+    tape: &'a ReplayTape,
+    cuts: usize,
+    joints: Vec<(Tensor, Tensor)>,
+    sent: Option<Tensor>,
+    expert_out: Option<Tensor>,
+}
+
+impl MoeExchange for ReplayExchange<'_> {
+    type Error = CommError;
+
+    fn cut(&mut self, t: &Tensor) -> Tensor {
+        let l = match self.cuts {
+            PROBS_CUT => self.tape.probs.shallow_clone(),
+            _ => leaf(t, true),
+        };
+        self.cuts += 1;
+        self.joints.push((t.shallow_clone(), l.shallow_clone()));
+        l
+    }
+
+    fn send(&mut self, _dispatch: &ExpertDispatch, rows: Tensor) -> Result<(), Self::Error> {
+        self.sent = Some(rows);
+        Ok(())
+    }
+
+    fn receive(&mut self) -> Result<(Tensor, Vec<i64>), Self::Error> {
+        let plan = &self.tape.plan;
+        Ok((
+            plan.expert_major(&self.tape.received),
+            plan.local_counts.clone(),
+        ))
+    }
+
+    fn send_back(&mut self, outputs: Tensor) -> Result<(), Self::Error> {
+        self.expert_out = Some(self.tape.plan.source_major(&outputs));
+        Ok(())
+    }
+
+    fn progress(&mut self) {}
+
+    fn returned(&mut self) -> Result<Tensor, Self::Error> {
+        Ok(self.tape.returned.shallow_clone())
+    }
+}
+
+/// Layer `layer`'s graph rebuilt from `tape` (activation recomputation).
+fn replay(
+    model: &LongcatModel,
+    layer: usize,
+    mask: Option<&Tensor>,
+    tape: ReplayTape,
+) -> Result<LayerTape, CommError> {
+    let mut ex = ReplayExchange {
+        tape: &tape,
+        cuts: 0,
+        joints: Vec::new(),
+        sent: None,
+        expert_out: None,
+    };
+    let (out, _) = model.layers[layer].forward_with(&tape.input, model.rope(), mask, &mut ex)?;
+    let missing = "the layer ran its whole exchange";
+    let (joints, sent, expert_out) = (
+        ex.joints,
+        ex.sent.expect(missing),
+        ex.expert_out.expect(missing),
+    );
+    Ok(LayerTape {
+        input: tape.input,
+        joints,
+        sent,
+        received: tape.received,
+        expert_out,
+        returned: tape.returned,
+        out,
+        plan: tape.plan,
     })
 }
 
@@ -256,6 +393,7 @@ impl Forward {
     /// loss), segment by segment; gradients accumulate in the parameters.
     pub fn backward(
         self,
+        model: &LongcatModel,
         par: &Parallel,
         head_loss: &Tensor,
         layer_losses: Vec<Option<Tensor>>,
@@ -268,7 +406,12 @@ impl Forward {
         );
         head_loss.backward();
         let mut g = grad_or_zeros(&self.last_hidden);
-        for (t, loss) in self.layers.into_iter().zip(layer_losses).rev() {
+        let mask = self.mask;
+        for (l, (kept, loss)) in self.layers.into_iter().zip(layer_losses).enumerate().rev() {
+            let t = match kept {
+                Kept::Graph(t) => t,
+                Kept::Replay(r) => replay(model, l, mask.as_ref(), r)?,
+            };
             let mut post = (&t.out * &g).sum(Kind::Float);
             if let Some(l) = loss {
                 post += l;
@@ -340,17 +483,17 @@ mod tests {
         let ids: Vec<i64> = (0..18).map(|i| (i * 37 + 11) % 256).collect();
         let tokens = Tensor::from_slice(&ids).view([2, 9]);
         let par = Parallel::single();
-        let grads = |segmented: bool| {
+        let grads = |segmented: Option<Training>| {
             let mut stats = ExchangeStats::default();
-            if segmented {
-                let f = forward(&model, &par, &tokens, None, true, &mut stats).unwrap();
+            if let Some(training) = segmented {
+                let f = forward(&model, &par, &tokens, None, training, &mut stats).unwrap();
                 let head = f.logits.square().mean(Kind::Double);
                 let lb: Vec<Option<Tensor>> = f
                     .routing
                     .iter()
                     .map(|r| Some(r.probs.narrow(1, 0, 2).sum(Kind::Double) * 0.1))
                     .collect();
-                f.backward(&par, &head, lb, &mut stats).unwrap();
+                f.backward(&model, &par, &head, lb, &mut stats).unwrap();
             } else {
                 let out = model.forward(&tokens);
                 let mut loss = out.logits.square().mean(Kind::Double);
@@ -374,8 +517,13 @@ mod tests {
                 })
                 .collect::<Vec<_>>()
         };
-        let plain = grads(false);
-        let segmented = grads(true);
+        let plain = grads(None);
+        let segmented = grads(Some(Training::Keep));
+        // Recomputation rebuilds the same graphs: the same bits as keeping them.
+        let recomputed = grads(Some(Training::Recompute));
+        for ((name, a), (_, b)) in segmented.iter().zip(&recomputed) {
+            assert!(a.equal(b), "{name}: recomputation changed the gradient");
+        }
         assert_eq!(plain.len(), segmented.len());
         for ((name, a), (_, b)) in plain.iter().zip(&segmented) {
             assert!(a.defined() && b.defined(), "{name}: no gradient");

@@ -240,6 +240,17 @@ pub struct ParallelConfig {
     pub shard: ShardMode,
 }
 
+/// What a training forward keeps for backward (`train.recompute`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// Every activation.
+    #[default]
+    None,
+    /// Each layer's input and received rows; the layer is re-run in backward.
+    Layer,
+}
+
 /// What sharded data parallelism splits over the ranks that replicate a tensor.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -800,6 +811,11 @@ pub struct TrainConfig {
     /// Step from which the MTP loss is added (its parameters get no gradient before).
     #[serde(default)]
     pub mtp_start_step: usize,
+    /// Activation recomputation: `none` keeps every layer's activations for backward;
+    /// `layer` keeps each layer's input and the rows its exchanges received, and re-runs
+    /// the layer's forward during backward (the same gradients, bit for bit).
+    #[serde(default)]
+    pub recompute: Recompute,
     /// Silent-data-corruption check: every this many steps (0: never), replay the first
     /// micro-batch's forward and backward and compare the gradients bitwise.
     #[serde(default)]

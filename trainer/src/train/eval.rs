@@ -4,7 +4,7 @@
 use crate::batch::batch_tensors;
 use crate::losses::cross_entropy;
 use crate::model::LongcatModel;
-use crate::parallel::{forward, Parallel};
+use crate::parallel::{forward, Parallel, Training};
 use catapult_kernels::ep::ExchangeStats;
 use catapult_kernels::CommError;
 use tch::Device;
@@ -33,7 +33,7 @@ fn mean_loss(
                 None => (chunks[0], 0.0),
             };
             let (inputs, targets) = batch_tensors(chunk, device);
-            let f = forward(model, par, &inputs, None, false, &mut stats)?;
+            let f = forward(model, par, &inputs, None, Training::No, &mut stats)?;
             let loss = cross_entropy(&f.logits, &targets).double_value(&[]);
             sums[0] += weight * loss * chunk.len() as f64;
             sums[1] += weight * chunk.len() as f64;

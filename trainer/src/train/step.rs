@@ -7,8 +7,8 @@
 use crate::batch::{batch_tensors, document_mask};
 use crate::losses::{cross_entropy, hidden_z_loss, load_balance_loss_global, BalanceShape};
 use crate::model::LongcatModel;
-use crate::parallel::{forward, Forward, Parallel};
-use crate::recipe::Recipe;
+use crate::parallel::{forward, Forward, Parallel, Training};
+use crate::recipe::{Recipe, Recompute};
 use catapult_data::Batch;
 use catapult_kernels::comm::Comm;
 use catapult_kernels::ep::ExchangeStats;
@@ -206,12 +206,16 @@ pub fn micro_step(
     stats: &mut StepStats,
 ) -> Result<(), CommError> {
     let recipe = cx.recipe;
+    let training = match recipe.train.recompute {
+        Recompute::None => Training::Keep,
+        Recompute::Layer => Training::Recompute,
+    };
     let f = forward(
         cx.model,
         cx.par,
         &batch.inputs,
         batch.mask.as_ref(),
-        true,
+        training,
         &mut stats.exchange[0],
     )?;
     let (global, global_tokens) = global_counts(&f, &batch.inputs, &cx.par.world);
@@ -275,7 +279,13 @@ pub fn micro_step(
     }
     let probs: Vec<Tensor> = f.routing.iter().map(|r| r.probs.shallow_clone()).collect();
     let layer_losses = balance.into_iter().map(|b| b.map(|b| b * scale)).collect();
-    f.backward(cx.par, &head, layer_losses, &mut stats.exchange[1])?;
+    f.backward(
+        cx.model,
+        cx.par,
+        &head,
+        layer_losses,
+        &mut stats.exchange[1],
+    )?;
     if measure_rg {
         stats.gradient_ratio = match lb_grads {
             Some(lb) => gradient_ratio(&probs, &lb, cx.micro_batches),
