@@ -1,7 +1,8 @@
 //! `catapult bench scale`: a recipe on 4 ranks (started with mpirun), DP 4 and
 //! DP 2 x EP 2, in every sharding mode built (`parallel.shard`), with and without
 //! activation recomputation (`train.recompute`): the bytes rank 0 holds by category, its
-//! peak RSS, the step time and the time spent gathering parameters, each as a ratio
+//! peak RSS, the step time and the exposed parameter-gather and gradient-reduction
+//! times, each as a ratio
 //! against `shard: none` without recomputation on the same layout, measured in the same
 //! run.
 
@@ -21,17 +22,18 @@ const MODES: [(&str, &str); 4] = [
 struct Row {
     layout: String,
     mode: (&'static str, &'static str),
-    /// param, grad, optimizer bytes (rank 0), peak RSS, step s, gather s.
-    values: [f64; 6],
+    /// param, grad, optimizer bytes (rank 0), peak RSS, step s, gather s, reduce s.
+    values: [f64; 7],
 }
 
-const KEYS: [&str; 6] = [
+const KEYS: [&str; 7] = [
     "param_bytes",
     "grad_bytes",
     "optimizer_bytes",
     "memory_peak_rss_bytes",
     "step_s",
-    "param_gather_s",
+    "param_gather_exposed_s",
+    "grad_reduce_exposed_s",
 ];
 
 pub(super) fn run(
@@ -87,7 +89,7 @@ fn report(recipe: &Path, ranks: usize, rows: &[Row], dir: &Path) -> Result<(), c
         recipe.display()
     );
     println!(
-        "{:<14} {:<10} {:<9} {:>16} {:>16} {:>20} {:>16} {:>14} {:>10}",
+        "{:<14} {:<10} {:<9} {:>16} {:>16} {:>20} {:>16} {:>14} {:>10} {:>10}",
         "layout",
         "shard",
         "recompute",
@@ -96,7 +98,8 @@ fn report(recipe: &Path, ranks: usize, rows: &[Row], dir: &Path) -> Result<(), c
         "optimizer MiB",
         "peak RSS MiB",
         "step ms",
-        "gather ms"
+        "gather ms",
+        "reduce ms"
     );
     let mib = |b: f64| b / (1u64 << 20) as f64;
     let mut results = Vec::new();
@@ -113,7 +116,7 @@ fn report(recipe: &Path, ranks: usize, rows: &[Row], dir: &Path) -> Result<(), c
             )
         };
         println!(
-            "{:<14} {:<10} {:<9} {:>16} {:>16} {:>20} {:>16} {:>14} {:>10.2}",
+            "{:<14} {:<10} {:<9} {:>16} {:>16} {:>20} {:>16} {:>14} {:>10.2} {:>10.2}",
             row.layout,
             row.mode.0,
             row.mode.1,
@@ -122,7 +125,8 @@ fn report(recipe: &Path, ranks: usize, rows: &[Row], dir: &Path) -> Result<(), c
             cell(2, mib(1.0)),
             cell(3, mib(1.0)),
             cell(4, 1e3),
-            row.values[5] * 1e3
+            row.values[5] * 1e3,
+            row.values[6] * 1e3
         );
         let mut entry = serde_json::json!({
             "layout": row.layout,

@@ -44,8 +44,9 @@ pub struct StepReport<'a> {
     pub sdc_check_s: Option<f64>,
     /// Bytes this rank holds in parameters, gradients and optimizer state.
     pub held: [u64; 3],
-    /// Seconds gathering the updated parameter slices (sharded optimizer state).
-    pub param_gather_s: f64,
+    /// Seconds of the gradient reduction and of gathering the updated parameter slices
+    /// (sharded optimizer state), both outside any overlap.
+    pub exposed_s: [f64; 2],
 }
 
 impl StepReport<'_> {
@@ -103,7 +104,8 @@ pub fn step_line(
         "param_bytes": r.held[0],
         "grad_bytes": r.held[1],
         "optimizer_bytes": r.held[2],
-        "param_gather_s": r.param_gather_s,
+        "grad_reduce_exposed_s": r.exposed_s[0],
+        "param_gather_exposed_s": r.exposed_s[1],
     });
     // Model FLOPs of the experts actually activated, per rank, against the peak.
     let flops = crate::sizing::flops_per_token(&recipe.model, r.seq_len, r.per_layer);

@@ -119,8 +119,11 @@ impl Trainer<'_> {
                 self.rollbacks = 0;
             }
 
-            // Reduce: dense gradients over the world, expert gradients over replicas.
+            // Reduce: dense gradients over the world, expert gradients over replicas
+            // (after backward, not overlapped with it: all of it is exposed).
+            let reduce_start = Instant::now();
             reduce_gradients(self.par, self.optimizer.parameters()).map_err(CommError::from)?;
+            let reduce_s = reduce_start.elapsed().as_secs_f64();
             stats.all_reduce(&self.par.world);
 
             // Clip (the experts' squared norm summed over the expert group), then step.
@@ -159,7 +162,7 @@ impl Trainer<'_> {
                 per_layer: &per_layer,
                 sdc_check_s: replay.as_ref().map(|r| r.seconds),
                 held: self.optimizer.held_bytes(),
-                param_gather_s: gather_s,
+                exposed_s: [reduce_s, gather_s],
             };
             self.log(&report, &counts)?;
 
