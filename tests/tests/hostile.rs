@@ -126,8 +126,10 @@ fn an_allocation_that_fails_anyway_is_exit_1_not_a_panic() {
         Some(1),
         "a failure at run time exits with 1: {err}"
     );
-    assert!(err.contains("can't allocate memory"), "{err}");
+    // libtorch's own cause varies with where the allocation failed (and under the limit
+    // its message may not be computable at all); ours names the memory either way.
     assert!(err.contains("ran out of memory"), "{err}");
+    assert!(!err.contains("bug in catapult"), "{err}");
     assert!(!err.contains("panicked at"), "{err}");
     assert!(!err.contains("frame #"), "no C++ frames: {err}");
 }

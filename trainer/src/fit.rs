@@ -253,7 +253,9 @@ pub fn without_panic<T>(what: &str, allocate: impl FnOnce() -> T) -> Result<T, T
             .and_then(|m| m.lines().next())
             .unwrap_or(message);
         let cause = cause.split_once("Torch(\"").map_or(cause, |(_, c)| c);
-        if cause.contains("alloc") {
+        // Under an address-space limit the error path itself may fail to allocate, and
+        // libtorch then cannot even word its message.
+        if cause.contains("alloc") || cause.contains("Error computing Error::what()") {
             TrainError::Allocation(format!(
                 "{what}: {cause}; the machine ran out of memory (the estimate of \
                  `catapult train RECIPE --dry-run` did not foresee it): shrink the model, \
