@@ -901,6 +901,22 @@ mod tests {
         dir.display().to_string()
     }
 
+    /// A store at `dir` holding two-rank checkpoints of `steps`, with their tensors.
+    fn saved(
+        dir: &str,
+        steps: impl IntoIterator<Item = u64>,
+    ) -> (Checkpoints, HostTensor, HostTensor) {
+        let store = Checkpoints::open(dir, &StorageOptions::default()).unwrap();
+        let dense = tensor("model.embed", 3, 2, 3);
+        let experts = tensor("model.layers.0.mlp.experts.up_proj", 4, 3, 7);
+        for step in steps {
+            store
+                .save(two_rank_request(step, &dense, &experts))
+                .unwrap();
+        }
+        (store, dense, experts)
+    }
+
     /// A 2-rank expert-parallel checkpoint: the dense tensor on rank 0, the 4 experts'
     /// stacked weights split 2 + 2.
     fn two_rank_request(step: u64, dense: &HostTensor, experts: &HostTensor) -> SaveRequest {
@@ -970,14 +986,7 @@ mod tests {
     #[test]
     fn a_passed_over_step_is_quarantined_and_a_new_save_of_it_does_not_collide() {
         let dir = root("quarantine");
-        let store = Checkpoints::open(&dir, &StorageOptions::default()).unwrap();
-        let dense = tensor("model.embed", 3, 2, 3);
-        let experts = tensor("model.layers.0.mlp.experts.up_proj", 4, 3, 7);
-        for step in [2, 4] {
-            store
-                .save(two_rank_request(step, &dense, &experts))
-                .unwrap();
-        }
+        let (store, dense, experts) = saved(&dir, [2, 4]);
         // Step 4 broken differently from the run that resumes: its manifest differs.
         let manifest = format!("{dir}/step-00000004/manifest.json");
         let text = std::fs::read_to_string(&manifest).unwrap();
@@ -1027,14 +1036,7 @@ mod tests {
     #[test]
     fn retention_never_keeps_a_broken_checkpoint_in_place_of_a_good_one() {
         let dir = root("retain-broken");
-        let store = Checkpoints::open(&dir, &StorageOptions::default()).unwrap();
-        let dense = tensor("model.embed", 3, 2, 3);
-        let experts = tensor("model.layers.0.mlp.experts.up_proj", 4, 3, 7);
-        for step in [1, 2, 3] {
-            store
-                .save(two_rank_request(step, &dense, &experts))
-                .unwrap();
-        }
+        let (store, dense, experts) = saved(&dir, [1, 2, 3]);
         // Step 3 loses half a file; with keep_last 3, saving 4 keeps 2 whole older ones.
         std::fs::write(
             format!("{dir}/step-00000003/rank-00000.safetensors"),
@@ -1059,14 +1061,7 @@ mod tests {
     #[test]
     fn corruption_is_named_and_the_newest_valid_checkpoint_wins() {
         let dir = root("corrupt");
-        let store = Checkpoints::open(&dir, &StorageOptions::default()).unwrap();
-        let dense = tensor("model.embed", 3, 2, 3);
-        let experts = tensor("model.layers.0.mlp.experts.up_proj", 4, 3, 7);
-        for step in [2, 4] {
-            store
-                .save(two_rank_request(step, &dense, &experts))
-                .unwrap();
-        }
+        let (store, _, _) = saved(&dir, [2, 4]);
         let path = format!("{dir}/step-00000004/rank-00001.safetensors");
         let mut bytes = std::fs::read(&path).unwrap();
         let last = bytes.len() - 1;
@@ -1114,14 +1109,7 @@ mod tests {
     #[test]
     fn retention_keeps_the_last_k_and_every_m_th_manifest_first() {
         let dir = root("retain");
-        let store = Checkpoints::open(&dir, &StorageOptions::default()).unwrap();
-        let dense = tensor("model.embed", 3, 2, 3);
-        let experts = tensor("model.layers.0.mlp.experts.up_proj", 4, 3, 7);
-        for step in 1..=7 {
-            store
-                .save(two_rank_request(step, &dense, &experts))
-                .unwrap();
-        }
+        let (store, dense, experts) = saved(&dir, 1..=7);
         let deleted = store.retain(7, 2, 3).unwrap();
         assert_eq!(deleted, vec![1, 2, 4, 5]);
         assert_eq!(store.steps().unwrap(), vec![3, 6, 7]);

@@ -113,6 +113,9 @@ pub struct Shard {
     /// The BLAKE3 the index lists, when it is to be checked on first read.
     blake3: Option<String>,
     metadata: OnceLock<ArrowReaderMetadata>,
+    /// Held while the shard is first opened (checked and its footer read), so that
+    /// workers reading its row groups at once do it one time, not one time each.
+    opening: std::sync::Mutex<()>,
 }
 
 /// The documents of one row group, tokenized: (global row, ids ending with end-of-document).
@@ -316,6 +319,7 @@ impl Dataset {
                 row_offset: 0,
                 blake3: None,
                 metadata: OnceLock::new(),
+                opening: std::sync::Mutex::new(()),
             })
             .collect();
         let mut dataset = Self {
@@ -478,6 +482,14 @@ impl Dataset {
     }
 
     fn metadata(&self, shard: &Shard) -> Result<ArrowReaderMetadata, DataError> {
+        if let Some(m) = shard.metadata.get() {
+            return Ok(m.clone());
+        }
+        let _opening = shard
+            .opening
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Another worker may have opened it while this one waited.
         if let Some(m) = shard.metadata.get() {
             return Ok(m.clone());
         }

@@ -111,11 +111,6 @@ impl AdamW {
         ]
     }
 
-    /// The flat range of each parameter this rank updates (None: all of it).
-    pub fn owned(&self) -> &[Option<Range<usize>>] {
-        &self.owned
-    }
-
     /// Sets each parameter's learning-rate factor (relative to the scheduled rate) from
     /// its name.
     pub fn set_lr_scales(&mut self, scale: impl Fn(&str) -> f64) {
