@@ -6,7 +6,7 @@ use catapult_kernels::comm::Comm;
 use catapult_kernels::ep::{owner, Direction, ExchangeStats, Plan};
 use catapult_kernels::moe::{ffn_choice_mask, ExpertDispatch};
 use catapult_kernels::CommError;
-use catapult_trainer::parallel::{forward, is_expert_param, Parallel, Training};
+use catapult_trainer::parallel::{forward, is_expert_param, NoHooks, Parallel, Training};
 use catapult_trainer::recipe::ModelConfig;
 use clap::Subcommand;
 use tch::{Device, Kind, Tensor};
@@ -354,7 +354,7 @@ fn ep_gradient_check(par: &Parallel) -> anyhow::Result<()> {
             .reshape([-1, 64])
             .cross_entropy_for_logits(&tokens.narrow(1, 1, len - 1).reshape([-1]));
         let none = (0..config.num_layers).map(|_| None).collect();
-        f.backward(&model, par, &loss, none, &mut stats)?;
+        f.backward(&model, par, &loss, none, &mut stats, &mut NoHooks)?;
         let mut named: Vec<(String, Tensor)> = vs
             .variables()
             .into_iter()

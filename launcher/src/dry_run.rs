@@ -192,16 +192,28 @@ fn print_memory(recipe: &Recipe, plan: &Plan, cluster: &Cluster) {
     );
     println!("  weights (fp32)                 {:>12}", gib(mem.weights));
     println!(
-        "  gradients (fp32)               {:>12}",
-        gib(mem.gradients)
+        "  gradients (fp32)               {:>12}{}",
+        gib(mem.gradients),
+        match recipe.parallel.shard {
+            catapult_trainer::recipe::ShardMode::Gradients => format!(
+                "  (reduced slices; full ones during backward: {} more in the total with \
+                 gradient accumulation)",
+                gib(mem.total - mem.weights - mem.gradients - mem.optimizer - mem.activations)
+            ),
+            _ => String::new(),
+        }
     );
     println!(
         "  AdamW moments (fp32)           {:>12}{}",
         gib(mem.optimizer),
         match recipe.parallel.shard {
             catapult_trainer::recipe::ShardMode::None => String::new(),
-            catapult_trainer::recipe::ShardMode::Optimizer => format!(
-                "  (parallel.shard: optimizer: dense 1/{world}, experts 1/{})",
+            mode => format!(
+                "  (parallel.shard: {}: dense 1/{world}, experts 1/{})",
+                match mode {
+                    catapult_trainer::recipe::ShardMode::Gradients => "gradients",
+                    _ => "optimizer",
+                },
                 world / ep
             ),
         }

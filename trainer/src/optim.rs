@@ -260,35 +260,47 @@ impl AdamW {
         })
     }
 
-    /// One AdamW update with learning rate `lr` (times each parameter's factor), then
-    /// clears the gradients.
+    /// One AdamW update with learning rate `lr` (times each parameter's factor) from the
+    /// parameters' gradients, then clears them.
     pub fn step(&mut self, base_lr: f64) {
+        let params: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
+        let owned = self.owned.clone();
+        self.step_with(base_lr, |i| {
+            let g = params[i].grad();
+            if !g.defined() {
+                return None;
+            }
+            Some(match &owned[i] {
+                Some(r) => g.reshape([-1]).narrow(0, r.start as i64, r.len() as i64),
+                None => g,
+            })
+        });
+    }
+
+    /// One AdamW update where `grad(i)` is parameter i's gradient: the owned range of
+    /// it (flat) for a sharded parameter, the whole for another, None for one not in
+    /// this step's graph (no update, moments untouched). Clears the gradients after.
+    pub fn step_with(&mut self, base_lr: f64, grad: impl Fn(usize) -> Option<Tensor>) {
         tch::no_grad(|| {
             for i in 0..self.params.len() {
                 let lr = base_lr * self.lr_scale[i];
                 let whole = self.params[i].1.shallow_clone();
-                let g = whole.grad();
-                if !g.defined() {
-                    // Not in this step's graph (the MTP layer before it is switched on):
-                    // no update, moments untouched.
+                let Some(g) = grad(i) else {
+                    // Not in this step's graph (the MTP layer before it is switched on).
                     continue;
-                }
+                };
                 self.steps[i] += 1;
                 let bias1 = 1.0 - self.beta1.powi(self.steps[i]);
                 let bias2 = 1.0 - self.beta2.powi(self.steps[i]);
-                // A sharded parameter: the owned range of it and of its gradient, flat
-                // (elementwise math, so the bits are those of the whole update).
-                let (mut p, g) = match &self.owned[i] {
+                // A sharded parameter: the owned range of it, flat (elementwise math, so
+                // the bits are those of the whole update).
+                let mut p = match &self.owned[i] {
                     Some(r) if r.is_empty() => {
                         self.params[i].1.zero_grad();
                         continue;
                     }
-                    Some(r) => {
-                        let (at, n) = (r.start as i64, r.len() as i64);
-                        let g = g.reshape([-1]).narrow(0, at, n);
-                        (whole.view([-1]).narrow(0, at, n), g)
-                    }
-                    None => (whole.shallow_clone(), g),
+                    Some(r) => whole.view([-1]).narrow(0, r.start as i64, r.len() as i64),
+                    None => whole.shallow_clone(),
                 };
                 let m = &mut self.exp_avg[i];
                 let v = &mut self.exp_avg_sq[i];

@@ -356,23 +356,32 @@ impl Memory {
         };
         let activations = micro_tokens * kept * activation_bytes(r) + logits;
         let weights = local as f64 * 4.0;
-        let optimizer = match r.parallel.shard {
-            ShardMode::None => 2.0 * weights,
-            ShardMode::Optimizer => {
-                let world = world.max(1) as f64;
-                let replicas = (world / ep as f64).max(1.0);
-                let experts = (p.experts_all / ep as u64) as f64;
-                let dense = local as f64 - experts;
-                8.0 * (dense / world + experts / replicas)
-            }
+        // A rank's 1/P share of dense state (P = world) and of its experts' (P = replicas).
+        let world = world.max(1) as f64;
+        let replicas = (world / ep as f64).max(1.0);
+        let experts = (p.experts_all / ep as u64) as f64;
+        let dense = local as f64 - experts;
+        let share = dense / world + experts / replicas;
+        let (optimizer, gradients) = match r.parallel.shard {
+            ShardMode::None => (2.0 * weights, weights),
+            ShardMode::Optimizer => (8.0 * share, weights),
+            ShardMode::Gradients => (8.0 * share, 4.0 * share),
+        };
+        // With `gradients`, full gradients exist again during backward; with more than
+        // one micro-batch per step they are all held until the last one's reductions.
+        let micro =
+            r.train.global_batch_size / (world as usize).max(1) / r.train.micro_batch_size.max(1);
+        let transient = match (r.parallel.shard, micro > 1) {
+            (ShardMode::Gradients, true) => weights,
+            _ => 0.0,
         };
         Memory {
             params: local,
             weights,
-            gradients: weights,
+            gradients,
             optimizer,
             activations,
-            total: 2.0 * weights + optimizer + activations,
+            total: weights + gradients + optimizer + activations + transient,
         }
     }
 }

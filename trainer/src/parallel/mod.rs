@@ -13,5 +13,6 @@ pub mod schedule;
 pub mod shard;
 
 pub use mesh::{is_expert_param, Group, LayoutError, Parallel};
-pub use schedule::{forward, Forward, LayerRouting, Training};
+pub use reduce::{GradReducer, Segment};
+pub use schedule::{forward, BackwardHooks, Forward, LayerRouting, NoHooks, Training};
 pub use shard::ShardPlan;

@@ -1,112 +1,479 @@
-//! Gradient reductions over the mesh: dense gradients summed over the world, expert
-//! gradients over their replicas, in rank order (deterministic whatever the timing),
-//! then divided by the world so every rank holds the gradient of the global mean loss.
-//! It owns no optimizer state: it rewrites the gradients of the parameters it is given.
+//! Gradient reductions over the mesh (`GradReducer`): dense gradients summed over the
+//! world, expert gradients over their replicas, every element summed in rank order
+//! (deterministic whatever the timing), then divided by the world so every rank holds
+//! the gradient of the global mean loss. It owns the reduced slices between the end of
+//! backward and the optimizer step, and the gradient norm computed from them.
+//!
+//! A reduction is a reduce-scatter laid out by the shard plan: rank r receives, from
+//! every rank, the elements of its flat slice and adds them in rank order. The shard
+//! mode only decides what happens next: `none` all-gathers the slices back into the
+//! full gradients, `optimizer` writes each slice into the owned range of the full
+//! gradient, `gradients` keeps the slices and frees the full gradients. So every mode
+//! computes the same bits, and so does the norm, which is always summed from the slices
+//! (each rank's slice sum, then the ranks' sums in rank order).
+//!
+//! Buckets are a model segment's parameters (one layer, or the embedding, head, final
+//! norm and MTP layer: "the ends"). With overlap, a bucket's reduce-scatter starts,
+//! nonblocking, as soon as the segment's backward of the step's last micro-batch is
+//! done; the optimizer waits for all of them.
 
-use super::mesh::{is_expert_param, Group, Parallel};
-use catapult_kernels::comm::Comm;
-use catapult_kernels::nccl::NcclComm;
+use super::mesh::Parallel;
+use super::shard::{all_gather, ShardGroup, ShardPlan};
+use crate::recipe::ShardMode;
+use catapult_kernels::comm::Pending;
 use catapult_kernels::NcclError;
+use std::time::Instant;
 use tch::{Kind, Tensor};
 
-/// Reduces the gradients of `params` (every rank's parameters in one order) over the
-/// mesh: dense ones over the world, expert ones over the replicas holding the same
-/// experts; both divided by the world size.
-pub fn reduce_gradients(par: &Parallel, params: &[(String, Tensor)]) -> Result<(), NcclError> {
-    let world = par.world.size() as f64;
-    let dense = |n: &str| !is_expert_param(n);
-    sum_over(params, &par.world, &par.world, dense, world)?;
-    sum_over(params, &par.replicas, &par.world, is_expert_param, world)
+/// A part of the model whose parameters' gradients are complete at one point of the
+/// backward: a decoder layer, or the ends (embedding, head, final norm, MTP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Segment {
+    /// Decoder layer l (`model.layers.l.*`).
+    Layer(usize),
+    /// Everything else.
+    Ends,
 }
 
-/// Replaces the gradients of the parameters `select` picks with their sum over the
-/// ranks of `group` divided by `divisor`, deterministically (rank-order sums). A
-/// gradient any rank of `world` has is defined on all afterwards (zeros where a rank
-/// had none), as one process holding every micro-batch and every expert would see it
-/// (an expert shard that received no tokens still takes its decay step).
-/// With the group's NCCL communicator, the sums run GPU to GPU.
-fn sum_over(
-    params: &[(String, Tensor)],
-    group: &Group,
-    world: &Comm,
-    select: impl Fn(&str) -> bool,
+impl Segment {
+    /// The segment a parameter belongs to, from its name.
+    pub fn of(name: &str) -> Segment {
+        name.strip_prefix("model.layers.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|l| l.parse().ok())
+            .map_or(Segment::Ends, Segment::Layer)
+    }
+}
+
+/// A bucket's rows on their way: from the host communicator, or already here.
+enum Arrival {
+    Host(Pending<f32>),
+    Here(Tensor),
+}
+
+/// One group's part of a started bucket.
+struct Flight {
+    group: usize,
+    /// The live members (indices within the group) whose parts travel, in order.
+    members: Vec<usize>,
+    arrival: Arrival,
+}
+
+/// The step's gradient reductions, bucket by bucket.
+pub struct GradReducer {
+    /// Per bucket (layer 0, 1, ..., then the ends), the optimizer indices it holds.
+    buckets: Vec<Vec<usize>>,
+    /// Per parameter: its (group, member index) in the shard plan.
+    place: Vec<Option<(usize, usize)>>,
+    started: Vec<bool>,
+    flights: Vec<Flight>,
+    /// Per group: this rank's slice of the reduced gradients (f32, `per_rank` elements,
+    /// each value rounded through its parameter's kind), while a step has one.
+    slices: Vec<Option<Tensor>>,
+    /// Per parameter: some rank had a gradient for it this step.
+    live: Vec<bool>,
+    /// Per parameter: its full gradient was freed after its reduction (`gradients`).
+    freed: Vec<bool>,
     divisor: f64,
-) -> Result<(), NcclError> {
-    if world.size() == 1 && divisor == 1.0 {
-        return Ok(());
-    }
-    let chosen: Vec<&(String, Tensor)> = params.iter().filter(|(n, _)| select(n)).collect();
-    let mut defined: Vec<i32> = chosen
-        .iter()
-        .map(|(_, p)| i32::from(p.grad().defined()))
-        .collect();
-    world.all_reduce_sum(&mut defined);
-    for ((_, p), &d) in chosen.iter().zip(&defined) {
-        if d > 0 && !p.grad().defined() {
-            // A parameter this rank did not touch: a zero gradient, so that the
-            // reduced one has somewhere to go.
-            (p.sum(Kind::Float) * 0.0).backward();
-        }
-    }
-    let live: Vec<&Tensor> = chosen
-        .iter()
-        .zip(&defined)
-        .filter(|(_, &d)| d > 0)
-        .map(|((_, p), _)| p)
-        .collect();
-    tch::no_grad(|| match group.nccl() {
-        Some(nccl) => sum_on_gpu(&live, nccl, divisor),
-        None => {
-            sum_on_host(&live, group, divisor);
-            Ok(())
-        }
-    })
+    device: tch::Device,
+    exposed_s: f64,
+    sent_bytes: u64,
 }
 
-/// Sums the gradients of `live` over NCCL (the same ranks as the group), in one buffer.
-fn sum_on_gpu(live: &[&Tensor], nccl: &NcclComm, divisor: f64) -> Result<(), NcclError> {
-    if live.is_empty() {
-        return Ok(());
-    }
-    let flat: Vec<Tensor> = live
-        .iter()
-        .map(|p| p.grad().to_kind(Kind::Float).reshape([-1]))
-        .collect();
-    let summed = nccl.all_reduce_sum(&Tensor::cat(&flat, 0))?;
-    let mut at = 0;
-    for p in live {
-        let n = p.numel() as i64;
-        let g = summed
-            .narrow(0, at, n)
-            .view(p.size().as_slice())
-            .to_kind(p.kind())
-            / divisor;
-        at += n;
-        p.grad().copy_(&g);
-    }
-    Ok(())
+fn has_grad(p: &Tensor) -> bool {
+    let g = p.grad();
+    g.defined() && g.numel() == p.numel()
 }
 
-/// Sums the gradients of `live` over the group's host communicator (rank-order sums),
-/// in one f32 buffer.
-fn sum_on_host(live: &[&Tensor], group: &Comm, divisor: f64) {
-    let mut flat: Vec<f32> = Vec::new();
-    for p in live {
-        let g = p.grad().to_kind(Kind::Float);
-        let v: Vec<f32> = Vec::try_from(&g.reshape([-1]).to_device(tch::Device::Cpu))
+/// Gives `p` a zero gradient of its shape where it has none (or a freed one).
+fn ensure_grad(p: &Tensor) {
+    let mut g = p.grad();
+    if !g.defined() {
+        // A parameter this rank did not touch: a zero gradient, so that the reduced
+        // one has somewhere to go.
+        (p.sum(Kind::Float) * 0.0).backward();
+    } else if g.numel() != p.numel() {
+        tch::no_grad(|| {
+            let _ = g.resize_(p.size().as_slice()).zero_();
+        });
+    }
+}
+
+impl GradReducer {
+    /// The reductions of `params` (the optimizer's, in its order) laid out by `plan`,
+    /// over a world of `world` ranks (the divisor of every sum).
+    pub fn new(plan: &ShardPlan, params: &[(String, Tensor)], world: usize) -> Self {
+        let segments: Vec<Segment> = params.iter().map(|(n, _)| Segment::of(n)).collect();
+        let layers = segments
+            .iter()
+            .filter_map(|s| match s {
+                Segment::Layer(l) => Some(l + 1),
+                Segment::Ends => None,
+            })
+            .max()
+            .unwrap_or(0);
+        let mut buckets = vec![Vec::new(); layers + 1];
+        for (i, s) in segments.iter().enumerate() {
+            buckets[Self::bucket_of(layers, *s)].push(i);
+        }
+        let mut place = vec![None; params.len()];
+        for (g, group) in plan.groups().iter().enumerate() {
+            for (k, &i) in group.members.iter().enumerate() {
+                place[i] = Some((g, k));
+            }
+        }
+        let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
+        Self {
+            started: vec![false; buckets.len()],
+            buckets,
+            place,
+            flights: Vec::new(),
+            slices: plan.groups().iter().map(|_| None).collect(),
+            live: vec![false; params.len()],
+            freed: vec![false; params.len()],
+            divisor: world as f64,
+            device,
+            exposed_s: 0.0,
+            sent_bytes: 0,
+        }
+    }
+
+    fn bucket_of(layers: usize, s: Segment) -> usize {
+        match s {
+            Segment::Layer(l) => l,
+            Segment::Ends => layers,
+        }
+    }
+
+    fn bucket(&self, s: Segment) -> usize {
+        Self::bucket_of(self.buckets.len() - 1, s)
+    }
+
+    /// Before a segment's backward: its freed full gradients exist again (zeros), as
+    /// an unsharded run's zeroed gradients do.
+    pub fn restore(&mut self, segment: Segment, params: &[(String, Tensor)]) {
+        let b = self.bucket(segment);
+        for &i in &self.buckets[b] {
+            if std::mem::take(&mut self.freed[i]) {
+                ensure_grad(&params[i].1);
+            }
+        }
+    }
+
+    fn slice(&mut self, plan: &ShardPlan, g: usize) -> &Tensor {
+        let per = plan.groups()[g].layout.per_rank() as i64;
+        let device = self.device;
+        self.slices[g].get_or_insert_with(|| Tensor::zeros([per], (Kind::Float, device)))
+    }
+
+    /// Starts reducing `segment`'s gradients (once per step): which of them any rank
+    /// has is agreed over the world, then each group's parts leave for their owners.
+    pub fn start(
+        &mut self,
+        segment: Segment,
+        par: &Parallel,
+        plan: &ShardPlan,
+        params: &[(String, Tensor)],
+    ) -> Result<(), NcclError> {
+        let b = self.bucket(segment);
+        if std::mem::replace(&mut self.started[b], true) {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let members = self.buckets[b].clone();
+        let mut defined: Vec<i32> = members
+            .iter()
+            .map(|&i| i32::from(has_grad(&params[i].1)))
+            .collect();
+        par.world.all_reduce_sum(&mut defined);
+        for (&i, &d) in members.iter().zip(&defined) {
+            self.live[i] = d > 0;
+            if d > 0 {
+                ensure_grad(&params[i].1);
+            }
+        }
+        for (g, group) in plan.groups().iter().enumerate() {
+            let ks: Vec<usize> = members
+                .iter()
+                .filter(|&&i| self.live[i])
+                .filter_map(|&i| self.place[i].filter(|(gi, _)| *gi == g).map(|(_, k)| k))
+                .collect();
+            if ks.is_empty() {
+                continue;
+            }
+            let arrival = self.send(par, plan, group, &ks, params)?;
+            self.flights.push(Flight {
+                group: g,
+                members: ks.clone(),
+                arrival,
+            });
+            if plan.mode() == ShardMode::Gradients && group.splits(plan.mode()) {
+                for &k in &ks {
+                    let i = group.members[k];
+                    let _ = params[i].1.grad().set_();
+                    self.freed[i] = true;
+                }
+            }
+        }
+        self.exposed_s += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Packs members `ks` of `group` by destination rank and starts the exchange.
+    fn send(
+        &mut self,
+        par: &Parallel,
+        plan: &ShardPlan,
+        group: &ShardGroup,
+        ks: &[usize],
+        params: &[(String, Tensor)],
+    ) -> Result<Arrival, NcclError> {
+        let layout = &group.layout;
+        let ranks = layout.ranks();
+        let (mut pieces, mut counts) = (Vec::new(), vec![0usize; ranks]);
+        let flat: Vec<Tensor> = ks
+            .iter()
+            .map(|&k| params[group.members[k]].1.grad().reshape([-1]))
+            .collect();
+        for (r, count) in counts.iter_mut().enumerate() {
+            for (&k, g) in ks.iter().zip(&flat) {
+                let own = layout.owned_by(r, k);
+                if !own.is_empty() {
+                    *count += own.len();
+                    pieces.push(g.narrow(0, own.start as i64, own.len() as i64));
+                }
+            }
+        }
+        let mine = counts[layout.rank()];
+        let send = tch::no_grad(|| Tensor::cat(&pieces, 0).to_kind(Kind::Float));
+        let comm = plan.group(par, group);
+        self.sent_bytes += ((send.numel() - mine) * 4) as u64;
+        if ranks == 1 {
+            return Ok(Arrival::Here(send));
+        }
+        if let Some(nccl) = comm.nccl() {
+            return Ok(Arrival::Here(nccl.all_to_all_rows(
+                &send,
+                &counts,
+                &vec![mine; ranks],
+            )?));
+        }
+        let host: Vec<f32> = Vec::try_from(&send.to_device(tch::Device::Cpu))
             .expect("gradients convert to f32 on the host");
-        flat.extend(v);
+        Ok(Arrival::Host(comm.start_all_to_all_v(
+            host,
+            &counts,
+            &vec![mine; ranks],
+        )))
     }
-    group.all_reduce_sum(&mut flat);
-    let mut at = 0;
-    for p in live {
-        let n = p.numel();
-        let summed = Tensor::from_slice(&flat[at..at + n])
-            .view(p.size().as_slice())
-            .to_device(p.device())
-            .to_kind(p.kind())
-            / divisor;
-        at += n;
-        p.grad().copy_(&summed);
+
+    /// Adds what arrived for one flight, in rank order, into its group's slice.
+    fn land(&mut self, plan: &ShardPlan, params: &[(String, Tensor)], f: Flight) {
+        let group = &plan.groups()[f.group];
+        let layout = &group.layout;
+        let received = match f.arrival {
+            Arrival::Host(p) => Tensor::from_slice(&p.wait().0).to_device(self.device),
+            Arrival::Here(t) => t,
+        };
+        let ranks = layout.ranks() as i64;
+        let mine = received.numel() as i64 / ranks;
+        let summed = tch::no_grad(|| {
+            let rows = received.view([ranks, mine]);
+            let mut acc = rows.get(0).copy();
+            for src in 1..ranks {
+                acc += rows.get(src);
+            }
+            acc / self.divisor
+        });
+        let me = layout.rank();
+        let slice = self.slice(plan, f.group).shallow_clone();
+        let mut at = 0;
+        tch::no_grad(|| {
+            for &k in &f.members {
+                let n = layout.owned(k).len() as i64;
+                if n == 0 {
+                    continue;
+                }
+                let kind = params[group.members[k]].1.kind();
+                let value = summed.narrow(0, at, n).to_kind(kind).to_kind(Kind::Float);
+                let off = layout.offset_in_slice(me, k) as i64;
+                slice.narrow(0, off, n).copy_(&value);
+                at += n;
+            }
+        });
+    }
+
+    /// Lets the host exchanges in flight progress; lands the ones that completed.
+    pub fn progress(&mut self, plan: &ShardPlan, params: &[(String, Tensor)]) {
+        let mut waiting = Vec::new();
+        for mut f in std::mem::take(&mut self.flights) {
+            let done = match &mut f.arrival {
+                Arrival::Host(p) => p.test(),
+                Arrival::Here(_) => true,
+            };
+            match done {
+                true => self.land(plan, params, f),
+                false => waiting.push(f),
+            }
+        }
+        self.flights = waiting;
+    }
+
+    /// Starts every bucket not started yet and waits for all: afterwards each group's
+    /// slice holds this rank's part of the reduced gradients.
+    pub fn finish(
+        &mut self,
+        par: &Parallel,
+        plan: &ShardPlan,
+        params: &[(String, Tensor)],
+    ) -> Result<(), NcclError> {
+        let t0 = Instant::now();
+        let layers = self.buckets.len() - 1;
+        for b in 0..=layers {
+            let s = match b == layers {
+                true => Segment::Ends,
+                false => Segment::Layer(b),
+            };
+            self.start(s, par, plan, params)?;
+        }
+        for f in std::mem::take(&mut self.flights) {
+            self.land(plan, params, f);
+        }
+        self.exposed_s += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// The squared L2 norm of the reduced gradients: (dense, this expert shard's), each
+    /// the ranks' slice sums added in rank order, so the same bits in every mode.
+    pub fn squared_norms(&mut self, par: &Parallel, plan: &ShardPlan) -> (f64, f64) {
+        let mut out = (0.0, 0.0);
+        for (g, group) in plan.groups().iter().enumerate() {
+            let s = tch::no_grad(|| {
+                self.slice(plan, g)
+                    .square()
+                    .sum(Kind::Float)
+                    .double_value(&[])
+            });
+            let (all, _) = plan.group(par, group).all_gather_v(&[s]);
+            let total = all.iter().fold(0.0, |a, &x| a + x);
+            match group.over {
+                super::shard::Over::World => out.0 += total,
+                super::shard::Over::Replicas => out.1 += total,
+            }
+        }
+        out
+    }
+
+    /// Scales the reduced gradients by `factor` (clipping).
+    pub fn scale(&mut self, factor: f64) {
+        tch::no_grad(|| {
+            for s in self.slices.iter_mut().flatten() {
+                let _ = s.g_mul_scalar_(factor);
+            }
+        });
+    }
+
+    /// Puts the reduced slices where the optimizer reads them: whole gradients
+    /// (all-gathered) where the group's optimizer state is not split; the owned range of
+    /// the full gradient with `optimizer`; nothing with `gradients` (`gradient` reads
+    /// the slices).
+    pub fn write_back(
+        &mut self,
+        par: &Parallel,
+        plan: &ShardPlan,
+        params: &[(String, Tensor)],
+    ) -> Result<(), NcclError> {
+        let t0 = Instant::now();
+        for (g, group) in plan.groups().iter().enumerate() {
+            let slice = self.slice(plan, g).shallow_clone();
+            let live: Vec<usize> = (0..group.members.len())
+                .filter(|&k| self.live[group.members[k]])
+                .collect();
+            if live.is_empty() {
+                continue;
+            }
+            let layout = &group.layout;
+            if !group.splits(plan.mode()) {
+                let all = all_gather(plan.group(par, group), &slice)?;
+                tch::no_grad(|| {
+                    for &k in &live {
+                        let p = &params[group.members[k]].1;
+                        let whole = plan.assemble(group, &all, k);
+                        let whole = whole.view(p.size().as_slice()).to_kind(p.kind());
+                        p.grad().copy_(&whole);
+                    }
+                });
+            } else if plan.mode() == ShardMode::Optimizer {
+                tch::no_grad(|| {
+                    for &k in &live {
+                        let p = &params[group.members[k]].1;
+                        let own = layout.owned(k);
+                        if own.is_empty() {
+                            continue;
+                        }
+                        let (at, n) = (own.start as i64, own.len() as i64);
+                        let off = layout.offset_in_slice(layout.rank(), k) as i64;
+                        let value = slice.narrow(0, off, n).to_kind(p.kind());
+                        p.grad().view([-1]).narrow(0, at, n).copy_(&value);
+                    }
+                });
+            }
+        }
+        if plan.mode() != ShardMode::Gradients {
+            // Written where the optimizer reads them: the slices are done with.
+            self.slices.iter_mut().for_each(|s| *s = None);
+        }
+        self.exposed_s += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// The gradient the optimizer applies to parameter `i`: None when no rank had one;
+    /// with `gradients`, the owned range of the reduced slice (flat, possibly empty);
+    /// otherwise the parameter's full gradient.
+    pub fn gradient(
+        &self,
+        plan: &ShardPlan,
+        params: &[(String, Tensor)],
+        i: usize,
+    ) -> Option<Tensor> {
+        if !self.live[i] {
+            return None;
+        }
+        let p = &params[i].1;
+        match self.place[i] {
+            Some((g, k)) if plan.mode() == ShardMode::Gradients => {
+                let group = &plan.groups()[g];
+                if !group.splits(plan.mode()) {
+                    return Some(p.grad());
+                }
+                let layout = &group.layout;
+                let n = layout.owned(k).len() as i64;
+                let off = layout.offset_in_slice(layout.rank(), k) as i64;
+                let slice = self.slices[g].as_ref().expect("the step's slice exists");
+                Some(slice.narrow(0, off, n).to_kind(p.kind()))
+            }
+            _ => Some(p.grad()),
+        }
+    }
+
+    /// Bytes of reduced slices held now.
+    pub fn held_bytes(&self) -> u64 {
+        self.slices
+            .iter()
+            .flatten()
+            .map(|s| (s.numel() * 4) as u64)
+            .sum()
+    }
+
+    /// Ends the step: the slices are dropped and the counters returned (seconds spent
+    /// reducing outside the overlap, bytes this rank sent).
+    pub fn end_step(&mut self) -> (f64, u64) {
+        self.slices.iter_mut().for_each(|s| *s = None);
+        self.started.iter_mut().for_each(|s| *s = false);
+        self.live.iter_mut().for_each(|l| *l = false);
+        (
+            std::mem::take(&mut self.exposed_s),
+            std::mem::take(&mut self.sent_bytes),
+        )
     }
 }

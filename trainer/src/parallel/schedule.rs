@@ -28,6 +28,7 @@
 //! and is waited on after MLA1 and FFN1, just before the layer output needs it.
 
 use super::mesh::Parallel;
+use super::reduce::Segment;
 use crate::model::{LongcatModel, MoeExchange};
 use catapult_kernels::ep::{Direction, ExchangeStats, InFlight, Plan};
 use catapult_kernels::moe::ExpertDispatch;
@@ -86,6 +87,28 @@ pub enum Training {
     Keep,
     /// Keep each layer's input and received rows; re-run the layer in backward.
     Recompute,
+}
+
+/// What runs around each segment's backward: before its parameters' gradients start
+/// accumulating, and once they are complete for this micro-batch (the gradient
+/// reductions start there).
+pub trait BackwardHooks {
+    /// Before the backward reaches `segment`'s parameters.
+    fn before(&mut self, segment: Segment) -> Result<(), CommError>;
+    /// After `segment`'s parameters have their gradients of this micro-batch.
+    fn after(&mut self, segment: Segment) -> Result<(), CommError>;
+}
+
+/// No hooks.
+pub struct NoHooks;
+
+impl BackwardHooks for NoHooks {
+    fn before(&mut self, _: Segment) -> Result<(), CommError> {
+        Ok(())
+    }
+    fn after(&mut self, _: Segment) -> Result<(), CommError> {
+        Ok(())
+    }
 }
 
 /// A forward pass, remembered for its backward.
@@ -390,7 +413,8 @@ fn replay(
 impl Forward {
     /// Backward of `head_loss` (a function of the logits and `last_hidden`) plus
     /// `layer_losses[l]` (functions of layer l's `routing.probs`, e.g. the load-balance
-    /// loss), segment by segment; gradients accumulate in the parameters.
+    /// loss), segment by segment; gradients accumulate in the parameters, and `hooks`
+    /// run around each segment.
     pub fn backward(
         self,
         model: &LongcatModel,
@@ -398,12 +422,14 @@ impl Forward {
         head_loss: &Tensor,
         layer_losses: Vec<Option<Tensor>>,
         stats: &mut ExchangeStats,
+        hooks: &mut dyn BackwardHooks,
     ) -> Result<(), CommError> {
         assert_eq!(
             layer_losses.len(),
             self.layers.len(),
             "one loss slot per layer"
         );
+        hooks.before(Segment::Ends)?;
         head_loss.backward();
         let mut g = grad_or_zeros(&self.last_hidden);
         let mask = self.mask;
@@ -412,6 +438,7 @@ impl Forward {
                 Kept::Graph(t) => t,
                 Kept::Replay(r) => replay(model, l, mask.as_ref(), r)?,
             };
+            hooks.before(Segment::Layer(l))?;
             let mut post = (&t.out * &g).sum(Kind::Float);
             if let Some(l) = loss {
                 post += l;
@@ -445,9 +472,10 @@ impl Forward {
                 pre.backward();
             }
             g = grad_or_zeros(&t.input);
+            hooks.after(Segment::Layer(l))?;
         }
         (&self.embedded * g).sum(Kind::Float).backward();
-        Ok(())
+        hooks.after(Segment::Ends)
     }
 }
 
@@ -493,7 +521,8 @@ mod tests {
                     .iter()
                     .map(|r| Some(r.probs.narrow(1, 0, 2).sum(Kind::Double) * 0.1))
                     .collect();
-                f.backward(&model, &par, &head, lb, &mut stats).unwrap();
+                f.backward(&model, &par, &head, lb, &mut stats, &mut NoHooks)
+                    .unwrap();
             } else {
                 let out = model.forward(&tokens);
                 let mut loss = out.logits.square().mean(Kind::Double);

@@ -1,13 +1,16 @@
-//! Sharded data parallelism (`parallel.shard: optimizer`, ZeRO-1): which contiguous flat
+//! Sharded data parallelism (`parallel.shard`, the ZeRO ladder): which contiguous flat
 //! range of its parameters each rank of a replicating group owns, and moving the owned
 //! ranges between the ranks. Dense parameters are split over the whole world, expert
 //! parameters over their replicas. A group's parameters, in the optimizer's fixed order,
 //! are flattened and concatenated; rank r of P owns elements `r * S .. (r + 1) * S` with
 //! `S = ceil(total / P)` (the last rank's range padded), so every rank's slice has the
-//! same length. The owner updates its slice (AdamW's moments exist for it only) and the
-//! updated slices are all-gathered, so every rank computes exactly the bits `none` does.
+//! same length. The same layout places every gradient reduction (`reduce`): each rank
+//! sums the elements it owns, in rank order, whatever the shard mode, so every mode
+//! computes the bits of `none`. With the optimizer sharded, the owner updates its slice
+//! (AdamW's moments exist for it only) and the updated slices are all-gathered.
 
 use super::mesh::{is_expert_param, Group, Parallel};
+use crate::recipe::ShardMode;
 use catapult_kernels::NcclError;
 use std::ops::Range;
 use tch::{Kind, Tensor};
@@ -19,6 +22,7 @@ pub struct FlatLayout {
     sizes: Vec<usize>,
     per_rank: usize,
     rank: usize,
+    ranks: usize,
 }
 
 impl FlatLayout {
@@ -35,6 +39,7 @@ impl FlatLayout {
             sizes,
             per_rank: total.div_ceil(ranks.max(1)),
             rank,
+            ranks: ranks.max(1),
         }
     }
 
@@ -60,11 +65,27 @@ impl FlatLayout {
     pub fn owned(&self, i: usize) -> Range<usize> {
         self.owned_by(self.rank, i)
     }
+
+    /// The rank this layout is seen from.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Ranks the members are split over.
+    pub fn ranks(&self) -> usize {
+        self.ranks
+    }
+
+    /// Where member `i`'s part sits inside rank `rank`'s slice: after the owned parts
+    /// of the members before it.
+    pub fn offset_in_slice(&self, rank: usize, i: usize) -> usize {
+        (0..i).map(|j| self.owned_by(rank, j).len()).sum()
+    }
 }
 
 /// Which ranks replicate a group's tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Over {
+pub(super) enum Over {
     /// Dense tensors: every rank.
     World,
     /// Expert tensors: the replicas of one expert shard.
@@ -73,30 +94,40 @@ enum Over {
 
 /// One sharded group: the optimizer's parameter indices it holds, and its layout.
 #[derive(Debug)]
-struct ShardGroup {
-    over: Over,
-    members: Vec<usize>,
-    layout: FlatLayout,
+pub(super) struct ShardGroup {
+    pub(super) over: Over,
+    pub(super) members: Vec<usize>,
+    pub(super) layout: FlatLayout,
+}
+
+impl ShardGroup {
+    /// Whether this group's optimizer state (and, with `gradients`, its reduced
+    /// gradients) is split: a shard mode, over more than one rank.
+    pub(super) fn splits(&self, mode: ShardMode) -> bool {
+        mode != ShardMode::None && self.layout.ranks() > 1
+    }
 }
 
 /// The sharding of an optimizer's parameters over the mesh.
 #[derive(Debug, Default)]
 pub struct ShardPlan {
     groups: Vec<ShardGroup>,
+    mode: ShardMode,
 }
 
 impl ShardPlan {
-    /// The plan for `params` (the optimizer's, in its order) on `par`: dense ones over
-    /// the world, expert ones over their replicas; a group of one rank is not split.
-    pub fn new(par: &Parallel, params: &[(String, Tensor)]) -> Self {
+    /// The plan for `params` (the optimizer's, in its order) on `par` in `mode`: dense
+    /// ones over the world, expert ones over their replicas (a group of one rank is laid
+    /// out, for the reductions, but not split). A world of one has no groups.
+    pub fn new(par: &Parallel, params: &[(String, Tensor)], mode: ShardMode) -> Self {
         let mut groups = Vec::new();
+        if par.world.size() < 2 {
+            return Self { groups, mode };
+        }
         for (over, group, expert) in [
             (Over::World, &par.world, false),
             (Over::Replicas, &par.replicas, true),
         ] {
-            if group.size() < 2 {
-                continue;
-            }
             let members: Vec<usize> = (0..params.len())
                 .filter(|&i| is_expert_param(&params[i].0) == expert)
                 .collect();
@@ -107,14 +138,29 @@ impl ShardPlan {
                 layout: FlatLayout::new(sizes, group.rank(), group.size()),
             });
         }
-        Self { groups }
+        Self { groups, mode }
+    }
+
+    /// The shard mode.
+    pub fn mode(&self) -> ShardMode {
+        self.mode
+    }
+
+    /// The groups, for the reductions.
+    pub(super) fn groups(&self) -> &[ShardGroup] {
+        &self.groups
+    }
+
+    /// The groups whose state is split.
+    fn split_groups(&self) -> impl Iterator<Item = &ShardGroup> {
+        self.groups.iter().filter(|g| g.splits(self.mode))
     }
 
     /// The flat range of each parameter this rank updates: Some(range) for a sharded
     /// one (possibly empty), None for one it updates whole.
     pub fn owned_ranges(&self, count: usize) -> Vec<Option<Range<usize>>> {
         let mut out = vec![None; count];
-        for g in &self.groups {
+        for g in self.split_groups() {
             for (k, &i) in g.members.iter().enumerate() {
                 out[i] = Some(g.layout.owned(k));
             }
@@ -122,7 +168,7 @@ impl ShardPlan {
         out
     }
 
-    fn group<'a>(&self, par: &'a Parallel, g: &ShardGroup) -> &'a Group {
+    pub(super) fn group<'a>(&self, par: &'a Parallel, g: &ShardGroup) -> &'a Group {
         match g.over {
             Over::World => &par.world,
             Over::Replicas => &par.replicas,
@@ -136,7 +182,7 @@ impl ShardPlan {
         par: &Parallel,
         params: &[(String, Tensor)],
     ) -> Result<(), NcclError> {
-        for g in &self.groups {
+        for g in self.split_groups() {
             let group = self.group(par, g);
             let mine = self.owned_flat(g, |i| params[i].1.shallow_clone());
             let all = all_gather(group, &mine)?;
@@ -161,7 +207,7 @@ impl ShardPlan {
         shapes: &[Vec<i64>],
     ) -> Vec<Option<Tensor>> {
         let mut out: Vec<Option<Tensor>> = slices.iter().map(|t| Some(t.shallow_clone())).collect();
-        for g in &self.groups {
+        for g in self.split_groups() {
             let group = self.group(par, g);
             let mine = self.owned_flat(g, |i| slices[i].shallow_clone());
             let host: Vec<f32> = Vec::try_from(&mine.to_device(tch::Device::Cpu))
@@ -209,7 +255,7 @@ impl ShardPlan {
     }
 
     /// Member `k` of group `g`, flat, from the concatenation of every rank's slice.
-    fn assemble(&self, g: &ShardGroup, all: &Tensor, k: usize) -> Tensor {
+    pub(super) fn assemble(&self, g: &ShardGroup, all: &Tensor, k: usize) -> Tensor {
         let per = g.layout.per_rank();
         let ranks = all.numel() / per.max(1);
         let mut parts = Vec::new();
@@ -218,9 +264,7 @@ impl ShardPlan {
             if r.is_empty() {
                 continue;
             }
-            // Where member k's part sits inside that rank's slice: after the owned parts
-            // of the members before it.
-            let before: usize = (0..k).map(|j| g.layout.owned_by(rank, j).len()).sum();
+            let before = g.layout.offset_in_slice(rank, k);
             parts.push(all.narrow(0, (rank * per + before) as i64, r.len() as i64));
         }
         Tensor::cat(&parts, 0)
@@ -228,7 +272,7 @@ impl ShardPlan {
 }
 
 /// Every rank's `mine` (the same length on each), concatenated in rank order.
-fn all_gather(group: &Group, mine: &Tensor) -> Result<Tensor, NcclError> {
+pub(super) fn all_gather(group: &Group, mine: &Tensor) -> Result<Tensor, NcclError> {
     if let Some(nccl) = group.nccl() {
         return Ok(nccl.all_gather(mine)?.reshape([-1]));
     }

@@ -258,8 +258,13 @@ pub enum ShardMode {
     /// Nothing: every replica holds everything.
     #[default]
     None,
-    /// The optimizer state (AdamW moments): 1/P per rank.
+    /// The optimizer state (AdamW moments): 1/P per rank; gradients are reduce-scattered
+    /// into the owned range of each full gradient.
     Optimizer,
+    /// The optimizer state and the reduced gradients: a rank keeps only its 1/P slice of
+    /// each reduced gradient; a layer's full gradients are freed once its reduction has
+    /// started and exist again only during the next step's backward.
+    Gradients,
 }
 
 /// Which library moves tensors between ranks.

@@ -47,6 +47,8 @@ pub struct StepReport<'a> {
     /// Seconds of the gradient reduction and of gathering the updated parameter slices
     /// (sharded optimizer state), both outside any overlap.
     pub exposed_s: [f64; 2],
+    /// Bytes this rank sent reducing gradients this step.
+    pub grad_reduce_bytes: u64,
 }
 
 impl StepReport<'_> {
@@ -105,6 +107,7 @@ pub fn step_line(
         "grad_bytes": r.held[1],
         "optimizer_bytes": r.held[2],
         "grad_reduce_exposed_s": r.exposed_s[0],
+        "grad_reduce_bytes": r.grad_reduce_bytes,
         "param_gather_exposed_s": r.exposed_s[1],
     });
     // Model FLOPs of the experts actually activated, per rank, against the peak.

@@ -14,8 +14,8 @@ use crate::groups::Group;
 use crate::init::build_model_with_experts;
 use crate::metrics::{Metrics, Progress};
 use crate::optim::AdamW;
-use crate::parallel::{Parallel, ShardPlan};
-use crate::recipe::{Recipe, ShardMode};
+use crate::parallel::{GradReducer, Parallel, ShardPlan};
+use crate::recipe::Recipe;
 use crate::supervision::{install_preemption_handlers, Heartbeat};
 use catapult_checkpoints::{AsyncSaver, Checkpoints, Loaded};
 use catapult_data::Pipeline;
@@ -237,10 +237,7 @@ impl<'a> Trainer<'a> {
         let (built, mut optimizer, shard) = crate::fit::without_panic(&recipe.name, || {
             let built = build_model_with_experts(recipe, device, local);
             let params = built.parameters();
-            let shard = match recipe.parallel.shard {
-                ShardMode::None => ShardPlan::default(),
-                ShardMode::Optimizer => ShardPlan::new(par, &params),
-            };
+            let shard = ShardPlan::new(par, &params, recipe.parallel.shard);
             let owned = shard.owned_ranges(params.len());
             let optimizer = AdamW::with_owned(params, &recipe.train, owned);
             (built, optimizer, shard)
@@ -263,6 +260,7 @@ impl<'a> Trainer<'a> {
             device,
             run_dir: recipe.run_dir(),
             built,
+            reducer: (world > 1).then(|| GradReducer::new(&shard, optimizer.parameters(), world)),
             optimizer,
             shard,
             controller,

@@ -7,7 +7,7 @@
 use super::step::{micro_step, MicroBatch, StepContext, StepStats};
 use crate::error::TrainError;
 use crate::optim::AdamW;
-use crate::parallel::is_expert_param;
+use crate::parallel::{is_expert_param, NoHooks};
 use crate::recipe::SdcAction;
 use catapult_kernels::comm::Comm;
 use catapult_kernels::CommError;
@@ -39,7 +39,7 @@ pub fn replay(
     let first = optimizer.gradients();
     optimizer.zero_grad();
     let mut scratch = scratch;
-    micro_step(cx, batch, false, &mut scratch)?;
+    micro_step(cx, batch, false, &mut scratch, &mut NoHooks)?;
     fault_hook(rank, done, optimizer);
     let differs = first_difference(&first, &optimizer.gradients());
     Ok(Replay {

@@ -7,7 +7,7 @@
 use crate::batch::{batch_tensors, document_mask};
 use crate::losses::{cross_entropy, hidden_z_loss, load_balance_loss_global, BalanceShape};
 use crate::model::LongcatModel;
-use crate::parallel::{forward, Forward, Parallel, Training};
+use crate::parallel::{forward, BackwardHooks, Forward, Parallel, Training};
 use crate::recipe::{Recipe, Recompute};
 use catapult_data::Batch;
 use catapult_kernels::comm::Comm;
@@ -198,12 +198,13 @@ fn gradient_ratio(probs: &[Tensor], lb_grads: &[Tensor], micro_batches: usize) -
 /// Forward and backward of one micro-batch through the parallel schedule; gradients
 /// accumulate in the parameters. The load-balance loss and the statistics use the
 /// micro-batch's global expert counts (every rank's). With `measure_rg`, also R_g and
-/// the hidden RMS.
+/// the hidden RMS. `hooks` run around each segment's backward.
 pub fn micro_step(
     cx: &StepContext,
     batch: &MicroBatch,
     measure_rg: bool,
     stats: &mut StepStats,
+    hooks: &mut dyn BackwardHooks,
 ) -> Result<(), CommError> {
     let recipe = cx.recipe;
     let training = match recipe.train.recompute {
@@ -285,6 +286,7 @@ pub fn micro_step(
         &head,
         layer_losses,
         &mut stats.exchange[1],
+        hooks,
     )?;
     if measure_rg {
         stats.gradient_ratio = match lb_grads {

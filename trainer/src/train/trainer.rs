@@ -15,8 +15,8 @@ use crate::groups::Group;
 use crate::init::BuiltModel;
 use crate::metrics::{Metrics, Progress};
 use crate::optim::{learning_rate, AdamW};
-use crate::parallel::{is_expert_param, reduce::reduce_gradients, Parallel, ShardPlan};
-use crate::recipe::Recipe;
+use crate::parallel::{BackwardHooks, GradReducer, NoHooks, Parallel, Segment, ShardPlan};
+use crate::recipe::{Recipe, ShardMode};
 use crate::supervision::{self, Heartbeat};
 use catapult_checkpoints::{AsyncSaver, Checkpoints, Loaded};
 use catapult_data::{Batch, Pipeline};
@@ -24,7 +24,7 @@ use catapult_kernels::CommError;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
-use tch::Device;
+use tch::{Device, Tensor};
 
 /// Trains `recipe` on `par` to the end, or until `stop_at_tokens` (then like a
 /// preemption: a checkpoint at that step, `reached_tokens` set).
@@ -38,6 +38,44 @@ pub(super) fn train_stage(
     let mut trainer = Trainer::open(recipe, opts, par, device, stop_at_tokens)?;
     trainer.run()?;
     trainer.finish()
+}
+
+/// What the optimizer's half of a step reports.
+struct Update {
+    /// The gradient norm before clipping.
+    grad_norm: f64,
+    /// Bytes held in parameters, gradients and moments just before the update.
+    held: [u64; 3],
+    /// Seconds of gradient reduction and of parameter gathering not overlapped.
+    exposed_s: [f64; 2],
+    /// Bytes this rank sent reducing gradients.
+    sent_bytes: u64,
+}
+
+/// The backward hooks of a step with reductions: a segment's freed gradients come back
+/// before its backward; with `start`, its reduction starts after it.
+struct Reducing<'a> {
+    reducer: &'a mut GradReducer,
+    par: &'a Parallel,
+    plan: &'a ShardPlan,
+    params: &'a [(String, Tensor)],
+    start: bool,
+}
+
+impl BackwardHooks for Reducing<'_> {
+    fn before(&mut self, segment: Segment) -> Result<(), CommError> {
+        self.reducer.restore(segment, self.params);
+        Ok(())
+    }
+
+    fn after(&mut self, segment: Segment) -> Result<(), CommError> {
+        if self.start {
+            self.reducer
+                .start(segment, self.par, self.plan, self.params)?;
+        }
+        self.reducer.progress(self.plan, self.params);
+        Ok(())
+    }
 }
 
 /// Why the loop stopped before the last step.
@@ -60,6 +98,8 @@ pub(super) struct Trainer<'a> {
     pub(super) optimizer: AdamW,
     /// Which slice of the replicated parameters this rank updates (`parallel.shard`).
     pub(super) shard: ShardPlan,
+    /// The gradient reductions (a world of more than one rank).
+    pub(super) reducer: Option<GradReducer>,
     pub(super) controller: ExpertBiasController,
     pub(super) pipeline: Pipeline,
     pub(super) valid: eval::ValidationSets,
@@ -119,21 +159,9 @@ impl Trainer<'_> {
                 self.rollbacks = 0;
             }
 
-            // Reduce: dense gradients over the world, expert gradients over replicas
-            // (after backward, not overlapped with it: all of it is exposed).
-            let reduce_start = Instant::now();
-            reduce_gradients(self.par, self.optimizer.parameters()).map_err(CommError::from)?;
-            let reduce_s = reduce_start.elapsed().as_secs_f64();
+            // Reduce (what backward did not overlap), clip, step, gather.
             stats.all_reduce(&self.par.world);
-
-            // Clip (the experts' squared norm summed over the expert group), then step.
-            let grad_norm = self.clip_gradients();
-            self.optimizer.step(lr);
-            let gather_start = Instant::now();
-            self.shard
-                .gather_parameters(self.par, self.optimizer.parameters())
-                .map_err(CommError::from)?;
-            let gather_s = gather_start.elapsed().as_secs_f64();
+            let update = self.update(lr)?;
 
             // Expert-bias update from the global batch's counts: the same on every rank.
             let counts = stats.count_rows();
@@ -149,7 +177,7 @@ impl Trainer<'_> {
             let report = StepReport {
                 done,
                 lr,
-                grad_norm,
+                grad_norm: update.grad_norm,
                 stats: &stats,
                 micro_batches: self.micro_batches(),
                 tokens_per_s: step_tokens as f64 / step_s,
@@ -161,8 +189,9 @@ impl Trainer<'_> {
                 elapsed_s: self.started.elapsed().as_secs_f64(),
                 per_layer: &per_layer,
                 sdc_check_s: replay.as_ref().map(|r| r.seconds),
-                held: self.optimizer.held_bytes(),
-                exposed_s: [reduce_s, gather_s],
+                held: update.held,
+                exposed_s: update.exposed_s,
+                grad_reduce_bytes: update.sent_bytes,
             };
             self.log(&report, &counts)?;
 
@@ -235,7 +264,25 @@ impl Trainer<'_> {
                 t.micro_batch_size,
                 self.device,
             );
-            step::micro_step(&cx, &input, router_metrics_due && micro == 0, &mut stats)?;
+            // With overlap, the last micro-batch's backward starts each segment's
+            // reduction as soon as its gradients are complete (not when a replay of it
+            // follows).
+            let replayed = micro == 0 && sdc_due;
+            let start = self.par.overlap && micro + 1 == cx.micro_batches && !replayed;
+            let measure = router_metrics_due && micro == 0;
+            match self.reducer.as_mut() {
+                Some(reducer) => {
+                    let mut hooks = Reducing {
+                        reducer,
+                        par: self.par,
+                        plan: &self.shard,
+                        params: self.optimizer.parameters(),
+                        start,
+                    };
+                    step::micro_step(&cx, &input, measure, &mut stats, &mut hooks)?;
+                }
+                None => step::micro_step(&cx, &input, measure, &mut stats, &mut NoHooks)?,
+            }
             if micro == 0 && sdc_due {
                 let scratch = StepStats::new(recipe, self.device, step);
                 let rank = self.par.world.rank();
@@ -252,15 +299,57 @@ impl Trainer<'_> {
         Ok((stats, replay))
     }
 
-    /// Clips the gradients to `train.grad_clip`; returns the norm before clipping.
-    fn clip_gradients(&mut self) -> f64 {
-        let expert = &self.par.expert;
-        self.optimizer
-            .clip_grad_norm_sharded(self.recipe.train.grad_clip, is_expert_param, |x| {
-                let mut v = [x];
-                expert.all_reduce_sum(&mut v);
-                v[0]
-            })
+    /// The optimizer's half of a step: the gradient reductions not yet done, clipping
+    /// to `train.grad_clip`, the AdamW update and the gather of sharded parameters.
+    fn update(&mut self, lr: f64) -> Result<Update, CommError> {
+        let Some(reducer) = self.reducer.as_mut() else {
+            // One rank: nothing to reduce or gather.
+            let grad_norm = self.optimizer.clip_grad_norm(self.recipe.train.grad_clip);
+            let held = self.optimizer.held_bytes();
+            self.optimizer.step(lr);
+            return Ok(Update {
+                grad_norm,
+                held,
+                exposed_s: [0.0, 0.0],
+                sent_bytes: 0,
+            });
+        };
+        let (par, plan) = (self.par, &self.shard);
+        let params = self.optimizer.parameters();
+        reducer.finish(par, plan, params)?;
+        // The experts' squared norm is summed over the expert group (each rank holds
+        // its experts' share); the dense one is the same on every rank already.
+        let (dense, experts) = reducer.squared_norms(par, plan);
+        let mut v = [experts];
+        par.expert.all_reduce_sum(&mut v);
+        let grad_norm = (dense + v[0]).sqrt();
+        let max_norm = self.recipe.train.grad_clip;
+        if max_norm > 0.0 && grad_norm > max_norm {
+            reducer.scale(max_norm / (grad_norm + 1e-6));
+        }
+        reducer.write_back(par, plan, params)?;
+        let mut held = self.optimizer.held_bytes();
+        held[1] += reducer.held_bytes();
+        match plan.mode() {
+            ShardMode::Gradients => {
+                let grads: Vec<Option<Tensor>> = (0..params.len())
+                    .map(|i| reducer.gradient(plan, params, i))
+                    .collect();
+                self.optimizer
+                    .step_with(lr, |i| grads[i].as_ref().map(Tensor::shallow_clone));
+            }
+            _ => self.optimizer.step(lr),
+        }
+        let (reduce_s, sent_bytes) = reducer.end_step();
+        let gather_start = Instant::now();
+        self.shard
+            .gather_parameters(self.par, self.optimizer.parameters())?;
+        Ok(Update {
+            grad_norm,
+            held,
+            exposed_s: [reduce_s, gather_start.elapsed().as_secs_f64()],
+            sent_bytes,
+        })
     }
 
     /// Writes the step line (every `train.log_every` steps and at the end) and the
