@@ -325,8 +325,73 @@ fn the_sdc_check_names_the_corrupt_rank_and_rolls_back() {
     assert_eq!(checked.len(), 3, "steps 2, 4, 6 are checked");
 }
 
+/// What a sharded run `runs.1` shares with its unsharded twin `runs.0` on `layout`
+/// (ranks, expert): the checkpoint (moments whole), 1/P of the dense moments (and of
+/// the gradients with `gradients`), and each category the dry-run predicts.
+fn shard_checks(dir: &Path, runs: (&str, &str), layout: (usize, usize), set: &str) {
+    let ((a, b), (ranks, expert)) = (runs, layout);
+    let step = |run: &str| {
+        dir.join(run)
+            .join("checkpoints/step-00000010/rank-00000.safetensors")
+    };
+    assert_eq!(
+        file_hash(&step(a)),
+        file_hash(&step(b)),
+        "{ranks} ranks, {set}"
+    );
+    let bytes = |run: &str, what: &str| -> f64 {
+        metrics(&dir.join(run).join("metrics.jsonl"))
+            .iter()
+            .find_map(|l| l[what].as_f64())
+            .expect("the step lines report the bytes held")
+    };
+    let mut split = vec!["optimizer_bytes"];
+    if set.ends_with("gradients") {
+        split.push("grad_bytes");
+    }
+    for what in split {
+        let ratio = bytes(b, what) / bytes(a, what);
+        assert!(
+            ratio < 1.0 / ranks as f64 + 0.15,
+            "{ranks} ranks, {set}: {what} ratio {ratio}"
+        );
+    }
+    let out = Command::new(catapult_binary())
+        .current_dir(dir)
+        .args([
+            "train",
+            "--dry-run",
+            "--json",
+            "--world",
+            &ranks.to_string(),
+        ])
+        .arg(workspace().join("recipes/tiny.yaml"))
+        .args(["--set", &format!("parallel.expert={expert}"), "--set", set])
+        .output()
+        .unwrap();
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("dry-run JSON");
+    let line = metrics(&dir.join(b).join("metrics.jsonl"))
+        .into_iter()
+        .find(|l| l["param_bytes"].is_number())
+        .unwrap();
+    for (measured, predicted) in [
+        ("param_bytes", "weights"),
+        ("grad_bytes", "gradients"),
+        ("optimizer_bytes", "optimizer"),
+    ] {
+        let (m, p) = (
+            line[measured].as_f64().unwrap(),
+            plan["memory"][predicted].as_f64().unwrap(),
+        );
+        assert!(
+            (m - p).abs() <= 0.05 * p,
+            "{ranks} ranks, {set}: {measured} {m} vs predicted {p}"
+        );
+    }
+}
+
 #[test]
-fn sharded_optimizer_state_gives_the_bits_of_none_and_resumes_in_any_mode() {
+fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
     let dir = scratch("shard-optimizer");
     let sets = ["train.steps=10", "train.eval_every=5", "checkpoint.every=5"];
     let with = |mode: &'static str| -> Vec<&str> {
@@ -335,71 +400,38 @@ fn sharded_optimizer_state_gives_the_bits_of_none_and_resumes_in_any_mode() {
         v
     };
     let (none, opt) = ("parallel.shard=none", "parallel.shard=optimizer");
+    let grad = "parallel.shard=gradients";
     // DP 2 (dense state split over 2 ranks) and DP 2 x EP 2 (dense over 4, experts
     // over their 2 replicas).
     for (ranks, expert) in [(2, 1), (4, 2)] {
-        let (a, b) = (format!("none-{ranks}"), format!("opt-{ranks}"));
+        let a = format!("none-{ranks}");
         ok(train(&dir, &a, ranks, expert, &with(none), &[]));
-        ok(train(&dir, &b, ranks, expert, &with(opt), &[]));
-        assert!(
-            weights(&dir, &a) == weights(&dir, &b),
-            "{ranks} ranks: sharded optimizer state changed the weights"
-        );
-        // The checkpoints hold the moments whole: the same files either way.
-        let step = |run: &str| {
-            dir.join(run)
-                .join("checkpoints/step-00000010/rank-00000.safetensors")
-        };
-        assert_eq!(file_hash(&step(&a)), file_hash(&step(&b)), "{ranks} ranks");
-        // Each rank held 1/P of the dense moments.
-        let bytes = |run: &str| -> f64 {
-            metrics(&dir.join(run).join("metrics.jsonl"))
-                .iter()
-                .find_map(|l| l["optimizer_bytes"].as_f64())
-                .expect("the step lines report optimizer_bytes")
-        };
-        let ratio = bytes(&b) / bytes(&a);
-        assert!(
-            ratio < 1.0 / ranks as f64 + 0.15,
-            "{ranks} ranks: ratio {ratio}"
-        );
-        // The dry-run predicts each category this rank held.
-        let out = Command::new(catapult_binary())
-            .current_dir(&dir)
-            .args([
-                "train",
-                "--dry-run",
-                "--json",
-                "--world",
-                &ranks.to_string(),
-            ])
-            .arg(workspace().join("recipes/tiny.yaml"))
-            .args(["--set", &format!("parallel.expert={expert}"), "--set", opt])
-            .output()
-            .unwrap();
-        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("dry-run JSON");
-        let line = metrics(&dir.join(&b).join("metrics.jsonl"))
-            .into_iter()
-            .find(|l| l["param_bytes"].is_number())
-            .unwrap();
-        for (measured, predicted) in [
-            ("param_bytes", "weights"),
-            ("grad_bytes", "gradients"),
-            ("optimizer_bytes", "optimizer"),
-        ] {
-            let (m, p) = (
-                line[measured].as_f64().unwrap(),
-                plan["memory"][predicted].as_f64().unwrap(),
-            );
+        for (mode, set) in [("opt", opt), ("grad", grad)] {
+            let b = format!("{mode}-{ranks}");
+            ok(train(&dir, &b, ranks, expert, &with(set), &[]));
             assert!(
-                (m - p).abs() <= 0.05 * p,
-                "{ranks} ranks: {measured} {m} vs predicted {p}"
+                weights(&dir, &a) == weights(&dir, &b),
+                "{ranks} ranks: {set} changed the weights"
             );
+            shard_checks(&dir, (&a, &b), (ranks, expert), set);
         }
     }
-    // Recomputing every layer in backward, with sharded optimizer state, on DP 2 x EP 2
+    // Reductions not overlapped with backward, and 2 micro-batches per rank (the
+    // gradients accumulate before any reduction starts): the same bits as none with
+    // the same micro-batches.
+    let mut two = with(none);
+    two.push("train.micro_batch_size=2");
+    ok(train(&dir, "none-micro-4", 4, 2, &two, &[]));
+    let mut two_grad = with(grad);
+    two_grad.extend(["train.micro_batch_size=2", "parallel.overlap=false"]);
+    ok(train(&dir, "grad-micro-4", 4, 2, &two_grad, &[]));
+    assert!(
+        weights(&dir, "none-micro-4") == weights(&dir, "grad-micro-4"),
+        "2 micro-batches, no overlap: sharded gradients changed the weights"
+    );
+    // Recomputing every layer in backward, with sharded gradients, on DP 2 x EP 2
     // (the rows each layer received are kept, so no all-to-all runs twice): the same bits.
-    let mut both = with(opt);
+    let mut both = with(grad);
     both.push("train.recompute=layer");
     ok(train(&dir, "recompute-4", 4, 2, &both, &[]));
     assert!(
@@ -413,15 +445,18 @@ fn sharded_optimizer_state_gives_the_bits_of_none_and_resumes_in_any_mode() {
         v
     };
     ok(train(&dir, "bf16-none", 2, 1, &bf16(none), &[]));
-    ok(train(&dir, "bf16-opt", 2, 1, &bf16(opt), &[]));
-    assert!(
-        weights(&dir, "bf16-none") == weights(&dir, "bf16-opt"),
-        "bf16: sharded optimizer state changed the weights"
-    );
+    for (name, set) in [("bf16-opt", opt), ("bf16-grad", grad)] {
+        ok(train(&dir, name, 2, 1, &bf16(set), &[]));
+        assert!(
+            weights(&dir, "bf16-none") == weights(&dir, name),
+            "bf16: {set} changed the weights"
+        );
+    }
     // A checkpoint of one mode resumes in the other, bitwise on the same layout.
     for (from, to, mode) in [
         ("opt-4", "opt-to-none", none),
-        ("none-4", "none-to-opt", opt),
+        ("none-4", "none-to-grad", grad),
+        ("grad-4", "grad-to-opt", opt),
     ] {
         copy_dir(
             &dir.join(from).join("checkpoints/step-00000005"),
@@ -442,17 +477,17 @@ fn sharded_optimizer_state_gives_the_bits_of_none_and_resumes_in_any_mode() {
     }
     // And in another world: 2 ranks, no sharding, the same losses to rounding.
     copy_dir(
-        &dir.join("opt-4/checkpoints/step-00000005"),
-        &dir.join("opt-to-2/checkpoints/step-00000005"),
+        &dir.join("grad-4/checkpoints/step-00000005"),
+        &dir.join("grad-to-2/checkpoints/step-00000005"),
     );
     let mut resumed = with(none);
     resumed.push(RESUME);
-    ok(train(&dir, "opt-to-2", 2, 1, &resumed, &[]));
+    ok(train(&dir, "grad-to-2", 2, 1, &resumed, &[]));
     let tail = |run: &str| -> Vec<(u64, f64)> {
         losses(&dir, run)
             .into_iter()
             .filter(|(s, _)| *s > 5)
             .collect()
     };
-    assert_close(&tail("none-4"), &tail("opt-to-2"), "resumed on 2 ranks");
+    assert_close(&tail("none-4"), &tail("grad-to-2"), "resumed on 2 ranks");
 }
