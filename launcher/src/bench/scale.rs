@@ -11,11 +11,13 @@ use crate::UsageError;
 use std::path::Path;
 
 /// The (sharding, recomputation) settings measured, the baseline of each layout first.
-const MODES: [(&str, &str); 4] = [
+const MODES: [(&str, &str); 6] = [
     ("none", "none"),
     ("optimizer", "none"),
+    ("gradients", "none"),
     ("none", "layer"),
     ("optimizer", "layer"),
+    ("gradients", "layer"),
 ];
 
 /// Medians of one setting's step lines after warm-up.
