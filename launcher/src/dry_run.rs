@@ -195,11 +195,20 @@ fn print_memory(recipe: &Recipe, plan: &Plan, cluster: &Cluster) {
         "  gradients (fp32)               {:>12}{}",
         gib(mem.gradients),
         match recipe.parallel.shard {
-            catapult_trainer::recipe::ShardMode::Gradients => format!(
-                "  (reduced slices; full ones during backward: {} more in the total with \
-                 gradient accumulation)",
-                gib(mem.total - mem.weights - mem.gradients - mem.optimizer - mem.activations)
-            ),
+            catapult_trainer::recipe::ShardMode::Gradients => {
+                let full =
+                    mem.total - mem.weights - mem.gradients - mem.optimizer - mem.activations;
+                match full > 0.0 {
+                    true => format!(
+                        "  (reduced slices; the total adds {} of full gradients held \
+                         across micro-batches)",
+                        gib(full)
+                    ),
+                    false => {
+                        "  (reduced slices; full ones exist per layer during backward)".to_string()
+                    }
+                }
+            }
             _ => String::new(),
         }
     );

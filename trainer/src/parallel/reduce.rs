@@ -329,11 +329,7 @@ impl GradReducer {
     ) -> Result<(), NcclError> {
         let t0 = Instant::now();
         let layers = self.buckets.len() - 1;
-        for b in 0..=layers {
-            let s = match b == layers {
-                true => Segment::Ends,
-                false => Segment::Layer(b),
-            };
+        for s in (0..layers).map(Segment::Layer).chain([Segment::Ends]) {
             self.start(s, par, plan, params)?;
         }
         for f in std::mem::take(&mut self.flights) {
