@@ -368,6 +368,48 @@ impl Comm {
         }
     }
 
+    /// Starts gathering every rank's `send` (the same length on each) onto every rank:
+    /// `wait` gives them concatenated in rank order.
+    pub fn start_all_gather<T: Elem>(&self, send: Vec<T>) -> Pending<T> {
+        let n = send.len();
+        match self {
+            Comm::Single => Pending {
+                state: PendingState::Done(send, vec![n]),
+            },
+            Comm::Mpi(m) => {
+                m.jitter();
+                let mut recv = receive_buffer::<T>(n * m.size);
+                let datatype = T::equivalent_datatype();
+                let mut request = std::mem::MaybeUninit::<mpi::ffi::MPI_Request>::uninit();
+                // SAFETY: as in `start_all_to_all_v`: the handle owns both buffers and
+                // completes the request before freeing them.
+                let request = unsafe {
+                    mpi::ffi::MPI_Iallgather(
+                        send.as_ptr() as *const std::ffi::c_void,
+                        n as i32,
+                        datatype.as_raw(),
+                        recv.as_mut_ptr() as *mut std::ffi::c_void,
+                        n as i32,
+                        datatype.as_raw(),
+                        m.world.as_raw(),
+                        request.as_mut_ptr(),
+                    );
+                    request.assume_init()
+                };
+                Pending {
+                    state: PendingState::Mpi(Box::new(MpiPending {
+                        request,
+                        done: false,
+                        _send: send,
+                        recv,
+                        _counts: Default::default(),
+                        recv_counts: vec![n; m.size],
+                    })),
+                }
+            }
+        }
+    }
+
     /// Sums `data` over ranks and returns this rank's chunk of the sum (chunk r covers
     /// `len * r / P .. len * (r + 1) / P`), adding contributions in rank order.
     pub fn reduce_scatter_sum<T: Elem>(&self, data: &[T]) -> Vec<T> {
@@ -407,7 +449,7 @@ impl Comm {
     }
 }
 
-/// A nonblocking all-to-all in flight.
+/// A nonblocking all-to-all (or all-gather) in flight.
 pub struct Pending<T: Elem> {
     state: PendingState<T>,
 }
@@ -502,6 +544,7 @@ mod tests {
         let mut h = c.start_all_to_all_v(x.clone(), &[3], &[3]);
         assert!(h.test());
         assert_eq!(h.wait(), (x.clone(), vec![3]));
+        assert_eq!(c.start_all_gather(x.clone()).wait(), (x.clone(), vec![3]));
         assert_eq!(c.split(5, 0).size(), 1);
         assert_eq!(bounds(10, 4, 3), 7..10);
         assert_eq!(displacements(&[2, 0, 3]), vec![0, 2, 2]);

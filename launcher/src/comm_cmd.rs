@@ -346,7 +346,15 @@ fn ep_gradient_check(par: &Parallel) -> anyhow::Result<()> {
             local,
         );
         let mut stats = ExchangeStats::default();
-        let f = forward(&model, par, tokens, None, Training::Keep, &mut stats)?;
+        let f = forward(
+            &model,
+            par,
+            tokens,
+            None,
+            Training::Keep,
+            &mut stats,
+            &mut NoHooks,
+        )?;
         let len = tokens.size()[1];
         let loss = f
             .logits

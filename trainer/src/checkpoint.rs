@@ -9,7 +9,7 @@ use crate::bias_control::{BiasControlState, ExpertBiasController};
 use crate::error::TrainError;
 use crate::init::BuiltModel;
 use crate::optim::{learning_rate, AdamW};
-use crate::parallel::{is_expert_param, Parallel, ShardPlan};
+use crate::parallel::{is_expert_param, Parallel, ParamGather, ShardPlan};
 use crate::recipe::Recipe;
 use catapult_checkpoints::{
     Checkpoints, Dtype, HostTensor, Loaded, RankLayout, RankState, SaveRequest, Slice, World,
@@ -373,6 +373,8 @@ pub struct Restorable<'a> {
     pub built: &'a BuiltModel,
     /// The optimizer.
     pub optimizer: &'a mut AdamW,
+    /// The parameter slices, with `parallel.shard: parameters` (and their layout).
+    pub sliced: Option<(&'a mut ParamGather, &'a ShardPlan)>,
     /// The expert-bias controller.
     pub controller: &'a mut ExpertBiasController,
     /// The data pipeline.
@@ -394,9 +396,18 @@ impl Restorable<'_> {
                 loaded.tensors.get(name).cloned()
             }
         };
+        let index: BTreeMap<String, usize> = (self.optimizer.parameters().iter())
+            .enumerate()
+            .map(|(i, (n, _))| (n.clone(), i))
+            .collect();
         for (name, var) in self.built.named() {
             let saved = get(&name).ok_or_else(|| bad(format!("no tensor {name}")))?;
             copy_into(&var, &saved, &format!("{}: {name}", loaded.location))?;
+            if let (Some((gather, plan)), Some(&i)) = (self.sliced.as_mut(), index.get(&name)) {
+                // Sharded parameters: the slice is the value; the tensor only points
+                // into a gather buffer (which the next tensor may overwrite).
+                gather.load(plan, i, &var);
+            }
         }
         let state = TrainerState::of(loaded)?;
         self.optimizer
@@ -430,6 +441,42 @@ pub fn gather_data_state(comm: &Comm, pipeline: &Pipeline) -> Result<DataState, 
 /// The expert tensors (parameters and their optimizer moments) of every expert-parallel
 /// rank of replica 0, as host copies, gathered on rank 0 (Some there, None elsewhere).
 /// Every rank of the world calls it; only replica 0 moves data.
+/// Every variable of the model by name, with sharded parameters (`parallel.shard:
+/// parameters`) assembled whole from their slices on the rank that saves them (their
+/// group's first rank); elsewhere such a tensor is left as it is, since it points into
+/// a gather buffer and no one saves it from there. Every rank calls it.
+pub fn whole_named(
+    par: &Parallel,
+    built: &BuiltModel,
+    (optimizer, plan, gather): (&AdamW, &ShardPlan, Option<&ParamGather>),
+) -> Vec<(String, Tensor)> {
+    let named = built.named();
+    let Some(gather) = gather else {
+        return named;
+    };
+    let params = optimizer.parameters();
+    let slices: Vec<Tensor> = (0..params.len())
+        .map(|i| {
+            gather
+                .master(plan, i)
+                .unwrap_or_else(|| params[i].1.shallow_clone())
+        })
+        .collect();
+    let shapes: Vec<Vec<i64>> = params.iter().map(|(_, p)| p.size()).collect();
+    let whole: BTreeMap<&str, Tensor> = params
+        .iter()
+        .zip(plan.gather_whole(par, &slices, &shapes))
+        .filter_map(|((n, _), t)| t.map(|t| (n.as_str(), t)))
+        .collect();
+    named
+        .into_iter()
+        .map(|(n, t)| match whole.get(n.as_str()) {
+            Some(w) => (n, w.shallow_clone()),
+            None => (n, t),
+        })
+        .collect()
+}
+
 /// The AdamW moments whole where a checkpoint needs them: a sharded moment is
 /// assembled from its slices on its group's first rank (world rank 0 for dense ones,
 /// replica 0 for expert ones) and left out elsewhere. Every rank calls it.
@@ -531,12 +578,12 @@ pub fn save_request(
     recipe: &Recipe,
     par: &Parallel,
     built: &BuiltModel,
-    optimizer: (&AdamW, &ShardPlan),
+    optimizer: (&AdamW, &ShardPlan, Option<&ParamGather>),
     state: &TrainerState,
     tokens: u64,
 ) -> Option<SaveRequest> {
-    let (optimizer, plan) = optimizer;
-    let mut named = built.named();
+    let (optimizer, plan, gather) = optimizer;
+    let mut named = whole_named(par, built, (optimizer, plan, gather));
     named.extend(whole_moments(par, plan, optimizer));
     let shards = gather_expert_shards(par, &named)?;
     let tensors: Vec<_> = named

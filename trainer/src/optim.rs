@@ -49,6 +49,10 @@ pub struct AdamW {
     /// The flat range of each parameter this rank updates when the optimizer is sharded
     /// (`parallel.shard`): its moments hold that range only. None: the whole parameter.
     owned: Vec<Option<Range<usize>>>,
+    /// Where a parameter's update lands when its owned range is kept apart from it (the
+    /// fp32 slice of `parallel.shard: parameters`; the parameter tensor then only
+    /// points into a gather buffer). None: the parameter itself.
+    masters: Vec<Option<Tensor>>,
     beta1: f64,
     beta2: f64,
     eps: f64,
@@ -84,6 +88,7 @@ impl AdamW {
             decay: params.iter().map(|(_, p)| p.dim() >= 2).collect(),
             lr_scale: vec![1.0; params.len()],
             steps: vec![0; params.len()],
+            masters: (0..params.len()).map(|_| None).collect(),
             owned,
             params,
             beta1: t.beta1,
@@ -93,8 +98,20 @@ impl AdamW {
         }
     }
 
-    /// Bytes this rank holds in parameters, gradients and moments (summed tensor
-    /// storage by category).
+    /// Sets where each parameter's update lands (`masters[i]`: the flat owned range of
+    /// parameter i, held apart from it); parameters without one are updated in place.
+    pub fn set_masters(&mut self, masters: Vec<Option<Tensor>>) {
+        assert_eq!(
+            masters.len(),
+            self.params.len(),
+            "one master slot per parameter"
+        );
+        self.masters = masters;
+    }
+
+    /// Bytes this rank holds in parameters (those without a separate master: the
+    /// owner of those counts them), gradients and moments (summed tensor storage by
+    /// category).
     pub fn held_bytes(&self) -> [u64; 3] {
         let bytes = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
         let grads = self
@@ -105,7 +122,12 @@ impl AdamW {
             .map(|g| bytes(&g))
             .sum();
         [
-            self.params.iter().map(|(_, p)| bytes(p)).sum(),
+            self.params
+                .iter()
+                .zip(&self.masters)
+                .filter(|(_, m)| m.is_none())
+                .map(|((_, p), _)| bytes(p))
+                .sum(),
             grads,
             self.exp_avg.iter().chain(&self.exp_avg_sq).map(bytes).sum(),
         ]
@@ -294,13 +316,14 @@ impl AdamW {
                 let bias2 = 1.0 - self.beta2.powi(self.steps[i]);
                 // A sharded parameter: the owned range of it, flat (elementwise math, so
                 // the bits are those of the whole update).
-                let mut p = match &self.owned[i] {
-                    Some(r) if r.is_empty() => {
+                let mut p = match (&self.owned[i], &self.masters[i]) {
+                    (Some(r), _) if r.is_empty() => {
                         self.params[i].1.zero_grad();
                         continue;
                     }
-                    Some(r) => whole.view([-1]).narrow(0, r.start as i64, r.len() as i64),
-                    None => whole.shallow_clone(),
+                    (_, Some(master)) => master.shallow_clone(),
+                    (Some(r), None) => whole.view([-1]).narrow(0, r.start as i64, r.len() as i64),
+                    (None, None) => whole.shallow_clone(),
                 };
                 let m = &mut self.exp_avg[i];
                 let v = &mut self.exp_avg_sq[i];

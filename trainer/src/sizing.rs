@@ -252,7 +252,8 @@ pub struct Plan {
 pub struct Memory {
     /// Parameters this rank holds.
     pub params: u64,
-    /// fp32 master weights.
+    /// fp32 master weights (with `parallel.shard: parameters`, the slices and the
+    /// gather buffers).
     pub weights: f64,
     /// fp32 gradients.
     pub gradients: f64,
@@ -331,6 +332,22 @@ fn activation_bytes(r: &Recipe) -> f64 {
     }
 }
 
+/// Parameters one rank holds with `parallel.shard: parameters`: its 1/world slice of
+/// the dense ones and 1/replicas of its `experts` (whole when there are no replicas),
+/// plus the gather buffers: the ends (embedding, head, MTP) and two layers.
+fn gathered_parameters(c: &ModelConfig, p: &ParamCounts, experts: f64, over: (f64, f64)) -> f64 {
+    let (world, replicas) = over;
+    let dense = p.total.saturating_sub(p.experts_all) as f64;
+    let ends = (p.embedding + p.head + p.mtp) as f64;
+    let buffered = c.num_layers.min(2) as f64;
+    let layer_experts = experts / c.num_layers.max(1) as f64;
+    let experts = match replicas > 1.0 {
+        true => experts / replicas + buffered * layer_experts,
+        false => experts,
+    };
+    dense / world + ends + buffered * p.layer_dense as f64 + experts
+}
+
 impl Memory {
     /// What one rank of `r` in a world of `world` ranks holds (parameters `p`): fp32
     /// weights, gradients and AdamW's two moments for its share of the parameters (with
@@ -355,25 +372,31 @@ impl Memory {
             }
         };
         let activations = micro_tokens * kept * activation_bytes(r) + logits;
-        let weights = local as f64 * 4.0;
+        let whole = local as f64 * 4.0;
         // A rank's 1/P share of dense state (P = world) and of its experts' (P = replicas).
         let world = world.max(1) as f64;
         let replicas = (world / ep as f64).max(1.0);
         let experts = (p.experts_all / ep as u64) as f64;
         let dense = local as f64 - experts;
         let share = dense / world + experts / replicas;
-        let (optimizer, gradients) = match r.parallel.shard {
-            ShardMode::None => (2.0 * weights, weights),
-            ShardMode::Optimizer => (8.0 * share, weights),
-            ShardMode::Gradients => (8.0 * share, 4.0 * share),
+        let (weights, optimizer, gradients) = match r.parallel.shard {
+            ShardMode::None => (whole, 2.0 * whole, whole),
+            ShardMode::Optimizer => (whole, 8.0 * share, whole),
+            ShardMode::Gradients => (whole, 8.0 * share, 4.0 * share),
+            ShardMode::Parameters => (
+                4.0 * gathered_parameters(c, p, experts, (world, replicas)),
+                8.0 * share,
+                4.0 * share,
+            ),
         };
-        // With `gradients`, full gradients exist again during backward; with more than
-        // one micro-batch per step they are all held until the last one's reductions.
+        // With `gradients` or `parameters`, full gradients exist again during backward;
+        // with more than one micro-batch per step they are all held until the last
+        // one's reductions.
         let micro =
             r.train.global_batch_size / (world as usize).max(1) / r.train.micro_batch_size.max(1);
-        let transient = match (r.parallel.shard, micro > 1) {
-            (ShardMode::Gradients, true) => weights,
-            _ => 0.0,
+        let transient = match micro > 1 && r.parallel.shard.keeps_gradient_slices() {
+            true => whole,
+            false => 0.0,
         };
         Memory {
             params: local,

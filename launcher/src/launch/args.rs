@@ -45,7 +45,7 @@ pub fn check_nproc(
             "--nproc 1 does not fit {}: parallel.shard = {} splits state over the ranks that \
              replicate it; give --nproc 2 or more, or set parallel.shard=none",
             file.display(),
-            format!("{:?}", par.shard).to_lowercase()
+            par.shard.name()
         ))
         .into());
     }

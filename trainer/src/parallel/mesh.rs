@@ -1,5 +1,6 @@
 //! The mesh's layout: world = data x expert parallel, each group of ranks with its host
-//! communicator and optional NCCL twin, and which tensors the expert group splits.
+//! communicator and optional NCCL twin, which tensors the expert group splits, and
+//! which segment of the model (a layer, or the ends) a tensor belongs to.
 
 use catapult_kernels::comm::Comm;
 use catapult_kernels::nccl::NcclComm;
@@ -194,4 +195,24 @@ impl Parallel {
 /// The one definition: parameter groups, reductions and checkpoints all ask it.
 pub fn is_expert_param(name: &str) -> bool {
     name.contains(".mlp.experts.")
+}
+
+/// A part of the model whose parameters are used (and whose gradients are complete) at
+/// one point of a pass: a decoder layer, or the ends (embedding, head, final norm, MTP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Segment {
+    /// Decoder layer l (`model.layers.l.*`).
+    Layer(usize),
+    /// Everything else.
+    Ends,
+}
+
+impl Segment {
+    /// The segment a parameter belongs to, from its name.
+    pub fn of(name: &str) -> Segment {
+        name.strip_prefix("model.layers.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|l| l.parse().ok())
+            .map_or(Segment::Ends, Segment::Layer)
+    }
 }

@@ -8,7 +8,8 @@
 //! every rank, the elements of its flat slice and adds them in rank order. The shard
 //! mode only decides what happens next: `none` all-gathers the slices back into the
 //! full gradients, `optimizer` writes each slice into the owned range of the full
-//! gradient, `gradients` keeps the slices and frees the full gradients. So every mode
+//! gradient, `gradients` (and `parameters`) keeps the slices and frees the full
+//! gradients. So every mode
 //! computes the same bits, and so does the norm, which is always summed from the slices
 //! (each rank's slice sum, then the ranks' sums in rank order).
 //!
@@ -17,33 +18,13 @@
 //! nonblocking, as soon as the segment's backward of the step's last micro-batch is
 //! done; the optimizer waits for all of them.
 
-use super::mesh::Parallel;
+use super::mesh::{Parallel, Segment};
 use super::shard::{all_gather, ShardGroup, ShardPlan};
 use crate::recipe::ShardMode;
 use catapult_kernels::comm::Pending;
 use catapult_kernels::NcclError;
 use std::time::Instant;
 use tch::{Kind, Tensor};
-
-/// A part of the model whose parameters' gradients are complete at one point of the
-/// backward: a decoder layer, or the ends (embedding, head, final norm, MTP).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Segment {
-    /// Decoder layer l (`model.layers.l.*`).
-    Layer(usize),
-    /// Everything else.
-    Ends,
-}
-
-impl Segment {
-    /// The segment a parameter belongs to, from its name.
-    pub fn of(name: &str) -> Segment {
-        name.strip_prefix("model.layers.")
-            .and_then(|rest| rest.split('.').next())
-            .and_then(|l| l.parse().ok())
-            .map_or(Segment::Ends, Segment::Layer)
-    }
-}
 
 /// A bucket's rows on their way: from the host communicator, or already here.
 enum Arrival {
@@ -207,7 +188,7 @@ impl GradReducer {
                 members: ks.clone(),
                 arrival,
             });
-            if plan.mode() == ShardMode::Gradients && group.splits(plan.mode()) {
+            if plan.mode().keeps_gradient_slices() && group.splits(plan.mode()) {
                 for &k in &ks {
                     let i = group.members[k];
                     let _ = params[i].1.grad().set_();
@@ -415,7 +396,7 @@ impl GradReducer {
                 });
             }
         }
-        if plan.mode() != ShardMode::Gradients {
+        if !plan.mode().keeps_gradient_slices() {
             // Written where the optimizer reads them: the slices are done with.
             self.slices.iter_mut().for_each(|s| *s = None);
         }
@@ -437,7 +418,7 @@ impl GradReducer {
         }
         let p = &params[i].1;
         match self.place[i] {
-            Some((g, k)) if plan.mode() == ShardMode::Gradients => {
+            Some((g, k)) if plan.mode().keeps_gradient_slices() => {
                 let group = &plan.groups()[g];
                 if !group.splits(plan.mode()) {
                     return Some(p.grad());

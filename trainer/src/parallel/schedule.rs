@@ -27,8 +27,7 @@
 //! right after routing and is waited on after FFN0; the combine starts after the experts
 //! and is waited on after MLA1 and FFN1, just before the layer output needs it.
 
-use super::mesh::Parallel;
-use super::reduce::Segment;
+use super::mesh::{Parallel, Segment};
 use crate::model::{LongcatModel, MoeExchange};
 use catapult_kernels::ep::{Direction, ExchangeStats, InFlight, Plan};
 use catapult_kernels::moe::ExpertDispatch;
@@ -89,10 +88,14 @@ pub enum Training {
     Recompute,
 }
 
-/// What runs around each segment's backward: before its parameters' gradients start
-/// accumulating, and once they are complete for this micro-batch (the gradient
-/// reductions start there).
-pub trait BackwardHooks {
+/// What runs around each segment's passes: before its forward, before its parameters'
+/// gradients start accumulating (before its recomputation, with `Recompute`), and once
+/// they are complete for this micro-batch (the gradient reductions start there).
+pub trait SegmentHooks {
+    /// Before `segment`'s forward (the ends: before the embedding and the head).
+    fn before_forward(&mut self, _segment: Segment) -> Result<(), CommError> {
+        Ok(())
+    }
     /// Before the backward reaches `segment`'s parameters.
     fn before(&mut self, segment: Segment) -> Result<(), CommError>;
     /// After `segment`'s parameters have their gradients of this micro-batch.
@@ -102,7 +105,7 @@ pub trait BackwardHooks {
 /// No hooks.
 pub struct NoHooks;
 
-impl BackwardHooks for NoHooks {
+impl SegmentHooks for NoHooks {
     fn before(&mut self, _: Segment) -> Result<(), CommError> {
         Ok(())
     }
@@ -283,6 +286,7 @@ impl MoeExchange for TapeExchange<'_> {
 /// The model on `tokens` (batch x seq) over the expert-parallel group of `par`. With
 /// `train`, the cut points are leaves that collect gradients for `Forward::backward`;
 /// without (evaluation, under `no_grad`), nothing is remembered beyond the outputs.
+/// `hooks` run before each segment's forward.
 pub fn forward(
     model: &LongcatModel,
     par: &Parallel,
@@ -290,14 +294,17 @@ pub fn forward(
     mask: Option<&Tensor>,
     training: Training,
     stats: &mut ExchangeStats,
+    hooks: &mut dyn SegmentHooks,
 ) -> Result<Forward, CommError> {
     let train = training != Training::No;
     let rope = model.rope();
+    hooks.before_forward(Segment::Ends)?;
     let embedded = model.embed(tokens);
     let mut x = leaf(&embedded, train);
     let mut layers = Vec::with_capacity(model.layers.len());
     let mut routing = Vec::with_capacity(model.layers.len());
-    for layer in &model.layers {
+    for (l, layer) in model.layers.iter().enumerate() {
+        hooks.before_forward(Segment::Layer(l))?;
         let mut ex = TapeExchange::new(par, train, stats);
         let (out, moe) = match training {
             // No graph: the layer is re-run in backward.
@@ -317,6 +324,7 @@ pub fn forward(
         }
         x = next;
     }
+    hooks.before_forward(Segment::Ends)?;
     let logits = model.head(&x);
     Ok(Forward {
         logits,
@@ -422,7 +430,7 @@ impl Forward {
         head_loss: &Tensor,
         layer_losses: Vec<Option<Tensor>>,
         stats: &mut ExchangeStats,
-        hooks: &mut dyn BackwardHooks,
+        hooks: &mut dyn SegmentHooks,
     ) -> Result<(), CommError> {
         assert_eq!(
             layer_losses.len(),
@@ -434,11 +442,11 @@ impl Forward {
         let mut g = grad_or_zeros(&self.last_hidden);
         let mask = self.mask;
         for (l, (kept, loss)) in self.layers.into_iter().zip(layer_losses).enumerate().rev() {
+            hooks.before(Segment::Layer(l))?;
             let t = match kept {
                 Kept::Graph(t) => t,
                 Kept::Replay(r) => replay(model, l, mask.as_ref(), r)?,
             };
-            hooks.before(Segment::Layer(l))?;
             let mut post = (&t.out * &g).sum(Kind::Float);
             if let Some(l) = loss {
                 post += l;
@@ -514,7 +522,16 @@ mod tests {
         let grads = |segmented: Option<Training>| {
             let mut stats = ExchangeStats::default();
             if let Some(training) = segmented {
-                let f = forward(&model, &par, &tokens, None, training, &mut stats).unwrap();
+                let f = forward(
+                    &model,
+                    &par,
+                    &tokens,
+                    None,
+                    training,
+                    &mut stats,
+                    &mut NoHooks,
+                )
+                .unwrap();
                 let head = f.logits.square().mean(Kind::Double);
                 let lb: Vec<Option<Tensor>> = f
                     .routing

@@ -1,15 +1,17 @@
 //! Sharded data parallelism (`parallel.shard`, the ZeRO ladder): which contiguous flat
 //! range of its parameters each rank of a replicating group owns, and moving the owned
 //! ranges between the ranks. Dense parameters are split over the whole world, expert
-//! parameters over their replicas. A group's parameters, in the optimizer's fixed order,
-//! are flattened and concatenated; rank r of P owns elements `r * S .. (r + 1) * S` with
+//! parameters over their replicas, each segment of the model (a layer, or the ends) as
+//! its own group. A group's parameters, in the optimizer's fixed order, are flattened
+//! and concatenated; rank r of P owns elements `r * S .. (r + 1) * S` with
 //! `S = ceil(total / P)` (the last rank's range padded), so every rank's slice has the
 //! same length. The same layout places every gradient reduction (`reduce`): each rank
 //! sums the elements it owns, in rank order, whatever the shard mode, so every mode
 //! computes the bits of `none`. With the optimizer sharded, the owner updates its slice
-//! (AdamW's moments exist for it only) and the updated slices are all-gathered.
+//! (AdamW's moments exist for it only) and the updated slices are all-gathered; with the
+//! parameters sharded too, the slices are all there is between passes (`gather`).
 
-use super::mesh::{is_expert_param, Group, Parallel};
+use super::mesh::{is_expert_param, Group, Parallel, Segment};
 use crate::recipe::ShardMode;
 use catapult_kernels::NcclError;
 use std::ops::Range;
@@ -76,6 +78,12 @@ impl FlatLayout {
         self.ranks
     }
 
+    /// Where member `i` starts in the group's flat order (and in the concatenation of
+    /// every rank's slice).
+    pub fn start(&self, i: usize) -> usize {
+        self.offsets[i]
+    }
+
     /// Where member `i`'s part sits inside rank `rank`'s slice: after the owned parts
     /// of the members before it.
     pub fn offset_in_slice(&self, rank: usize, i: usize) -> usize {
@@ -92,10 +100,12 @@ pub(super) enum Over {
     Replicas,
 }
 
-/// One sharded group: the optimizer's parameter indices it holds, and its layout.
+/// One sharded group: one segment's parameters replicated over the same ranks (the
+/// optimizer's indices), and their layout.
 #[derive(Debug)]
 pub(super) struct ShardGroup {
     pub(super) over: Over,
+    pub(super) segment: Segment,
     pub(super) members: Vec<usize>,
     pub(super) layout: FlatLayout,
 }
@@ -117,26 +127,38 @@ pub struct ShardPlan {
 
 impl ShardPlan {
     /// The plan for `params` (the optimizer's, in its order) on `par` in `mode`: dense
-    /// ones over the world, expert ones over their replicas (a group of one rank is laid
-    /// out, for the reductions, but not split). A world of one has no groups.
+    /// ones over the world, expert ones over their replicas, one group per segment (a
+    /// layer, or the ends) so that every rank holds 1/P of each layer and gathering or
+    /// reducing one moves equal parts. A group of one rank is laid out, for the
+    /// reductions, but not split. A world of one has no groups.
     pub fn new(par: &Parallel, params: &[(String, Tensor)], mode: ShardMode) -> Self {
         let mut groups = Vec::new();
         if par.world.size() < 2 {
             return Self { groups, mode };
         }
+        let mut segments: Vec<Segment> = params.iter().map(|(n, _)| Segment::of(n)).collect();
+        segments.sort();
+        segments.dedup();
         for (over, group, expert) in [
             (Over::World, &par.world, false),
             (Over::Replicas, &par.replicas, true),
         ] {
-            let members: Vec<usize> = (0..params.len())
-                .filter(|&i| is_expert_param(&params[i].0) == expert)
-                .collect();
-            let sizes = members.iter().map(|&i| params[i].1.numel()).collect();
-            groups.push(ShardGroup {
-                over,
-                members,
-                layout: FlatLayout::new(sizes, group.rank(), group.size()),
-            });
+            for &segment in &segments {
+                let members: Vec<usize> = (0..params.len())
+                    .filter(|&i| is_expert_param(&params[i].0) == expert)
+                    .filter(|&i| Segment::of(&params[i].0) == segment)
+                    .collect();
+                if members.is_empty() {
+                    continue;
+                }
+                let sizes = members.iter().map(|&i| params[i].1.numel()).collect();
+                groups.push(ShardGroup {
+                    over,
+                    segment,
+                    members,
+                    layout: FlatLayout::new(sizes, group.rank(), group.size()),
+                });
+            }
         }
         Self { groups, mode }
     }
@@ -152,7 +174,7 @@ impl ShardPlan {
     }
 
     /// The groups whose state is split.
-    fn split_groups(&self) -> impl Iterator<Item = &ShardGroup> {
+    pub(super) fn split_groups(&self) -> impl Iterator<Item = &ShardGroup> {
         self.groups.iter().filter(|g| g.splits(self.mode))
     }
 
@@ -182,6 +204,10 @@ impl ShardPlan {
         par: &Parallel,
         params: &[(String, Tensor)],
     ) -> Result<(), NcclError> {
+        if self.mode == ShardMode::Parameters {
+            // The slices are all there is: each layer is gathered when next computed.
+            return Ok(());
+        }
         for g in self.split_groups() {
             let group = self.group(par, g);
             let mine = self.owned_flat(g, |i| params[i].1.shallow_clone());
@@ -229,7 +255,7 @@ impl ShardPlan {
     /// This rank's slice of group `g` as one f32 buffer of `per_rank` elements: the
     /// owned part of each member (`flat(i)` gives member i's elements, whole or just
     /// the owned part when its length says so), then zeros.
-    fn owned_flat(&self, g: &ShardGroup, flat: impl Fn(usize) -> Tensor) -> Tensor {
+    pub(super) fn owned_flat(&self, g: &ShardGroup, flat: impl Fn(usize) -> Tensor) -> Tensor {
         let mut parts = Vec::new();
         let mut len = 0;
         let mut device = tch::Device::Cpu;

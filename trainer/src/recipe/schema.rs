@@ -233,10 +233,10 @@ pub struct ParallelConfig {
     /// Collectives for tensors: `auto` (NCCL on CUDA, MPI on CPU), `mpi` (host buffers,
     /// also for CUDA tensors) or `nccl` (CUDA only).
     pub backend: Backend,
-    /// Sharded data parallelism: `none` (every rank holds every replicated tensor's
-    /// optimizer state) or `optimizer` (ZeRO-1: each rank of a replicating group keeps
-    /// the AdamW moments of its 1/P flat slice only, updates that slice and all-gathers
-    /// the updated parameters; the same bits as `none`).
+    /// Sharded data parallelism, the ZeRO ladder: `none` (every rank holds every
+    /// replicated tensor), `optimizer` (ZeRO-1: AdamW moments of a 1/P flat slice),
+    /// `gradients` (ZeRO-2: also the reduced gradients) or `parameters` (ZeRO-3: also
+    /// the parameters, gathered per layer when computed). The same bits as `none`.
     pub shard: ShardMode,
 }
 
@@ -265,6 +265,29 @@ pub enum ShardMode {
     /// each reduced gradient; a layer's full gradients are freed once its reduction has
     /// started and exist again only during the next step's backward.
     Gradients,
+    /// Everything above and the parameters (ZeRO-3 / FSDP): a rank keeps only its 1/P
+    /// slice of each parameter (fp32, the master weights the optimizer updates); a
+    /// layer's whole parameters are all-gathered just before its forward and again
+    /// before its backward, into buffers the next layers but one reuse.
+    Parameters,
+}
+
+impl ShardMode {
+    /// Whether the reduced gradients stay as this rank's slices (no whole gradient after
+    /// the reduction).
+    pub fn keeps_gradient_slices(self) -> bool {
+        matches!(self, ShardMode::Gradients | ShardMode::Parameters)
+    }
+
+    /// The recipe's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            ShardMode::None => "none",
+            ShardMode::Optimizer => "optimizer",
+            ShardMode::Gradients => "gradients",
+            ShardMode::Parameters => "parameters",
+        }
+    }
 }
 
 /// Which library moves tensors between ranks.

@@ -7,7 +7,9 @@
 //! any trainer module: it sees the schema and the data crate's tokenizer only.
 
 use super::error::RecipeError;
-use super::schema::{Backend, BiasMode, DeviceKind, Group, KiSchedule, Recipe, SdcAction};
+use super::schema::{
+    Backend, BiasMode, DeviceKind, Group, KiSchedule, Recipe, SdcAction, ShardMode,
+};
 
 /// Semantic checks that the types cannot express. Each names the fields involved.
 ///
@@ -600,6 +602,17 @@ fn validate_parallel(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
             &["parallel.expert"],
             "must be at least 1".into(),
             "use 1 for no expert parallelism",
+        );
+    }
+    if par.shard == ShardMode::Parameters && par.fast_reductions {
+        return err(
+            &["parallel.shard", "parallel.fast_reductions"],
+            "shard: parameters keeps the bits of shard: none by summing every reduction in \
+             rank order, and fast_reductions asks the backend to sum in whatever order its \
+             messages arrive"
+                .into(),
+            "set parallel.fast_reductions: false (it only speeds up the loss and count sums), \
+             or use parallel.shard: gradients",
         );
     }
     if !m.n_routed_experts.is_multiple_of(par.expert) {

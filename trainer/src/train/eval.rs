@@ -4,10 +4,14 @@
 use crate::batch::batch_tensors;
 use crate::losses::cross_entropy;
 use crate::model::LongcatModel;
-use crate::parallel::{forward, Parallel, Training};
+use crate::parallel::{forward, Parallel, SegmentHooks, Training};
 use catapult_kernels::ep::ExchangeStats;
 use catapult_kernels::CommError;
 use tch::Device;
+
+/// What an evaluation pass runs on: the model, the mesh, and the hooks that gather
+/// sharded parameters.
+pub type Pass<'a, 'b> = (&'a LongcatModel, &'a Parallel, &'b mut dyn SegmentHooks);
 
 /// The held-out sequences of each dataset, by name.
 pub type ValidationSets = Vec<(String, Vec<Vec<u32>>)>;
@@ -16,8 +20,7 @@ pub type ValidationSets = Vec<(String, Vec<Vec<u32>>)>;
 /// the ranks (a rank without a chunk in a round runs one with weight 0, since every rank
 /// takes part in the MoE's all-to-alls), and the weighted sums are added in rank order.
 fn mean_loss(
-    model: &LongcatModel,
-    par: &Parallel,
+    (model, par, hooks): Pass,
     sequences: &[Vec<u32>],
     micro: usize,
     device: Device,
@@ -33,7 +36,7 @@ fn mean_loss(
                 None => (chunks[0], 0.0),
             };
             let (inputs, targets) = batch_tensors(chunk, device);
-            let f = forward(model, par, &inputs, None, Training::No, &mut stats)?;
+            let f = forward(model, par, &inputs, None, Training::No, &mut stats, hooks)?;
             let loss = cross_entropy(&f.logits, &targets).double_value(&[]);
             sums[0] += weight * loss * chunk.len() as f64;
             sums[1] += weight * chunk.len() as f64;
@@ -46,8 +49,7 @@ fn mean_loss(
 /// The validation loss at `step` (the mean over datasets of each one's held-out loss)
 /// and its metrics line (with `val_loss_by_dataset` for a mixture).
 pub fn validate(
-    model: &LongcatModel,
-    par: &Parallel,
+    (model, par, hooks): Pass,
     valid: &ValidationSets,
     micro: usize,
     device: Device,
@@ -55,7 +57,10 @@ pub fn validate(
 ) -> Result<(f64, serde_json::Value), CommError> {
     let losses: Vec<(String, f64)> = valid
         .iter()
-        .map(|(name, seqs)| Ok((name.clone(), mean_loss(model, par, seqs, micro, device)?)))
+        .map(|(name, seqs)| {
+            let loss = mean_loss((model, par, &mut *hooks), seqs, micro, device)?;
+            Ok((name.clone(), loss))
+        })
         .collect::<Result<_, CommError>>()?;
     let mean = losses.iter().map(|(_, l)| l).sum::<f64>() / losses.len() as f64;
     let mut line = serde_json::json!({"step": step, "val_loss": mean});

@@ -44,11 +44,13 @@ pub struct StepReport<'a> {
     pub sdc_check_s: Option<f64>,
     /// Bytes this rank holds in parameters, gradients and optimizer state.
     pub held: [u64; 3],
-    /// Seconds of the gradient reduction and of gathering the updated parameter slices
-    /// (sharded optimizer state), both outside any overlap.
+    /// Seconds of the gradient reduction and of gathering parameter slices (after the
+    /// update with sharded optimizer state; per layer with sharded parameters), both
+    /// outside any overlap.
     pub exposed_s: [f64; 2],
-    /// Bytes this rank sent reducing gradients this step.
-    pub grad_reduce_bytes: u64,
+    /// Bytes this rank sent reducing gradients and received gathering sharded
+    /// parameters (`parallel.shard: parameters`) this step.
+    pub moved_bytes: [u64; 2],
 }
 
 impl StepReport<'_> {
@@ -107,8 +109,9 @@ pub fn step_line(
         "grad_bytes": r.held[1],
         "optimizer_bytes": r.held[2],
         "grad_reduce_exposed_s": r.exposed_s[0],
-        "grad_reduce_bytes": r.grad_reduce_bytes,
+        "grad_reduce_bytes": r.moved_bytes[0],
         "param_gather_exposed_s": r.exposed_s[1],
+        "param_gather_bytes": r.moved_bytes[1],
     });
     // Model FLOPs of the experts actually activated, per rank, against the peak.
     let flops = crate::sizing::flops_per_token(&recipe.model, r.seq_len, r.per_layer);

@@ -57,7 +57,7 @@ fn train_unguarded(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary, Tra
     let par = Parallel::with_nccl(world, p.expert, p.data, p.overlap, nccl).map_err(layout)?;
     if p.shard != ShardMode::None && par.world.size() == 1 {
         return Err(layout(LayoutError::ShardAlone {
-            mode: format!("{:?}", p.shard).to_lowercase(),
+            mode: p.shard.name().into(),
         }));
     }
     if recipe.growth.is_some() {

@@ -14,7 +14,7 @@ use crate::groups::Group;
 use crate::init::build_model_with_experts;
 use crate::metrics::{Metrics, Progress};
 use crate::optim::AdamW;
-use crate::parallel::{GradReducer, Parallel, ShardPlan};
+use crate::parallel::{GradReducer, Parallel, ParamGather, ShardPlan};
 use crate::recipe::Recipe;
 use crate::supervision::{install_preemption_handlers, Heartbeat};
 use catapult_checkpoints::{AsyncSaver, Checkpoints, Loaded};
@@ -234,14 +234,21 @@ impl<'a> Trainer<'a> {
             clear_root,
         } = open_store(recipe, opts, par)?;
         let local = par.local_experts(recipe.model.n_routed_experts);
-        let (built, mut optimizer, shard) = crate::fit::without_panic(&recipe.name, || {
-            let built = build_model_with_experts(recipe, device, local);
-            let params = built.parameters();
-            let shard = ShardPlan::new(par, &params, recipe.parallel.shard);
-            let owned = shard.owned_ranges(params.len());
-            let optimizer = AdamW::with_owned(params, &recipe.train, owned);
-            (built, optimizer, shard)
-        })?;
+        let (built, mut optimizer, shard, gather) =
+            crate::fit::without_panic(&recipe.name, || {
+                let built = build_model_with_experts(recipe, device, local);
+                let params = built.parameters();
+                let shard = ShardPlan::new(par, &params, recipe.parallel.shard);
+                let owned = shard.owned_ranges(params.len());
+                let mut optimizer = AdamW::with_owned(params, &recipe.train, owned);
+                // `parameters`: each rank keeps its slices; the whole tensors are freed.
+                let gather = ParamGather::new(&shard, optimizer.parameters());
+                if let Some(g) = &gather {
+                    let n = optimizer.parameters().len();
+                    optimizer.set_masters((0..n).map(|i| g.master(&shard, i)).collect());
+                }
+                (built, optimizer, shard, gather)
+            })?;
         let param_count: i64 = built
             .parameters()
             .iter()
@@ -261,6 +268,7 @@ impl<'a> Trainer<'a> {
             run_dir: recipe.run_dir(),
             built,
             reducer: (world > 1).then(|| GradReducer::new(&shard, optimizer.parameters(), world)),
+            gather,
             optimizer,
             shard,
             controller,

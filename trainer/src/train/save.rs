@@ -4,7 +4,7 @@
 
 use super::options::RunSummary;
 use super::trainer::Trainer;
-use crate::checkpoint::{full_tensors, gather_data_state, save_request, TrainerState};
+use crate::checkpoint::{full_tensors, gather_data_state, save_request, whole_named, TrainerState};
 use crate::error::TrainError;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -29,7 +29,7 @@ impl Trainer<'_> {
             recipe,
             self.par,
             &self.built,
-            (&self.optimizer, &self.shard),
+            (&self.optimizer, &self.shard, self.gather.as_ref()),
             &state,
             self.tokens_seen,
         );
@@ -70,7 +70,8 @@ impl Trainer<'_> {
             return Ok(self.summary(PathBuf::from(format!("{}/{dir}", self.store.root()))));
         }
         let data_state = gather_data_state(&self.par.world, &self.pipeline)?;
-        let full = full_tensors(self.par, &self.built.named());
+        let sharded = (&self.optimizer, &self.shard, self.gather.as_ref());
+        let full = full_tensors(self.par, &whole_named(self.par, &self.built, sharded));
         let checkpoint = self.run_dir.join("checkpoint");
         let meta = serde_json::json!({
             "step": self.recipe.train.steps,

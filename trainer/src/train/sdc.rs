@@ -7,7 +7,7 @@
 use super::step::{micro_step, MicroBatch, StepContext, StepStats};
 use crate::error::TrainError;
 use crate::optim::AdamW;
-use crate::parallel::{is_expert_param, NoHooks};
+use crate::parallel::{is_expert_param, SegmentHooks};
 use crate::recipe::SdcAction;
 use catapult_kernels::comm::Comm;
 use catapult_kernels::CommError;
@@ -26,11 +26,12 @@ pub struct Replay {
 }
 
 /// Replays `batch` (the micro-batch just run; its gradients are in the parameters) and
-/// compares: afterwards the parameters hold the replay's gradients.
+/// compares: afterwards the parameters hold the replay's gradients. `hooks` gather
+/// sharded parameters (no reductions start).
 pub fn replay(
     cx: &StepContext,
     batch: &MicroBatch,
-    optimizer: &mut AdamW,
+    (optimizer, hooks): (&mut AdamW, &mut dyn SegmentHooks),
     scratch: StepStats,
     rank: usize,
     done: usize,
@@ -39,7 +40,7 @@ pub fn replay(
     let first = optimizer.gradients();
     optimizer.zero_grad();
     let mut scratch = scratch;
-    micro_step(cx, batch, false, &mut scratch, &mut NoHooks)?;
+    micro_step(cx, batch, false, &mut scratch, hooks)?;
     fault_hook(rank, done, optimizer);
     let differs = first_difference(&first, &optimizer.gradients());
     Ok(Replay {

@@ -7,7 +7,7 @@
 use crate::batch::{batch_tensors, document_mask};
 use crate::losses::{cross_entropy, hidden_z_loss, load_balance_loss_global, BalanceShape};
 use crate::model::LongcatModel;
-use crate::parallel::{forward, BackwardHooks, Forward, Parallel, Training};
+use crate::parallel::{forward, Forward, Parallel, SegmentHooks, Training};
 use crate::recipe::{Recipe, Recompute};
 use catapult_data::Batch;
 use catapult_kernels::comm::Comm;
@@ -198,13 +198,13 @@ fn gradient_ratio(probs: &[Tensor], lb_grads: &[Tensor], micro_batches: usize) -
 /// Forward and backward of one micro-batch through the parallel schedule; gradients
 /// accumulate in the parameters. The load-balance loss and the statistics use the
 /// micro-batch's global expert counts (every rank's). With `measure_rg`, also R_g and
-/// the hidden RMS. `hooks` run around each segment's backward.
+/// the hidden RMS. `hooks` run around each segment's forward and backward.
 pub fn micro_step(
     cx: &StepContext,
     batch: &MicroBatch,
     measure_rg: bool,
     stats: &mut StepStats,
-    hooks: &mut dyn BackwardHooks,
+    hooks: &mut dyn SegmentHooks,
 ) -> Result<(), CommError> {
     let recipe = cx.recipe;
     let training = match recipe.train.recompute {
@@ -218,6 +218,7 @@ pub fn micro_step(
         batch.mask.as_ref(),
         training,
         &mut stats.exchange[0],
+        hooks,
     )?;
     let (global, global_tokens) = global_counts(&f, &batch.inputs, &cx.par.world);
     let scale = 1.0 / cx.micro_batches as f64;

@@ -15,8 +15,10 @@ use crate::groups::Group;
 use crate::init::BuiltModel;
 use crate::metrics::{Metrics, Progress};
 use crate::optim::{learning_rate, AdamW};
-use crate::parallel::{BackwardHooks, GradReducer, NoHooks, Parallel, Segment, ShardPlan};
-use crate::recipe::{Recipe, ShardMode};
+use crate::parallel::{
+    Gathering, GradReducer, NoHooks, Parallel, ParamGather, Segment, SegmentHooks, ShardPlan,
+};
+use crate::recipe::Recipe;
 use crate::supervision::{self, Heartbeat};
 use catapult_checkpoints::{AsyncSaver, Checkpoints, Loaded};
 use catapult_data::{Batch, Pipeline};
@@ -48,24 +50,30 @@ struct Update {
     held: [u64; 3],
     /// Seconds of gradient reduction and of parameter gathering not overlapped.
     exposed_s: [f64; 2],
-    /// Bytes this rank sent reducing gradients.
-    sent_bytes: u64,
+    /// Bytes this rank sent reducing gradients and received gathering parameters.
+    moved_bytes: [u64; 2],
 }
 
-/// The backward hooks of a step with reductions: a segment's freed gradients come back
-/// before its backward; with `start`, its reduction starts after it.
+/// The hooks of a step with reductions: sharded parameters are gathered before each
+/// segment's passes; a segment's freed gradients come back before its backward; with
+/// `start`, its reduction starts after it.
 struct Reducing<'a> {
     reducer: &'a mut GradReducer,
+    gathering: Gathering<'a>,
     par: &'a Parallel,
     plan: &'a ShardPlan,
     params: &'a [(String, Tensor)],
     start: bool,
 }
 
-impl BackwardHooks for Reducing<'_> {
+impl SegmentHooks for Reducing<'_> {
+    fn before_forward(&mut self, segment: Segment) -> Result<(), CommError> {
+        self.gathering.before_forward(segment)
+    }
+
     fn before(&mut self, segment: Segment) -> Result<(), CommError> {
         self.reducer.restore(segment, self.params);
-        Ok(())
+        self.gathering.before(segment)
     }
 
     fn after(&mut self, segment: Segment) -> Result<(), CommError> {
@@ -74,7 +82,7 @@ impl BackwardHooks for Reducing<'_> {
                 .start(segment, self.par, self.plan, self.params)?;
         }
         self.reducer.progress(self.plan, self.params);
-        Ok(())
+        self.gathering.after(segment)
     }
 }
 
@@ -100,6 +108,8 @@ pub(super) struct Trainer<'a> {
     pub(super) shard: ShardPlan,
     /// The gradient reductions (a world of more than one rank).
     pub(super) reducer: Option<GradReducer>,
+    /// The parameter slices and gather buffers (`parallel.shard: parameters`).
+    pub(super) gather: Option<ParamGather>,
     pub(super) controller: ExpertBiasController,
     pub(super) pipeline: Pipeline,
     pub(super) valid: eval::ValidationSets,
@@ -191,7 +201,7 @@ impl Trainer<'_> {
                 sdc_check_s: replay.as_ref().map(|r| r.seconds),
                 held: update.held,
                 exposed_s: update.exposed_s,
-                grad_reduce_bytes: update.sent_bytes,
+                moved_bytes: update.moved_bytes,
             };
             self.log(&report, &counts)?;
 
@@ -256,6 +266,10 @@ impl Trainer<'_> {
         let segments = recipe.data.mask_documents.then(|| batch.segment_ids());
         let mut stats = StepStats::new(recipe, self.device, step);
         let mut replay = None;
+        if let Some(g) = self.gather.as_mut() {
+            // Gathers since the last step's (an evaluation's) are not this step's.
+            g.end_step();
+        }
         for micro in 0..cx.micro_batches {
             let input = MicroBatch::of(
                 batch,
@@ -274,6 +288,7 @@ impl Trainer<'_> {
                 Some(reducer) => {
                     let mut hooks = Reducing {
                         reducer,
+                        gathering: Gathering::new(self.gather.as_mut(), self.par, &self.shard),
                         par: self.par,
                         plan: &self.shard,
                         params: self.optimizer.parameters(),
@@ -286,10 +301,11 @@ impl Trainer<'_> {
             if micro == 0 && sdc_due {
                 let scratch = StepStats::new(recipe, self.device, step);
                 let rank = self.par.world.rank();
+                let mut gathering = Gathering::new(self.gather.as_mut(), self.par, &self.shard);
                 replay = Some(sdc::replay(
                     &cx,
                     &input,
-                    &mut self.optimizer,
+                    (&mut self.optimizer, &mut gathering),
                     scratch,
                     rank,
                     done,
@@ -311,7 +327,7 @@ impl Trainer<'_> {
                 grad_norm,
                 held,
                 exposed_s: [0.0, 0.0],
-                sent_bytes: 0,
+                moved_bytes: [0, 0],
             });
         };
         let (par, plan) = (self.par, &self.shard);
@@ -329,26 +345,34 @@ impl Trainer<'_> {
         }
         reducer.write_back(par, plan, params)?;
         let mut held = self.optimizer.held_bytes();
+        held[0] += self.gather.as_ref().map_or(0, ParamGather::held_bytes);
         held[1] += reducer.held_bytes();
-        match plan.mode() {
-            ShardMode::Gradients => {
+        match plan.mode().keeps_gradient_slices() {
+            true => {
                 let grads: Vec<Option<Tensor>> = (0..params.len())
                     .map(|i| reducer.gradient(plan, params, i))
                     .collect();
                 self.optimizer
                     .step_with(lr, |i| grads[i].as_ref().map(Tensor::shallow_clone));
             }
-            _ => self.optimizer.step(lr),
+            false => self.optimizer.step(lr),
         }
         let (reduce_s, sent_bytes) = reducer.end_step();
         let gather_start = Instant::now();
         self.shard
             .gather_parameters(self.par, self.optimizer.parameters())?;
+        let mut gather_s = gather_start.elapsed().as_secs_f64();
+        let mut gathered_bytes = 0;
+        if let Some(g) = self.gather.as_mut() {
+            // The slices changed: every layer is gathered again when next computed.
+            g.invalidate();
+            (gather_s, gathered_bytes) = g.end_step();
+        }
         Ok(Update {
             grad_norm,
             held,
-            exposed_s: [reduce_s, gather_start.elapsed().as_secs_f64()],
-            sent_bytes,
+            exposed_s: [reduce_s, gather_s],
+            moved_bytes: [sent_bytes, gathered_bytes],
         })
     }
 
@@ -385,11 +409,14 @@ impl Trainer<'_> {
     }
 
     /// The validation loss after `step` steps and its metrics line (every rank computes).
-    pub(super) fn validation(&self, step: usize) -> Result<(f64, serde_json::Value), CommError> {
+    pub(super) fn validation(
+        &mut self,
+        step: usize,
+    ) -> Result<(f64, serde_json::Value), CommError> {
         let micro = self.recipe.train.micro_batch_size;
+        let mut gathering = Gathering::new(self.gather.as_mut(), self.par, &self.shard);
         eval::validate(
-            &self.built.model,
-            self.par,
+            (&self.built.model, self.par, &mut gathering),
             &self.valid,
             micro,
             self.device,
@@ -429,6 +456,7 @@ impl Trainer<'_> {
             par: self.par,
             built: &self.built,
             optimizer: &mut self.optimizer,
+            sliced: self.gather.as_mut().map(|g| (g, &self.shard)),
             controller: &mut self.controller,
             pipeline: &mut self.pipeline,
         }

@@ -1,0 +1,408 @@
+//! Sharded parameters (`parallel.shard: parameters`, ZeRO-3): between passes a rank
+//! holds only its flat slice of each split group's parameters, in fp32 (the master
+//! weights the optimizer updates). A segment's whole parameters exist only in gather
+//! buffers: each parameter tensor of a split group permanently points into one, and a
+//! segment's values are all-gathered into it just before the segment is computed
+//! (forward, backward, or its recomputation).
+//!
+//! Buffers are shared by segments that are never needed at once: the ends have their
+//! own, even layers share one and odd layers another (per group kind, dense and expert).
+//! Autograd keeps a layer's parameters for its backward as the tensors themselves, so
+//! they see whatever the buffer holds; the schedule gathers layer l again before its
+//! backward, when layer l + 2, which overwrote it, is done with. So a rank holds 1/P of
+//! the parameters plus the ends and two layers, whatever the depth.
+//!
+//! Gathers are nonblocking: while layer l computes, layer l + 1's (forward) or l - 1's
+//! (backward) is in flight (`prefetch`); `ensure` waits for it. A buffer that already
+//! holds the segment (the last two layers of a forward are the first two of its
+//! backward; the first two of a backward the first two of the next micro-batch's
+//! forward) is not gathered again until the optimizer changes the slices.
+
+use super::mesh::{Parallel, Segment};
+use super::schedule::SegmentHooks;
+use super::shard::{Over, ShardPlan};
+use crate::recipe::ShardMode;
+use catapult_kernels::comm::Pending;
+use catapult_kernels::{CommError, NcclError};
+use std::time::Instant;
+use tch::{Kind, Tensor};
+
+/// A group's gathered values on their way.
+enum Incoming {
+    Host(Pending<f32>),
+    Here(Tensor),
+}
+
+/// Which buffer a segment's group uses: (kind of group, ends / even layer / odd layer).
+fn buffer_key(over: Over, segment: Segment) -> usize {
+    let class = match segment {
+        Segment::Ends => 0,
+        Segment::Layer(l) => 1 + l % 2,
+    };
+    match over {
+        Over::World => class,
+        Over::Replicas => 3 + class,
+    }
+}
+
+/// The parameters of a `parameters`-sharded run: the slices and the gather buffers.
+pub struct ParamGather {
+    /// Per plan group: this rank's fp32 slice (`per_rank` elements) when it is split.
+    masters: Vec<Option<Tensor>>,
+    /// Per plan group: the buffer its whole values are gathered into.
+    buffer_of: Vec<Option<usize>>,
+    /// Flat buffers, each as long as the largest group gathered into it.
+    buffers: Vec<Option<Tensor>>,
+    /// Per buffer: the segment whose current values it holds.
+    holds: Vec<Option<Segment>>,
+    /// A segment whose gather is in flight, with its groups' arrivals.
+    prefetch: Option<(Segment, Vec<(usize, Incoming)>)>,
+    /// Per parameter: its (group, member) when it is split.
+    place: Vec<Option<(usize, usize)>>,
+    /// Decoder layers.
+    layers: usize,
+    exposed_s: f64,
+    received_bytes: u64,
+}
+
+impl ParamGather {
+    /// Takes over `params` (the optimizer's, whole and equal on every replica) for
+    /// `plan`: each rank keeps its slices, and every split parameter is re-pointed into
+    /// its gather buffer, so the whole tensors are freed. None unless the plan shards
+    /// parameters.
+    pub fn new(plan: &ShardPlan, params: &[(String, Tensor)]) -> Option<Self> {
+        if plan.mode() != ShardMode::Parameters {
+            return None;
+        }
+        let groups = plan.groups();
+        let mut masters = Vec::with_capacity(groups.len());
+        let mut buffer_of = Vec::with_capacity(groups.len());
+        let mut capacity = [0usize; 6];
+        let mut place = vec![None; params.len()];
+        for (g, group) in groups.iter().enumerate() {
+            if !group.splits(plan.mode()) {
+                masters.push(None);
+                buffer_of.push(None);
+                continue;
+            }
+            masters.push(Some(
+                plan.owned_flat(group, |i| params[i].1.shallow_clone()),
+            ));
+            let key = buffer_key(group.over, group.segment);
+            let whole = group.layout.per_rank() * group.layout.ranks();
+            capacity[key] = capacity[key].max(whole);
+            buffer_of.push(Some(key));
+            for (k, &i) in group.members.iter().enumerate() {
+                place[i] = Some((g, k));
+            }
+        }
+        let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
+        let buffers: Vec<Option<Tensor>> = capacity
+            .iter()
+            .map(|&n| (n > 0).then(|| Tensor::zeros([n as i64], (Kind::Float, device))))
+            .collect();
+        tch::no_grad(|| {
+            for (g, group) in groups.iter().enumerate() {
+                let Some(key) = buffer_of[g] else { continue };
+                let buffer = buffers[key]
+                    .as_ref()
+                    .expect("a buffer for every key in use");
+                for (k, &i) in group.members.iter().enumerate() {
+                    let mut p = params[i].1.shallow_clone();
+                    assert_eq!(p.kind(), Kind::Float, "parameters are fp32 masters");
+                    let size = p.size();
+                    let _ = p.set_source_tensor_storage_offset_(
+                        buffer,
+                        group.layout.start(k) as i64,
+                        size.as_slice(),
+                        contiguous_strides(&size).as_slice(),
+                    );
+                }
+            }
+        });
+        let layers = groups
+            .iter()
+            .filter_map(|g| match g.segment {
+                Segment::Layer(l) => Some(l + 1),
+                Segment::Ends => None,
+            })
+            .max()
+            .unwrap_or(0);
+        Some(Self {
+            layers,
+            masters,
+            buffer_of,
+            holds: vec![None; buffers.len()],
+            buffers,
+            prefetch: None,
+            place,
+            exposed_s: 0.0,
+            received_bytes: 0,
+        })
+    }
+
+    /// Whether parameter `i` lives as slices here.
+    pub fn holds_slices_of(&self, i: usize) -> bool {
+        self.place[i].is_some()
+    }
+
+    /// The flat part of parameter `i` this rank keeps (a view of its slice; possibly
+    /// empty), for the optimizer to update; None for a parameter held whole.
+    pub fn master(&self, plan: &ShardPlan, i: usize) -> Option<Tensor> {
+        let (g, k) = self.place[i]?;
+        let layout = &plan.groups()[g].layout;
+        let off = layout.offset_in_slice(layout.rank(), k) as i64;
+        let n = layout.owned(k).len() as i64;
+        let master = self.masters[g].as_ref().expect("split groups have slices");
+        Some(master.narrow(0, off, n))
+    }
+
+    /// Writes this rank's part of `whole` (parameter `i`'s values, e.g. from a
+    /// checkpoint) into its slice; false when parameter `i` is held whole.
+    pub fn load(&mut self, plan: &ShardPlan, i: usize, whole: &Tensor) -> bool {
+        let Some(mut master) = self.master(plan, i) else {
+            return false;
+        };
+        let (g, k) = self.place[i].expect("master implies a place");
+        let own = plan.groups()[g].layout.owned(k);
+        tch::no_grad(|| {
+            let part = whole
+                .reshape([-1])
+                .narrow(0, own.start as i64, own.len() as i64);
+            master.copy_(&part.to_kind(Kind::Float).to_device(master.device()));
+        });
+        self.invalidate();
+        true
+    }
+
+    /// The slices changed (an optimizer step, a restore): no buffer holds current
+    /// values any more.
+    pub fn invalidate(&mut self) {
+        self.prefetch = None;
+        self.holds.iter_mut().for_each(|h| *h = None);
+    }
+
+    /// The split groups of `segment`.
+    fn groups_of(&self, plan: &ShardPlan, segment: Segment) -> Vec<usize> {
+        (0..plan.groups().len())
+            .filter(|&g| self.buffer_of[g].is_some() && plan.groups()[g].segment == segment)
+            .collect()
+    }
+
+    /// Whether every buffer of `segment` holds its values.
+    fn resident(&self, plan: &ShardPlan, segment: Segment) -> bool {
+        self.groups_of(plan, segment)
+            .iter()
+            .all(|&g| self.holds[self.buffer_of[g].expect("split")] == Some(segment))
+    }
+
+    fn start_group(
+        &mut self,
+        par: &Parallel,
+        plan: &ShardPlan,
+        g: usize,
+    ) -> Result<Incoming, NcclError> {
+        let group = &plan.groups()[g];
+        let comm = plan.group(par, group);
+        let mine = self.masters[g].as_ref().expect("split groups have slices");
+        let per = group.layout.per_rank();
+        self.received_bytes += (per * (group.layout.ranks() - 1) * 4) as u64;
+        if let Some(nccl) = comm.nccl() {
+            return Ok(Incoming::Here(nccl.all_gather(mine)?.reshape([-1])));
+        }
+        let host: Vec<f32> = Vec::try_from(&mine.to_device(tch::Device::Cpu))
+            .expect("parameter slices convert to f32 on the host");
+        Ok(Incoming::Host(comm.start_all_gather(host)))
+    }
+
+    fn land(&mut self, segment: Segment, g: usize, incoming: Incoming) {
+        let key = self.buffer_of[g].expect("split");
+        let values = match incoming {
+            Incoming::Host(p) => Tensor::from_slice(&p.wait().0),
+            Incoming::Here(t) => t,
+        };
+        let buffer = self.buffers[key]
+            .as_ref()
+            .expect("a buffer for every key in use");
+        tch::no_grad(|| {
+            let n = values.numel() as i64;
+            buffer
+                .narrow(0, 0, n)
+                .copy_(&values.to_device(buffer.device()));
+        });
+        self.holds[key] = Some(segment);
+    }
+
+    /// Starts gathering `segment`'s parameters unless its buffers hold them or they are
+    /// on their way; what was prefetched before and not used is dropped.
+    pub fn prefetch(
+        &mut self,
+        par: &Parallel,
+        plan: &ShardPlan,
+        segment: Segment,
+    ) -> Result<(), NcclError> {
+        if self.resident(plan, segment) || self.prefetch.as_ref().is_some_and(|p| p.0 == segment) {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let mut flights = Vec::new();
+        for g in self.groups_of(plan, segment) {
+            flights.push((g, self.start_group(par, plan, g)?));
+        }
+        self.prefetch = Some((segment, flights));
+        self.exposed_s += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Lets a prefetch in flight progress (Open MPI moves it only inside MPI calls).
+    pub fn progress(&mut self) {
+        if let Some((_, flights)) = &mut self.prefetch {
+            for (_, f) in flights.iter_mut() {
+                if let Incoming::Host(p) = f {
+                    p.test();
+                }
+            }
+        }
+    }
+
+    /// Makes `segment`'s whole parameters present in their buffers: at once when they
+    /// are there, else from its prefetch, else gathered now.
+    pub fn ensure(
+        &mut self,
+        par: &Parallel,
+        plan: &ShardPlan,
+        segment: Segment,
+    ) -> Result<(), NcclError> {
+        if self.resident(plan, segment) {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let flights = match self.prefetch.take() {
+            Some((s, flights)) if s == segment => flights,
+            _ => {
+                let mut flights = Vec::new();
+                for g in self.groups_of(plan, segment) {
+                    flights.push((g, self.start_group(par, plan, g)?));
+                }
+                flights
+            }
+        };
+        for (g, f) in flights {
+            self.land(segment, g, f);
+        }
+        self.exposed_s += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Bytes held in parameter slices and gather buffers.
+    pub fn held_bytes(&self) -> u64 {
+        let bytes = |t: &Tensor| (t.numel() * 4) as u64;
+        let slices: u64 = self.masters.iter().flatten().map(bytes).sum();
+        slices + self.buffers.iter().flatten().map(bytes).sum::<u64>()
+    }
+
+    /// The step's counters, reset: seconds spent gathering that computation did not
+    /// hide, and bytes received.
+    pub fn end_step(&mut self) -> (f64, u64) {
+        (
+            std::mem::take(&mut self.exposed_s),
+            std::mem::take(&mut self.received_bytes),
+        )
+    }
+}
+
+/// The hooks that gather sharded parameters around each segment: before its forward
+/// (prefetching the next layer's) and before its backward (prefetching the previous
+/// layer's). Without a `ParamGather` they do nothing.
+pub struct Gathering<'a> {
+    /// The run's sharded parameters, if any.
+    pub gather: Option<&'a mut ParamGather>,
+    /// The mesh.
+    pub par: &'a Parallel,
+    /// The shard layout.
+    pub plan: &'a ShardPlan,
+    /// Forward hooks of the ends seen (the embedding's, then the head's).
+    ends_seen: usize,
+}
+
+impl<'a> Gathering<'a> {
+    /// The hooks for one pass (a micro-batch's forward and backward, or an evaluation).
+    pub fn new(
+        gather: Option<&'a mut ParamGather>,
+        par: &'a Parallel,
+        plan: &'a ShardPlan,
+    ) -> Self {
+        Self {
+            gather,
+            par,
+            plan,
+            ends_seen: 0,
+        }
+    }
+
+    fn ensure_then(&mut self, segment: Segment, next: Option<Segment>) -> Result<(), NcclError> {
+        let Some(g) = self.gather.as_deref_mut() else {
+            return Ok(());
+        };
+        g.ensure(self.par, self.plan, segment)?;
+        match next {
+            Some(n) => g.prefetch(self.par, self.plan, n),
+            None => Ok(()),
+        }
+    }
+
+    fn layers(&self) -> usize {
+        self.gather.as_ref().map_or(0, |g| g.layers)
+    }
+}
+
+impl SegmentHooks for Gathering<'_> {
+    fn before_forward(&mut self, segment: Segment) -> Result<(), CommError> {
+        let layers = self.layers();
+        let next = match segment {
+            // The embedding: layer 0 next. The head: the backward starts with the last
+            // layers, which are here.
+            Segment::Ends => {
+                self.ends_seen += 1;
+                (self.ends_seen == 1 && layers > 0).then_some(Segment::Layer(0))
+            }
+            Segment::Layer(l) => (l + 1 < layers).then_some(Segment::Layer(l + 1)),
+        };
+        Ok(self.ensure_then(segment, next)?)
+    }
+
+    fn before(&mut self, segment: Segment) -> Result<(), CommError> {
+        let next = match segment {
+            Segment::Ends => None,
+            Segment::Layer(l) => l.checked_sub(1).map(Segment::Layer),
+        };
+        Ok(self.ensure_then(segment, next)?)
+    }
+
+    fn after(&mut self, _: Segment) -> Result<(), CommError> {
+        if let Some(g) = self.gather.as_deref_mut() {
+            g.progress();
+        }
+        Ok(())
+    }
+}
+
+fn contiguous_strides(size: &[i64]) -> Vec<i64> {
+    let mut strides = vec![1i64; size.len()];
+    for d in (0..size.len().saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1] * size[d + 1].max(1);
+    }
+    strides
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strides_are_row_major() {
+        assert_eq!(contiguous_strides(&[2, 3, 4]), vec![12, 4, 1]);
+        assert_eq!(contiguous_strides(&[5]), vec![1]);
+        assert!(contiguous_strides(&[]).is_empty());
+    }
+}
