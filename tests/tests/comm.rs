@@ -346,8 +346,17 @@ fn shard_checks(dir: &Path, runs: (&str, &str), layout: (usize, usize), set: &st
             .expect("the step lines report the bytes held")
     };
     let mut split = vec!["optimizer_bytes"];
-    if set.ends_with("gradients") {
+    if set.ends_with("gradients") || set.ends_with("parameters") {
         split.push("grad_bytes");
+    }
+    if set.ends_with("parameters") && ranks == 4 {
+        // 1/P slices plus the gather buffers (the ends and two layers, checked against
+        // the dry-run below): below a whole copy from 4 layers on with 4 ranks.
+        let ratio = bytes(b, "param_bytes") / bytes(a, "param_bytes");
+        assert!(
+            ratio < 0.9,
+            "{ranks} ranks, {set}: param_bytes ratio {ratio}"
+        );
     }
     for what in split {
         let ratio = bytes(b, what) / bytes(a, what);
@@ -367,6 +376,7 @@ fn shard_checks(dir: &Path, runs: (&str, &str), layout: (usize, usize), set: &st
         ])
         .arg(workspace().join("recipes/tiny.yaml"))
         .args(["--set", &format!("parallel.expert={expert}"), "--set", set])
+        .args(["--set", LAYERS])
         .output()
         .unwrap();
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("dry-run JSON");
@@ -390,10 +400,19 @@ fn shard_checks(dir: &Path, runs: (&str, &str), layout: (usize, usize), set: &st
     }
 }
 
+/// The shard test's depth: enough layers that the gather buffers of `parameters` (the
+/// ends and two layers) are not the whole model.
+const LAYERS: &str = "model.num_layers=4";
+
 #[test]
 fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
     let dir = scratch("shard-optimizer");
-    let sets = ["train.steps=10", "train.eval_every=5", "checkpoint.every=5"];
+    let sets = [
+        "train.steps=10",
+        "train.eval_every=5",
+        "checkpoint.every=5",
+        LAYERS,
+    ];
     let with = |mode: &'static str| -> Vec<&str> {
         let mut v = sets.to_vec();
         v.push(mode);
@@ -401,12 +420,13 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
     };
     let (none, opt) = ("parallel.shard=none", "parallel.shard=optimizer");
     let grad = "parallel.shard=gradients";
+    let param = "parallel.shard=parameters";
     // DP 2 (dense state split over 2 ranks) and DP 2 x EP 2 (dense over 4, experts
     // over their 2 replicas).
     for (ranks, expert) in [(2, 1), (4, 2)] {
         let a = format!("none-{ranks}");
         ok(train(&dir, &a, ranks, expert, &with(none), &[]));
-        for (mode, set) in [("opt", opt), ("grad", grad)] {
+        for (mode, set) in [("opt", opt), ("grad", grad), ("param", param)] {
             let b = format!("{mode}-{ranks}");
             ok(train(&dir, &b, ranks, expert, &with(set), &[]));
             assert!(
@@ -429,15 +449,26 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
         weights(&dir, "none-micro-4") == weights(&dir, "grad-micro-4"),
         "2 micro-batches, no overlap: sharded gradients changed the weights"
     );
+    // Sharded parameters with 2 micro-batches (the layers gathered again for each) and
+    // the overlap on.
+    let mut two_param = with(param);
+    two_param.push("train.micro_batch_size=2");
+    ok(train(&dir, "param-micro-4", 4, 2, &two_param, &[]));
+    assert!(
+        weights(&dir, "none-micro-4") == weights(&dir, "param-micro-4"),
+        "2 micro-batches: sharded parameters changed the weights"
+    );
     // Recomputing every layer in backward, with sharded gradients, on DP 2 x EP 2
     // (the rows each layer received are kept, so no all-to-all runs twice): the same bits.
-    let mut both = with(grad);
-    both.push("train.recompute=layer");
-    ok(train(&dir, "recompute-4", 4, 2, &both, &[]));
-    assert!(
-        weights(&dir, "recompute-4") == weights(&dir, "none-4"),
-        "recomputation changed the weights"
-    );
+    for (name, set) in [("recompute-4", grad), ("recompute-param-4", param)] {
+        let mut both = with(set);
+        both.push("train.recompute=layer");
+        ok(train(&dir, name, 4, 2, &both, &[]));
+        assert!(
+            weights(&dir, name) == weights(&dir, "none-4"),
+            "recomputation with {set} changed the weights"
+        );
+    }
     // With bf16 compute (fp32 master weights and moments), against bf16 unsharded.
     let bf16 = |mode: &'static str| -> Vec<&str> {
         let mut v = with(mode);
@@ -445,7 +476,11 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
         v
     };
     ok(train(&dir, "bf16-none", 2, 1, &bf16(none), &[]));
-    for (name, set) in [("bf16-opt", opt), ("bf16-grad", grad)] {
+    for (name, set) in [
+        ("bf16-opt", opt),
+        ("bf16-grad", grad),
+        ("bf16-param", param),
+    ] {
         ok(train(&dir, name, 2, 1, &bf16(set), &[]));
         assert!(
             weights(&dir, "bf16-none") == weights(&dir, name),
@@ -457,6 +492,8 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
         ("opt-4", "opt-to-none", none),
         ("none-4", "none-to-grad", grad),
         ("grad-4", "grad-to-opt", opt),
+        ("param-4", "param-to-none", none),
+        ("none-4", "none-to-param", param),
     ] {
         copy_dir(
             &dir.join(from).join("checkpoints/step-00000005"),
@@ -475,19 +512,20 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
             "restarted at step 6"
         );
     }
-    // And in another world: 2 ranks, no sharding, the same losses to rounding.
+    // And in another world: saved on 4 ranks with sharded parameters, resumed on 2
+    // without sharding: the same losses to rounding.
     copy_dir(
-        &dir.join("grad-4/checkpoints/step-00000005"),
-        &dir.join("grad-to-2/checkpoints/step-00000005"),
+        &dir.join("param-4/checkpoints/step-00000005"),
+        &dir.join("param-to-2/checkpoints/step-00000005"),
     );
     let mut resumed = with(none);
     resumed.push(RESUME);
-    ok(train(&dir, "grad-to-2", 2, 1, &resumed, &[]));
+    ok(train(&dir, "param-to-2", 2, 1, &resumed, &[]));
     let tail = |run: &str| -> Vec<(u64, f64)> {
         losses(&dir, run)
             .into_iter()
             .filter(|(s, _)| *s > 5)
             .collect()
     };
-    assert_close(&tail("none-4"), &tail("grad-to-2"), "resumed on 2 ranks");
+    assert_close(&tail("none-4"), &tail("param-to-2"), "resumed on 2 ranks");
 }

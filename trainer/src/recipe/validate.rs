@@ -805,6 +805,21 @@ mod tests {
     }
 
     #[test]
+    fn sharded_parameters_refuse_fast_reductions_and_allow_deterministic_ones() {
+        let m = message(with_all(&[
+            "parallel.shard=parameters",
+            "parallel.fast_reductions=true",
+        ]));
+        assert!(
+            m.contains("`parallel.shard` and `parallel.fast_reductions`")
+                && m.contains("fast_reductions: false"),
+            "{m}"
+        );
+        assert!(with_all(&["parallel.shard=parameters"]).is_ok());
+        assert!(with_all(&["parallel.shard=gradients", "parallel.fast_reductions=true"]).is_ok());
+    }
+
+    #[test]
     fn small_vocab_is_rejected() {
         let m = message(with("model.vocab_size=100"));
         assert!(m.contains("`model.vocab_size`"), "{m}");
