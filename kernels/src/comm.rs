@@ -29,6 +29,7 @@ impl Elem for i64 {}
 impl Elem for u64 {}
 impl Elem for i32 {}
 impl Elem for u8 {}
+impl Elem for i16 {}
 
 /// An MPI communicator of this process (the world or a group split from it).
 pub struct MpiComm {

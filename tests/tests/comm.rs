@@ -328,8 +328,10 @@ fn the_sdc_check_names_the_corrupt_rank_and_rolls_back() {
 /// What a sharded run `runs.1` shares with its unsharded twin `runs.0` on `layout`
 /// (ranks, expert): the checkpoint (moments whole), 1/P of the dense moments (and of
 /// the gradients with `gradients`), and each category the dry-run predicts.
-fn shard_checks(dir: &Path, runs: (&str, &str), layout: (usize, usize), set: &str) {
+fn shard_checks(dir: &Path, runs: (&str, &str), layout: (usize, usize), sets: &[&str]) {
     let ((a, b), (ranks, expert)) = (runs, layout);
+    let set = sets.join(" ");
+    let mode = |m: &str| sets.iter().any(|s| s.ends_with(m));
     let step = |run: &str| {
         dir.join(run)
             .join("checkpoints/step-00000010/rank-00000.safetensors")
@@ -346,10 +348,10 @@ fn shard_checks(dir: &Path, runs: (&str, &str), layout: (usize, usize), set: &st
             .expect("the step lines report the bytes held")
     };
     let mut split = vec!["optimizer_bytes"];
-    if set.ends_with("gradients") || set.ends_with("parameters") {
+    if mode("gradients") || mode("parameters") {
         split.push("grad_bytes");
     }
-    if set.ends_with("parameters") && ranks == 4 {
+    if mode("parameters") && ranks == 4 {
         // 1/P slices plus the gather buffers (the ends and two layers, checked against
         // the dry-run below): below a whole copy from 4 layers on with 4 ranks.
         let ratio = bytes(b, "param_bytes") / bytes(a, "param_bytes");
@@ -375,8 +377,13 @@ fn shard_checks(dir: &Path, runs: (&str, &str), layout: (usize, usize), set: &st
             &ranks.to_string(),
         ])
         .arg(workspace().join("recipes/tiny.yaml"))
-        .args(["--set", &format!("parallel.expert={expert}"), "--set", set])
-        .args(["--set", LAYERS])
+        .args([
+            "--set",
+            &format!("parallel.expert={expert}"),
+            "--set",
+            LAYERS,
+        ])
+        .args(sets.iter().flat_map(|s| ["--set", s]))
         .output()
         .unwrap();
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("dry-run JSON");
@@ -433,7 +440,7 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
                 weights(&dir, &a) == weights(&dir, &b),
                 "{ranks} ranks: {set} changed the weights"
             );
-            shard_checks(&dir, (&a, &b), (ranks, expert), set);
+            shard_checks(&dir, (&a, &b), (ranks, expert), &[set]);
         }
     }
     // Reductions not overlapped with backward, and 2 micro-batches per rank (the
@@ -469,7 +476,8 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
             "recomputation with {set} changed the weights"
         );
     }
-    // With bf16 compute (fp32 master weights and moments), against bf16 unsharded.
+    // With bf16 compute (fp32 master weights and moments; with parameters, bf16
+    // working copies of the layers), against bf16 unsharded.
     let bf16 = |mode: &'static str| -> Vec<&str> {
         let mut v = with(mode);
         v.push("system.precision=bf16");
@@ -487,6 +495,9 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
             "bf16: {set} changed the weights"
         );
     }
+    // bf16 working copies of the gathered layers: half their buffer bytes, as predicted.
+    let bf16_param = ["system.precision=bf16", param];
+    shard_checks(&dir, ("bf16-none", "bf16-param"), (2, 1), &bf16_param);
     // A checkpoint of one mode resumes in the other, bitwise on the same layout.
     for (from, to, mode) in [
         ("opt-4", "opt-to-none", none),

@@ -199,8 +199,8 @@ pub fn from_host(h: &HostTensor) -> Tensor {
     Tensor::from_data_size(&h.data, &shape, kind(h.dtype))
 }
 
-/// Copies `h` into `dst` in place; a different shape or type is named (`what`: where).
-pub fn copy_into(dst: &Tensor, h: &HostTensor, what: &str) -> Result<(), TrainError> {
+/// Whether `h` has `dst`'s shape and type; a difference is named (`what`: where).
+fn check_shape(dst: &Tensor, h: &HostTensor, what: &str) -> Result<(), TrainError> {
     let want: Vec<usize> = dst.size().iter().map(|&s| s as usize).collect();
     if want != h.shape || dtype(dst.kind()) != h.dtype {
         return Err(TrainError::Checkpoint(format!(
@@ -211,6 +211,12 @@ pub fn copy_into(dst: &Tensor, h: &HostTensor, what: &str) -> Result<(), TrainEr
             want
         )));
     }
+    Ok(())
+}
+
+/// Copies `h` into `dst` in place; a different shape or type is named (`what`: where).
+pub fn copy_into(dst: &Tensor, h: &HostTensor, what: &str) -> Result<(), TrainError> {
+    check_shape(dst, h, what)?;
     tch::no_grad(|| {
         let mut d = dst.shallow_clone();
         d.copy_(&from_host(h).to_device(dst.device()));
@@ -402,11 +408,16 @@ impl Restorable<'_> {
             .collect();
         for (name, var) in self.built.named() {
             let saved = get(&name).ok_or_else(|| bad(format!("no tensor {name}")))?;
-            copy_into(&var, &saved, &format!("{}: {name}", loaded.location))?;
-            if let (Some((gather, plan)), Some(&i)) = (self.sliced.as_mut(), index.get(&name)) {
-                // Sharded parameters: the slice is the value; the tensor only points
-                // into a gather buffer (which the next tensor may overwrite).
-                gather.load(plan, i, &var);
+            let what = format!("{}: {name}", loaded.location);
+            match (self.sliced.as_mut(), index.get(&name)) {
+                (Some((gather, plan)), Some(&i)) if gather.holds_slices_of(i) => {
+                    // Sharded parameters: the slice is the value (the tensor only points
+                    // into a gather buffer, perhaps as a bf16 working copy).
+                    let master = &self.optimizer.parameters()[i].1;
+                    check_shape(master, &saved, &what)?;
+                    gather.load(plan, i, &from_host(&saved));
+                }
+                _ => copy_into(&var, &saved, &what)?,
             }
         }
         let state = TrainerState::of(loaded)?;

@@ -723,6 +723,11 @@ impl LongcatModel {
         Some(linear(&hidden, &self.lm_head).to_kind(Kind::Float))
     }
 
+    /// The kind the model computes in (fp32 or bf16).
+    pub fn compute_kind(&self) -> Kind {
+        self.compute_kind
+    }
+
     /// Token embeddings of `tokens` in the compute kind.
     pub fn embed(&self, tokens: &Tensor) -> Tensor {
         Tensor::embedding(&self.embed_tokens, tokens, -1, false, false).to_kind(self.compute_kind)

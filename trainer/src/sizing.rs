@@ -332,20 +332,27 @@ fn activation_bytes(r: &Recipe) -> f64 {
     }
 }
 
-/// Parameters one rank holds with `parallel.shard: parameters`: its 1/world slice of
-/// the dense ones and 1/replicas of its `experts` (whole when there are no replicas),
-/// plus the gather buffers: the ends (embedding, head, MTP) and two layers.
-fn gathered_parameters(c: &ModelConfig, p: &ParamCounts, experts: f64, over: (f64, f64)) -> f64 {
-    let (world, replicas) = over;
+/// Bytes of parameters one rank holds with `parallel.shard: parameters`: fp32 slices,
+/// its 1/world of the dense parameters and 1/replicas of its `experts` (whole when
+/// there are no replicas), plus the gather buffers: the ends (embedding, head, MTP) in
+/// fp32 and two layers in the working kind (`working` bytes: bf16 with bf16 compute,
+/// the router excepted).
+fn gathered_parameter_bytes(
+    c: &ModelConfig,
+    p: &ParamCounts,
+    (experts, working): (f64, f64),
+    (world, replicas): (f64, f64),
+) -> f64 {
     let dense = p.total.saturating_sub(p.experts_all) as f64;
     let ends = (p.embedding + p.head + p.mtp) as f64;
     let buffered = c.num_layers.min(2) as f64;
+    let layer = working * (p.layer_dense - p.router) as f64 + 4.0 * p.router as f64;
     let layer_experts = experts / c.num_layers.max(1) as f64;
     let experts = match replicas > 1.0 {
-        true => experts / replicas + buffered * layer_experts,
-        false => experts,
+        true => 4.0 * experts / replicas + buffered * working * layer_experts,
+        false => 4.0 * experts,
     };
-    dense / world + ends + buffered * p.layer_dense as f64 + experts
+    4.0 * (dense / world + ends) + buffered * layer + experts
 }
 
 impl Memory {
@@ -371,7 +378,8 @@ impl Memory {
                 layers * (h + 2.0 * c.target_ffn_experts() as f64 * h) + full
             }
         };
-        let activations = micro_tokens * kept * activation_bytes(r) + logits;
+        let act = activation_bytes(r);
+        let activations = micro_tokens * kept * act + logits;
         let whole = local as f64 * 4.0;
         // A rank's 1/P share of dense state (P = world) and of its experts' (P = replicas).
         let world = world.max(1) as f64;
@@ -384,7 +392,7 @@ impl Memory {
             ShardMode::Optimizer => (whole, 8.0 * share, whole),
             ShardMode::Gradients => (whole, 8.0 * share, 4.0 * share),
             ShardMode::Parameters => (
-                4.0 * gathered_parameters(c, p, experts, (world, replicas)),
+                gathered_parameter_bytes(c, p, (experts, act), (world, replicas)),
                 8.0 * share,
                 4.0 * share,
             ),

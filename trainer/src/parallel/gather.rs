@@ -12,6 +12,14 @@
 //! backward, when layer l + 2, which overwrote it, is done with. So a rank holds 1/P of
 //! the parameters plus the ends and two layers, whatever the depth.
 //!
+//! With bf16 compute, a layer's parameters (but its router) are gathered as bf16
+//! working copies (`shard::working_kind`): half the bytes on the wire and in the
+//! buffers. The model's tensor is then a bf16 leaf, so autograd gives it bf16 gradients;
+//! after each segment's backward they are added, in fp32, into an fp32 stand-in that
+//! the optimizer and the reductions see in its place, which is what an unsharded bf16
+//! run computes (its fp32 parameters' casts give the same bf16 gradients, added in
+//! fp32). Masters, moments and reductions stay fp32.
+//!
 //! Gathers are nonblocking: while layer l computes, layer l + 1's (forward) or l - 1's
 //! (backward) is in flight (`prefetch`); `ensure` waits for it. A buffer that already
 //! holds the segment (the last two layers of a forward are the first two of its
@@ -20,29 +28,50 @@
 
 use super::mesh::{Parallel, Segment};
 use super::schedule::SegmentHooks;
-use super::shard::{Over, ShardPlan};
+use super::shard::{Over, ShardGroup, ShardPlan};
 use crate::recipe::ShardMode;
 use catapult_kernels::comm::Pending;
 use catapult_kernels::{CommError, NcclError};
 use std::time::Instant;
 use tch::{Kind, Tensor};
 
-/// A group's gathered values on their way.
+/// A group's gathered values on their way (bf16 travels as its bits).
 enum Incoming {
     Host(Pending<f32>),
+    HostBf16(Pending<i16>),
     Here(Tensor),
 }
 
-/// Which buffer a segment's group uses: (kind of group, ends / even layer / odd layer).
-fn buffer_key(over: Over, segment: Segment) -> usize {
-    let class = match segment {
+/// Buffers: per kind of group (dense, expert), part (ends, even layer, odd layer) and
+/// working kind (fp32, bf16).
+const BUFFERS: usize = 12;
+
+/// Which buffer a group is gathered into.
+fn buffer_key(group: &ShardGroup) -> usize {
+    let part = match group.segment {
         Segment::Ends => 0,
         Segment::Layer(l) => 1 + l % 2,
     };
-    match over {
-        Over::World => class,
-        Over::Replicas => 3 + class,
-    }
+    let over = match group.over {
+        Over::World => 0,
+        Over::Replicas => 1,
+    };
+    (over * 3 + part) * 2 + usize::from(group.working == Kind::BFloat16)
+}
+
+/// A parameter with a bf16 working copy.
+struct Working {
+    /// Its index among the optimizer's parameters.
+    index: usize,
+    segment: Segment,
+    /// The model's tensor: a bf16 leaf in its buffer.
+    model: Tensor,
+    /// What the optimizer and the reductions see: an fp32 leaf of the same shape (no
+    /// storage of its own) whose gradient is the fp32 sum of the working copy's.
+    stand_in: Tensor,
+    /// The working copy's gradient was freed after being added (it is made again,
+    /// zero, before the segment's next backward).
+    freed: bool,
 }
 
 /// The parameters of a `parameters`-sharded run: the slices and the gather buffers.
@@ -61,6 +90,8 @@ pub struct ParamGather {
     place: Vec<Option<(usize, usize)>>,
     /// Decoder layers.
     layers: usize,
+    /// The parameters with bf16 working copies.
+    working: Vec<Working>,
     exposed_s: f64,
     received_bytes: u64,
 }
@@ -77,7 +108,7 @@ impl ParamGather {
         let groups = plan.groups();
         let mut masters = Vec::with_capacity(groups.len());
         let mut buffer_of = Vec::with_capacity(groups.len());
-        let mut capacity = [0usize; 6];
+        let mut capacity = [0usize; BUFFERS];
         let mut place = vec![None; params.len()];
         for (g, group) in groups.iter().enumerate() {
             if !group.splits(plan.mode()) {
@@ -88,7 +119,7 @@ impl ParamGather {
             masters.push(Some(
                 plan.owned_flat(group, |i| params[i].1.shallow_clone()),
             ));
-            let key = buffer_key(group.over, group.segment);
+            let key = buffer_key(group);
             let whole = group.layout.per_rank() * group.layout.ranks();
             capacity[key] = capacity[key].max(whole);
             buffer_of.push(Some(key));
@@ -97,29 +128,13 @@ impl ParamGather {
             }
         }
         let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
-        let buffers: Vec<Option<Tensor>> = capacity
-            .iter()
-            .map(|&n| (n > 0).then(|| Tensor::zeros([n as i64], (Kind::Float, device))))
+        let buffers: Vec<Option<Tensor>> = (0..BUFFERS)
+            .map(|key| {
+                let kind = [Kind::Float, Kind::BFloat16][key % 2];
+                (capacity[key] > 0).then(|| Tensor::zeros([capacity[key] as i64], (kind, device)))
+            })
             .collect();
-        tch::no_grad(|| {
-            for (g, group) in groups.iter().enumerate() {
-                let Some(key) = buffer_of[g] else { continue };
-                let buffer = buffers[key]
-                    .as_ref()
-                    .expect("a buffer for every key in use");
-                for (k, &i) in group.members.iter().enumerate() {
-                    let mut p = params[i].1.shallow_clone();
-                    assert_eq!(p.kind(), Kind::Float, "parameters are fp32 masters");
-                    let size = p.size();
-                    let _ = p.set_source_tensor_storage_offset_(
-                        buffer,
-                        group.layout.start(k) as i64,
-                        size.as_slice(),
-                        contiguous_strides(&size).as_slice(),
-                    );
-                }
-            }
-        });
+        let working = point_into_buffers(plan, params, (&buffer_of, &buffers));
         let layers = groups
             .iter()
             .filter_map(|g| match g.segment {
@@ -130,6 +145,7 @@ impl ParamGather {
             .unwrap_or(0);
         Some(Self {
             layers,
+            working,
             masters,
             buffer_of,
             holds: vec![None; buffers.len()],
@@ -139,6 +155,46 @@ impl ParamGather {
             exposed_s: 0.0,
             received_bytes: 0,
         })
+    }
+
+    /// The optimizer's parameters in place of `params`: each one with a bf16 working
+    /// copy replaced by its fp32 stand-in.
+    pub fn optimizer_params(&self, params: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+        let mut out = params;
+        for w in &self.working {
+            out[w.index].1 = w.stand_in.shallow_clone();
+        }
+        out
+    }
+
+    /// Before `segment`'s backward: its working copies' freed gradients exist again
+    /// (zeros), so autograd accumulates into them.
+    fn restore_working(&mut self, segment: Segment) {
+        tch::no_grad(|| {
+            for w in self.working.iter_mut().filter(|w| w.segment == segment) {
+                if std::mem::take(&mut w.freed) {
+                    let _ = w.model.grad().resize_(w.model.size().as_slice()).zero_();
+                }
+            }
+        });
+    }
+
+    /// After `segment`'s backward: its working copies' bf16 gradients are added, in
+    /// fp32, to their stand-ins' and freed.
+    fn add_working_gradients(&mut self, segment: Segment) {
+        for w in self.working.iter_mut().filter(|w| w.segment == segment) {
+            let g = w.model.grad();
+            if !g.defined() || g.numel() != w.model.numel() {
+                continue;
+            }
+            super::reduce::ensure_grad(&w.stand_in);
+            tch::no_grad(|| {
+                let mut acc = w.stand_in.grad();
+                acc += g.to_kind(Kind::Float);
+                let _ = g.shallow_clone().set_();
+            });
+            w.freed = true;
+        }
     }
 
     /// Whether parameter `i` lives as slices here.
@@ -206,19 +262,32 @@ impl ParamGather {
         let comm = plan.group(par, group);
         let mine = self.masters[g].as_ref().expect("split groups have slices");
         let per = group.layout.per_rank();
-        self.received_bytes += (per * (group.layout.ranks() - 1) * 4) as u64;
+        let mine = mine.to_kind(group.working);
+        self.received_bytes +=
+            (per * (group.layout.ranks() - 1) * mine.kind().elt_size_in_bytes()) as u64;
         if let Some(nccl) = comm.nccl() {
-            return Ok(Incoming::Here(nccl.all_gather(mine)?.reshape([-1])));
+            return Ok(Incoming::Here(nccl.all_gather(&mine)?.reshape([-1])));
         }
-        let host: Vec<f32> = Vec::try_from(&mine.to_device(tch::Device::Cpu))
-            .expect("parameter slices convert to f32 on the host");
-        Ok(Incoming::Host(comm.start_all_gather(host)))
+        let host = mine.to_device(tch::Device::Cpu);
+        Ok(match group.working {
+            Kind::BFloat16 => {
+                let bits: Vec<i16> = Vec::try_from(&host.view_dtype(Kind::Int16))
+                    .expect("bf16 slices read as their bits");
+                Incoming::HostBf16(comm.start_all_gather(bits))
+            }
+            _ => {
+                let host: Vec<f32> =
+                    Vec::try_from(&host).expect("parameter slices convert to f32 on the host");
+                Incoming::Host(comm.start_all_gather(host))
+            }
+        })
     }
 
     fn land(&mut self, segment: Segment, g: usize, incoming: Incoming) {
         let key = self.buffer_of[g].expect("split");
         let values = match incoming {
             Incoming::Host(p) => Tensor::from_slice(&p.wait().0),
+            Incoming::HostBf16(p) => Tensor::from_slice(&p.wait().0).view_dtype(Kind::BFloat16),
             Incoming::Here(t) => t,
         };
         let buffer = self.buffers[key]
@@ -258,8 +327,14 @@ impl ParamGather {
     pub fn progress(&mut self) {
         if let Some((_, flights)) = &mut self.prefetch {
             for (_, f) in flights.iter_mut() {
-                if let Incoming::Host(p) = f {
-                    p.test();
+                match f {
+                    Incoming::Host(p) => {
+                        p.test();
+                    }
+                    Incoming::HostBf16(p) => {
+                        p.test();
+                    }
+                    Incoming::Here(_) => {}
                 }
             }
         }
@@ -296,7 +371,7 @@ impl ParamGather {
 
     /// Bytes held in parameter slices and gather buffers.
     pub fn held_bytes(&self) -> u64 {
-        let bytes = |t: &Tensor| (t.numel() * 4) as u64;
+        let bytes = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
         let slices: u64 = self.masters.iter().flatten().map(bytes).sum();
         slices + self.buffers.iter().flatten().map(bytes).sum::<u64>()
     }
@@ -376,33 +451,59 @@ impl SegmentHooks for Gathering<'_> {
             Segment::Ends => None,
             Segment::Layer(l) => l.checked_sub(1).map(Segment::Layer),
         };
+        if let Some(g) = self.gather.as_deref_mut() {
+            g.restore_working(segment);
+        }
         Ok(self.ensure_then(segment, next)?)
     }
 
-    fn after(&mut self, _: Segment) -> Result<(), CommError> {
+    fn after(&mut self, segment: Segment) -> Result<(), CommError> {
         if let Some(g) = self.gather.as_deref_mut() {
+            g.add_working_gradients(segment);
             g.progress();
         }
         Ok(())
     }
 }
 
-fn contiguous_strides(size: &[i64]) -> Vec<i64> {
-    let mut strides = vec![1i64; size.len()];
-    for d in (0..size.len().saturating_sub(1)).rev() {
-        strides[d] = strides[d + 1] * size[d + 1].max(1);
-    }
-    strides
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn strides_are_row_major() {
-        assert_eq!(contiguous_strides(&[2, 3, 4]), vec![12, 4, 1]);
-        assert_eq!(contiguous_strides(&[5]), vec![1]);
-        assert!(contiguous_strides(&[]).is_empty());
-    }
+/// Points every split parameter into its place in its group's buffer (its whole
+/// storage is freed); a parameter with a bf16 working copy becomes a bf16 leaf there and
+/// gets an fp32 stand-in. Returns those.
+fn point_into_buffers(
+    plan: &ShardPlan,
+    params: &[(String, Tensor)],
+    (buffer_of, buffers): (&[Option<usize>], &[Option<Tensor>]),
+) -> Vec<Working> {
+    let mut working = Vec::new();
+    tch::no_grad(|| {
+        for (g, group) in plan.groups().iter().enumerate() {
+            let Some(key) = buffer_of[g] else { continue };
+            let buffer = buffers[key]
+                .as_ref()
+                .expect("a buffer for every key in use");
+            for (k, &i) in group.members.iter().enumerate() {
+                let mut p = params[i].1.shallow_clone();
+                assert_eq!(p.kind(), Kind::Float, "parameters are fp32 masters");
+                let size = p.size();
+                let place = buffer
+                    .narrow(0, group.layout.start(k) as i64, p.numel() as i64)
+                    .view(size.as_slice());
+                p.set_data(&place);
+                if group.working == Kind::BFloat16 {
+                    let stand_in = Tensor::zeros([1], (Kind::Float, p.device()))
+                        .expand(size.as_slice(), false)
+                        .detach()
+                        .set_requires_grad(true);
+                    working.push(Working {
+                        index: i,
+                        segment: group.segment,
+                        model: p,
+                        stand_in,
+                        freed: false,
+                    });
+                }
+            }
+        }
+    });
+    working
 }

@@ -67,7 +67,7 @@ fn has_grad(p: &Tensor) -> bool {
 }
 
 /// Gives `p` a zero gradient of its shape where it has none (or a freed one).
-fn ensure_grad(p: &Tensor) {
+pub(super) fn ensure_grad(p: &Tensor) {
     let mut g = p.grad();
     if !g.defined() {
         // A parameter this rank did not touch: a zero gradient, so that the reduced

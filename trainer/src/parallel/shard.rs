@@ -91,6 +91,19 @@ impl FlatLayout {
     }
 }
 
+/// The kind a parameter's gathered copy has (`parallel.shard: parameters`), the one
+/// the model computes with: bf16 with bf16 compute for a decoder layer's parameters,
+/// except the router, which classifies in fp32; fp32 for everything else (and for the
+/// ends: the embedding is a lookup, the head is shared with the MTP layer, so its
+/// gradient sums two uses, which fp32 master gradients add in fp32).
+pub fn working_kind(name: &str, mode: ShardMode, compute: Kind) -> Kind {
+    let layer = matches!(Segment::of(name), Segment::Layer(_));
+    match mode == ShardMode::Parameters && compute == Kind::BFloat16 && layer {
+        true if !name.contains(".router.") => Kind::BFloat16,
+        _ => Kind::Float,
+    }
+}
+
 /// Which ranks replicate a group's tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Over {
@@ -106,6 +119,8 @@ pub(super) enum Over {
 pub(super) struct ShardGroup {
     pub(super) over: Over,
     pub(super) segment: Segment,
+    /// The kind of the members' gathered copies (`working_kind`).
+    pub(super) working: Kind,
     pub(super) members: Vec<usize>,
     pub(super) layout: FlatLayout,
 }
@@ -131,7 +146,15 @@ impl ShardPlan {
     /// layer, or the ends) so that every rank holds 1/P of each layer and gathering or
     /// reducing one moves equal parts. A group of one rank is laid out, for the
     /// reductions, but not split. A world of one has no groups.
-    pub fn new(par: &Parallel, params: &[(String, Tensor)], mode: ShardMode) -> Self {
+    ///
+    /// With `parameters` and a bf16 `compute` kind, a segment's parameters that have
+    /// bf16 working copies (`working_kind`) form a group of their own.
+    pub fn new(
+        par: &Parallel,
+        params: &[(String, Tensor)],
+        mode: ShardMode,
+        compute: Kind,
+    ) -> Self {
         let mut groups = Vec::new();
         if par.world.size() < 2 {
             return Self { groups, mode };
@@ -139,14 +162,18 @@ impl ShardPlan {
         let mut segments: Vec<Segment> = params.iter().map(|(n, _)| Segment::of(n)).collect();
         segments.sort();
         segments.dedup();
+        let working = |i: usize| working_kind(&params[i].0, mode, compute);
         for (over, group, expert) in [
             (Over::World, &par.world, false),
             (Over::Replicas, &par.replicas, true),
         ] {
-            for &segment in &segments {
+            for (&segment, kind) in segments
+                .iter()
+                .flat_map(|s| [(s, Kind::Float), (s, Kind::BFloat16)])
+            {
                 let members: Vec<usize> = (0..params.len())
                     .filter(|&i| is_expert_param(&params[i].0) == expert)
-                    .filter(|&i| Segment::of(&params[i].0) == segment)
+                    .filter(|&i| Segment::of(&params[i].0) == segment && working(i) == kind)
                     .collect();
                 if members.is_empty() {
                     continue;
@@ -155,6 +182,7 @@ impl ShardPlan {
                 groups.push(ShardGroup {
                     over,
                     segment,
+                    working: kind,
                     members,
                     layout: FlatLayout::new(sizes, group.rank(), group.size()),
                 });

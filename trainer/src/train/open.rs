@@ -11,7 +11,7 @@ use crate::bias_control::ExpertBiasController;
 use crate::checkpoint::{check_model, open_resume, quarantine_passed_over};
 use crate::error::TrainError;
 use crate::groups::Group;
-use crate::init::build_model_with_experts;
+use crate::init::{build_model_with_experts, BuiltModel};
 use crate::metrics::{Metrics, Progress};
 use crate::optim::AdamW;
 use crate::parallel::{GradReducer, Parallel, ParamGather, ShardPlan};
@@ -214,6 +214,34 @@ fn claim_run_dir(
     agree(&par.world, claimed)
 }
 
+/// The model of this rank (its experts `local`), the shard layout, the optimizer and,
+/// with `parallel.shard: parameters`, the parameter slices: each rank keeps its slices
+/// and the whole tensors are freed; the optimizer sees fp32 stand-ins for bf16 working
+/// copies.
+fn build_sharded(
+    recipe: &Recipe,
+    par: &Parallel,
+    device: Device,
+    local: std::ops::Range<usize>,
+) -> (BuiltModel, AdamW, ShardPlan, Option<ParamGather>) {
+    let built = build_model_with_experts(recipe, device, local);
+    let params = built.parameters();
+    let compute = built.model.compute_kind();
+    let shard = ShardPlan::new(par, &params, recipe.parallel.shard, compute);
+    let owned = shard.owned_ranges(params.len());
+    let gather = ParamGather::new(&shard, &params);
+    let params = match &gather {
+        Some(g) => g.optimizer_params(params),
+        None => params,
+    };
+    let mut optimizer = AdamW::with_owned(params, &recipe.train, owned);
+    if let Some(g) = &gather {
+        let n = optimizer.parameters().len();
+        optimizer.set_masters((0..n).map(|i| g.master(&shard, i)).collect());
+    }
+    (built, optimizer, shard, gather)
+}
+
 impl<'a> Trainer<'a> {
     /// Opens a run of `recipe` on `par`: from step 0, or from the checkpoint `opts`
     /// names.
@@ -235,20 +263,7 @@ impl<'a> Trainer<'a> {
         } = open_store(recipe, opts, par)?;
         let local = par.local_experts(recipe.model.n_routed_experts);
         let (built, mut optimizer, shard, gather) =
-            crate::fit::without_panic(&recipe.name, || {
-                let built = build_model_with_experts(recipe, device, local);
-                let params = built.parameters();
-                let shard = ShardPlan::new(par, &params, recipe.parallel.shard);
-                let owned = shard.owned_ranges(params.len());
-                let mut optimizer = AdamW::with_owned(params, &recipe.train, owned);
-                // `parameters`: each rank keeps its slices; the whole tensors are freed.
-                let gather = ParamGather::new(&shard, optimizer.parameters());
-                if let Some(g) = &gather {
-                    let n = optimizer.parameters().len();
-                    optimizer.set_masters((0..n).map(|i| g.master(&shard, i)).collect());
-                }
-                (built, optimizer, shard, gather)
-            })?;
+            crate::fit::without_panic(&recipe.name, || build_sharded(recipe, par, device, local))?;
         let param_count: i64 = built
             .parameters()
             .iter()

@@ -77,12 +77,15 @@ impl SegmentHooks for Reducing<'_> {
     }
 
     fn after(&mut self, segment: Segment) -> Result<(), CommError> {
+        // First the working copies' gradients into their stand-ins, which the
+        // reduction reads.
+        self.gathering.after(segment)?;
         if self.start {
             self.reducer
                 .start(segment, self.par, self.plan, self.params)?;
         }
         self.reducer.progress(self.plan, self.params);
-        self.gathering.after(segment)
+        Ok(())
     }
 }
 
