@@ -190,12 +190,22 @@ fn print_memory(recipe: &Recipe, plan: &Plan, cluster: &Cluster) {
         ep,
         billions(mem.params as f64)
     );
-    println!("  weights (fp32)                 {:>12}", gib(mem.weights));
+    println!(
+        "  weights (fp32)                 {:>12}{}",
+        gib(mem.weights),
+        match recipe.parallel.shard {
+            catapult_trainer::recipe::ShardMode::Parameters => {
+                "  (1/P slices, plus gather buffers: the ends and two layers)"
+            }
+            _ => "",
+        }
+    );
     println!(
         "  gradients (fp32)               {:>12}{}",
         gib(mem.gradients),
         match recipe.parallel.shard {
-            catapult_trainer::recipe::ShardMode::Gradients => {
+            catapult_trainer::recipe::ShardMode::Gradients
+            | catapult_trainer::recipe::ShardMode::Parameters => {
                 let full =
                     mem.total - mem.weights - mem.gradients - mem.optimizer - mem.activations;
                 match full > 0.0 {
@@ -219,10 +229,7 @@ fn print_memory(recipe: &Recipe, plan: &Plan, cluster: &Cluster) {
             catapult_trainer::recipe::ShardMode::None => String::new(),
             mode => format!(
                 "  (parallel.shard: {}: dense 1/{world}, experts 1/{})",
-                match mode {
-                    catapult_trainer::recipe::ShardMode::Gradients => "gradients",
-                    _ => "optimizer",
-                },
+                mode.name(),
                 world / ep
             ),
         }
@@ -246,7 +253,15 @@ fn print_memory(recipe: &Recipe, plan: &Plan, cluster: &Cluster) {
         gpu.name
     );
     if !fits {
-        println!("    dense parameters are replicated on every rank (no tensor or pipeline parallelism here)");
+        match recipe.parallel.shard {
+            catapult_trainer::recipe::ShardMode::Parameters => {
+                println!("    lower the micro-batch, set train.recompute: layer, or add ranks")
+            }
+            _ => println!(
+                "    dense parameters are replicated on every rank: parallel.shard: parameters \
+                 keeps 1/P of them"
+            ),
+        }
     }
 }
 
@@ -263,6 +278,12 @@ fn print_comm(plan: &Plan) {
         "  expert gradient sum            {:>12}",
         gib(c.expert_gradients)
     );
+    if c.param_gathers > 0.0 {
+        println!(
+            "  parameter gathers              {:>12}  (per layer, forward and backward)",
+            gib(c.param_gathers)
+        );
+    }
 }
 
 /// The step-time estimate, and the days for `tokens`.
@@ -279,7 +300,11 @@ fn print_time(plan: &Plan, cluster: &Cluster, tokens: Option<f64>, days: Option<
         secs(t.all_to_all_s)
     );
     println!(
-        "  gradient sums                  {:>12}",
+        "  gradient sums{}{:>12}",
+        match plan.comm.param_gathers > 0.0 {
+            true => " and gathers     ",
+            false => "                  ",
+        },
         secs(t.reduction_s)
     );
     println!(

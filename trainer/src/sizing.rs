@@ -274,6 +274,10 @@ pub struct Comm {
     pub dense_gradients: f64,
     /// Expert-gradient sum over the replicas of this rank's experts.
     pub expert_gradients: f64,
+    /// Parameter all-gathers (`parallel.shard: parameters`), bytes received: the ends
+    /// once per step, every layer before each micro-batch's forward and all but the
+    /// last two again before its backward.
+    pub param_gathers: f64,
 }
 
 /// Estimated step time on a cluster.
@@ -285,7 +289,8 @@ pub struct StepTime {
     pub compute_s: f64,
     /// The all-to-alls at the link bandwidth.
     pub all_to_all_s: f64,
-    /// The gradient sums at the link bandwidth.
+    /// The gradient sums (and, with `parameters`, the parameter gathers) at the link
+    /// bandwidth.
     pub reduction_s: f64,
     /// compute + all-to-all + reductions (no overlap).
     pub serial_s: f64,
@@ -353,6 +358,21 @@ fn gathered_parameter_bytes(
         false => 4.0 * experts,
     };
     4.0 * (dense / world + ends) + buffered * layer + experts
+}
+
+/// Bytes one rank receives per step gathering sharded parameters (see `Comm`).
+fn param_gather_bytes(r: &Recipe, p: &ParamCounts, (world, replicas): (usize, usize)) -> f64 {
+    let c = &r.model;
+    let working = activation_bytes(r);
+    let half = |n: usize| (n - 1) as f64 / n as f64;
+    let ep = r.parallel.expert.max(1) as u64;
+    let layer_experts = (p.experts_all / ep) as f64 / c.num_layers.max(1) as f64;
+    let layer = half(world) * (working * (p.layer_dense - p.router) as f64 + 4.0 * p.router as f64)
+        + half(replicas) * working * layer_experts;
+    let ends = half(world) * 4.0 * (p.embedding + p.head + p.mtp) as f64;
+    let micro = (r.train.global_batch_size / world.max(1) / r.train.micro_batch_size.max(1)).max(1);
+    let per_pass = (2 * c.num_layers).saturating_sub(2) as f64;
+    ends + micro as f64 * per_pass * layer
 }
 
 impl Memory {
@@ -443,13 +463,25 @@ impl Plan {
             * 4.0
             * c.num_layers as f64
             * remote;
-        let ring = |n: usize| 2.0 * (n - 1) as f64 / n as f64;
-        let dense = (p.total - p.experts_all) as f64 * 4.0 * ring(world);
-        let expert = (p.experts_all / ep as u64) as f64 * 4.0 * ring(replicas);
+        // A reduce-scatter moves (n - 1) / n of the tensor; an all-reduce (or a
+        // reduce-scatter and the all-gather of what it updates) twice that. With
+        // `parameters` nothing is gathered after the update: the layers are, per pass.
+        let half = |n: usize| (n - 1) as f64 / n as f64;
+        let sums = match r.parallel.shard {
+            ShardMode::Parameters => 1.0,
+            _ => 2.0,
+        };
+        let dense = (p.total - p.experts_all) as f64 * 4.0 * sums * half(world);
+        let expert = (p.experts_all / ep as u64) as f64 * 4.0 * sums * half(replicas);
+        let gathers = match r.parallel.shard {
+            ShardMode::Parameters => param_gather_bytes(r, &p, (world, replicas)),
+            _ => 0.0,
+        };
         let comm = Comm {
             all_to_all,
             dense_gradients: dense,
             expert_gradients: expert,
+            param_gathers: gathers,
         };
         // Recomputation runs each layer's forward once more: training FLOPs are 3 x the
         // forward, so 4 / 3 of them.
@@ -461,7 +493,7 @@ impl Plan {
             recompute * flops[1] * rank_tokens / (cluster.gpu.peak_tflops * 1e12 * cluster.mfu);
         let bw = cluster.link_gbps * 1e9;
         let all_to_all_s = all_to_all / bw;
-        let reduction_s = (dense + expert) / bw;
+        let reduction_s = (dense + expert + gathers) / bw;
         let time = StepTime {
             tokens_per_step,
             compute_s,

@@ -111,6 +111,10 @@ pub enum BenchCommand {
         /// Working directory for the runs and results.json.
         #[arg(long, default_value = "bench-results/scale")]
         dir: PathBuf,
+        /// Overrides for every run (KEY=VALUE, repeatable), e.g. model.num_layers=8 so
+        /// that a layer is a small part of the model.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
     },
     /// Checkpoint save/load throughput against torch.save/torch.load, and the training
     /// loop's blocking time per asynchronous save (run from the project root).
@@ -171,7 +175,8 @@ pub fn run(command: BenchCommand) -> Result<(), crate::Failure> {
             ranks,
             steps,
             dir,
-        } => scale::run(&recipe, ranks, steps, &dir),
+            sets,
+        } => scale::run(&recipe, (ranks, steps), &sets, &dir),
         BenchCommand::Data {
             text,
             repeat,

@@ -11,13 +11,15 @@ use crate::UsageError;
 use std::path::Path;
 
 /// The (sharding, recomputation) settings measured, the baseline of each layout first.
-const MODES: [(&str, &str); 6] = [
+const MODES: [(&str, &str); 8] = [
     ("none", "none"),
     ("optimizer", "none"),
     ("gradients", "none"),
+    ("parameters", "none"),
     ("none", "layer"),
     ("optimizer", "layer"),
     ("gradients", "layer"),
+    ("parameters", "layer"),
 ];
 
 /// Medians of one setting's step lines after warm-up.
@@ -40,8 +42,8 @@ const KEYS: [&str; 7] = [
 
 pub(super) fn run(
     recipe: &Path,
-    ranks: usize,
-    steps: usize,
+    (ranks, steps): (usize, usize),
+    overrides: &[String],
     dir: &Path,
 ) -> Result<(), crate::Failure> {
     if steps < 5 {
@@ -65,12 +67,13 @@ pub(super) fn run(
             let p = spinner(&format!(
                 "{layout}, shard {shard}, recompute {recompute}: {steps} steps"
             ));
-            let sets = [
+            let mut sets = overrides.to_vec();
+            sets.extend([
                 format!("parallel.expert={expert}"),
                 format!("parallel.shard={shard}"),
                 format!("train.recompute={recompute}"),
                 format!("train.micro_batch_size={}", 16 / ranks),
-            ];
+            ]);
             let out = dir.join(format!("ep{expert}-{shard}-{recompute}"));
             let lines = mpirun_train(recipe, ranks, steps, &sets, &out)?;
             p.finish_and_clear();
