@@ -428,13 +428,13 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
     let (none, opt) = ("parallel.shard=none", "parallel.shard=optimizer");
     let grad = "parallel.shard=gradients";
     let param = "parallel.shard=parameters";
-    // DP 2 (dense state split over 2 ranks) and DP 2 x EP 2 (dense over 4, experts
+    // DP 4 (dense state split over 4 ranks) and DP 2 x EP 2 (dense over 4, experts
     // over their 2 replicas).
-    for (ranks, expert) in [(2, 1), (4, 2)] {
-        let a = format!("none-{ranks}");
+    for (ranks, expert) in [(4, 1), (4, 2)] {
+        let a = format!("none-{ranks}-{expert}");
         ok(train(&dir, &a, ranks, expert, &with(none), &[]));
         for (mode, set) in [("opt", opt), ("grad", grad), ("param", param)] {
-            let b = format!("{mode}-{ranks}");
+            let b = format!("{mode}-{ranks}-{expert}");
             ok(train(&dir, &b, ranks, expert, &with(set), &[]));
             assert!(
                 weights(&dir, &a) == weights(&dir, &b),
@@ -456,14 +456,14 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
         weights(&dir, "none-micro-4") == weights(&dir, "grad-micro-4"),
         "2 micro-batches, no overlap: sharded gradients changed the weights"
     );
-    // Sharded parameters with 2 micro-batches (the layers gathered again for each) and
-    // the overlap on.
+    // Sharded parameters with 2 micro-batches (the layers gathered again for each),
+    // every gather blocking where it is needed (no prefetch without overlap).
     let mut two_param = with(param);
-    two_param.push("train.micro_batch_size=2");
+    two_param.extend(["train.micro_batch_size=2", "parallel.overlap=false"]);
     ok(train(&dir, "param-micro-4", 4, 2, &two_param, &[]));
     assert!(
         weights(&dir, "none-micro-4") == weights(&dir, "param-micro-4"),
-        "2 micro-batches: sharded parameters changed the weights"
+        "2 micro-batches, no overlap: sharded parameters changed the weights"
     );
     // Recomputing every layer in backward, with sharded gradients, on DP 2 x EP 2
     // (the rows each layer received are kept, so no all-to-all runs twice): the same bits.
@@ -472,7 +472,7 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
         both.push("train.recompute=layer");
         ok(train(&dir, name, 4, 2, &both, &[]));
         assert!(
-            weights(&dir, name) == weights(&dir, "none-4"),
+            weights(&dir, name) == weights(&dir, "none-4-2"),
             "recomputation with {set} changed the weights"
         );
     }
@@ -500,11 +500,11 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
     shard_checks(&dir, ("bf16-none", "bf16-param"), (2, 1), &bf16_param);
     // A checkpoint of one mode resumes in the other, bitwise on the same layout.
     for (from, to, mode) in [
-        ("opt-4", "opt-to-none", none),
-        ("none-4", "none-to-grad", grad),
-        ("grad-4", "grad-to-opt", opt),
-        ("param-4", "param-to-none", none),
-        ("none-4", "none-to-param", param),
+        ("opt-4-2", "opt-to-none", none),
+        ("none-4-2", "none-to-grad", grad),
+        ("grad-4-2", "grad-to-opt", opt),
+        ("param-4-2", "param-to-none", none),
+        ("none-4-2", "none-to-param", param),
     ] {
         copy_dir(
             &dir.join(from).join("checkpoints/step-00000005"),
@@ -514,7 +514,7 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
         resumed.push(RESUME);
         ok(train(&dir, to, 4, 2, &resumed, &[]));
         assert!(
-            weights(&dir, to) == weights(&dir, "none-4"),
+            weights(&dir, to) == weights(&dir, "none-4-2"),
             "{from} resumed as {mode}: the weights differ"
         );
         assert_eq!(
@@ -526,7 +526,7 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
     // And in another world: saved on 4 ranks with sharded parameters, resumed on 2
     // without sharding: the same losses to rounding.
     copy_dir(
-        &dir.join("param-4/checkpoints/step-00000005"),
+        &dir.join("param-4-2/checkpoints/step-00000005"),
         &dir.join("param-to-2/checkpoints/step-00000005"),
     );
     let mut resumed = with(none);
@@ -538,5 +538,5 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
             .filter(|(s, _)| *s > 5)
             .collect()
     };
-    assert_close(&tail("none-4"), &tail("param-to-2"), "resumed on 2 ranks");
+    assert_close(&tail("none-4-2"), &tail("param-to-2"), "resumed on 2 ranks");
 }

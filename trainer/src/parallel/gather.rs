@@ -388,7 +388,8 @@ impl ParamGather {
 
 /// The hooks that gather sharded parameters around each segment: before its forward
 /// (prefetching the next layer's) and before its backward (prefetching the previous
-/// layer's). Without a `ParamGather` they do nothing.
+/// layer's); without `parallel.overlap`, nothing is prefetched. Without a
+/// `ParamGather` they do nothing.
 pub struct Gathering<'a> {
     /// The run's sharded parameters, if any.
     pub gather: Option<&'a mut ParamGather>,
@@ -421,8 +422,9 @@ impl<'a> Gathering<'a> {
         };
         g.ensure(self.par, self.plan, segment)?;
         match next {
-            Some(n) => g.prefetch(self.par, self.plan, n),
-            None => Ok(()),
+            // `parallel.overlap: false`: every gather where it is needed, blocking.
+            Some(n) if self.par.overlap => g.prefetch(self.par, self.plan, n),
+            _ => Ok(()),
         }
     }
 
