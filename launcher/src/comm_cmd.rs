@@ -335,7 +335,6 @@ fn ep_gradient_check(par: &Parallel) -> anyhow::Result<()> {
         Tensor::from_slice(&ids).view([rows, seq])
     };
     let grads = |par: &Parallel, local: std::ops::Range<usize>, tokens: &Tensor| {
-        tch::manual_seed(17);
         let vs = tch::nn::VarStore::new(Device::Cpu);
         let model = catapult_trainer::model::LongcatModel::with_experts(
             &vs.root(),
@@ -343,8 +342,10 @@ fn ep_gradient_check(par: &Parallel) -> anyhow::Result<()> {
             seq as usize,
             Kind::Float,
             Device::Cpu,
-            local,
+            local.clone(),
         );
+        let std = config.initializer_range;
+        catapult_trainer::init::InitPlan::plain(17, std, local).fill_all(&vs);
         let mut stats = ExchangeStats::default();
         let f = forward(
             &model,

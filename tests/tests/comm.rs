@@ -495,6 +495,12 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
             "bf16: {set} changed the weights"
         );
     }
+    // Clipping was at work (the norm is summed in the same order in every mode).
+    let clipped = metrics(&dir.join("bf16-param/metrics.jsonl"))
+        .iter()
+        .filter_map(|l| l["grad_norm"].as_f64())
+        .any(|n| n > 1.0);
+    assert!(clipped, "no step's gradient norm exceeded train.grad_clip");
     // bf16 working copies of the gathered layers: half their buffer bytes, as predicted.
     let bf16_param = ["system.precision=bf16", param];
     shard_checks(&dir, ("bf16-none", "bf16-param"), (2, 1), &bf16_param);
@@ -539,4 +545,78 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
             .collect()
     };
     assert_close(&tail("none-4-2"), &tail("param-to-2"), "resumed on 2 ranks");
+}
+
+#[test]
+fn initial_weights_are_the_same_in_every_layout_and_no_rank_draws_a_whole_tensor() {
+    let dir = scratch("init");
+    // One step at a learning rate whose update rounds to zero in fp32: the final
+    // weights are the initial ones.
+    let frozen = [
+        "train.steps=1",
+        "train.warmup_steps=1",
+        "train.eval_every=1",
+        "train.lr=1e-300",
+        "train.min_lr=0",
+    ];
+    let layouts = [
+        (1, 1, "none"),
+        (2, 1, "none"),
+        (2, 2, "none"),
+        (4, 4, "none"),
+        (4, 2, "optimizer"),
+        (4, 1, "gradients"),
+        (4, 2, "parameters"),
+        (2, 1, "parameters"),
+    ];
+    let mut first: Option<(String, Vec<u8>)> = None;
+    for (ranks, expert, mode) in layouts {
+        let name = format!("w{ranks}-ep{expert}-{mode}");
+        let shard = format!("parallel.shard={mode}");
+        let mut sets = frozen.to_vec();
+        sets.push(&shard);
+        ok(train(&dir, &name, ranks, expert, &sets, &[]));
+        let w = weights(&dir, &name);
+        match &first {
+            None => first = Some((name, w)),
+            Some((a, v)) => assert!(*v == w, "{name} starts from other weights than {a}"),
+        }
+    }
+    // 8 experts so wide that one whole expert tensor (8 x 8192 x 128 fp32: 32 MiB a
+    // projection) dwarfs the rest of the model. A rank of EP 4 holds a quarter of each
+    // (2 layers x 3 projections: 48 MiB): drawing only that adds its share to the peak
+    // memory at the end of initialization (measured: 48.4 MiB); drawing a whole tensor
+    // and cutting it, as before, would add a whole one on top (80 MiB).
+    let wide = |ffn: usize| -> Vec<String> {
+        [
+            format!("model.expert_ffn_hidden_size={ffn}"),
+            "train.steps=1".into(),
+            "train.warmup_steps=1".into(),
+            "train.eval_every=1".into(),
+            "train.global_batch_size=4".into(),
+            "data.streams=4".into(),
+            "train.micro_batch_size=1".into(),
+            "train.eval_sequences=4".into(),
+            "data.seq_len=32".into(),
+        ]
+        .to_vec()
+    };
+    let peak = |run: &str, ffn: usize| -> f64 {
+        let sets = wide(ffn);
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        ok(train(&dir, run, 4, 4, &sets, &[]));
+        metrics(&dir.join(run).join("metrics.jsonl"))
+            .iter()
+            .find_map(|l| l["init_peak_rss_bytes"].as_f64())
+            .expect("the step-0 line reports the peak memory after initialization")
+    };
+    let (narrow, broad) = (peak("narrow", 64), peak("wide", 8192));
+    let whole = (8 * 8192 * 128 * 4) as f64;
+    let share = 2.0 * 3.0 * whole / 4.0;
+    let added = broad - narrow;
+    assert!(
+        added < share + whole / 2.0,
+        "initialization added {added} bytes to the peak; this rank's share is {share}, one \
+         whole expert tensor {whole}"
+    );
 }

@@ -12,8 +12,8 @@
 use crate::recipe::ModelConfig;
 use catapult_kernels::moe::{ffn_choice_mask, grouped_swiglu, ExpertDispatch};
 use std::ops::Range;
-use tch::nn::{Init, Path};
-use tch::{Device, Kind, Tensor};
+use tch::nn::Path;
+use tch::{Kind, Tensor};
 
 /// Epsilon of the RMSNorms inside MLA (transformers' LongcatFlashMLA uses the norm's
 /// default, 1e-6, not `rms_norm_eps`).
@@ -23,15 +23,15 @@ fn linear(x: &Tensor, weight: &Tensor) -> Tensor {
     x.matmul(&weight.to_kind(x.kind()).tr())
 }
 
-fn matrix(p: &Path, name: &str, out_dim: usize, in_dim: usize, std: f64) -> Tensor {
-    p.sub(name).var(
-        "weight",
-        &[out_dim as i64, in_dim as i64],
-        Init::Randn {
-            mean: 0.0,
-            stdev: std,
-        },
-    )
+/// A trainable parameter of `shape`, declared without its values: one element broadcast
+/// to the shape, on the store's device. `crate::init` draws what a rank owns of it.
+fn param(p: &Path, name: &str, shape: &[i64]) -> Tensor {
+    let one = Tensor::zeros([1], (Kind::Float, p.device()));
+    p.add(name, one.expand(shape, false), true)
+}
+
+fn matrix(p: &Path, name: &str, out_dim: usize, in_dim: usize) -> Tensor {
+    param(&p.sub(name), "weight", &[out_dim as i64, in_dim as i64])
 }
 
 /// Root-mean-square normalization, computed in fp32, returned in the input's kind.
@@ -44,7 +44,7 @@ pub struct RmsNorm {
 impl RmsNorm {
     fn new(p: &Path, dim: usize, eps: f64) -> Self {
         Self {
-            weight: p.var("weight", &[dim as i64], Init::Const(1.0)),
+            weight: param(p, "weight", &[dim as i64]),
             eps,
         }
     }
@@ -120,22 +120,20 @@ pub struct Mla {
 
 impl Mla {
     fn new(p: &Path, c: &ModelConfig) -> Self {
-        let std = c.initializer_range;
         let heads = c.num_attention_heads;
         Self {
-            q_a_proj: matrix(p, "q_a_proj", c.q_lora_rank, c.hidden_size, std),
+            q_a_proj: matrix(p, "q_a_proj", c.q_lora_rank, c.hidden_size),
             q_a_layernorm: RmsNorm::new(
                 &p.sub("q_a_layernorm"),
                 c.q_lora_rank,
                 MLA_LATENT_NORM_EPS,
             ),
-            q_b_proj: matrix(p, "q_b_proj", heads * c.qk_head_dim(), c.q_lora_rank, std),
+            q_b_proj: matrix(p, "q_b_proj", heads * c.qk_head_dim(), c.q_lora_rank),
             kv_a_proj_with_mqa: matrix(
                 p,
                 "kv_a_proj_with_mqa",
                 c.kv_lora_rank + c.qk_rope_head_dim,
                 c.hidden_size,
-                std,
             ),
             kv_a_layernorm: RmsNorm::new(
                 &p.sub("kv_a_layernorm"),
@@ -147,9 +145,8 @@ impl Mla {
                 "kv_b_proj",
                 heads * (c.qk_nope_head_dim + c.v_head_dim),
                 c.kv_lora_rank,
-                std,
             ),
-            o_proj: matrix(p, "o_proj", c.hidden_size, heads * c.v_head_dim, std),
+            o_proj: matrix(p, "o_proj", c.hidden_size, heads * c.v_head_dim),
             heads: heads as i64,
             nope_dim: c.qk_nope_head_dim as i64,
             rope_dim: c.qk_rope_head_dim as i64,
@@ -209,11 +206,11 @@ pub struct SwiGlu {
 }
 
 impl SwiGlu {
-    fn new(p: &Path, hidden: usize, intermediate: usize, std: f64) -> Self {
+    fn new(p: &Path, hidden: usize, intermediate: usize) -> Self {
         Self {
-            gate_proj: matrix(p, "gate_proj", intermediate, hidden, std),
-            up_proj: matrix(p, "up_proj", intermediate, hidden, std),
-            down_proj: matrix(p, "down_proj", hidden, intermediate, std),
+            gate_proj: matrix(p, "gate_proj", intermediate, hidden),
+            up_proj: matrix(p, "up_proj", intermediate, hidden),
+            down_proj: matrix(p, "down_proj", hidden, intermediate),
         }
     }
 
@@ -226,12 +223,10 @@ impl SwiGlu {
     }
 }
 
-/// Stacked expert weights (`full[0]` experts) of which this rank holds `local`: drawn
-/// whole, as `Init::Randn` would, and cut, so that every layout starts from the same
-/// values.
-fn expert_var(p: &Path, name: &str, full: [i64; 3], local: &Range<i64>, std: f64) -> Tensor {
-    let whole = Tensor::randn(full, (Kind::Float, Device::Cpu)) * std + 0.0;
-    p.var_copy(name, &whole.narrow(0, local.start, local.end - local.start))
+/// Stacked expert weights (`full[0]` experts) of which this rank holds `local`; the
+/// initial values are those rows of the whole tensor's (`crate::init`).
+fn expert_var(p: &Path, name: &str, full: [i64; 3], local: &Range<i64>) -> Tensor {
+    param(p, name, &[local.end - local.start, full[1], full[2]])
 }
 
 /// The MoE: fp32 softmax router over N FFN + Z zero experts, top-K over p + b, gate
@@ -267,17 +262,16 @@ pub struct MoeOutput {
 
 impl Moe {
     fn new(p: &Path, c: &ModelConfig, local: Range<i64>) -> Self {
-        let std = c.initializer_range;
         let (n, z) = (c.n_routed_experts as i64, c.zero_expert_num as i64);
         let (h, i) = (c.hidden_size as i64, c.expert_ffn_hidden_size as i64);
         let router = p.sub("router");
         let experts = p.sub("experts");
         Self {
-            router: matrix(&router, "classifier", (n + z) as usize, c.hidden_size, std),
+            router: matrix(&router, "classifier", (n + z) as usize, c.hidden_size),
             expert_bias: router.zeros_no_train("e_score_correction_bias", &[n + z]),
-            gate_proj: expert_var(&experts, "gate_proj", [n, i, h], &local, std),
-            up_proj: expert_var(&experts, "up_proj", [n, i, h], &local, std),
-            down_proj: expert_var(&experts, "down_proj", [n, h, i], &local, std),
+            gate_proj: expert_var(&experts, "gate_proj", [n, i, h], &local),
+            up_proj: expert_var(&experts, "up_proj", [n, i, h], &local),
+            down_proj: expert_var(&experts, "down_proj", [n, h, i], &local),
             n_ffn: n,
             n_total: n + z,
             top_k: c.moe_topk as i64,
@@ -478,7 +472,7 @@ pub struct ScMoeLayer {
 
 impl ScMoeLayer {
     fn new(p: &Path, c: &ModelConfig, local: Range<i64>) -> Self {
-        let (h, eps, std) = (c.hidden_size, c.rms_norm_eps, c.initializer_range);
+        let (h, eps) = (c.hidden_size, c.rms_norm_eps);
         let norm = |name: &str, i: usize| RmsNorm::new(&p.sub(name).sub(i), h, eps);
         Self {
             norm_in: [norm("input_layernorm", 0), norm("input_layernorm", 1)],
@@ -491,8 +485,8 @@ impl ScMoeLayer {
                 Mla::new(&p.sub("self_attn").sub(1), c),
             ],
             ffn: [
-                SwiGlu::new(&p.sub("mlps").sub(0), h, c.ffn_hidden_size, std),
-                SwiGlu::new(&p.sub("mlps").sub(1), h, c.ffn_hidden_size, std),
+                SwiGlu::new(&p.sub("mlps").sub(0), h, c.ffn_hidden_size),
+                SwiGlu::new(&p.sub("mlps").sub(1), h, c.ffn_hidden_size),
             ],
             moe: Moe::new(&p.sub("mlp"), c, local),
         }
@@ -570,10 +564,10 @@ pub struct MtpLayer {
 
 impl MtpLayer {
     fn new(p: &Path, c: &ModelConfig) -> Self {
-        let (h, eps, std) = (c.hidden_size, c.rms_norm_eps, c.initializer_range);
+        let (h, eps) = (c.hidden_size, c.rms_norm_eps);
         let layer = p.sub("layers").sub(0);
         Self {
-            eh_proj: matrix(&layer, "eh_proj", h, 2 * h, std),
+            eh_proj: matrix(&layer, "eh_proj", h, 2 * h),
             enorm: RmsNorm::new(&layer.sub("enorm").sub("m"), h, eps),
             hnorm: RmsNorm::new(&layer.sub("hnorm").sub("m"), h, eps),
             input_layernorm: RmsNorm::new(&layer.sub("input_layernorm"), h, eps),
@@ -583,7 +577,6 @@ impl MtpLayer {
                 &layer.sub("transformer_layer").sub("mlp"),
                 h,
                 c.ffn_hidden_size,
-                std,
             ),
             norm: RmsNorm::new(&p.sub("norm"), h, eps),
         }
@@ -637,9 +630,9 @@ pub struct ModelOutput {
 }
 
 impl LongcatModel {
-    /// Creates the parameters under `root` (normal(0, initializer_range) matrices, unit
-    /// norms, zero expert bias), in a fixed order so that a seed fixes every value. The
-    /// RoPE tables are made on `device`, where the parameters are expected to end up.
+    /// Declares the parameters under `root` by name and shape, without their values
+    /// (`crate::init` draws them: `InitPlan::fill_all` for a whole model), and a zero
+    /// expert bias. The RoPE tables are made on `device`, where the parameters are.
     pub fn new(
         root: &Path,
         c: &ModelConfig,
@@ -658,7 +651,7 @@ impl LongcatModel {
     }
 
     /// `new` holding only the routed experts `local` of every layer (an expert-parallel
-    /// rank); every value equals the corresponding one of `new` with the same seed.
+    /// rank); `crate::init` gives every value that of `new`'s whole tensor.
     pub fn with_experts(
         root: &Path,
         c: &ModelConfig,
@@ -669,20 +662,16 @@ impl LongcatModel {
     ) -> Self {
         let local = local.start as i64..local.end as i64;
         let model = root.sub("model");
-        let std = c.initializer_range;
-        let embed_tokens = model.sub("embed_tokens").var(
+        let embed_tokens = param(
+            &model.sub("embed_tokens"),
             "weight",
             &[c.vocab_size as i64, c.hidden_size as i64],
-            Init::Randn {
-                mean: 0.0,
-                stdev: std,
-            },
         );
         let layers = (0..c.num_layers)
             .map(|i| ScMoeLayer::new(&model.sub("layers").sub(i), c, local.clone()))
             .collect();
         let norm = RmsNorm::new(&model.sub("norm"), c.hidden_size, c.rms_norm_eps);
-        let lm_head = matrix(root, "lm_head", c.vocab_size, c.hidden_size, std);
+        let lm_head = matrix(root, "lm_head", c.vocab_size, c.hidden_size);
         // Created last, so enabling it leaves every other initial value unchanged.
         let mtp = (c.mtp_layers > 0).then(|| MtpLayer::new(&model.sub("mtp"), c));
         let rope = Rope::new(c.qk_rope_head_dim, max_seq_len, c.rope_theta, device);
@@ -781,6 +770,7 @@ mod tests {
         tch::manual_seed(11);
         let vs = VarStore::new(Device::Cpu);
         let m = Moe::new(&vs.root(), c, 0..c.n_routed_experts as i64);
+        crate::init::InitPlan::plain(11, c.initializer_range, 0..c.n_routed_experts).fill_all(&vs);
         (vs, m)
     }
 
@@ -904,6 +894,7 @@ mod tests {
         tch::manual_seed(5);
         let vs = VarStore::new(Device::Cpu);
         let model = LongcatModel::new(&vs.root(), &c, 16, Kind::Float, Device::Cpu);
+        crate::init::InitPlan::plain(5, c.initializer_range, 0..c.n_routed_experts).fill_all(&vs);
         let tokens = Tensor::randint(256, [1, 10], (Kind::Int64, Device::Cpu));
         let logits = model.forward_mtp(&tokens, &model.forward(&tokens)).unwrap();
         assert_eq!(logits.size(), vec![1, 9, 300]);
@@ -930,6 +921,7 @@ mod tests {
         tch::manual_seed(6);
         let vs = VarStore::new(Device::Cpu);
         let model = LongcatModel::new(&vs.root(), &c, 16, Kind::Float, Device::Cpu);
+        crate::init::InitPlan::plain(5, c.initializer_range, 0..c.n_routed_experts).fill_all(&vs);
         // Document A (4 tokens, ending with the end-of-document id 299), then document B.
         let a = [5i64, 17, 42, 299];
         let b = [7i64, 8, 9, 10, 11, 12];
@@ -969,6 +961,7 @@ mod tests {
         tch::manual_seed(5);
         let vs = VarStore::new(Device::Cpu);
         let model = LongcatModel::new(&vs.root(), &c, 16, Kind::Float, Device::Cpu);
+        crate::init::InitPlan::plain(5, c.initializer_range, 0..c.n_routed_experts).fill_all(&vs);
         let tokens = Tensor::randint(256, [2, 10], (Kind::Int64, Device::Cpu));
         let out = model.forward(&tokens);
         assert_eq!(out.logits.size(), vec![2, 10, 300]);

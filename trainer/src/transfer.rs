@@ -20,7 +20,6 @@ use crate::recipe::{ModelConfig, Recipe};
 use crate::sizing::ParamCounts;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use tch::{nn::VarStore, Tensor};
 
 /// One row of the transfer table.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -138,30 +137,12 @@ pub fn lr_scales(r: &Recipe) -> BTreeMap<Group, f64> {
         .collect()
 }
 
-/// Rescales the freshly drawn matrices (normal with `initializer_range`) to their group's
-/// init std; a no-op without a proxy. The draws, and so the seed's meaning, are unchanged.
-pub fn apply_init(vars: &VarStore, r: &Recipe) {
-    if r.transfer.is_none() {
-        return;
-    }
-    let stds: BTreeMap<Group, Option<f64>> = table(r)
+/// Each group's initial std (the table's; norms, drawn as ones, keep the base).
+pub fn init_stds(r: &Recipe) -> BTreeMap<Group, f64> {
+    table(r)
         .into_iter()
-        .map(|row| (row.group, row.init_std))
-        .collect();
-    tch::no_grad(|| {
-        for (name, t) in vars.variables() {
-            if !t.requires_grad() {
-                continue;
-            }
-            if let Some(std) = stds[&Group::of(&name)] {
-                let ratio = std / r.model.initializer_range;
-                if ratio != 1.0 {
-                    let mut t: Tensor = t;
-                    let _ = t.g_mul_scalar_(ratio);
-                }
-            }
-        }
-    });
+        .map(|row| (row.group, row.init_std.unwrap_or(r.model.initializer_range)))
+        .collect()
 }
 
 #[cfg(test)]

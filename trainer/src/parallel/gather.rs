@@ -32,6 +32,7 @@ use super::shard::{Over, ShardGroup, ShardPlan};
 use crate::recipe::ShardMode;
 use catapult_kernels::comm::Pending;
 use catapult_kernels::{CommError, NcclError};
+use std::ops::Range;
 use std::time::Instant;
 use tch::{Kind, Tensor};
 
@@ -97,15 +98,21 @@ pub struct ParamGather {
 }
 
 impl ParamGather {
-    /// Takes over `params` (the optimizer's, whole and equal on every replica) for
-    /// `plan`: each rank keeps its slices, and every split parameter is re-pointed into
-    /// its gather buffer, so the whole tensors are freed. None unless the plan shards
-    /// parameters.
-    pub fn new(plan: &ShardPlan, params: &[(String, Tensor)]) -> Option<Self> {
+    /// Takes over `params` (the model's, in the optimizer's order, declared but not
+    /// drawn) for `plan`: each rank keeps its slices, drawn by `values(i, range)` (the
+    /// flat `range` of parameter i's initial value), and every split parameter is
+    /// pointed into its gather buffer; no rank ever holds a whole one. None unless the
+    /// plan shards parameters.
+    pub fn new(
+        plan: &ShardPlan,
+        params: &[(String, Tensor)],
+        values: &dyn Fn(usize, Range<usize>) -> Tensor,
+    ) -> Option<Self> {
         if plan.mode() != ShardMode::Parameters {
             return None;
         }
         let groups = plan.groups();
+        let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
         let mut masters = Vec::with_capacity(groups.len());
         let mut buffer_of = Vec::with_capacity(groups.len());
         let mut capacity = [0usize; BUFFERS];
@@ -116,9 +123,7 @@ impl ParamGather {
                 buffer_of.push(None);
                 continue;
             }
-            masters.push(Some(
-                plan.owned_flat(group, |i| params[i].1.shallow_clone()),
-            ));
+            masters.push(Some(drawn_slice(group, values, device)));
             let key = buffer_key(group);
             let whole = group.layout.per_rank() * group.layout.ranks();
             capacity[key] = capacity[key].max(whole);
@@ -127,7 +132,6 @@ impl ParamGather {
                 place[i] = Some((g, k));
             }
         }
-        let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
         let buffers: Vec<Option<Tensor>> = (0..BUFFERS)
             .map(|key| {
                 let kind = [Kind::Float, Kind::BFloat16][key % 2];
@@ -468,6 +472,27 @@ impl SegmentHooks for Gathering<'_> {
     }
 }
 
+/// This rank's slice of `group` (fp32, `per_rank` elements on `device`): the owned part
+/// of each member drawn by `values`, then zeros.
+fn drawn_slice(
+    group: &ShardGroup,
+    values: &dyn Fn(usize, Range<usize>) -> Tensor,
+    device: tch::Device,
+) -> Tensor {
+    let mut parts = Vec::new();
+    let mut len = 0;
+    for (k, &i) in group.members.iter().enumerate() {
+        let r = group.layout.owned(k);
+        if !r.is_empty() {
+            len += r.len();
+            parts.push(values(i, r).to_kind(Kind::Float));
+        }
+    }
+    let pad = (group.layout.per_rank() - len) as i64;
+    parts.push(Tensor::zeros([pad], (Kind::Float, tch::Device::Cpu)));
+    Tensor::cat(&parts, 0).to_device(device)
+}
+
 /// Points every split parameter into its place in its group's buffer (its whole
 /// storage is freed); a parameter with a bf16 working copy becomes a bf16 leaf there and
 /// gets an fp32 stand-in. Returns those.
@@ -485,7 +510,6 @@ fn point_into_buffers(
                 .expect("a buffer for every key in use");
             for (k, &i) in group.members.iter().enumerate() {
                 let mut p = params[i].1.shallow_clone();
-                assert_eq!(p.kind(), Kind::Float, "parameters are fp32 masters");
                 let size = p.size();
                 let place = buffer
                     .narrow(0, group.layout.start(k) as i64, p.numel() as i64)

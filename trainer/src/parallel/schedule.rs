@@ -514,6 +514,7 @@ mod tests {
         // One model for both passes (other tests draw from the global RNG concurrently).
         let mut vs = VarStore::new(Device::Cpu);
         let model = LongcatModel::new(&vs.root(), &c, 16, Kind::Double, Device::Cpu);
+        crate::init::InitPlan::plain(5, c.initializer_range, 0..c.n_routed_experts).fill_all(&vs);
         // Doubles (except the fp32 router), so the two summation orders agree closely.
         vs.double();
         let ids: Vec<i64> = (0..18).map(|i| (i * 37 + 11) % 256).collect();

@@ -119,7 +119,7 @@ pub(super) enum Over {
 pub(super) struct ShardGroup {
     pub(super) over: Over,
     pub(super) segment: Segment,
-    /// The kind of the members' gathered copies (`working_kind`).
+    /// The kind of the members' gathered copies with `parameters` (`working_kind`).
     pub(super) working: Kind,
     pub(super) members: Vec<usize>,
     pub(super) layout: FlatLayout,
@@ -147,8 +147,8 @@ impl ShardPlan {
     /// reducing one moves equal parts. A group of one rank is laid out, for the
     /// reductions, but not split. A world of one has no groups.
     ///
-    /// With `parameters` and a bf16 `compute` kind, a segment's parameters that have
-    /// bf16 working copies (`working_kind`) form a group of their own.
+    /// With a bf16 `compute` kind, a segment's parameters that `parameters` gathers as
+    /// bf16 working copies (`working_kind`) form a group of their own, in every mode.
     pub fn new(
         par: &Parallel,
         params: &[(String, Tensor)],
@@ -162,7 +162,10 @@ impl ShardPlan {
         let mut segments: Vec<Segment> = params.iter().map(|(n, _)| Segment::of(n)).collect();
         segments.sort();
         segments.dedup();
-        let working = |i: usize| working_kind(&params[i].0, mode, compute);
+        // Grouped by the kind the gathered copy would have in every mode, so that the
+        // groups, and so the order the gradient norm is summed in, are those of
+        // `parameters` whatever the mode.
+        let working = |i: usize| working_kind(&params[i].0, ShardMode::Parameters, compute);
         for (over, group, expert) in [
             (Over::World, &par.world, false),
             (Over::Replicas, &par.replicas, true),

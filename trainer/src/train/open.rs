@@ -215,21 +215,41 @@ fn claim_run_dir(
 }
 
 /// The model of this rank (its experts `local`), the shard layout, the optimizer and,
-/// with `parallel.shard: parameters`, the parameter slices: each rank keeps its slices
-/// and the whole tensors are freed; the optimizer sees fp32 stand-ins for bf16 working
-/// copies.
+/// with `parallel.shard: parameters`, the parameter slices: each rank draws and keeps
+/// its slices, never a whole tensor; the optimizer sees fp32 stand-ins for bf16
+/// working copies.
 fn build_sharded(
     recipe: &Recipe,
     par: &Parallel,
     device: Device,
     local: std::ops::Range<usize>,
-) -> (BuiltModel, AdamW, ShardPlan, Option<ParamGather>) {
+) -> (
+    BuiltModel,
+    AdamW,
+    ShardPlan,
+    Option<ParamGather>,
+    (f64, Option<u64>),
+) {
+    let started = Instant::now();
     let built = build_model_with_experts(recipe, device, local);
     let params = built.parameters();
     let compute = built.model.compute_kind();
     let shard = ShardPlan::new(par, &params, recipe.parallel.shard, compute);
     let owned = shard.owned_ranges(params.len());
-    let gather = ParamGather::new(&shard, &params);
+    // Each rank draws what it holds: its slices with `parameters`, else whole tensors
+    // (its experts' rows of the whole expert tensors).
+    let draw = |i: usize, range| built.init.values(&params[i].0, &params[i].1, range);
+    let gather = ParamGather::new(&shard, &params, &draw);
+    for (i, (name, p)) in params.iter().enumerate() {
+        if !gather.as_ref().is_some_and(|g| g.holds_slices_of(i)) {
+            built.init.fill(name, p);
+        }
+    }
+    // The drawing's time and the peak memory so far (the optimizer's moments follow).
+    let drawn = (
+        started.elapsed().as_secs_f64(),
+        crate::device::memory_bytes().map(|(_, peak)| peak),
+    );
     let params = match &gather {
         Some(g) => g.optimizer_params(params),
         None => params,
@@ -239,7 +259,7 @@ fn build_sharded(
         let n = optimizer.parameters().len();
         optimizer.set_masters((0..n).map(|i| g.master(&shard, i)).collect());
     }
-    (built, optimizer, shard, gather)
+    (built, optimizer, shard, gather, drawn)
 }
 
 impl<'a> Trainer<'a> {
@@ -262,7 +282,7 @@ impl<'a> Trainer<'a> {
             clear_root,
         } = open_store(recipe, opts, par)?;
         let local = par.local_experts(recipe.model.n_routed_experts);
-        let (built, mut optimizer, shard, gather) =
+        let (built, mut optimizer, shard, gather, init) =
             crate::fit::without_panic(&recipe.name, || build_sharded(recipe, par, device, local))?;
         let param_count: i64 = built
             .parameters()
@@ -306,6 +326,7 @@ impl<'a> Trainer<'a> {
             stop_at_tokens,
             stopped: None,
             started: Instant::now(),
+            init,
         };
         match &loaded {
             Some(l) => trainer.resume_from(l)?,
@@ -344,8 +365,14 @@ impl<'a> Trainer<'a> {
 
     /// The validation loss before the first step, in a new metrics file.
     fn start_fresh(&mut self) -> Result<(), TrainError> {
-        let (loss, line) = self.validation(0)?;
+        let (loss, mut line) = self.validation(0)?;
         self.first_val_loss = loss;
+        // How long building and drawing the model took, and the peak memory then (each
+        // rank draws only what it holds).
+        line["init_s"] = self.init.0.into();
+        if let Some(peak) = self.init.1 {
+            line["init_peak_rss_bytes"] = peak.into();
+        }
         if self.lead() {
             self.metrics = Metrics::create(self.run_dir.join("metrics.jsonl"))?;
             self.metrics.write(line)?;

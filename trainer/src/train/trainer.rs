@@ -136,6 +136,8 @@ pub(super) struct Trainer<'a> {
     pub(super) stop_at_tokens: Option<u64>,
     pub(super) stopped: Option<Stop>,
     pub(super) started: Instant,
+    /// Seconds building and drawing the model took, and the peak RSS then.
+    pub(super) init: (f64, Option<u64>),
 }
 
 impl Trainer<'_> {
