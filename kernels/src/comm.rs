@@ -355,16 +355,12 @@ impl Comm {
                     );
                     request.assume_init()
                 };
-                Pending {
-                    state: PendingState::Mpi(Box::new(MpiPending {
-                        request,
-                        done: false,
-                        _send: send,
-                        recv,
-                        _counts: [sc, sd, rc, rd],
-                        recv_counts: recv_counts.to_vec(),
-                    })),
-                }
+                Pending::started(
+                    request,
+                    (send, recv),
+                    [sc, sd, rc, rd],
+                    recv_counts.to_vec(),
+                )
             }
         }
     }
@@ -397,16 +393,7 @@ impl Comm {
                     );
                     request.assume_init()
                 };
-                Pending {
-                    state: PendingState::Mpi(Box::new(MpiPending {
-                        request,
-                        done: false,
-                        _send: send,
-                        recv,
-                        _counts: Default::default(),
-                        recv_counts: vec![n; m.size],
-                    })),
-                }
+                Pending::started(request, (send, recv), Default::default(), vec![n; m.size])
             }
         }
     }
@@ -485,6 +472,26 @@ impl<T> MpiPending<T> {
 }
 
 impl<T: Elem> Pending<T> {
+    /// A handle on a started MPI request that owns its buffers (`send`, `recv`) and the
+    /// count arrays MPI may read until it completes.
+    fn started(
+        request: mpi::ffi::MPI_Request,
+        (send, recv): (Vec<T>, Vec<T>),
+        counts: [Vec<i32>; 4],
+        recv_counts: Vec<usize>,
+    ) -> Self {
+        Pending {
+            state: PendingState::Mpi(Box::new(MpiPending {
+                request,
+                done: false,
+                _send: send,
+                recv,
+                _counts: counts,
+                recv_counts,
+            })),
+        }
+    }
+
     /// Lets MPI progress the exchange (Open MPI moves nonblocking collectives forward
     /// only inside MPI calls); true once it has completed.
     pub fn test(&mut self) -> bool {

@@ -449,9 +449,6 @@ pub fn gather_data_state(comm: &Comm, pipeline: &Pipeline) -> Result<DataState, 
     Ok(DataState::merge(&states)?)
 }
 
-/// The expert tensors (parameters and their optimizer moments) of every expert-parallel
-/// rank of replica 0, as host copies, gathered on rank 0 (Some there, None elsewhere).
-/// Every rank of the world calls it; only replica 0 moves data.
 /// Every variable of the model by name, with sharded parameters (`parallel.shard:
 /// parameters`) assembled whole from their slices on the rank that saves them (their
 /// group's first rank); elsewhere such a tensor is left as it is, since it points into
@@ -516,6 +513,9 @@ fn whole_moments(par: &Parallel, plan: &ShardPlan, optimizer: &AdamW) -> Vec<(St
     out
 }
 
+/// The expert tensors (parameters and their optimizer moments) of every expert-parallel
+/// rank of replica 0, as host copies, gathered on rank 0 (Some there, None elsewhere).
+/// Every rank of the world calls it; only replica 0 moves data.
 fn gather_expert_shards(par: &Parallel, mine: &[(String, Tensor)]) -> Option<Vec<Vec<HostTensor>>> {
     let experts: Vec<HostTensor> = mine
         .iter()

@@ -139,14 +139,7 @@ impl ParamGather {
             })
             .collect();
         let working = point_into_buffers(plan, params, (&buffer_of, &buffers));
-        let layers = groups
-            .iter()
-            .filter_map(|g| match g.segment {
-                Segment::Layer(l) => Some(l + 1),
-                Segment::Ends => None,
-            })
-            .max()
-            .unwrap_or(0);
+        let layers = Segment::layer_count(groups.iter().map(|g| g.segment));
         Some(Self {
             layers,
             working,
@@ -174,13 +167,11 @@ impl ParamGather {
     /// Before `segment`'s backward: its working copies' freed gradients exist again
     /// (zeros), so autograd accumulates into them.
     fn restore_working(&mut self, segment: Segment) {
-        tch::no_grad(|| {
-            for w in self.working.iter_mut().filter(|w| w.segment == segment) {
-                if std::mem::take(&mut w.freed) {
-                    let _ = w.model.grad().resize_(w.model.size().as_slice()).zero_();
-                }
+        for w in self.working.iter_mut().filter(|w| w.segment == segment) {
+            if std::mem::take(&mut w.freed) {
+                super::reduce::ensure_grad(&w.model);
             }
-        });
+        }
     }
 
     /// After `segment`'s backward: its working copies' bf16 gradients are added, in

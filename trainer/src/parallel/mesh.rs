@@ -215,4 +215,16 @@ impl Segment {
             .and_then(|l| l.parse().ok())
             .map_or(Segment::Ends, Segment::Layer)
     }
+
+    /// How many decoder layers `segments` reach (one past the highest layer index).
+    pub fn layer_count(segments: impl IntoIterator<Item = Segment>) -> usize {
+        segments
+            .into_iter()
+            .filter_map(|s| match s {
+                Segment::Layer(l) => Some(l + 1),
+                Segment::Ends => None,
+            })
+            .max()
+            .unwrap_or(0)
+    }
 }

@@ -85,14 +85,7 @@ impl GradReducer {
     /// over a world of `world` ranks (the divisor of every sum).
     pub fn new(plan: &ShardPlan, params: &[(String, Tensor)], world: usize) -> Self {
         let segments: Vec<Segment> = params.iter().map(|(n, _)| Segment::of(n)).collect();
-        let layers = segments
-            .iter()
-            .filter_map(|s| match s {
-                Segment::Layer(l) => Some(l + 1),
-                Segment::Ends => None,
-            })
-            .max()
-            .unwrap_or(0);
+        let layers = Segment::layer_count(segments.iter().copied());
         let mut buckets = vec![Vec::new(); layers + 1];
         for (i, s) in segments.iter().enumerate() {
             buckets[Self::bucket_of(layers, *s)].push(i);

@@ -205,7 +205,7 @@ impl ShardPlan {
     }
 
     /// The groups whose state is split.
-    pub(super) fn split_groups(&self) -> impl Iterator<Item = &ShardGroup> {
+    fn split_groups(&self) -> impl Iterator<Item = &ShardGroup> {
         self.groups.iter().filter(|g| g.splits(self.mode))
     }
 
@@ -286,7 +286,7 @@ impl ShardPlan {
     /// This rank's slice of group `g` as one f32 buffer of `per_rank` elements: the
     /// owned part of each member (`flat(i)` gives member i's elements, whole or just
     /// the owned part when its length says so), then zeros.
-    pub(super) fn owned_flat(&self, g: &ShardGroup, flat: impl Fn(usize) -> Tensor) -> Tensor {
+    fn owned_flat(&self, g: &ShardGroup, flat: impl Fn(usize) -> Tensor) -> Tensor {
         let mut parts = Vec::new();
         let mut len = 0;
         let mut device = tch::Device::Cpu;
