@@ -1,16 +1,19 @@
 //! Checkpoints. `sharded` is the resumable format (a safetensors file and a state JSON
-//! per rank, a manifest with BLAKE3 hashes written last, a `latest` pointer) on local
-//! disk or an object store, with verified loading, retention and a background saver.
+//! per rank, each written by that rank, a manifest with BLAKE3 hashes written last, a
+//! `latest` pointer) on local disk or an object store, with retention and a background
+//! writer; `reader` opens one for ranged, verified reads in any layout.
 //! `save`/`load_model` write and read a run's final single-file weights
 //! (`checkpoint/model.safetensors` + `meta.json`), the input of `catapult export`.
 
+pub mod reader;
 pub mod safetensors;
 pub mod sharded;
 
+pub use reader::{Loaded, Reader, TensorInfo};
 pub use safetensors::{Dtype, HostTensor, SafetensorsError};
 pub use sharded::{
-    kill_self, kill_self_on, step_dir, AsyncSaver, Checkpoints, FileEntry, Loaded, Manifest,
-    RankLayout, RankState, SaveRequest, ShardError, Slice, World, FAULT_ENV,
+    kill_self, kill_self_on, step_dir, AsyncSaver, Checkpoints, FileEntry, Manifest,
+    ManifestHead, Piece, RankLayout, RankState, SaveRequest, ShardError, World, FAULT_ENV,
 };
 
 use std::path::{Path, PathBuf};

@@ -132,28 +132,45 @@ pub fn serialize(tensors: &[HostTensor]) -> Vec<u8> {
     serialize_chunks(tensors).concat()
 }
 
-/// The tensors of a safetensors file, by name; an error says what is malformed.
-pub fn deserialize(bytes: &Bytes) -> Result<Vec<HostTensor>, SafetensorsError> {
-    let Some((len_field, rest)) = bytes.split_first_chunk::<8>() else {
-        return Err(SafetensorsError::Short { len: bytes.len() });
+/// One tensor's entry in a file's header: where its bytes sit in the file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeaderEntry {
+    /// The tensor's name.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Its bytes, as offsets from the start of the file.
+    pub bytes: std::ops::Range<u64>,
+}
+
+/// The header length a file's first 8 bytes give, checked against the file's size.
+pub fn header_len(first: &[u8], file_len: u64) -> Result<u64, SafetensorsError> {
+    let Some(len_field) = first.first_chunk::<8>() else {
+        return Err(SafetensorsError::Short { len: first.len() });
     };
-    let header_len = u64::from_le_bytes(*len_field);
-    let n = match usize::try_from(header_len) {
-        Ok(n) if n <= rest.len() => n,
-        _ => {
-            return Err(SafetensorsError::HeaderPastEnd {
-                header: header_len,
-                len: bytes.len(),
-            })
-        }
-    };
-    let header: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(&rest[..n]).map_err(|e| SafetensorsError::Header {
+    let header = u64::from_le_bytes(*len_field);
+    match header.checked_add(8) {
+        Some(end) if end <= file_len => Ok(header),
+        _ => Err(SafetensorsError::HeaderPastEnd {
+            header,
+            len: file_len as usize,
+        }),
+    }
+}
+
+/// The entries of a header (`header`: the JSON after the length field) of a file of
+/// `file_len` bytes, by name; an error says what is malformed.
+pub fn parse_header(header: &[u8], file_len: u64) -> Result<Vec<HeaderEntry>, SafetensorsError> {
+    let entries: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| SafetensorsError::Header {
             reason: e.to_string(),
         })?;
-    let data = bytes.slice(8 + n..);
+    let data_start = 8 + header.len() as u64;
+    let data_len = file_len.saturating_sub(data_start) as usize;
     let mut out = Vec::new();
-    for (name, value) in header {
+    for (name, value) in entries {
         if name == "__metadata__" {
             continue;
         }
@@ -168,21 +185,35 @@ pub fn deserialize(bytes: &Bytes) -> Result<Vec<HostTensor>, SafetensorsError> {
             .iter()
             .try_fold(e.dtype.size(), |acc, &d| acc.checked_mul(d))
             .ok_or_else(|| bad(format!("shape {:?} overflows", e.shape)))?;
-        if end < begin || end > data.len() || end - begin != expected {
+        if end < begin || end > data_len || end - begin != expected {
             return Err(bad(format!(
                 "offsets {begin}..{end} do not fit: its shape needs {expected} bytes, and the \
-                 data section has {}",
-                data.len()
+                 data section has {data_len}"
             )));
         }
-        out.push(HostTensor {
+        out.push(HeaderEntry {
             name,
             dtype: e.dtype,
             shape: e.shape,
-            data: data.slice(begin..end),
+            bytes: data_start + begin as u64..data_start + end as u64,
         });
     }
     Ok(out)
+}
+
+/// The tensors of a safetensors file, by name; an error says what is malformed.
+pub fn deserialize(bytes: &Bytes) -> Result<Vec<HostTensor>, SafetensorsError> {
+    let n = header_len(bytes, bytes.len() as u64)? as usize;
+    let entries = parse_header(&bytes[8..8 + n], bytes.len() as u64)?;
+    Ok(entries
+        .into_iter()
+        .map(|e| HostTensor {
+            data: bytes.slice(e.bytes.start as usize..e.bytes.end as usize),
+            name: e.name,
+            dtype: e.dtype,
+            shape: e.shape,
+        })
+        .collect())
 }
 
 #[cfg(test)]

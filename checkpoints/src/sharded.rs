@@ -1,8 +1,10 @@
 //! The sharded checkpoint format, on local disk or an object store:
 //!
 //! ```text
-//! ROOT/step-00000100/rank-00000.safetensors   model and optimizer tensors rank 0 owns
-//! ROOT/step-00000100/rank-00000.json          its non-tensor state and tensor slices
+//! ROOT/step-00000100/rank-00000.safetensors   the pieces of the model and optimizer
+//!                                             tensors rank 0 owns, written by rank 0
+//! ROOT/step-00000100/rank-00000.json          its non-tensor state, and where each
+//!                                             piece sits in its full tensor
 //! ROOT/step-00000100/manifest.json            written LAST: files, sizes, BLAKE3, recipe,
 //!                                             world layout, step, tokens, version
 //! ROOT/latest                                 "step-00000100", written after the manifest
@@ -13,9 +15,12 @@
 //! A step directory without a readable manifest is not a checkpoint. Files are written
 //! whole (local writes go to a temporary name and are renamed; object puts are atomic)
 //! and the manifest is put-if-absent, so a crash at any point leaves the previous
-//! checkpoint or the new one, never a loadable half.
+//! checkpoint or the new one, never a loadable half. Every rank writes its own files
+//! (`save_rank`) and reports their sizes and hashes; the committing rank writes the
+//! manifest (`commit`) only when every rank's files are written, so no tensor data ever
+//! passes through one process.
 
-use crate::safetensors::{deserialize, serialize_chunks, HostTensor, SafetensorsError};
+use crate::safetensors::{serialize_chunks, HostTensor, SafetensorsError};
 use bytes::Bytes;
 use catapult_data::{Location, StorageOptions};
 use serde::{Deserialize, Serialize};
@@ -62,6 +67,14 @@ pub enum ShardError {
         /// What is malformed.
         problem: SafetensorsError,
     },
+    /// Another rank of the loading world could not load the checkpoint (its error).
+    #[error("rank {rank}: {problem}")]
+    Peer {
+        /// The rank that failed.
+        rank: usize,
+        /// Its error.
+        problem: String,
+    },
     /// Something that is not a usable checkpoint.
     #[error("{location}: {problem}")]
     Invalid {
@@ -72,13 +85,14 @@ pub enum ShardError {
     },
 }
 
-/// How a tensor held by one rank is a slice of the full tensor (along dim 0).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Slice {
-    /// First row of the full tensor this rank holds.
+/// Where a tensor a rank saved sits in the full tensor: a run of the full tensor's
+/// elements (row-major), from `start`; the saved tensor's own elements give the length.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Piece {
+    /// First element of the full tensor this piece holds.
     pub start: usize,
-    /// Rows of the full tensor.
-    pub full: usize,
+    /// Shape of the full tensor.
+    pub shape: Vec<usize>,
 }
 
 /// What one rank saves.
@@ -86,10 +100,10 @@ pub struct Slice {
 pub struct RankState {
     /// The rank.
     pub rank: usize,
-    /// Tensors it owns (whole, or a dim-0 slice recorded in `slices`).
+    /// Tensors it owns: whole, or a piece recorded in `pieces` (then stored flat).
     pub tensors: Vec<HostTensor>,
-    /// Tensors that are slices of a larger tensor.
-    pub slices: BTreeMap<String, Slice>,
+    /// Tensors that are pieces of a larger tensor.
+    pub pieces: BTreeMap<String, Piece>,
     /// Non-tensor state (data state, controller, RNG, scheduler position, ...).
     pub state: serde_json::Value,
 }
@@ -154,9 +168,10 @@ pub struct Manifest {
     pub growth: Option<serde_json::Value>,
 }
 
-/// Everything `save` needs.
+/// What the manifest says besides the files: written by rank 0 once every rank's
+/// files are.
 #[derive(Debug, Clone)]
-pub struct SaveRequest {
+pub struct ManifestHead {
     /// Optimizer steps completed.
     pub step: u64,
     /// Tokens trained on.
@@ -165,52 +180,17 @@ pub struct SaveRequest {
     pub recipe: serde_json::Value,
     /// The world layout.
     pub world: World,
-    /// What each rank saves.
-    pub ranks: Vec<RankState>,
     /// Recorded in the manifest when the checkpoint comes from model growth.
     pub growth: Option<serde_json::Value>,
 }
 
-/// A loaded checkpoint: full tensors (slices assembled) and each rank's state.
+/// Everything `save` needs when one process writes every rank's files.
 #[derive(Debug, Clone)]
-pub struct Loaded {
-    /// The manifest.
-    pub manifest: Manifest,
-    /// Where it was loaded from.
-    pub location: String,
-    /// Full tensors by name.
-    pub tensors: BTreeMap<String, HostTensor>,
-    /// The state of each rank that wrote files, in rank order (rank 0's first; replicas
-    /// that wrote nothing are absent).
-    pub states: Vec<serde_json::Value>,
-    /// Newer steps `load_newest` passed over because they did not load, with why: the
-    /// run that resumes from this one quarantines them before its first save.
-    pub passed_over: Vec<(u64, String)>,
-}
-
-impl Loaded {
-    /// The rows of `name` that rank `part` of `parts` owns under an even dim-0 split:
-    /// resharding to another expert-parallel layout. None when there is no such tensor
-    /// or it does not split so.
-    pub fn slice_for(&self, name: &str, part: usize, parts: usize) -> Option<HostTensor> {
-        let t = self.tensors.get(name)?;
-        let rows = *t.shape.first()?;
-        if parts == 0 || part >= parts || rows % parts != 0 {
-            return None;
-        }
-        let per = rows / parts;
-        let row_bytes = t.data.len() / rows.max(1);
-        let mut shape = t.shape.clone();
-        shape[0] = per;
-        Some(HostTensor {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            shape,
-            data: t
-                .data
-                .slice(part * per * row_bytes..(part + 1) * per * row_bytes),
-        })
-    }
+pub struct SaveRequest {
+    /// The manifest's head.
+    pub head: ManifestHead,
+    /// What each rank saves.
+    pub ranks: Vec<RankState>,
 }
 
 /// `step-NNNNNNNN`.
@@ -218,7 +198,46 @@ pub fn step_dir(step: u64) -> String {
     format!("step-{step:08}")
 }
 
-fn rank_file(rank: usize, ext: &str) -> String {
+/// A rank's two files (its tensors, its state and pieces as JSON), encoded and hashed,
+/// with their manifest entries; nothing is written yet.
+fn encode(r: &RankState) -> Vec<(FileEntry, Vec<Bytes>)> {
+    let state = serde_json::to_vec_pretty(&serde_json::json!({
+        "rank": r.rank,
+        "pieces": r.pieces,
+        "state": r.state,
+    }))
+    .expect("JSON values serialize");
+    [
+        (rank_file(r.rank, "safetensors"), serialize_chunks(&r.tensors)),
+        (rank_file(r.rank, "json"), vec![Bytes::from(state)]),
+    ]
+    .into_iter()
+    .map(|(name, chunks)| {
+        let mut hasher = blake3::Hasher::new();
+        for c in &chunks {
+            hasher.update(c);
+        }
+        let entry = FileEntry {
+            name,
+            rank: r.rank,
+            bytes: chunks.iter().map(|c| c.len() as u64).sum(),
+            blake3: hasher.finalize().to_hex().to_string(),
+        };
+        (entry, chunks)
+    })
+    .collect()
+}
+
+fn different_checkpoint(location: String) -> ShardError {
+    ShardError::Invalid {
+        location,
+        problem: "a different checkpoint of this step already exists; delete it or write to \
+                  another checkpoint.dir"
+            .into(),
+    }
+}
+
+pub(crate) fn rank_file(rank: usize, ext: &str) -> String {
     format!("rank-{rank:05}.{ext}")
 }
 
@@ -227,11 +246,14 @@ fn rank_file(rank: usize, ext: &str) -> String {
 /// trainer's `supervision::env` re-exports it with the rest of the launcher contract.
 pub const FAULT_ENV: &str = "CATAPULT_FAULT";
 
-/// Crash points for tests (`CATAPULT_FAULT=save:PHASE:STEP`): the process kills itself
-/// with SIGKILL there. Phases: `mid-shard` (half a shard written under its final name),
-/// `before-manifest` (all shards written), `mid-manifest` (half a manifest written).
-fn fault(phase: &str, step: u64) -> bool {
-    std::env::var(FAULT_ENV).is_ok_and(|f| f == format!("save:{phase}:{step}"))
+/// Crash points for tests (`CATAPULT_FAULT=save:PHASE:STEP`, or `save:PHASE:STEP:RANK`
+/// for one rank): the process kills itself with SIGKILL there. Phases: `mid-shard` (half
+/// a rank's tensor file written under its final name), `before-manifest` (every rank's
+/// files written), `mid-manifest` (half a manifest written).
+fn fault(phase: &str, step: u64, rank: usize) -> bool {
+    std::env::var(FAULT_ENV).is_ok_and(|f| {
+        f == format!("save:{phase}:{step}") || f == format!("save:{phase}:{step}:{rank}")
+    })
 }
 
 /// Crash point for tests: SIGKILL this process when `CATAPULT_FAULT` equals `point`
@@ -254,7 +276,7 @@ pub fn kill_self() -> ! {
 /// A checkpoint root: a local directory or an object-store prefix.
 #[derive(Debug, Clone)]
 pub struct Checkpoints {
-    location: Location,
+    pub(crate) location: Location,
 }
 
 impl Checkpoints {
@@ -287,7 +309,7 @@ impl Checkpoints {
         &self.location.display
     }
 
-    fn path(&self, rel: &str) -> (object_store::path::Path, String) {
+    pub(crate) fn path(&self, rel: &str) -> (object_store::path::Path, String) {
         (self.location.child(rel), self.location.display_child(rel))
     }
 
@@ -301,94 +323,94 @@ impl Checkpoints {
         Ok(self.location.put_chunks(&key, &display, chunks)?)
     }
 
-    fn get(&self, rel: &str) -> Result<Bytes, ShardError> {
+    pub(crate) fn get(&self, rel: &str) -> Result<Bytes, ShardError> {
         let (key, display) = self.path(rel);
         Ok(self.location.get(&key, &display)?)
     }
 
-    /// Writes a checkpoint: every rank's files, then the manifest (put-if-absent), then
-    /// the `latest` pointer.
+    /// Writes a checkpoint from one process: every rank's files, then the manifest
+    /// (put-if-absent), then the `latest` pointer.
     pub fn save(&self, req: SaveRequest) -> Result<Manifest, ShardError> {
-        let dir = step_dir(req.step);
-        // Everything is encoded and hashed before anything is written, so an existing
-        // checkpoint of this step can be compared first and is never touched.
-        let mut encoded: Vec<(String, Vec<Bytes>)> = Vec::new();
         let mut files = Vec::new();
         for r in &req.ranks {
-            let state = serde_json::to_vec_pretty(&serde_json::json!({
-                "rank": r.rank,
-                "slices": r.slices,
-                "state": r.state,
-            }))
-            .expect("JSON values serialize");
-            for (name, chunks) in [
-                (
-                    rank_file(r.rank, "safetensors"),
-                    serialize_chunks(&r.tensors),
-                ),
-                (rank_file(r.rank, "json"), vec![Bytes::from(state)]),
-            ] {
-                let mut hasher = blake3::Hasher::new();
-                for c in &chunks {
-                    hasher.update(c);
+            files.extend(self.save_rank(&req.head, r)?);
+        }
+        self.commit(req.head, files)
+    }
+
+    /// Writes rank `r`'s files of checkpoint `head` (its tensors and its state) and
+    /// returns their manifest entries, for the rank that commits. A checkpoint of this
+    /// step that already exists is never touched unless it is this one: the same head
+    /// and the same files are rewritten (a resumed deterministic run; the write repairs
+    /// a damaged file), anything else is refused.
+    pub fn save_rank(
+        &self,
+        head: &ManifestHead,
+        r: &RankState,
+    ) -> Result<Vec<FileEntry>, ShardError> {
+        let step = head.step;
+        let dir = step_dir(step);
+        let encoded = encode(r);
+        let rel = format!("{dir}/{MANIFEST}");
+        let (key, display) = self.path(&rel);
+        if let Some(existing) = self.location.get_optional(&key, &display)? {
+            if let Ok(m) = serde_json::from_slice::<Manifest>(&existing) {
+                let same_head = (m.tokens, &m.recipe, &m.world, &m.growth)
+                    == (head.tokens, &head.recipe, &head.world, &head.growth);
+                if !same_head || encoded.iter().any(|(e, _)| !m.files.contains(e)) {
+                    return Err(different_checkpoint(display));
                 }
-                files.push(FileEntry {
-                    name: name.clone(),
-                    rank: r.rank,
-                    bytes: chunks.iter().map(|c| c.len() as u64).sum(),
-                    blake3: hasher.finalize().to_hex().to_string(),
-                });
-                encoded.push((name, chunks));
             }
         }
+        let mut entries = Vec::with_capacity(encoded.len());
+        for (entry, chunks) in encoded {
+            let name = format!("{dir}/{}", entry.name);
+            if entry.name.ends_with(".safetensors") && fault("mid-shard", step, r.rank) {
+                let whole = chunks.concat();
+                self.put(&name, whole[..whole.len() / 2].to_vec())?;
+                kill_self();
+            }
+            self.put_chunks(&name, chunks)?;
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
+    /// Completes checkpoint `head.step` once every rank's files are written (`files`:
+    /// their entries, from every rank): the manifest, put-if-absent, then `latest`.
+    pub fn commit(&self, head: ManifestHead, files: Vec<FileEntry>) -> Result<Manifest, ShardError> {
+        let dir = step_dir(head.step);
         let manifest = Manifest {
             format: "catapult-checkpoint".into(),
-            version: 1,
-            step: req.step,
-            tokens: req.tokens,
+            version: 2,
+            step: head.step,
+            tokens: head.tokens,
             catapult_version: env!("CARGO_PKG_VERSION").into(),
-            world: req.world,
+            world: head.world,
             files,
-            recipe: req.recipe,
-            growth: req.growth,
+            recipe: head.recipe,
+            growth: head.growth,
         };
         let bytes = serde_json::to_vec_pretty(&manifest).expect("the manifest serializes");
         let rel = format!("{dir}/{MANIFEST}");
         let (key, display) = self.path(&rel);
         if let Some(existing) = self.location.get_optional(&key, &display)? {
             if *existing == *bytes {
-                // The same state saved again (a resumed deterministic run). Rewriting the
-                // files repairs any that were damaged; each write matches the manifest.
-                for (name, chunks) in encoded {
-                    self.put_chunks(&format!("{dir}/{name}"), chunks)?;
-                }
+                // The same state saved again (a resumed deterministic run).
                 self.put(LATEST, dir.into_bytes())?;
                 return Ok(manifest);
             }
             if serde_json::from_slice::<Manifest>(&existing).is_ok() {
-                return Err(ShardError::Invalid {
-                    location: display,
-                    problem: "a different checkpoint of this step already exists; delete it \
-                              or write to another checkpoint.dir"
-                        .into(),
-                });
+                return Err(different_checkpoint(display));
             }
             // A torn manifest (a crash while it was written on a store without atomic
             // puts) marks an unfinished save: replace it.
             self.location.delete(&key, &display)?;
         }
-        for (name, chunks) in encoded {
-            if name.ends_with(".safetensors") && fault("mid-shard", req.step) {
-                let whole = chunks.concat();
-                self.put(&format!("{dir}/{name}"), whole[..whole.len() / 2].to_vec())?;
-                kill_self();
-            }
-            self.put_chunks(&format!("{dir}/{name}"), chunks)?;
-        }
-        if fault("before-manifest", req.step) {
+        if fault("before-manifest", manifest.step, 0) {
             kill_self();
         }
-        if fault("mid-manifest", req.step) {
+        if fault("mid-manifest", manifest.step, 0) {
             self.put(&rel, bytes[..bytes.len() / 2].to_vec())?;
             kill_self();
         }
@@ -408,7 +430,7 @@ impl Checkpoints {
     }
 
     /// Every object under the root by its path relative to the root, with its size.
-    fn listing(&self) -> Result<BTreeMap<String, u64>, ShardError> {
+    pub(crate) fn listing(&self) -> Result<BTreeMap<String, u64>, ShardError> {
         let prefix = self.location.key.parts().count();
         Ok(self
             .location
@@ -449,187 +471,6 @@ impl Checkpoints {
             location: self.location.display_child(&rel),
             problem: format!("unreadable manifest ({e}); the save that wrote it did not finish"),
         })
-    }
-
-    /// Reads every file of `step`, checking sizes and (with `verify`) hashes.
-    fn read_files(
-        &self,
-        step: u64,
-        verify: bool,
-    ) -> Result<(Manifest, BTreeMap<String, Bytes>), ShardError> {
-        let manifest = self.manifest(step)?;
-        let dir = step_dir(step);
-        let mut out = BTreeMap::new();
-        for f in &manifest.files {
-            let bytes = self.get(&format!("{dir}/{}", f.name))?;
-            let corrupt = |problem: String| ShardError::Corrupt {
-                location: self.location.display_child(&dir),
-                file: f.name.clone(),
-                rank: f.rank,
-                problem,
-            };
-            if bytes.len() as u64 != f.bytes {
-                return Err(corrupt(format!(
-                    "{} bytes, the manifest says {}",
-                    bytes.len(),
-                    f.bytes
-                )));
-            }
-            if verify {
-                let found = blake3::hash(&bytes).to_hex().to_string();
-                if found != f.blake3 {
-                    return Err(corrupt(format!(
-                        "BLAKE3 {found}, the manifest says {}",
-                        f.blake3
-                    )));
-                }
-            }
-            out.insert(f.name.clone(), bytes);
-        }
-        Ok((manifest, out))
-    }
-
-    /// Checks every file of `step` against the manifest.
-    pub fn verify(&self, step: u64) -> Result<Manifest, ShardError> {
-        Ok(self.read_files(step, true)?.0)
-    }
-
-    /// Loads `step`, assembling sliced tensors into full ones.
-    pub fn load(&self, step: u64, verify: bool) -> Result<Loaded, ShardError> {
-        let (manifest, files) = self.read_files(step, verify)?;
-        let location = self.location.display_child(&step_dir(step));
-        let invalid = |problem: String| ShardError::Invalid {
-            location: location.clone(),
-            problem,
-        };
-        // The ranks that wrote files (replicas of rank 0's experts write none).
-        let ranks: std::collections::BTreeSet<usize> =
-            manifest.files.iter().map(|f| f.rank).collect();
-        if ranks.is_empty() {
-            return Err(invalid(
-                "the manifest lists no files; the checkpoint holds nothing to load: resume from \
-                 an earlier one or start a new run"
-                    .into(),
-            ));
-        }
-        let mut states = Vec::with_capacity(ranks.len());
-        let mut pieces: BTreeMap<String, Vec<(Slice, HostTensor)>> = BTreeMap::new();
-        let mut tensors = BTreeMap::new();
-        for rank in ranks {
-            let json: serde_json::Value = match files.get(&rank_file(rank, "json")) {
-                Some(b) => serde_json::from_slice(b)
-                    .map_err(|e| invalid(format!("rank {rank} state: {e}")))?,
-                None => return Err(invalid(format!("rank {rank} has no state file"))),
-            };
-            let slices: BTreeMap<String, Slice> = serde_json::from_value(json["slices"].clone())
-                .map_err(|e| invalid(format!("rank {rank} slices: {e}")))?;
-            states.push(json["state"].clone());
-            let file = rank_file(rank, "safetensors");
-            let bytes = files
-                .get(&file)
-                .ok_or_else(|| invalid(format!("rank {rank} has no tensor file")))?;
-            let rank_tensors = deserialize(bytes).map_err(|problem| ShardError::Tensors {
-                location: location.clone(),
-                file,
-                rank,
-                problem,
-            })?;
-            for t in rank_tensors {
-                match slices.get(&t.name) {
-                    Some(s) => pieces.entry(t.name.clone()).or_default().push((*s, t)),
-                    None => {
-                        tensors.insert(t.name.clone(), t);
-                    }
-                }
-            }
-        }
-        for (name, mut parts) in pieces {
-            parts.sort_by_key(|(s, _)| s.start);
-            let full = parts[0].0.full;
-            let mut shape = parts[0].1.shape.clone();
-            if shape.is_empty()
-                || parts
-                    .iter()
-                    .any(|(_, t)| t.dtype != parts[0].1.dtype || t.shape.get(1..) != shape.get(1..))
-            {
-                return Err(invalid(format!(
-                    "the slices of {name} differ in type or trailing shape"
-                )));
-            }
-            let mut data = Vec::new();
-            let mut next = 0usize;
-            for (s, t) in &parts {
-                // Not empty: the trailing-shape check above compared it with a shape that has rows.
-                let rows = t.shape[0];
-                match next.checked_add(rows) {
-                    Some(end) if s.start == next && s.full == full => next = end,
-                    _ => {
-                        return Err(invalid(format!(
-                            "the slices of {name} do not tile rows 0..{full}"
-                        )))
-                    }
-                }
-                data.extend_from_slice(&t.data);
-            }
-            if next != full {
-                return Err(invalid(format!(
-                    "the slices of {name} cover {next} of {full} rows"
-                )));
-            }
-            shape[0] = full;
-            tensors.insert(
-                name.clone(),
-                HostTensor {
-                    name,
-                    dtype: parts[0].1.dtype,
-                    shape,
-                    data: data.into(),
-                },
-            );
-        }
-        Ok(Loaded {
-            manifest,
-            location,
-            tensors,
-            states,
-            passed_over: Vec::new(),
-        })
-    }
-
-    /// The newest checkpoint that loads (and verifies, with `verify`). A broken one is
-    /// skipped with a warning on stderr naming the file and rank, unless `fallback` is
-    /// false, in which case its error is returned. None when there is no checkpoint.
-    pub fn load_newest(&self, verify: bool, fallback: bool) -> Result<Option<Loaded>, ShardError> {
-        let steps = self.steps()?;
-        let mut passed_over = Vec::new();
-        for &step in steps.iter().rev() {
-            match self.load(step, verify) {
-                Ok(mut l) => {
-                    l.passed_over = passed_over;
-                    return Ok(Some(l));
-                }
-                Err(e) if fallback => {
-                    eprintln!(
-                        "warning: skipping checkpoint {}: {e}; falling back to an earlier one",
-                        step_dir(step)
-                    );
-                    passed_over.push((step, e.to_string()));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        if steps.is_empty() {
-            Ok(None)
-        } else {
-            Err(ShardError::Invalid {
-                location: self.root().to_string(),
-                problem: format!(
-                    "none of its {} checkpoint(s) can be loaded (see the warnings above); repair or \
-                     remove them, or start a new run with another checkpoint.dir",
-                    steps.len()
-                ),
-            })
-        }
     }
 
     /// Moves the broken checkpoint `step` aside to `ROOT/quarantine/step-N` (`.2`, `.3`,
@@ -793,81 +634,54 @@ fn steps_in(listing: &BTreeMap<String, u64>) -> Vec<u64> {
     steps
 }
 
-/// Saves in a background thread, at most one at a time; dropping it waits for the save
-/// in flight, so the process never exits in the middle of one. A failed save is
-/// reported and training goes on (the next save retries); `wait` returns the last
-/// failure.
+/// Writes a rank's files in a background thread, at most one checkpoint at a time;
+/// dropping it waits for the write in flight, so the process never exits in the middle
+/// of one. The files' entries (or the error) come back through `wait`, for the rank
+/// that commits the checkpoint.
 #[derive(Debug, Default)]
 pub struct AsyncSaver {
-    in_flight: Option<std::thread::JoinHandle<Result<Manifest, ShardError>>>,
-    failed: Option<ShardError>,
+    in_flight: Option<std::thread::JoinHandle<Result<Vec<FileEntry>, ShardError>>>,
 }
 
 impl AsyncSaver {
-    /// Starts saving `req` (then applying retention) in the background. Waits first for
-    /// the previous save; returns the seconds waited.
-    pub fn submit(
-        &mut self,
-        store: Checkpoints,
-        req: SaveRequest,
-        keep_last: usize,
-        keep_every: u64,
-    ) -> f64 {
-        let started = std::time::Instant::now();
-        if let Err(e) = self.join() {
-            eprintln!("error: a checkpoint save failed: {e}; training continues and the next save retries");
-            self.failed = Some(e);
-        }
-        let waited = started.elapsed().as_secs_f64();
+    /// Starts writing rank `state`'s files of checkpoint `head` in the background. The
+    /// previous write must have been collected with `wait`.
+    pub fn submit(&mut self, store: Checkpoints, head: ManifestHead, state: RankState) {
+        debug_assert!(self.in_flight.is_none(), "the previous write was not collected");
         self.in_flight = Some(
             std::thread::Builder::new()
                 .name("catapult-ckpt".into())
-                .spawn(move || {
-                    let manifest = store.save(req)?;
-                    if let Err(e) = store.retain(manifest.step, keep_last, keep_every) {
-                        eprintln!(
-                            "warning: checkpoint retention failed: {e}; old checkpoints were kept"
-                        );
-                    }
-                    Ok(manifest)
-                })
+                .spawn(move || store.save_rank(&head, &state))
                 .expect("spawn the checkpoint thread"),
         );
-        waited
     }
 
-    fn join(&mut self) -> Result<Option<Manifest>, ShardError> {
-        match self.in_flight.take() {
-            Some(h) => h
-                .join()
-                .unwrap_or_else(|_| {
-                    Err(ShardError::Invalid {
-                        location: "checkpoint thread".into(),
-                        problem: "panicked".into(),
-                    })
-                })
-                .map(Some),
-            None => Ok(None),
-        }
+    /// Whether no write is running (none was submitted, or it finished).
+    pub fn is_idle(&self) -> bool {
+        self.in_flight.as_ref().is_none_or(|h| h.is_finished())
     }
 
-    /// Waits for the save in flight; an error if it, or the last one that failed, did.
-    pub fn wait(&mut self) -> Result<Option<Manifest>, ShardError> {
-        let result = self.join();
-        match (result, self.failed.take()) {
-            (Err(e), _) | (Ok(_), Some(e)) => Err(e),
-            (Ok(m), None) => Ok(m),
-        }
+    /// Waits for the write in flight: its files' entries, or why it failed; None when
+    /// none was submitted.
+    pub fn wait(&mut self) -> Option<Result<Vec<FileEntry>, ShardError>> {
+        let h = self.in_flight.take()?;
+        Some(h.join().unwrap_or_else(|_| {
+            Err(ShardError::Invalid {
+                location: "checkpoint thread".into(),
+                problem: "panicked".into(),
+            })
+        }))
     }
 }
 
 impl Drop for AsyncSaver {
     fn drop(&mut self) {
-        if let Err(e) = self.wait() {
-            eprintln!("error: a checkpoint save failed: {e}");
+        if let Some(Err(e)) = self.wait() {
+            eprintln!("error: a checkpoint write failed: {e}");
         }
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -927,17 +741,17 @@ mod tests {
             } else {
                 vec![rows(experts, 2, 4)]
             },
-            slices: [(
+            pieces: [(
                 experts.name.clone(),
-                Slice {
-                    start: 2 * r,
-                    full: 4,
+                Piece {
+                    start: 2 * r * 3,
+                    shape: vec![4, 3],
                 },
             )]
             .into(),
             state: serde_json::json!({"rank": r}),
         };
-        SaveRequest {
+        let head = ManifestHead {
             step,
             tokens: step * 100,
             recipe: serde_json::json!({"name": "t"}),
@@ -952,8 +766,11 @@ mod tests {
                     })
                     .collect(),
             },
-            ranks: vec![rank(0), rank(1)],
             growth: None,
+        };
+        SaveRequest {
+            head,
+            ranks: vec![rank(0), rank(1)],
         }
     }
 
@@ -965,20 +782,25 @@ mod tests {
         store.save(two_rank_request(5, &dense, &experts)).unwrap();
         let loaded = store.load(5, true).unwrap();
         // EP 2 -> EP 1: the full tensor, bit for bit.
-        assert_eq!(loaded.tensors[&experts.name], experts);
-        assert_eq!(loaded.tensors[&dense.name], dense);
+        assert_eq!(loaded.whole(&experts.name).unwrap(), experts);
+        assert_eq!(loaded.whole(&dense.name).unwrap(), dense);
         assert_eq!(loaded.states[1]["rank"], 1);
-        // EP 2 -> EP 4: each new rank's single expert.
+        // EP 2 -> EP 4: each new rank's single expert, read from one rank's file.
         for part in 0..4 {
             assert_eq!(
-                loaded.slice_for(&experts.name, part, 4).unwrap(),
+                loaded.rows(&experts.name, part, 4).unwrap().unwrap(),
                 rows(&experts, part, part + 1)
             );
         }
         assert!(
-            loaded.slice_for(&experts.name, 0, 3).is_none(),
+            loaded.rows(&experts.name, 0, 3).unwrap().is_none(),
             "4 experts do not split 3 ways"
         );
+        // A range across both ranks' pieces, and only its bytes read.
+        let before = loaded.bytes_read();
+        let across = loaded.read(&experts.name, 4..9).unwrap();
+        assert_eq!(&across.data[..], &experts.data[16..36]);
+        assert_eq!(loaded.bytes_read() - before, 20);
         assert_eq!(store.latest().unwrap(), Some(5));
         assert_eq!(loaded.manifest.world.expert_parallel, 2);
     }

@@ -320,6 +320,26 @@ impl Location {
             })
     }
 
+    /// The byte ranges `ranges` of object `key`, in order (one vectored read: nearby
+    /// ranges are fetched together, so reading many small pieces of one file costs few
+    /// requests on an object store).
+    pub fn get_ranges(
+        &self,
+        key: &ObjPath,
+        display: &str,
+        ranges: &[std::ops::Range<u64>],
+    ) -> Result<Vec<bytes::Bytes>, DataError> {
+        if ranges.is_empty() {
+            return Ok(Vec::new());
+        }
+        let store = self.store.clone();
+        retry(&self.options, display, "read", || {
+            let store = store.clone();
+            let key = key.clone();
+            async move { store.get_ranges(&key, ranges).await }
+        })
+    }
+
     /// The BLAKE3 of object `key`, read as a stream (never whole in memory).
     pub fn blake3(&self, key: &ObjPath, display: &str) -> Result<String, DataError> {
         let store = self.store.clone();

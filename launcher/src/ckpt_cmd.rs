@@ -215,8 +215,9 @@ fn show(path: &str, endpoint: &Option<String>) -> Result<(), crate::Failure> {
 /// Tensors, values and bytes of the model and of the optimizer; the dtypes present.
 fn show_tensors(loaded: &catapult_checkpoints::Loaded) {
     let mut groups: std::collections::BTreeMap<&str, (usize, u64, u64)> = Default::default();
-    for t in loaded.tensors.values() {
-        let group = if t.name.starts_with("optimizer.") {
+    for name in loaded.names() {
+        let t = loaded.info(name).expect("a listed tensor has an entry");
+        let group = if name.starts_with("optimizer.") {
             "optimizer"
         } else {
             "model"
@@ -224,7 +225,7 @@ fn show_tensors(loaded: &catapult_checkpoints::Loaded) {
         let e = groups.entry(group).or_default();
         e.0 += 1;
         e.1 += t.numel() as u64;
-        e.2 += t.data.len() as u64;
+        e.2 += (t.numel() * t.dtype.size()) as u64;
     }
     for (group, (count, numel, bytes)) in groups {
         println!(
@@ -233,8 +234,8 @@ fn show_tensors(loaded: &catapult_checkpoints::Loaded) {
         );
     }
     let dtypes: std::collections::BTreeSet<String> = loaded
-        .tensors
-        .values()
+        .names()
+        .filter_map(|n| loaded.info(n))
         .map(|t| format!("{:?}", t.dtype as Dtype))
         .collect();
     println!(

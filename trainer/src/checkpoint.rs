@@ -12,12 +12,14 @@ use crate::optim::{learning_rate, AdamW};
 use crate::parallel::{is_expert_param, Parallel, ParamGather, ShardPlan};
 use crate::recipe::Recipe;
 use catapult_checkpoints::{
-    Checkpoints, Dtype, HostTensor, Loaded, RankLayout, RankState, SaveRequest, Slice, World,
+    Checkpoints, Dtype, HostTensor, Loaded, ManifestHead, Piece, RankLayout, RankState,
+    Reader, SaveRequest, World,
 };
 use catapult_data::{DataState, Pipeline};
 use catapult_kernels::comm::Comm;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::ops::Range;
 use tch::{Device, Kind, Tensor};
 
 /// Where a resumed run comes from.
@@ -139,16 +141,29 @@ impl TrainerState {
         }
     }
 
-    /// The state a loaded checkpoint carries; the error names the checkpoint.
+    /// The state a loaded checkpoint carries, with every rank's data streams merged
+    /// (each rank writes its own since version 2; version 1's rank 0 wrote them merged);
+    /// the error names the checkpoint.
     pub fn of(loaded: &Loaded) -> Result<Self, TrainError> {
-        let value = loaded.states.first().cloned().unwrap_or_default();
-        serde_json::from_value(value).map_err(|e| {
+        let unreadable = |rank: usize, e: String| {
             TrainError::Checkpoint(format!(
-                "{}: the trainer state of rank 0 does not parse ({e}); it was written by \
+                "{}: the trainer state of rank {rank} does not parse ({e}); it was written by \
                  another version of catapult: resume with that version, or start a new run",
                 loaded.location
             ))
-        })
+        };
+        let value = loaded.states.first().cloned().unwrap_or_default();
+        let mut state: Self = serde_json::from_value(value).map_err(|e| unreadable(0, e.to_string()))?;
+        if loaded.manifest.version >= 2 {
+            let mut streams = Vec::with_capacity(loaded.states.len());
+            for (rank, s) in loaded.states.iter().enumerate() {
+                let d: DataState = serde_json::from_value(s["data_state"].clone())
+                    .map_err(|e| unreadable(rank, e.to_string()))?;
+                streams.push(d);
+            }
+            state.data_state = DataState::merge(&streams)?;
+        }
+        Ok(state)
     }
 
     /// As JSON, for the checkpoint.
@@ -246,20 +261,22 @@ pub fn request(
     state: &TrainerState,
 ) -> SaveRequest {
     SaveRequest {
-        step,
-        tokens,
-        recipe: serde_json::to_value(recipe).expect("recipes serialize"),
-        world: single_world(recipe),
+        head: ManifestHead {
+            step,
+            tokens,
+            recipe: serde_json::to_value(recipe).expect("recipes serialize"),
+            world: single_world(recipe),
+            growth: state
+                .growth
+                .as_ref()
+                .map(|g| serde_json::to_value(g).expect("a growth record serializes")),
+        },
         ranks: vec![RankState {
             rank: 0,
             tensors,
-            slices: BTreeMap::new(),
+            pieces: BTreeMap::new(),
             state: state.to_value(),
         }],
-        growth: state
-            .growth
-            .as_ref()
-            .map(|g| serde_json::to_value(g).expect("a growth record serializes")),
     }
 }
 
@@ -293,17 +310,25 @@ pub fn check_model(recipe: &Recipe, loaded: &Loaded) -> Result<(), TrainError> {
     }
 }
 
-/// The checkpoint `resume` names, loaded by `policy` (None: `auto` found none).
+/// The checkpoint `resume` names, loaded by `policy` by every rank of `comm` together
+/// (they split the hashing and skip the same broken steps; None: `auto` found none).
 pub fn open_resume(
     store: &Checkpoints,
     resume: &Resume,
     options: &catapult_data::StorageOptions,
-    policy: LoadPolicy,
+    (policy, comm): (LoadPolicy, &Comm),
 ) -> Result<Option<Loaded>, TrainError> {
-    let (verify, fallback) = (policy.verify, policy.fallback);
+    let fallback = policy.fallback;
+    let agree = |problem: Option<String>| agree_on_problem(comm, problem);
+    let reader = Reader {
+        verify: policy.verify,
+        rank: comm.rank(),
+        world: comm.size(),
+        agree: &agree,
+    };
     match resume {
         Resume::Auto => {
-            let found = store.load_newest(verify, fallback)?;
+            let found = store.load_newest_as(&reader, fallback)?;
             if found.is_none() {
                 eprintln!("no checkpoint under {}: starting from step 0", store.root());
             }
@@ -328,10 +353,10 @@ pub fn open_resume(
                         newer.join(", ")
                     )));
                 }
-                Ok(Some(root.load(step, verify)?))
+                Ok(Some(root.load_as(step, &reader)?))
             }
             (root, None) => root
-                .load_newest(verify, fallback)?
+                .load_newest_as(&reader, fallback)?
                 .map(|mut l| {
                     // Broken steps of another run's root are left alone (this run never
                     // saves there, so they cannot collide with its saves).
@@ -348,6 +373,20 @@ pub fn open_resume(
                 }),
         },
     }
+}
+
+/// Every rank's problem (None: none), agreed: the lowest failing rank's, on every rank.
+pub fn agree_on_problem(comm: &Comm, problem: Option<String>) -> Option<(usize, String)> {
+    let mine = problem.map(String::into_bytes).unwrap_or_default();
+    let (all, counts) = comm.all_gather_v(&mine);
+    let mut at = 0;
+    for (rank, n) in counts.into_iter().enumerate() {
+        if n > 0 {
+            return Some((rank, String::from_utf8_lossy(&all[at..at + n]).into_owned()));
+        }
+        at += n;
+    }
+    None
 }
 
 /// Whether two checkpoint roots are one place (local paths compared after resolving
@@ -388,46 +427,105 @@ pub struct Restorable<'a> {
 }
 
 impl Restorable<'_> {
-    /// Puts `loaded` into the model, optimizer, controller and pipeline. Experts are
-    /// saved whole (assembled from the ranks' slices); each rank takes its rows,
-    /// whatever layout wrote them.
+    /// Puts `loaded` into the model, optimizer, controller and pipeline, reading only
+    /// what this rank holds: its experts' rows, its slices of sharded parameters and
+    /// moments, the dense tensors it keeps whole; whatever layout wrote them.
     pub fn restore(&mut self, loaded: &Loaded) -> Result<(), TrainError> {
         let bad =
             |problem: String| TrainError::Checkpoint(format!("{}: {problem}", loaded.location));
-        let (part, parts) = (self.par.expert.rank(), self.par.expert_size);
-        let get = |name: &str| -> Option<HostTensor> {
-            if is_expert_param(name) {
-                loaded.slice_for(name, part, parts)
-            } else {
-                loaded.tensors.get(name).cloned()
-            }
+        let read = LocalReader {
+            loaded,
+            part: self.par.expert.rank(),
+            parts: self.par.expert_size,
         };
         let index: BTreeMap<String, usize> = (self.optimizer.parameters().iter())
             .enumerate()
             .map(|(i, (n, _))| (n.clone(), i))
             .collect();
         for (name, var) in self.built.named() {
-            let saved = get(&name).ok_or_else(|| bad(format!("no tensor {name}")))?;
             let what = format!("{}: {name}", loaded.location);
             match (self.sliced.as_mut(), index.get(&name)) {
                 (Some((gather, plan)), Some(&i)) if gather.holds_slices_of(i) => {
                     // Sharded parameters: the slice is the value (the tensor only points
                     // into a gather buffer, perhaps as a bf16 working copy).
-                    let master = &self.optimizer.parameters()[i].1;
-                    check_shape(master, &saved, &what)?;
-                    gather.load(plan, i, &from_host(&saved));
+                    let shape = self.optimizer.parameters()[i].1.size();
+                    let own = gather.owned(plan, i);
+                    let part = read.get(&name, &shape, own).map_err(&bad)?;
+                    gather.load(plan, i, &from_host(&part));
                 }
-                _ => copy_into(&var, &saved, &what)?,
+                _ => {
+                    let whole = read.get(&name, &var.size(), None).map_err(&bad)?;
+                    copy_into(&var, &whole, &what)?;
+                }
             }
         }
         let state = TrainerState::of(loaded)?;
         self.optimizer
-            .restore(|k| get(k).as_ref().map(from_host), &state.optimizer_steps)
+            .restore(
+                |key, shape, range| {
+                    read.get(key, shape, range)
+                        .map(|h| from_host(&h))
+                        .map_err(|problem| crate::optim::OptimError::Read {
+                            key: key.to_string(),
+                            problem,
+                        })
+                },
+                &state.optimizer_steps,
+            )
             .map_err(|e| bad(e.to_string()))?;
         self.controller.restore(state.expert_bias_controller);
         self.built.set_expert_bias(self.controller.bias());
         self.pipeline.restore(&state.data_state)?;
         Ok(())
+    }
+}
+
+/// Reads a rank's local tensors from a checkpoint: an expert tensor is this rank's rows
+/// (`part` of `parts`) of the stored one, anything else the stored tensor itself.
+struct LocalReader<'a> {
+    loaded: &'a Loaded,
+    part: usize,
+    parts: usize,
+}
+
+impl LocalReader<'_> {
+    /// The local tensor `name` of `shape`: the flat elements `range` of it, or all of
+    /// it in its shape (None). A stored shape that does not give `shape` is named.
+    fn get(&self, name: &str, shape: &[i64], range: Option<Range<usize>>) -> Result<HostTensor, String> {
+        let info = self
+            .loaded
+            .info(name)
+            .ok_or_else(|| format!("no tensor {name}"))?;
+        let mut local: Vec<usize> = info.shape.clone();
+        let mut base = 0;
+        if is_expert_param(name) {
+            let rows = local.first().copied().unwrap_or(0);
+            if rows % self.parts != 0 {
+                return Err(format!(
+                    "{name} has {rows} experts, which do not split over {} expert-parallel ranks",
+                    self.parts
+                ));
+            }
+            local[0] = rows / self.parts;
+            base = self.part * local.iter().product::<usize>();
+        }
+        let want: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        if local != want {
+            return Err(format!(
+                "{name}: the checkpoint holds {:?} {:?} (this rank's part {local:?}), the model needs {want:?}",
+                info.dtype, info.shape
+            ));
+        }
+        let numel: usize = local.iter().product();
+        let r = range.unwrap_or(0..numel);
+        let mut h = self
+            .loaded
+            .read(name, base + r.start..base + r.end)
+            .map_err(|e| e.to_string())?;
+        if r.len() == numel {
+            h.shape = local;
+        }
+        Ok(h)
     }
 }
 
@@ -483,34 +581,6 @@ pub fn whole_named(
             None => (n, t),
         })
         .collect()
-}
-
-/// The AdamW moments whole where a checkpoint needs them: a sharded moment is
-/// assembled from its slices on its group's first rank (world rank 0 for dense ones,
-/// replica 0 for expert ones) and left out elsewhere. Every rank calls it.
-fn whole_moments(par: &Parallel, plan: &ShardPlan, optimizer: &AdamW) -> Vec<(String, Tensor)> {
-    let moments = optimizer.moments();
-    let shapes: Vec<Vec<i64>> = optimizer
-        .parameters()
-        .iter()
-        .map(|(_, p)| p.size())
-        .collect();
-    let kind = |first: usize| -> Vec<Tensor> {
-        moments
-            .iter()
-            .skip(first)
-            .step_by(2)
-            .map(|(_, t)| t.shallow_clone())
-            .collect()
-    };
-    let avg = plan.gather_whole(par, &kind(0), &shapes);
-    let sq = plan.gather_whole(par, &kind(1), &shapes);
-    let mut out = Vec::with_capacity(moments.len());
-    for (pair, (a, s)) in moments.chunks(2).zip(avg.into_iter().zip(sq)) {
-        out.extend(a.map(|t| (pair[0].0.clone(), t)));
-        out.extend(s.map(|t| (pair[1].0.clone(), t)));
-    }
-    out
 }
 
 /// The expert tensors (parameters and their optimizer moments) of every expert-parallel
@@ -582,55 +652,93 @@ fn world_of(par: &Parallel, n_experts: usize) -> World {
     }
 }
 
-/// What rank 0 saves at `step`: host copies of the model and optimizer tensors (the
-/// experts as the slices each expert-parallel rank holds, with their slice map) and
-/// `state`. None on other ranks; every rank calls it.
-pub fn save_request(
-    recipe: &Recipe,
+/// The manifest's head of a checkpoint of this run at `state`'s step.
+pub fn manifest_head(recipe: &Recipe, par: &Parallel, state: &TrainerState, tokens: u64) -> ManifestHead {
+    ManifestHead {
+        step: state.scheduler.step as u64,
+        tokens,
+        recipe: serde_json::to_value(recipe).expect("recipes serialize"),
+        world: world_of(par, recipe.model.n_routed_experts),
+        growth: None,
+    }
+}
+
+/// What this rank writes at a save: host copies of its pieces of every model and
+/// optimizer tensor (its part of each parameter and moment under its shard group's
+/// layout, at the parameter's place in the full tensor: its experts' rows for expert
+/// tensors) and `state` with its own data streams. Nothing is gathered: every rank
+/// writes its own pieces, and together they tile every tensor once.
+pub fn rank_state(
     par: &Parallel,
     built: &BuiltModel,
-    optimizer: (&AdamW, &ShardPlan, Option<&ParamGather>),
+    (optimizer, plan, gather): (&AdamW, &ShardPlan, Option<&ParamGather>),
     state: &TrainerState,
-    tokens: u64,
-) -> Option<SaveRequest> {
-    let (optimizer, plan, gather) = optimizer;
-    let mut named = whole_named(par, built, (optimizer, plan, gather));
-    named.extend(whole_moments(par, plan, optimizer));
-    let shards = gather_expert_shards(par, &named)?;
-    let tensors: Vec<_> = named
+) -> RankState {
+    let params = optimizer.parameters();
+    let ranges = plan.saved_ranges(params.len());
+    let index: BTreeMap<&str, usize> = params
         .iter()
-        .filter(|(n, _)| !is_expert_param(n))
-        .map(|(n, t)| to_host(n, t))
+        .enumerate()
+        .map(|(i, (n, _))| (n.as_str(), i))
         .collect();
-    let step = state.scheduler.step as u64;
-    let mut request = request(recipe, step, tokens, tensors, state);
-    let n = recipe.model.n_routed_experts;
-    let per = n / par.expert_size;
-    request.world = world_of(par, n);
-    for (e, shard) in shards.into_iter().enumerate() {
-        let slices = shard
-            .iter()
-            .map(|h| {
-                (
-                    h.name.clone(),
-                    Slice {
-                        start: e * per,
-                        full: n,
-                    },
-                )
-            })
-            .collect();
-        if e == 0 {
-            request.ranks[0].tensors.extend(shard);
-            request.ranks[0].slices = slices;
-        } else {
-            request.ranks.push(RankState {
-                rank: e,
-                tensors: shard,
-                slices,
-                state: serde_json::Value::Null,
-            });
+    let held = optimizer.owned_ranges();
+    let moments = optimizer.moments();
+    let mut out = RankState {
+        rank: par.world.rank(),
+        tensors: Vec::new(),
+        pieces: BTreeMap::new(),
+        state: state.to_value(),
+    };
+    for (name, var) in built.named() {
+        let Some(&i) = index.get(name.as_str()) else {
+            // Buffers (the expert biases): replicated and small, written by rank 0.
+            if par.world.rank() == 0 {
+                out.tensors.push(to_host(&name, &var));
+            }
+            continue;
+        };
+        let Some(r) = ranges[i].clone() else {
+            // A world of one: every tensor whole.
+            out.tensors.push(to_host(&name, &var));
+            for m in &moments[2 * i..2 * i + 2] {
+                out.tensors.push(to_host(&m.0, &m.1));
+            }
+            continue;
+        };
+        let value = match gather.and_then(|g| g.master(plan, i)) {
+            Some(slice) => slice,
+            None => var.detach().reshape([-1]).narrow(0, r.start as i64, r.len() as i64),
+        };
+        let moment = |t: &Tensor| match &held[i] {
+            Some(_) => t.shallow_clone(),
+            None => t.reshape([-1]).narrow(0, r.start as i64, r.len() as i64),
+        };
+        let pieces = [
+            (name.clone(), value),
+            (moments[2 * i].0.clone(), moment(&moments[2 * i].1)),
+            (moments[2 * i + 1].0.clone(), moment(&moments[2 * i + 1].1)),
+        ];
+        for (n, t) in pieces {
+            if r.is_empty() {
+                continue;
+            }
+            let (start, shape) = place_in_full(par, &n, &var.size(), r.start);
+            out.tensors.push(to_host(&n, &t));
+            out.pieces.insert(n, Piece { start, shape });
         }
     }
-    Some(request)
+    out
+}
+
+/// Where element `at` of this rank's local tensor `name` (of `local` shape) sits in the
+/// full tensor, and the full tensor's shape: expert tensors hold this rank's rows of
+/// the stacked experts, anything else is the full tensor.
+fn place_in_full(par: &Parallel, name: &str, local: &[i64], at: usize) -> (usize, Vec<usize>) {
+    let mut shape: Vec<usize> = local.iter().map(|&d| d as usize).collect();
+    if !is_expert_param(name) {
+        return (at, shape);
+    }
+    let numel: usize = shape.iter().product();
+    shape[0] *= par.expert_size;
+    (par.expert.rank() * numel + at, shape)
 }

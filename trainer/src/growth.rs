@@ -83,10 +83,12 @@ fn stacked_names(name: &str, layers: usize, factor: usize) -> Vec<String> {
 /// while they are written.
 fn check_fits(loaded: &Loaded, factor: usize) -> Result<(), GrowthError> {
     let (mut per_layer, mut other) = (0f64, 0f64);
-    for (name, t) in &loaded.tensors {
+    for name in loaded.names() {
+        let t = loaded.info(name).expect("a listed tensor has an entry");
+        let bytes = (t.numel() * t.dtype.size()) as f64;
         match layer_of(name) {
-            Some(_) => per_layer += t.data.len() as f64,
-            None => other += t.data.len() as f64,
+            Some(_) => per_layer += bytes,
+            None => other += bytes,
         }
     }
     let grown = per_layer * factor as f64 + other;
@@ -120,14 +122,17 @@ fn grow_tensors(
     layers: usize,
     factor: usize,
     optimizer: OptimizerInit,
-) -> Vec<HostTensor> {
+) -> Result<Vec<HostTensor>, GrowthError> {
     let mut tensors = Vec::new();
-    for (name, t) in &loaded.tensors {
+    for name in loaded.names() {
+        let t = loaded
+            .whole(name)
+            .map_err(|e| GrowthError::Source(e.to_string()))?;
         let is_moment = name.starts_with("optimizer.");
         let t = if is_moment && optimizer == OptimizerInit::Fresh {
-            zeros_like(t)
+            zeros_like(&t)
         } else {
-            t.clone()
+            t
         };
         for grown in stacked_names(name, layers, factor) {
             let mut copy = t.clone();
@@ -136,7 +141,7 @@ fn grow_tensors(
         }
     }
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    tensors
+    Ok(tensors)
 }
 
 /// `state` stacked like the layers: update counts (zero with `Fresh`) and the
@@ -194,7 +199,7 @@ pub fn grow(
     check_target(&source, target, factor)?;
     let layers = source.model.num_layers;
     check_fits(loaded, factor)?;
-    let tensors = grow_tensors(loaded, layers, factor, optimizer);
+    let tensors = grow_tensors(loaded, layers, factor, optimizer)?;
     let mut state = TrainerState::of(loaded).map_err(|e| GrowthError::Source(e.to_string()))?;
     grow_state(&mut state, &loaded.location, layers, factor, optimizer)?;
     state.growth = Some(GrowthRecord {

@@ -27,6 +27,14 @@ pub enum OptimError {
         /// The parameter's.
         parameter: Vec<i64>,
     },
+    /// A moment tensor could not be read.
+    #[error("{key}: {problem}")]
+    Read {
+        /// Its name.
+        key: String,
+        /// Why not.
+        problem: String,
+    },
     /// A parameter's update count is missing.
     #[error("the checkpoint has no update count for {name}")]
     NoCount {
@@ -165,11 +173,18 @@ impl AdamW {
             .collect()
     }
 
-    /// Restores moments and update counts saved by `moments` and `update_counts`: `get` returns the moment
-    /// tensor saved under a name. Errors name what is missing.
+    /// The flat range of each parameter whose moments this optimizer keeps (its owned
+    /// part), or None where it keeps them whole.
+    pub fn owned_ranges(&self) -> &[Option<Range<usize>>] {
+        &self.owned
+    }
+
+    /// Restores the moments (`get(key, shape, range)` reads moment `key` of a
+    /// parameter of `shape`: the flat elements `range` this optimizer keeps of it, or
+    /// all of it in its shape for None) and the update counts.
     pub fn restore(
         &mut self,
-        get: impl Fn(&str) -> Option<Tensor>,
+        get: impl Fn(&str, &[i64], Option<Range<usize>>) -> Result<Tensor, OptimError>,
         steps: &BTreeMap<String, i32>,
     ) -> Result<(), OptimError> {
         self.restore_moments(get, steps)?;
@@ -186,7 +201,7 @@ impl AdamW {
 
     fn restore_moments(
         &mut self,
-        get: impl Fn(&str) -> Option<Tensor>,
+        get: impl Fn(&str, &[i64], Option<Range<usize>>) -> Result<Tensor, OptimError>,
         steps: &BTreeMap<String, i32>,
     ) -> Result<(), OptimError> {
         tch::no_grad(|| {
@@ -196,19 +211,9 @@ impl AdamW {
                     ("exp_avg_sq", &self.exp_avg_sq[i]),
                 ] {
                     let key = format!("optimizer.{kind}.{name}");
-                    let src = get(&key).ok_or_else(|| OptimError::Missing { key: key.clone() })?;
-                    if src.size() != p.size() {
-                        return Err(OptimError::Shape {
-                            key,
-                            saved: src.size(),
-                            parameter: p.size(),
-                        });
-                    }
-                    let src = match &self.owned[i] {
-                        Some(r) => src.reshape([-1]).narrow(0, r.start as i64, r.len() as i64),
-                        None => src,
-                    };
-                    dst.shallow_clone().copy_(&src.to_device(dst.device()));
+                    let src = get(&key, &p.size(), self.owned[i].clone())?;
+                    dst.shallow_clone()
+                        .copy_(&src.view(dst.size().as_slice()).to_device(dst.device()));
                 }
                 self.steps[i] = *steps
                     .get(name)

@@ -4,7 +4,7 @@
 
 use super::common::{create_dir, python_json, spinner, train_here, utf8};
 use catapult_checkpoints::{
-    Checkpoints, Dtype, HostTensor, RankLayout, RankState, SaveRequest, World,
+    Checkpoints, Dtype, HostTensor, ManifestHead, RankLayout, RankState, SaveRequest, World,
 };
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -78,25 +78,27 @@ fn fill(gib: f64) -> (Vec<HostTensor>, usize, f64) {
 fn save_and_load(tensors: Vec<HostTensor>, dir: &Path) -> anyhow::Result<(f64, f64, PathBuf)> {
     let store = Checkpoints::open(utf8(&dir.join("ckpt"))?, &Default::default())?;
     let request = SaveRequest {
-        step: 1,
-        tokens: 0,
-        recipe: serde_json::json!({"name": "bench"}),
-        world: World {
-            data_parallel: 1,
-            expert_parallel: 1,
-            ranks: vec![RankLayout {
-                rank: 0,
-                data_parallel_rank: 0,
-                experts: [0, 0],
-            }],
+        head: ManifestHead {
+            step: 1,
+            tokens: 0,
+            recipe: serde_json::json!({"name": "bench"}),
+            world: World {
+                data_parallel: 1,
+                expert_parallel: 1,
+                ranks: vec![RankLayout {
+                    rank: 0,
+                    data_parallel_rank: 0,
+                    experts: [0, 0],
+                }],
+            },
+            growth: None,
         },
         ranks: vec![RankState {
             rank: 0,
             tensors,
-            slices: Default::default(),
+            pieces: Default::default(),
             state: serde_json::json!({}),
         }],
-        growth: None,
     };
     let p = spinner("catapult: save (serialize, BLAKE3, write, fsync), then verified load");
     let started = Instant::now();

@@ -208,19 +208,21 @@ impl ParamGather {
         Some(master.narrow(0, off, n))
     }
 
-    /// Writes this rank's part of `whole` (parameter `i`'s values, e.g. from a
-    /// checkpoint) into its slice; false when parameter `i` is held whole.
-    pub fn load(&mut self, plan: &ShardPlan, i: usize, whole: &Tensor) -> bool {
+    /// The flat range of parameter `i` this rank holds as its slice (None when it is
+    /// held whole).
+    pub fn owned(&self, plan: &ShardPlan, i: usize) -> Option<std::ops::Range<usize>> {
+        let (g, k) = self.place[i]?;
+        Some(plan.groups()[g].layout.owned(k))
+    }
+
+    /// Writes `part` (this rank's part of parameter `i`, flat, e.g. from a checkpoint)
+    /// into its slice; false when parameter `i` is held whole.
+    pub fn load(&mut self, plan: &ShardPlan, i: usize, part: &Tensor) -> bool {
         let Some(mut master) = self.master(plan, i) else {
             return false;
         };
-        let (g, k) = self.place[i].expect("master implies a place");
-        let own = plan.groups()[g].layout.owned(k);
         tch::no_grad(|| {
-            let part = whole
-                .reshape([-1])
-                .narrow(0, own.start as i64, own.len() as i64);
-            master.copy_(&part.to_kind(Kind::Float).to_device(master.device()));
+            master.copy_(&part.reshape([-1]).to_kind(Kind::Float).to_device(master.device()));
         });
         self.invalidate();
         true

@@ -221,6 +221,20 @@ impl ShardPlan {
         out
     }
 
+    /// The flat range of each parameter (and of its moments) this rank writes to a
+    /// checkpoint: its part under its group's layout, in every mode (so every mode
+    /// writes the same pieces, and the replicas of a tensor share its writing). None
+    /// for a world of one, which writes every tensor whole.
+    pub fn saved_ranges(&self, count: usize) -> Vec<Option<Range<usize>>> {
+        let mut out = vec![None; count];
+        for g in &self.groups {
+            for (k, &i) in g.members.iter().enumerate() {
+                out[i] = Some(g.layout.owned(k));
+            }
+        }
+        out
+    }
+
     pub(super) fn group<'a>(&self, par: &'a Parallel, g: &ShardGroup) -> &'a Group {
         match g.over {
             Over::World => &par.world,

@@ -17,7 +17,7 @@ use crate::optim::AdamW;
 use crate::parallel::{GradReducer, Parallel, ParamGather, ShardPlan};
 use crate::recipe::Recipe;
 use crate::supervision::{install_preemption_handlers, Heartbeat};
-use catapult_checkpoints::{AsyncSaver, Checkpoints, Loaded};
+use catapult_checkpoints::{Checkpoints, Loaded};
 use catapult_data::Pipeline;
 use std::path::Path;
 use std::time::Instant;
@@ -103,7 +103,7 @@ fn open_store(recipe: &Recipe, opts: &RunOptions, par: &Parallel) -> Result<Open
     let store = Checkpoints::open(&recipe.checkpoint_root(), &options)?;
     let loaded = match &opts.resume {
         None => None,
-        Some(resume) => open_resume(&store, resume, &options, opts.load_policy())?,
+        Some(resume) => open_resume(&store, resume, &options, (opts.load_policy(), &par.world))?,
     };
     if let Some(l) = &loaded {
         check_model(recipe, l)?;
@@ -310,7 +310,7 @@ impl<'a> Trainer<'a> {
             pipeline,
             valid,
             store,
-            saver: AsyncSaver::default(),
+            saving: Default::default(),
             metrics: Metrics::disabled(),
             progress: Progress::new(false, &recipe.name, 0, 0, 1),
             heartbeat: Heartbeat::from_env(rank),

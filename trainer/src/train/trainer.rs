@@ -20,7 +20,7 @@ use crate::parallel::{
 };
 use crate::recipe::Recipe;
 use crate::supervision::{self, Heartbeat};
-use catapult_checkpoints::{AsyncSaver, Checkpoints, Loaded};
+use catapult_checkpoints::{Checkpoints, Loaded};
 use catapult_data::{Batch, Pipeline};
 use catapult_kernels::CommError;
 use std::collections::BTreeMap;
@@ -117,7 +117,7 @@ pub(super) struct Trainer<'a> {
     pub(super) pipeline: Pipeline,
     pub(super) valid: eval::ValidationSets,
     pub(super) store: Checkpoints,
-    pub(super) saver: AsyncSaver,
+    pub(super) saving: super::save::Saving,
     pub(super) metrics: Metrics,
     pub(super) progress: Progress,
     pub(super) heartbeat: Heartbeat,
@@ -480,11 +480,18 @@ impl Trainer<'_> {
         self.rollbacks += 1;
         self.progress
             .println(format!("warning: {message}; rolling back"));
-        self.saver.wait()?;
+        self.settle(true, done)?;
         let policy = self.opts.load_policy();
+        let agreed = |p: Option<String>| crate::checkpoint::agree_on_problem(&self.par.world, p);
+        let reader = catapult_checkpoints::Reader {
+            verify: policy.verify,
+            rank: self.rank(),
+            world: self.par.world.size(),
+            agree: &agreed,
+        };
         let loaded = self
             .store
-            .load_newest(policy.verify, policy.fallback)?
+            .load_newest_as(&reader, policy.fallback)?
             .ok_or_else(|| {
                 TrainError::Corruption(format!(
                     "{message}; and no checkpoint under {} to roll back to",
