@@ -12,8 +12,8 @@ pub mod sharded;
 pub use reader::{Loaded, Reader, TensorInfo};
 pub use safetensors::{Dtype, HostTensor, SafetensorsError};
 pub use sharded::{
-    kill_self, kill_self_on, step_dir, AsyncSaver, Checkpoints, FileEntry, Manifest,
-    ManifestHead, Piece, RankLayout, RankState, SaveRequest, ShardError, World, FAULT_ENV,
+    kill_self, kill_self_on, step_dir, AsyncSaver, Checkpoints, FileEntry, Manifest, ManifestHead,
+    Piece, RankLayout, RankState, SaveRequest, ShardError, World, FAULT_ENV,
 };
 
 use std::path::{Path, PathBuf};

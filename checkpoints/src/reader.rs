@@ -59,6 +59,14 @@ struct Run {
     offset: u64,
 }
 
+/// The byte ranges of one file a read needs (of rank `rank`'s file), and where each
+/// lands in the result.
+struct FileReads {
+    rank: usize,
+    ranges: Vec<Range<u64>>,
+    dests: Vec<usize>,
+}
+
 /// A tensor of a checkpoint: its type, full shape, and where its elements are stored.
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
@@ -150,22 +158,35 @@ impl Loaded {
         }
         let size = t.dtype.size();
         // Per file: the byte ranges to read and where each goes in the result.
-        let mut by_file: BTreeMap<&str, (usize, Vec<Range<u64>>, Vec<usize>)> = BTreeMap::new();
+        let mut by_file: BTreeMap<&str, FileReads> = BTreeMap::new();
         for run in &t.runs {
-            let (a, b) = (run.start.max(range.start), (run.start + run.len).min(range.end));
+            let (a, b) = (
+                run.start.max(range.start),
+                (run.start + run.len).min(range.end),
+            );
             if a >= b {
                 continue;
             }
             let at = run.offset + ((a - run.start) * size) as u64;
-            let entry = by_file
-                .entry(run.file.as_str())
-                .or_insert((run.rank, Vec::new(), Vec::new()));
-            entry.1.push(at..at + ((b - a) * size) as u64);
-            entry.2.push((a - range.start) * size);
+            let entry = by_file.entry(run.file.as_str()).or_insert(FileReads {
+                rank: run.rank,
+                ranges: Vec::new(),
+                dests: Vec::new(),
+            });
+            entry.ranges.push(at..at + ((b - a) * size) as u64);
+            entry.dests.push((a - range.start) * size);
         }
         let dir = step_dir(self.manifest.step);
         let mut data = vec![0u8; range.len() * size];
-        for (file, (rank, ranges, dests)) in by_file {
+        for (
+            file,
+            FileReads {
+                rank,
+                ranges,
+                dests,
+            },
+        ) in by_file
+        {
             let (key, display) = self.store.path(&format!("{dir}/{file}"));
             let got = self.store.location.get_ranges(&key, &display, &ranges)?;
             for ((r, &dest), bytes) in ranges.iter().zip(&dests).zip(got) {
@@ -420,16 +441,12 @@ impl Checkpoints {
             problem,
         };
         let (key, display) = self.path(&format!("{dir}/{file}"));
-        let first = self
-            .location
-            .get_ranges(&key, &display, &[0..entry.bytes.min(64 << 10)])?;
-        let first = first.into_iter().next().unwrap_or_default();
+        let first = (self.location).get_range(&key, &display, 0..entry.bytes.min(64 << 10))?;
         let n = header_len(&first, entry.bytes).map_err(bad)?;
         let header = if 8 + n <= first.len() as u64 {
             first.slice(8..8 + n as usize)
         } else {
-            let more = self.location.get_ranges(&key, &display, &[8..8 + n])?;
-            more.into_iter().next().unwrap_or_default()
+            self.location.get_range(&key, &display, 8..8 + n)?
         };
         for e in parse_header(&header, entry.bytes).map_err(bad)? {
             let len: usize = e.shape.iter().product();

@@ -208,7 +208,10 @@ fn encode(r: &RankState) -> Vec<(FileEntry, Vec<Bytes>)> {
     }))
     .expect("JSON values serialize");
     [
-        (rank_file(r.rank, "safetensors"), serialize_chunks(&r.tensors)),
+        (
+            rank_file(r.rank, "safetensors"),
+            serialize_chunks(&r.tensors),
+        ),
         (rank_file(r.rank, "json"), vec![Bytes::from(state)]),
     ]
     .into_iter()
@@ -378,7 +381,11 @@ impl Checkpoints {
 
     /// Completes checkpoint `head.step` once every rank's files are written (`files`:
     /// their entries, from every rank): the manifest, put-if-absent, then `latest`.
-    pub fn commit(&self, head: ManifestHead, files: Vec<FileEntry>) -> Result<Manifest, ShardError> {
+    pub fn commit(
+        &self,
+        head: ManifestHead,
+        files: Vec<FileEntry>,
+    ) -> Result<Manifest, ShardError> {
         let dir = step_dir(head.step);
         let manifest = Manifest {
             format: "catapult-checkpoint".into(),
@@ -647,7 +654,10 @@ impl AsyncSaver {
     /// Starts writing rank `state`'s files of checkpoint `head` in the background. The
     /// previous write must have been collected with `wait`.
     pub fn submit(&mut self, store: Checkpoints, head: ManifestHead, state: RankState) {
-        debug_assert!(self.in_flight.is_none(), "the previous write was not collected");
+        debug_assert!(
+            self.in_flight.is_none(),
+            "the previous write was not collected"
+        );
         self.in_flight = Some(
             std::thread::Builder::new()
                 .name("catapult-ckpt".into())

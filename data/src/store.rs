@@ -320,6 +320,22 @@ impl Location {
             })
     }
 
+    /// The bytes `range` of object `key`.
+    pub fn get_range(
+        &self,
+        key: &ObjPath,
+        display: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<bytes::Bytes, DataError> {
+        let store = self.store.clone();
+        retry(&self.options, display, "read", || {
+            let store = store.clone();
+            let key = key.clone();
+            let range = range.clone();
+            async move { store.get_range(&key, range).await }
+        })
+    }
+
     /// The byte ranges `ranges` of object `key`, in order (one vectored read: nearby
     /// ranges are fetched together, so reading many small pieces of one file costs few
     /// requests on an object store).

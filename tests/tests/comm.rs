@@ -620,3 +620,139 @@ fn initial_weights_are_the_same_in_every_layout_and_no_rank_draws_a_whole_tensor
          whole expert tensor {whole}"
     );
 }
+
+#[test]
+fn every_rank_writes_its_own_checkpoint_and_any_layout_resumes_it() {
+    let dir = scratch("per-rank-ckpt");
+    let base = [
+        "train.steps=10",
+        "train.eval_every=5",
+        "checkpoint.every=5",
+        LAYERS,
+    ];
+    let with = |extra: &[&'static str]| -> Vec<&str> {
+        let mut v = base.to_vec();
+        v.extend(extra);
+        v
+    };
+    let param = "parallel.shard=parameters";
+    // Uninterrupted: DP 2 x EP 2 with sharded parameters.
+    ok(train(&dir, "whole", 4, 2, &with(&[param]), &[]));
+    // Every rank wrote its own files, about a quarter each; rank 0 received only their
+    // sizes and hashes.
+    let lines = metrics(&dir.join("whole/metrics.jsonl"));
+    let complete: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["checkpoint_complete"].is_string())
+        .collect();
+    assert_eq!(complete.len(), 2, "steps 5 and 10 completed");
+    for l in complete {
+        let per: Vec<u64> = (l["ckpt_files_bytes"].as_array().unwrap().iter())
+            .map(|b| b.as_u64().unwrap())
+            .collect();
+        let (lo, hi) = (*per.iter().min().unwrap(), *per.iter().max().unwrap());
+        assert!(
+            per.len() == 4 && lo > 0 && hi < 2 * lo,
+            "unbalanced: {per:?}"
+        );
+        let total: u64 = per.iter().sum();
+        let received = l["ckpt_received_bytes"].as_u64().unwrap();
+        assert!(
+            received * 100 < total,
+            "rank 0 received {received} bytes of a {total}-byte checkpoint"
+        );
+    }
+    let step10 = dir.join("whole/checkpoints/step-00000010");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(step10.join("manifest.json")).unwrap()).unwrap();
+    let files = manifest["files"].as_array().unwrap();
+    assert_eq!(files.len(), 8, "two files per rank");
+    for f in files {
+        let (name, rank) = (f["name"].as_str().unwrap(), f["rank"].as_u64().unwrap());
+        assert!(
+            name.starts_with(&format!("rank-{rank:05}.")),
+            "{name} by rank {rank}"
+        );
+        let on_disk = std::fs::metadata(step10.join(name)).unwrap().len();
+        assert_eq!(on_disk, f["bytes"].as_u64().unwrap(), "{name}");
+    }
+
+    // Rank 2 killed halfway through writing its file of step 10, checkpoints on S3:
+    // step 10 never completes, the resumed run starts from step 5 (reading only each
+    // rank's part, with ranged reads) and ends with the uninterrupted run's bits.
+    let server = catapult_tests::S3Server::start("per-rank-s3");
+    let set = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let root = set(format!("checkpoint.dir=s3://{}/runs/ep", server.bucket));
+    let endpoint = set(format!("checkpoint.storage.endpoint={}", server.endpoint));
+    let s3 = [root, endpoint, param];
+    let keys = [
+        ("AWS_ACCESS_KEY_ID", catapult_tests::S3Server::ACCESS_KEY),
+        (
+            "AWS_SECRET_ACCESS_KEY",
+            catapult_tests::S3Server::SECRET_KEY,
+        ),
+    ];
+    let mut killed_env = keys.to_vec();
+    killed_env.push(("CATAPULT_FAULT", "save:mid-shard:10:2"));
+    let cut = train(&dir, "cut", 4, 2, &with(&s3), &killed_env);
+    assert!(!cut.status.success(), "rank 2 was to be killed mid-save");
+    let mut resumed = with(&s3);
+    resumed.push(RESUME);
+    ok(train(&dir, "cut", 4, 2, &resumed, &keys));
+    assert!(
+        weights(&dir, "cut") == weights(&dir, "whole"),
+        "the resumed run's weights differ"
+    );
+    let resumed_line = metrics(&dir.join("cut/metrics.jsonl"))
+        .into_iter()
+        .find(|l| l["resumed_from"].is_string())
+        .expect("the resumed run logs what it read");
+    assert!(
+        resumed_line["resumed_from"]
+            .as_str()
+            .unwrap()
+            .ends_with("step-00000005"),
+        "{resumed_line}"
+    );
+    assert_eq!(resumed_line["step"], 5, "{resumed_line}");
+    let stored = resumed_line["ckpt_stored_bytes"].as_u64().unwrap() as f64;
+    for (rank, read) in resumed_line["ckpt_read_bytes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let read = read.as_u64().unwrap() as f64;
+        assert!(
+            read > 0.0 && read < 0.35 * stored,
+            "rank {rank} read {read} of {stored} bytes"
+        );
+    }
+
+    // The 4-rank checkpoint resumed on 1, 2 and 4 ranks in other layouts and modes.
+    let tail = |run: &str| -> Vec<(u64, f64)> {
+        losses(&dir, run)
+            .into_iter()
+            .filter(|(s, _)| *s > 5)
+            .collect()
+    };
+    for (name, ranks, expert, mode) in [
+        ("to-1", 1, 1, "parallel.shard=none"),
+        ("to-2", 2, 2, "parallel.shard=optimizer"),
+        ("to-4", 4, 1, "parallel.shard=gradients"),
+    ] {
+        copy_dir(
+            &dir.join("whole/checkpoints/step-00000005"),
+            &dir.join(name).join("checkpoints/step-00000005"),
+        );
+        let mut sets = with(&[mode]);
+        sets.push(RESUME);
+        ok(train(&dir, name, ranks, expert, &sets, &[]));
+        assert_eq!(
+            tail(name).first().map(|l| l.0),
+            Some(6),
+            "{name}: restarted at step 6"
+        );
+        assert_close(&tail("whole"), &tail(name), name);
+    }
+}

@@ -12,8 +12,8 @@ use crate::optim::{learning_rate, AdamW};
 use crate::parallel::{is_expert_param, Parallel, ParamGather, ShardPlan};
 use crate::recipe::Recipe;
 use catapult_checkpoints::{
-    Checkpoints, Dtype, HostTensor, Loaded, ManifestHead, Piece, RankLayout, RankState,
-    Reader, SaveRequest, World,
+    Checkpoints, Dtype, HostTensor, Loaded, ManifestHead, Piece, RankLayout, RankState, Reader,
+    SaveRequest, World,
 };
 use catapult_data::{DataState, Pipeline};
 use catapult_kernels::comm::Comm;
@@ -153,7 +153,8 @@ impl TrainerState {
             ))
         };
         let value = loaded.states.first().cloned().unwrap_or_default();
-        let mut state: Self = serde_json::from_value(value).map_err(|e| unreadable(0, e.to_string()))?;
+        let mut state: Self =
+            serde_json::from_value(value).map_err(|e| unreadable(0, e.to_string()))?;
         if loaded.manifest.version >= 2 {
             let mut streams = Vec::with_capacity(loaded.states.len());
             for (rank, s) in loaded.states.iter().enumerate() {
@@ -450,11 +451,11 @@ impl Restorable<'_> {
                     // into a gather buffer, perhaps as a bf16 working copy).
                     let shape = self.optimizer.parameters()[i].1.size();
                     let own = gather.owned(plan, i);
-                    let part = read.get(&name, &shape, own).map_err(&bad)?;
+                    let part = read.get(&name, &shape, own)?;
                     gather.load(plan, i, &from_host(&part));
                 }
                 _ => {
-                    let whole = read.get(&name, &var.size(), None).map_err(&bad)?;
+                    let whole = read.get(&name, &var.size(), None)?;
                     copy_into(&var, &whole, &what)?;
                 }
             }
@@ -465,9 +466,9 @@ impl Restorable<'_> {
                 |key, shape, range| {
                     read.get(key, shape, range)
                         .map(|h| from_host(&h))
-                        .map_err(|problem| crate::optim::OptimError::Read {
+                        .map_err(|e| crate::optim::OptimError::Read {
                             key: key.to_string(),
-                            problem,
+                            problem: e.to_string(),
                         })
                 },
                 &state.optimizer_steps,
@@ -491,37 +492,41 @@ struct LocalReader<'a> {
 impl LocalReader<'_> {
     /// The local tensor `name` of `shape`: the flat elements `range` of it, or all of
     /// it in its shape (None). A stored shape that does not give `shape` is named.
-    fn get(&self, name: &str, shape: &[i64], range: Option<Range<usize>>) -> Result<HostTensor, String> {
-        let info = self
-            .loaded
-            .info(name)
-            .ok_or_else(|| format!("no tensor {name}"))?;
+    fn get(
+        &self,
+        name: &str,
+        shape: &[i64],
+        range: Option<Range<usize>>,
+    ) -> Result<HostTensor, TrainError> {
+        let bad = |problem: String| {
+            TrainError::Checkpoint(format!("{}: {problem}", self.loaded.location))
+        };
+        let info = (self.loaded.info(name)).ok_or_else(|| bad(format!("no tensor {name}")))?;
         let mut local: Vec<usize> = info.shape.clone();
         let mut base = 0;
         if is_expert_param(name) {
             let rows = local.first().copied().unwrap_or(0);
             if rows % self.parts != 0 {
-                return Err(format!(
-                    "{name} has {rows} experts, which do not split over {} expert-parallel ranks",
+                return Err(bad(format!(
+                    "{name} has {rows} experts, which do not split over {} expert-parallel \
+                     ranks; resume with an expert-parallel size that divides {rows}",
                     self.parts
-                ));
+                )));
             }
             local[0] = rows / self.parts;
             base = self.part * local.iter().product::<usize>();
         }
         let want: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
         if local != want {
-            return Err(format!(
-                "{name}: the checkpoint holds {:?} {:?} (this rank's part {local:?}), the model needs {want:?}",
+            return Err(bad(format!(
+                "{name}: the checkpoint holds {:?} {:?} (this rank's part {local:?}), the \
+                 model needs {want:?}",
                 info.dtype, info.shape
-            ));
+            )));
         }
         let numel: usize = local.iter().product();
         let r = range.unwrap_or(0..numel);
-        let mut h = self
-            .loaded
-            .read(name, base + r.start..base + r.end)
-            .map_err(|e| e.to_string())?;
+        let mut h = self.loaded.read(name, base + r.start..base + r.end)?;
         if r.len() == numel {
             h.shape = local;
         }
@@ -653,7 +658,12 @@ fn world_of(par: &Parallel, n_experts: usize) -> World {
 }
 
 /// The manifest's head of a checkpoint of this run at `state`'s step.
-pub fn manifest_head(recipe: &Recipe, par: &Parallel, state: &TrainerState, tokens: u64) -> ManifestHead {
+pub fn manifest_head(
+    recipe: &Recipe,
+    par: &Parallel,
+    state: &TrainerState,
+    tokens: u64,
+) -> ManifestHead {
     ManifestHead {
         step: state.scheduler.step as u64,
         tokens,
@@ -707,7 +717,10 @@ pub fn rank_state(
         };
         let value = match gather.and_then(|g| g.master(plan, i)) {
             Some(slice) => slice,
-            None => var.detach().reshape([-1]).narrow(0, r.start as i64, r.len() as i64),
+            None => var
+                .detach()
+                .reshape([-1])
+                .narrow(0, r.start as i64, r.len() as i64),
         };
         let moment = |t: &Tensor| match &held[i] {
             Some(_) => t.shallow_clone(),

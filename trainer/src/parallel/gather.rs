@@ -222,7 +222,12 @@ impl ParamGather {
             return false;
         };
         tch::no_grad(|| {
-            master.copy_(&part.reshape([-1]).to_kind(Kind::Float).to_device(master.device()));
+            master.copy_(
+                &part
+                    .reshape([-1])
+                    .to_kind(Kind::Float)
+                    .to_device(master.device()),
+            );
         });
         self.invalidate();
         true

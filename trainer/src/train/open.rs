@@ -342,9 +342,21 @@ impl<'a> Trainer<'a> {
         self.step = l.manifest.step as usize;
         self.tokens_seen = l.manifest.tokens;
         eprintln!("resuming from {} (step {})", l.location, self.step);
+        // What each rank read of the checkpoint's tensor files: its own part only.
+        let (read, _) = self.par.world.all_gather_v(&[l.bytes_read()]);
         if self.lead() {
             let (m, kept) = Metrics::resume(self.run_dir.join("metrics.jsonl"), self.step as u64)?;
             self.metrics = m;
+            let stored: u64 = (l.manifest.files.iter())
+                .filter(|f| f.name.ends_with(".safetensors"))
+                .map(|f| f.bytes)
+                .sum();
+            self.metrics.write(serde_json::json!({
+                "step": self.step,
+                "resumed_from": l.location,
+                "ckpt_read_bytes": read,
+                "ckpt_stored_bytes": stored,
+            }))?;
             self.first_val_loss = kept
                 .iter()
                 .find(|v| v["step"] == 0)

@@ -12,21 +12,16 @@ use crate::checkpoint::{
     full_tensors, gather_data_state, manifest_head, rank_state, whole_named, TrainerState,
 };
 use crate::error::TrainError;
-use catapult_checkpoints::{AsyncSaver, FileEntry, ManifestHead};
+use catapult_checkpoints::{FileEntry, ManifestHead};
 use std::path::PathBuf;
 use std::time::Instant;
 
-/// The checkpoint being written: the background writer of this rank's files, the
-/// manifest head of the checkpoint in flight, and the last save that failed.
-#[derive(Default)]
-pub(super) struct Saving {
-    saver: AsyncSaver,
-    pending: Option<ManifestHead>,
-    failed: Option<String>,
-}
-
 /// What a rank reports when its files are written: their entries, or why not.
-type Report = Result<Vec<FileEntry>, String>;
+#[derive(serde::Serialize, serde::Deserialize)]
+enum Report {
+    Written(Vec<FileEntry>),
+    Failed(String),
+}
 
 impl Trainer<'_> {
     /// Saves a sharded checkpoint after step `done` when one is due, and completes the
@@ -85,10 +80,10 @@ impl Trainer<'_> {
                 return Ok(());
             }
         }
-        let report: Report = match self.saving.saver.wait() {
-            Some(Ok(files)) => Ok(files),
-            Some(Err(e)) => Err(e.to_string()),
-            None => Ok(Vec::new()),
+        let report = match self.saving.saver.wait() {
+            Some(Ok(files)) => Report::Written(files),
+            Some(Err(e)) => Report::Failed(e.to_string()),
+            None => Report::Written(Vec::new()),
         };
         let head = self.saving.pending.take().expect("a save is pending");
         let bytes = serde_json::to_vec(&report).expect("reports serialize");
@@ -127,14 +122,17 @@ impl Trainer<'_> {
         let mut at = 0;
         for (rank, &n) in counts.iter().enumerate() {
             let report: Report = serde_json::from_slice(&all[at..at + n])
-                .unwrap_or_else(|e| Err(format!("an unreadable report ({e})")));
+                .unwrap_or_else(|e| Report::Failed(format!("an unreadable report ({e})")));
             at += n;
-            let entries = report.map_err(|e| {
-                TrainError::Checkpoint(format!(
-                    "checkpoint {}: rank {rank} could not write its files: {e}",
-                    catapult_checkpoints::step_dir(head.step)
-                ))
-            })?;
+            let entries = match report {
+                Report::Written(entries) => entries,
+                Report::Failed(e) => {
+                    return Err(TrainError::Checkpoint(format!(
+                        "checkpoint {}: rank {rank} could not write its files: {e}",
+                        catapult_checkpoints::step_dir(head.step)
+                    )))
+                }
+            };
             rank_bytes.push(entries.iter().map(|f| f.bytes).sum::<u64>());
             files.extend(entries);
         }

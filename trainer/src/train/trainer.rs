@@ -20,7 +20,7 @@ use crate::parallel::{
 };
 use crate::recipe::Recipe;
 use crate::supervision::{self, Heartbeat};
-use catapult_checkpoints::{Checkpoints, Loaded};
+use catapult_checkpoints::{AsyncSaver, Checkpoints, Loaded, ManifestHead};
 use catapult_data::{Batch, Pipeline};
 use catapult_kernels::CommError;
 use std::collections::BTreeMap;
@@ -98,6 +98,15 @@ pub(super) struct Stop {
     pub(super) reached_tokens: bool,
 }
 
+/// The checkpoint being written: the background writer of this rank's files, the
+/// manifest head of the checkpoint in flight, and the last save that failed.
+#[derive(Default)]
+pub(super) struct Saving {
+    pub(super) saver: AsyncSaver,
+    pub(super) pending: Option<ManifestHead>,
+    pub(super) failed: Option<String>,
+}
+
 /// A run in progress: every piece the loop composes, and where it is.
 pub(super) struct Trainer<'a> {
     pub(super) recipe: &'a Recipe,
@@ -117,7 +126,7 @@ pub(super) struct Trainer<'a> {
     pub(super) pipeline: Pipeline,
     pub(super) valid: eval::ValidationSets,
     pub(super) store: Checkpoints,
-    pub(super) saving: super::save::Saving,
+    pub(super) saving: Saving,
     pub(super) metrics: Metrics,
     pub(super) progress: Progress,
     pub(super) heartbeat: Heartbeat,
