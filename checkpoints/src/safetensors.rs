@@ -97,23 +97,23 @@ struct Entry {
     data_offsets: [usize; 2],
 }
 
-/// The file's bytes for `tensors` (sorted by name; names must be unique), as chunks: the
-/// header, then each tensor's bytes (shared, not copied).
-pub fn serialize_chunks(tensors: &[HostTensor]) -> Vec<Bytes> {
-    let mut order: Vec<&HostTensor> = tensors.iter().collect();
-    order.sort_by(|a, b| a.name.cmp(&b.name));
+/// The header (length field, JSON, space padding to a multiple of 8) of a file holding
+/// `tensors` (name, type, shape) in this order, back to back; the order must be by name,
+/// as `serialize_chunks` writes them.
+pub fn header_for(tensors: &[(&str, Dtype, &[usize])]) -> Vec<u8> {
     let mut header = BTreeMap::new();
     let mut offset = 0;
-    for t in &order {
+    for &(name, dtype, shape) in tensors {
+        let bytes = shape.iter().product::<usize>() * dtype.size();
         header.insert(
-            t.name.clone(),
+            name.to_string(),
             Entry {
-                dtype: t.dtype,
-                shape: t.shape.clone(),
-                data_offsets: [offset, offset + t.data.len()],
+                dtype,
+                shape: shape.to_vec(),
+                data_offsets: [offset, offset + bytes],
             },
         );
-        offset += t.data.len();
+        offset += bytes;
     }
     let mut json = serde_json::to_vec(&header).expect("the header serializes");
     while json.len() % 8 != 0 {
@@ -122,7 +122,19 @@ pub fn serialize_chunks(tensors: &[HostTensor]) -> Vec<Bytes> {
     let mut head = Vec::with_capacity(8 + json.len());
     head.extend_from_slice(&(json.len() as u64).to_le_bytes());
     head.extend_from_slice(&json);
-    let mut out = vec![Bytes::from(head)];
+    head
+}
+
+/// The file's bytes for `tensors` (sorted by name; names must be unique), as chunks: the
+/// header, then each tensor's bytes (shared, not copied).
+pub fn serialize_chunks(tensors: &[HostTensor]) -> Vec<Bytes> {
+    let mut order: Vec<&HostTensor> = tensors.iter().collect();
+    order.sort_by(|a, b| a.name.cmp(&b.name));
+    let entries: Vec<(&str, Dtype, &[usize])> = order
+        .iter()
+        .map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice()))
+        .collect();
+    let mut out = vec![Bytes::from(header_for(&entries))];
     out.extend(order.into_iter().map(|t| t.data.clone()));
     out
 }

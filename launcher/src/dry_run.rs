@@ -70,7 +70,7 @@ fn secs(s: f64) -> String {
 pub fn run(recipe: &Recipe, args: &DryRunArgs) -> anyhow::Result<()> {
     let cluster = cluster(recipe, args)?;
     let plan = Plan::of(recipe, &cluster);
-    let days = args.tokens.map(|t| plan.days_for(t));
+    let days = args.tokens.map(|t| plan.days_at(t, plan.time.trainer_s));
     if args.json {
         let mut v = serde_json::to_value(&plan)?;
         v["cluster"] = serde_json::to_value(&cluster)?;
@@ -313,11 +313,14 @@ fn print_time(plan: &Plan, cluster: &Cluster, tokens: Option<f64>, days: Option<
     );
     println!("  step (nothing overlapped)      {:>12}", secs(t.serial_s));
     println!("  step (everything overlapped)   {:>12}", secs(t.hidden_s));
+    println!("  step (as the trainer overlaps) {:>12}", secs(t.trainer_s));
     if let (Some(tokens), Some(d)) = (tokens, days) {
         let steps = tokens / t.tokens_per_step;
         println!(
-            "{tokens:.3e} tokens ({steps:.0} steps): {d:.1} days (all-to-all overlapped), {:.1} days \
-             (everything overlapped), {:.1} days (compute alone)",
+            "{tokens:.3e} tokens ({steps:.0} steps): {d:.1} days as the trainer overlaps; {:.1} \
+             days (all-to-all overlapped), {:.1} days (everything overlapped), {:.1} days \
+             (compute alone)",
+            steps * t.overlapped_s / 86_400.0,
             steps * t.hidden_s / 86_400.0,
             steps * t.compute_s / 86_400.0
         );

@@ -12,6 +12,7 @@ mod dry_run;
 mod failure;
 mod grow;
 mod launch;
+mod plan_cmd;
 mod plot;
 mod slurm;
 mod transfer;
@@ -64,6 +65,10 @@ enum Command {
         #[command(flatten)]
         dry_run: dry_run::DryRunArgs,
     },
+    /// The layouts a recipe could train with on a cluster (expert-parallel size, shard
+    /// mode, recomputation, micro-batch), the ones that fit memory ranked by predicted
+    /// step time, as recipe overrides; nothing is allocated.
+    Plan(plan_cmd::PlanArgs),
     /// Start the recipe's ranks on this machine (mpirun) and supervise them: rank-prefixed
     /// logs, one progress bar, restarts from the last checkpoint when a rank dies or hangs.
     Launch(launch::LaunchArgs),
@@ -117,11 +122,20 @@ enum Command {
     /// Export a checkpoint to the Hugging Face format (config.json + model.safetensors)
     /// that transformers' LongcatFlashForCausalLM loads.
     Export {
-        /// A checkpoint directory written by `catapult train` (e.g. runs/tiny/checkpoint).
-        checkpoint: PathBuf,
+        /// A run's final weights (e.g. runs/tiny/checkpoint), a sharded step checkpoint
+        /// (runs/tiny/checkpoints/step-00000300), or a checkpoint root for its newest;
+        /// local or an object-store URL.
+        checkpoint: String,
         /// Output directory for the Hugging Face files.
         #[arg(long, value_name = "OUT_DIR")]
         hf: PathBuf,
+        /// Largest weight file, in GiB: above it the weights go to
+        /// model-0000N-of-0000M.safetensors files with an index, as transformers writes them.
+        #[arg(long, default_value_t = 5.0, value_name = "GIB")]
+        max_shard_gib: f64,
+        /// S3-compatible endpoint for an s3:// checkpoint (e.g. http://127.0.0.1:8333).
+        #[arg(long)]
+        endpoint: Option<String>,
     },
     /// Benchmarks that print ratios against a baseline measured in the same run.
     Bench {
@@ -229,10 +243,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
             println!("checkpoint: {}", summary.checkpoint.display());
             println!("metrics: {}", summary.metrics.display());
         }
-        Command::Export { checkpoint, hf } => {
-            catapult_trainer::export::export_hf(&checkpoint, &hf)?;
-            println!("exported {} to {}", checkpoint.display(), hf.display());
+        Command::Plan(args) => {
+            let recipe = load_recipe(&args.recipe, &args.overrides)?;
+            plan_cmd::run(&recipe, &args)?;
         }
+        Command::Export {
+            checkpoint,
+            hf,
+            max_shard_gib,
+            endpoint,
+        } => export(&checkpoint, &hf, max_shard_gib, endpoint)?,
         Command::Recipe {
             command:
                 RecipeCommand::Validate {
@@ -293,6 +313,36 @@ fn main() -> ExitCode {
             ExitCode::from(failure.code)
         }
     }
+}
+
+/// `catapult export`: the Hugging Face files, a summary line, and `export.json` beside them.
+fn export(
+    checkpoint: &str,
+    hf: &std::path::Path,
+    max_shard_gib: f64,
+    endpoint: Option<String>,
+) -> Result<(), Failure> {
+    let storage = catapult_data::StorageOptions {
+        endpoint,
+        ..Default::default()
+    };
+    let max = (max_shard_gib * (1u64 << 30) as f64).max(1.0) as u64;
+    let done = catapult_trainer::export::export_hf(checkpoint, hf, max, &storage)?;
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    println!(
+        "exported {checkpoint} to {}: {} tensors, {:.1} MiB in {} file(s); peak memory \
+         {:.1} MiB above the start (largest tensor {:.1} MiB)",
+        hf.display(),
+        done.tensors,
+        mib(done.bytes),
+        done.files.len(),
+        mib(done.peak_rss_bytes.saturating_sub(done.start_rss_bytes)),
+        mib(done.largest_tensor_bytes),
+    );
+    let summary = serde_json::to_string_pretty(&done).expect("JSON values serialize");
+    let path = hf.join("export.json");
+    std::fs::write(&path, summary).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -756,3 +756,146 @@ fn every_rank_writes_its_own_checkpoint_and_any_layout_resumes_it() {
         assert_close(&tail("whole"), &tail(name), name);
     }
 }
+
+#[test]
+fn a_sharded_export_of_a_4_rank_checkpoint_loads_in_transformers_within_a_chunk_of_memory() {
+    let dir = scratch("sharded-export");
+    // Wide experts (the fused gate/up projection of a layer is 48 MiB) over 4 layers, so
+    // the model is several times its largest tensor.
+    let sets = [
+        "train.steps=2",
+        "train.eval_every=2",
+        "checkpoint.every=2",
+        "model.num_layers=4",
+        "model.expert_ffn_hidden_size=4096",
+        "parallel.shard=parameters",
+    ];
+    ok(train(&dir, "run", 4, 2, &sets, &[]));
+    let export = |from: &str, to: &str, extra: &[&str]| -> serde_json::Value {
+        ok(Command::new(catapult_binary())
+            .current_dir(&dir)
+            .args(["export", from, "--hf", to])
+            .args(extra)
+            .output()
+            .unwrap());
+        serde_json::from_slice(&std::fs::read(dir.join(to).join("export.json")).unwrap()).unwrap()
+    };
+    // The sharded step checkpoint (every rank's pieces), in files of at most 40 MiB.
+    let sharded = export(
+        "run/checkpoints/step-00000002",
+        "hf-sharded",
+        &["--max-shard-gib", "0.04"],
+    );
+    let single = export("run/checkpoint", "hf-single", &[]);
+    assert_eq!(single["files"].as_array().unwrap().len(), 1);
+    assert!(dir.join("hf-single/model.safetensors").exists());
+    let files = sharded["files"].as_array().unwrap();
+    assert!(files.len() > 2, "{sharded}");
+    assert_eq!(
+        files[0].as_str().unwrap(),
+        format!("model-00001-of-{:05}.safetensors", files.len())
+    );
+    assert!(dir.join("hf-sharded/model.safetensors.index.json").exists());
+    assert!(!dir.join("hf-sharded/model.safetensors").exists());
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap() as f64;
+    let (largest, total) = (n(&sharded, "largest_tensor_bytes"), n(&sharded, "bytes"));
+    assert!(
+        total > 3.0 * largest,
+        "the model is not much larger than its largest tensor"
+    );
+    let grew = n(&sharded, "peak_rss_bytes") - n(&sharded, "start_rss_bytes");
+    assert!(
+        grew < 2.0 * largest,
+        "the export's memory grew by {grew} bytes; its largest tensor has {largest}"
+    );
+    // transformers loads it with no missing or unexpected key: the same tensors and
+    // logits as the single-file export of the final weights.
+    let out = Command::new(workspace().join(".venv/bin/python3"))
+        .arg(workspace().join("tests/python/hf_same.py"))
+        .arg(dir.join("hf-sharded"))
+        .arg(dir.join("hf-single"))
+        .arg("1e-4")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["files"].as_u64().unwrap() as usize, files.len());
+}
+
+#[test]
+fn the_planner_predicts_the_memory_of_every_layout_it_proposes() {
+    let dir = scratch("planner");
+    let plan = |recipe: &str, args: &[&str]| -> serde_json::Value {
+        let out = Command::new(catapult_binary())
+            .current_dir(&dir)
+            .arg("plan")
+            .arg(workspace().join("recipes").join(recipe))
+            .args(args)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("plan JSON")
+    };
+    // The flagship on 8192 H800s: at least one layout under 80 GiB per GPU.
+    let big = plan(
+        "longcat-flash-560b.yaml",
+        &["--gpu", "h800", "--world", "8192", "--tokens", "20e12"],
+    );
+    let best = &big["fits"][0];
+    assert!(
+        best["memory_bytes"].as_f64().unwrap() < 80.0 * (1u64 << 30) as f64,
+        "{best}"
+    );
+    assert!(best["days"].as_f64().unwrap() > 0.0);
+    // Every layout it proposes for the tiny recipe on 4 ranks, run for 2 steps: the
+    // model and optimizer state it measures is what it predicted, within 10%.
+    let small = plan(
+        "tiny.yaml",
+        &[
+            "--gpu", "h100", "--world", "4", "--top", "4", "--set", LAYERS,
+        ],
+    );
+    let fits = small["fits"].as_array().unwrap();
+    assert_eq!(fits.len(), 4, "{small}");
+    for (i, layout) in fits.iter().enumerate() {
+        let mut sets: Vec<&str> = vec!["train.steps=2", "train.eval_every=2", LAYERS];
+        sets.extend(
+            layout["overrides"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s.as_str().unwrap()),
+        );
+        let expert = layout["expert"].as_u64().unwrap() as usize;
+        let name = format!("layout-{i}");
+        ok(train(&dir, &name, 4, expert, &sets, &[]));
+        let line = metrics(&dir.join(&name).join("metrics.jsonl"))
+            .into_iter()
+            .find(|l| l["param_bytes"].is_number())
+            .unwrap();
+        let field = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
+        let measured: f64 = ["param_bytes", "grad_bytes", "optimizer_bytes"]
+            .iter()
+            .map(|k| field(&line, k))
+            .sum();
+        let predicted: f64 = ["weights", "gradients", "optimizer"]
+            .iter()
+            .map(|k| field(&layout["memory"], k))
+            .sum();
+        assert!(
+            (measured - predicted).abs() <= 0.1 * predicted,
+            "layout {i} {:?}: measured {measured} bytes, predicted {predicted}",
+            layout["overrides"]
+        );
+    }
+}

@@ -27,6 +27,7 @@ pub(crate) mod metrics;
 pub mod model;
 pub mod optim;
 pub mod parallel;
+pub mod planner;
 pub mod recipe;
 pub mod router_metrics;
 pub mod sizing;

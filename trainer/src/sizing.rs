@@ -299,6 +299,13 @@ pub struct StepTime {
     /// max(compute, all-to-all + reductions): every collective hidden behind compute,
     /// as frameworks that overlap gradient reductions with backward achieve at best.
     pub hidden_s: f64,
+    /// As catapult's trainer overlaps: the forward hides its half of the all-to-alls
+    /// and its parameter gathers (prefetched a layer ahead) behind its compute (a third
+    /// of the step's, plus a re-run forward with recomputation in backward); the
+    /// backward hides the other half, its gathers and the gradient reductions (each
+    /// layer's started as its gradients complete) behind its compute; the last layer's
+    /// reductions stay exposed.
+    pub trainer_s: f64,
 }
 
 /// Elements per token kept for backward in one layer (an estimate of what autograd
@@ -494,6 +501,14 @@ impl Plan {
         let bw = cluster.link_gbps * 1e9;
         let all_to_all_s = all_to_all / bw;
         let reduction_s = (dense + expert + gathers) / bw;
+        let base = compute_s / recompute;
+        let forward = base / 3.0;
+        let backward = compute_s - forward;
+        let (gathers_s, sums_s) = (gathers / bw, (dense + expert) / bw);
+        let layers = c.num_layers.max(1) as f64;
+        let trainer_s = forward.max((all_to_all_s + gathers_s) / 2.0)
+            + backward.max((all_to_all_s + gathers_s) / 2.0 + sums_s)
+            + sums_s / layers;
         let time = StepTime {
             tokens_per_step,
             compute_s,
@@ -502,6 +517,7 @@ impl Plan {
             serial_s: compute_s + all_to_all_s + reduction_s,
             overlapped_s: compute_s.max(all_to_all_s) + reduction_s,
             hidden_s: compute_s.max(all_to_all_s + reduction_s),
+            trainer_s,
         };
         Plan {
             params: p,
@@ -515,9 +531,9 @@ impl Plan {
         }
     }
 
-    /// Days to train on `tokens` tokens at the overlapped step time.
-    pub fn days_for(&self, tokens: f64) -> f64 {
-        tokens / self.time.tokens_per_step * self.time.overlapped_s / 86_400.0
+    /// Days to train on `tokens` tokens at `step_s` seconds per step.
+    pub fn days_at(&self, tokens: f64, step_s: f64) -> f64 {
+        tokens / self.time.tokens_per_step * step_s / 86_400.0
     }
 }
 

@@ -41,7 +41,13 @@ fn check_case(name: &str, sets: &[&str]) {
     let checkpoint = dir.join("checkpoint");
     let meta = serde_json::json!({"recipe": serde_json::to_value(&recipe).unwrap()});
     catapult_checkpoints::save(&checkpoint, &named_tensors(&built.vars), &meta).unwrap();
-    export_hf(&checkpoint, &dir.join("hf")).unwrap();
+    export_hf(
+        checkpoint.to_str().unwrap(),
+        &dir.join("hf"),
+        u64::MAX,
+        &Default::default(),
+    )
+    .unwrap();
 
     let tokens = Tensor::randint(257, [2, 24], (Kind::Int64, Device::Cpu));
     let logits = tch::no_grad(|| built.model.forward(&tokens).logits);

@@ -1,6 +1,8 @@
 //! `catapult bench ckpt`: sharded checkpoint save and verified load throughput against
-//! torch.save/torch.load of the same tensors (measured in the same run), and the training
-//! loop's blocking time per asynchronous save.
+//! torch.save/torch.load of the same tensors (measured in the same run); the same
+//! checkpoint written and read by 4 writers at once (each rank's own files, as every
+//! rank writes its part) against one writer doing it all (as rank 0 did when it
+//! gathered everything); and the training loop's blocking time per asynchronous save.
 
 use super::common::{create_dir, python_json, spinner, train_here, utf8};
 use catapult_checkpoints::{
@@ -13,6 +15,9 @@ use std::time::Instant;
 struct Times {
     save_s: f64,
     load_s: f64,
+    /// The same checkpoint as 4 ranks' files: one writer / reader, then 4 at once.
+    alone: (f64, f64),
+    parallel: (f64, f64),
     base_save: f64,
     base_load: f64,
     /// Mean training step, and mean time the loop blocked per asynchronous save.
@@ -29,12 +34,15 @@ pub(super) fn run(
     let _ = std::fs::remove_dir_all(dir);
     create_dir(dir)?;
     let (tensors, count, total) = fill(gib);
+    let (alone, parallel) = writers(&tensors, dir)?;
     let (save_s, load_s, shard) = save_and_load(tensors, dir)?;
     let (base_save, base_load) = baseline(python, &shard, dir)?;
     let (step_s, block_s) = async_blocking(recipe, dir)?;
     let times = Times {
         save_s,
         load_s,
+        alone,
+        parallel,
         base_save,
         base_load,
         step_s,
@@ -73,26 +81,109 @@ fn fill(gib: f64) -> (Vec<HostTensor>, usize, f64) {
     (tensors, count, total)
 }
 
+/// Ranks that write the checkpoint at once.
+const WRITERS: usize = 4;
+
+/// The checkpoint of `tensors` split over `WRITERS` ranks (tensor i to rank i mod 4),
+/// saved and loaded (verified, then every tensor read) by one writer doing every rank's
+/// part, then by `WRITERS` threads at once, each its own rank's: (save, load) seconds
+/// of each.
+fn writers(tensors: &[HostTensor], dir: &Path) -> anyhow::Result<((f64, f64), (f64, f64))> {
+    let ranks: Vec<RankState> = (0..WRITERS)
+        .map(|r| RankState {
+            rank: r,
+            tensors: tensors.iter().skip(r).step_by(WRITERS).cloned().collect(),
+            pieces: Default::default(),
+            state: serde_json::json!({}),
+        })
+        .collect();
+    let head = |step| ManifestHead {
+        step,
+        ..bench_head()
+    };
+    let p = spinner("one writer: every rank's files, then every tensor read back");
+    let store = Checkpoints::open(utf8(&dir.join("ckpt-ranks"))?, &Default::default())?;
+    let started = Instant::now();
+    store.save(SaveRequest {
+        head: head(1),
+        ranks: ranks.clone(),
+    })?;
+    let alone_save = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let loaded = store.load(1, true)?;
+    for name in loaded.names() {
+        loaded.whole(name)?;
+    }
+    let alone_load = started.elapsed().as_secs_f64();
+    p.finish_and_clear();
+    let p = spinner(&format!("{WRITERS} writers at once: each rank's own files"));
+    let started = Instant::now();
+    let files = std::thread::scope(|s| {
+        let handles: Vec<_> = (ranks.iter())
+            .map(|r| s.spawn(|| store.save_rank(&head(2), r)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a writer thread panicked"))
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    store.commit(head(2), files.into_iter().flatten().collect())?;
+    let parallel_save = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..WRITERS)
+            .map(|r| {
+                let store = &store;
+                s.spawn(move || -> anyhow::Result<()> {
+                    let agree = |p: Option<String>| p.map(|p| (r, p));
+                    let reader = catapult_checkpoints::Reader {
+                        verify: true,
+                        rank: r,
+                        world: WRITERS,
+                        agree: &agree,
+                    };
+                    let loaded = store.load_as(2, &reader)?;
+                    for t in tensors.iter().skip(r).step_by(WRITERS) {
+                        loaded.whole(&t.name)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().expect("a reader thread panicked"))
+    })?;
+    let parallel_load = started.elapsed().as_secs_f64();
+    p.finish_and_clear();
+    let _ = std::fs::remove_dir_all(dir.join("ckpt-ranks"));
+    Ok(((alone_save, alone_load), (parallel_save, parallel_load)))
+}
+
+fn bench_head() -> ManifestHead {
+    ManifestHead {
+        step: 1,
+        tokens: 0,
+        recipe: serde_json::json!({"name": "bench"}),
+        world: World {
+            data_parallel: 1,
+            expert_parallel: 1,
+            ranks: vec![RankLayout {
+                rank: 0,
+                data_parallel_rank: 0,
+                experts: [0, 0],
+            }],
+        },
+        growth: None,
+    }
+}
+
 /// catapult's save (serialize, BLAKE3, write, fsync) and verified load of `tensors` as
 /// one rank's checkpoint; the seconds of each and the shard written.
 fn save_and_load(tensors: Vec<HostTensor>, dir: &Path) -> anyhow::Result<(f64, f64, PathBuf)> {
     let store = Checkpoints::open(utf8(&dir.join("ckpt"))?, &Default::default())?;
     let request = SaveRequest {
-        head: ManifestHead {
-            step: 1,
-            tokens: 0,
-            recipe: serde_json::json!({"name": "bench"}),
-            world: World {
-                data_parallel: 1,
-                expert_parallel: 1,
-                ranks: vec![RankLayout {
-                    rank: 0,
-                    data_parallel_rank: 0,
-                    experts: [0, 0],
-                }],
-            },
-            growth: None,
-        },
+        head: bench_head(),
         ranks: vec![RankState {
             rank: 0,
             tensors,
@@ -176,6 +267,8 @@ fn report(
     let Times {
         save_s,
         load_s,
+        alone,
+        parallel,
         base_save,
         base_load,
         step_s,
@@ -209,6 +302,27 @@ fn report(
         "(catapult's save includes BLAKE3 hashing and the manifest; its load verifies every hash)"
     );
     println!(
+        "{:<6} {:>14} {:>22} {:>7}",
+        "",
+        "1 writer GB/s",
+        format!("{WRITERS} writers at once GB/s"),
+        "ratio"
+    );
+    for (what, one, many) in [("save", alone.0, parallel.0), ("load", alone.1, parallel.1)] {
+        println!(
+            "{what:<6} {:>14.2} {:>22.2} {:>7.2}",
+            gb / one,
+            gb / many,
+            one / many
+        );
+    }
+    println!(
+        "(the same checkpoint as {WRITERS} ranks' files: one process writing and reading \
+         every rank's part, as rank 0 did alone, against {WRITERS} at once, each its own rank's \
+         part, on this host's {} cores and disk; across nodes each rank has its own)",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!(
         "async save in training ({}): blocks {:.2} ms per save = {:.1}% of a {:.1} ms step",
         recipe.display(),
         block_s * 1e3,
@@ -219,6 +333,9 @@ fn report(
         "bytes": total, "save_gb_per_s": gb / save_s, "load_gb_per_s": gb / load_s,
         "torch_save_gb_per_s": gb / base_save, "torch_load_gb_per_s": gb / base_load,
         "async_block_s": block_s, "step_s": step_s,
+        "one_writer_save_gb_per_s": gb / alone.0, "one_writer_load_gb_per_s": gb / alone.1,
+        "parallel_writers": WRITERS,
+        "parallel_save_gb_per_s": gb / parallel.0, "parallel_load_gb_per_s": gb / parallel.1,
     });
     let _ = std::fs::remove_dir_all(dir.join("ckpt"));
     let out = dir.join("results.json");

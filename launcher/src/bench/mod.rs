@@ -8,6 +8,7 @@
 //! - `ep`: expert-parallel steps with Single Batch Overlap on and off ([`ep`]);
 //! - `launch`: `catapult launch` against plain mpirun ([`launch`]);
 //! - `growth`: model growth against random init ([`growth`]);
+//! - `init`: drawing a rank's own experts against drawing them whole ([`init`]);
 //! - `transfer`: width transfer of the learning rate ([`transfer`]).
 
 mod ckpt;
@@ -15,6 +16,7 @@ mod common;
 mod data;
 mod ep;
 mod growth;
+mod init;
 mod launch;
 mod scale;
 mod transfer;
@@ -116,6 +118,22 @@ pub enum BenchCommand {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
+    /// Initialization of one rank's model: drawing only its experts' rows against
+    /// drawing every expert whole and keeping its rows (as before sharded init).
+    Init {
+        /// Recipe to draw (e.g. with --set model.expert_ffn_hidden_size=8192).
+        #[arg(long, default_value = "recipes/tiny.yaml")]
+        recipe: PathBuf,
+        /// Expert-parallel size whose rank 0 is drawn.
+        #[arg(long, default_value_t = 4)]
+        ranks: usize,
+        /// Times each way is measured (the best counts).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Overrides (KEY=VALUE, repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
     /// Checkpoint save/load throughput against torch.save/torch.load, and the training
     /// loop's blocking time per asynchronous save (run from the project root).
     Ckpt {
@@ -185,6 +203,19 @@ pub fn run(command: BenchCommand) -> Result<(), crate::Failure> {
             python,
             dir,
         } => data::run(&text, repeat, vocab_size, &recipe, &python, &dir),
+        BenchCommand::Init {
+            recipe,
+            ranks,
+            repeats,
+            sets,
+        } => {
+            let parsed: Vec<catapult_trainer::recipe::Override> = sets
+                .iter()
+                .map(|s| catapult_trainer::recipe::Override::parse(s))
+                .collect::<Result<_, _>>()?;
+            let recipe = catapult_trainer::recipe::load(&recipe, &parsed)?;
+            init::run(&recipe, ranks, repeats.max(1))
+        }
         BenchCommand::Ckpt {
             gib,
             recipe,

@@ -16,6 +16,10 @@ use catapult_checkpoints::{FileEntry, ManifestHead};
 use std::path::PathBuf;
 use std::time::Instant;
 
+/// The largest model whose final weights are gathered into one `checkpoint/` file on
+/// rank 0 (fp32 bytes); larger ones end as their last sharded checkpoint.
+const FINAL_WEIGHTS_LIMIT: u64 = 16 << 30;
+
 /// What a rank reports when its files are written: their entries, or why not.
 #[derive(serde::Serialize, serde::Deserialize)]
 enum Report {
@@ -166,6 +170,23 @@ impl Trainer<'_> {
             last_save?;
             let dir = catapult_checkpoints::step_dir(stop.at as u64);
             return Ok(self.summary(PathBuf::from(format!("{}/{dir}", self.store.root()))));
+        }
+        let step_dir = catapult_checkpoints::step_dir(self.recipe.train.steps as u64);
+        let model_bytes = 4 * self.param_count.max(0) as u64;
+        if model_bytes > FINAL_WEIGHTS_LIMIT {
+            // Gathering the whole model on rank 0 would not fit there: the last sharded
+            // checkpoint is the result, exported without gathering anything.
+            last_save?;
+            let at = format!("{}/{step_dir}", self.store.root());
+            if self.lead() {
+                eprintln!(
+                    "the final weights ({:.0} GiB) are not gathered into one file on rank 0; \
+                     they are the sharded checkpoint {at}: `catapult export {at} --hf OUT` \
+                     writes the Hugging Face files",
+                    model_bytes as f64 / (1u64 << 30) as f64
+                );
+            }
+            return Ok(self.summary(PathBuf::from(at)));
         }
         let data_state = gather_data_state(&self.par.world, &self.pipeline)?;
         let sharded = (&self.optimizer, &self.shard, self.gather.as_ref());
