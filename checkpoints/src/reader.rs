@@ -177,16 +177,9 @@ impl Loaded {
             entry.dests.push((a - range.start) * size);
         }
         let dir = step_dir(self.manifest.step);
-        let mut data = vec![0u8; range.len() * size];
-        for (
-            file,
-            FileReads {
-                rank,
-                ranges,
-                dests,
-            },
-        ) in by_file
-        {
+        let mut data = Vec::new();
+        let mut single = None;
+        for (file, FileReads { rank, ranges, dests }) in by_file {
             let (key, display) = self.store.path(&format!("{dir}/{file}"));
             let got = self.store.location.get_ranges(&key, &display, &ranges)?;
             for ((r, &dest), bytes) in ranges.iter().zip(&dests).zip(got) {
@@ -199,15 +192,27 @@ impl Loaded {
                         problem: format!("bytes {r:?} read back as {} bytes", bytes.len()),
                     });
                 }
+                if n == range.len() * size {
+                    // One piece holds it all: no copy.
+                    single = Some(bytes);
+                    continue;
+                }
+                if data.is_empty() {
+                    data = vec![0u8; range.len() * size];
+                }
                 data[dest..dest + n].copy_from_slice(&bytes);
             }
         }
+        let data = match single {
+            Some(b) => b,
+            None => data.into(),
+        };
         self.read.fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(HostTensor {
             name: name.to_string(),
             dtype: t.dtype,
             shape: vec![range.len()],
-            data: data.into(),
+            data,
         })
     }
 

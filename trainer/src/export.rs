@@ -7,7 +7,7 @@
 //! The source is a run's `checkpoint/` directory or a sharded step checkpoint (local or
 //! on an object store, written by any layout). Nothing is held whole: the output
 //! tensors are planned from the source's names and shapes alone, then streamed in
-//! chunks of at most 16 MiB (ranged reads of the ranks' files), so the peak memory is
+//! chunks of at most 4 MiB (ranged reads of the ranks' files), so the peak memory is
 //! a chunk, however large the model.
 //!
 //! Our names already follow transformers, except the routed experts: we store
@@ -18,7 +18,7 @@
 //! and then refused for that shape whenever Z > 0, so the fused layout is what loads.
 
 use crate::recipe::{ModelConfig, Recipe};
-use catapult_checkpoints::{Checkpoints, Dtype, Loaded};
+use catapult_checkpoints::{Checkpoints, Dtype, HostTensor, Loaded};
 use catapult_data::{ByteTokenizer, StorageOptions};
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, Write};
@@ -119,8 +119,8 @@ pub fn hf_config(m: &ModelConfig, max_positions: usize) -> serde_json::Value {
 trait Source {
     /// Every tensor: (type, shape), by name.
     fn tensors(&self) -> &BTreeMap<String, (Dtype, Vec<usize>)>;
-    /// Elements `range` of `name` (row-major), as little-endian bytes.
-    fn read(&self, name: &str, range: Range<usize>) -> Result<Vec<u8>, ExportError>;
+    /// Elements `range` of `name` (row-major), flat.
+    fn read(&self, name: &str, range: Range<usize>) -> Result<HostTensor, ExportError>;
     /// The recipe the checkpoint was trained with.
     fn recipe(&self) -> &Recipe;
     /// What to call it in messages.
@@ -193,8 +193,9 @@ impl Source for FinalWeights {
         &self.tensors
     }
 
-    fn read(&self, name: &str, range: Range<usize>) -> Result<Vec<u8>, ExportError> {
-        let size = self.tensors[name].0.size();
+    fn read(&self, name: &str, range: Range<usize>) -> Result<HostTensor, ExportError> {
+        let dtype = self.tensors[name].0;
+        let size = dtype.size();
         let unreadable = |reason: String| {
             ExportError::Checkpoint(catapult_checkpoints::CheckpointError::Unreadable {
                 path: self.path.clone(),
@@ -208,7 +209,12 @@ impl Source for FinalWeights {
         let mut out = vec![0u8; range.len() * size];
         file.read_exact(&mut out)
             .map_err(|e| unreadable(format!("{name}: {e}")))?;
-        Ok(out)
+        Ok(HostTensor {
+            name: name.to_string(),
+            dtype,
+            shape: vec![range.len()],
+            data: out.into(),
+        })
     }
 
     fn recipe(&self) -> &Recipe {
@@ -270,8 +276,8 @@ impl Source for Sharded {
         &self.tensors
     }
 
-    fn read(&self, name: &str, range: Range<usize>) -> Result<Vec<u8>, ExportError> {
-        Ok(self.loaded.read(name, range)?.data.to_vec())
+    fn read(&self, name: &str, range: Range<usize>) -> Result<HostTensor, ExportError> {
+        Ok(self.loaded.read(name, range)?)
     }
 
     fn recipe(&self) -> &Recipe {
@@ -372,7 +378,7 @@ fn hf_plan(m: &ModelConfig, source: &dyn Source) -> Result<Vec<HfTensor>, Export
 }
 
 /// Largest read or write at once, in bytes.
-const CHUNK_BYTES: usize = 16 << 20;
+const CHUNK_BYTES: usize = 4 << 20;
 
 /// What an export wrote.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -513,7 +519,7 @@ fn write_shard(path: &Path, tensors: &[HfTensor], src: &dyn Source) -> Result<()
         .collect();
     let tmp = path.with_extension("safetensors.tmp");
     let file = std::fs::File::create(&tmp).map_err(io)?;
-    let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
     w.write_all(&catapult_checkpoints::safetensors::header_for(&entries))
         .map_err(io)?;
     for t in tensors {
@@ -524,7 +530,7 @@ fn write_shard(path: &Path, tensors: &[HfTensor], src: &dyn Source) -> Result<()
                     let mut at = range.start;
                     while at < range.end {
                         let end = (at + per).min(range.end);
-                        w.write_all(&src.read(name, at..end)?).map_err(io)?;
+                        w.write_all(&src.read(name, at..end)?.data).map_err(io)?;
                         at = end;
                     }
                 }
