@@ -179,7 +179,15 @@ impl Loaded {
         let dir = step_dir(self.manifest.step);
         let mut data = Vec::new();
         let mut single = None;
-        for (file, FileReads { rank, ranges, dests }) in by_file {
+        for (
+            file,
+            FileReads {
+                rank,
+                ranges,
+                dests,
+            },
+        ) in by_file
+        {
             let (key, display) = self.store.path(&format!("{dir}/{file}"));
             let got = self.store.location.get_ranges(&key, &display, &ranges)?;
             for ((r, &dest), bytes) in ranges.iter().zip(&dests).zip(got) {

@@ -34,7 +34,12 @@ pub(super) fn run(
     let _ = std::fs::remove_dir_all(dir);
     create_dir(dir)?;
     let (tensors, count, total) = fill(gib);
-    let (alone, parallel) = writers(&tensors, dir)?;
+    // Twice each (one writer, then 4), the best of each: the disk's write-back and
+    // cache state favour neither.
+    let (a1, p1) = writers(&tensors, dir)?;
+    let (a2, p2) = writers(&tensors, dir)?;
+    let best = |x: (f64, f64), y: (f64, f64)| (x.0.min(y.0), x.1.min(y.1));
+    let (alone, parallel) = (best(a1, a2), best(p1, p2));
     let (save_s, load_s, shard) = save_and_load(tensors, dir)?;
     let (base_save, base_load) = baseline(python, &shard, dir)?;
     let (step_s, block_s) = async_blocking(recipe, dir)?;
@@ -112,7 +117,7 @@ fn writers(tensors: &[HostTensor], dir: &Path) -> anyhow::Result<((f64, f64), (f
     let started = Instant::now();
     let loaded = store.load(1, true)?;
     for name in loaded.names() {
-        loaded.whole(name)?;
+        std::hint::black_box(loaded.whole(name)?);
     }
     let alone_load = started.elapsed().as_secs_f64();
     p.finish_and_clear();
@@ -144,7 +149,7 @@ fn writers(tensors: &[HostTensor], dir: &Path) -> anyhow::Result<((f64, f64), (f
                     };
                     let loaded = store.load_as(2, &reader)?;
                     for t in tensors.iter().skip(r).step_by(WRITERS) {
-                        loaded.whole(&t.name)?;
+                        std::hint::black_box(loaded.whole(&t.name)?);
                     }
                     Ok(())
                 })
@@ -198,6 +203,9 @@ fn save_and_load(tensors: Vec<HostTensor>, dir: &Path) -> anyhow::Result<(f64, f
     let save_s = started.elapsed().as_secs_f64();
     let started = Instant::now();
     let loaded = store.load(1, true)?;
+    for name in loaded.names() {
+        std::hint::black_box(loaded.whole(name)?);
+    }
     let load_s = started.elapsed().as_secs_f64();
     drop(loaded);
     p.finish_and_clear();
