@@ -305,7 +305,7 @@ impl Checkpoints {
                 }
                 Err(e) if fallback => {
                     if reader.rank == 0 {
-                        eprintln!(
+                        catapult_data::log_line!(
                             "warning: skipping checkpoint {}: {e}; falling back to an earlier one",
                             step_dir(step)
                         );

@@ -582,7 +582,7 @@ impl Checkpoints {
                     None => kept += 1,
                     Some(reason) => {
                         let to = self.quarantine(step, &reason)?;
-                        eprintln!(
+                        catapult_data::log_line!(
                             "warning: checkpoint {} is broken ({reason}); moved to {to}",
                             step_dir(step)
                         );
@@ -687,7 +687,7 @@ impl AsyncSaver {
 impl Drop for AsyncSaver {
     fn drop(&mut self) {
         if let Some(Err(e)) = self.wait() {
-            eprintln!("error: a checkpoint write failed: {e}");
+            catapult_data::log_line!("error: a checkpoint write failed: {e}");
         }
     }
 }

@@ -7,6 +7,7 @@
 //! (`DataState`), and `prepare` turns text files into shards with a `dataset.json` index.
 
 mod dataset;
+pub mod line;
 mod order;
 mod pipeline;
 mod prepare;

@@ -526,7 +526,7 @@ pub(crate) fn retry_with<T, E: std::fmt::Display>(
             Ok(v) => return Ok(v),
             Err(e) if transient(&e) && attempt < options.retries => {
                 attempt += 1;
-                eprintln!(
+                crate::log_line!(
                     "warning: {display}: {what} failed ({e}); retry {attempt}/{} in {:.1} s",
                     options.retries,
                     wait.as_secs_f64()

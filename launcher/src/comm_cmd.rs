@@ -60,12 +60,12 @@ pub fn run(command: CommCommand) -> Result<(), crate::Failure> {
         match ep_identity_check(&par) {
             Ok(ok) => c.check(&format!("ep{ep}_identity"), ok),
             Err(problem) => {
-                eprintln!("rank {r}: ep{ep}_identity: {problem}");
+                catapult_data::log_line!("rank {r}: ep{ep}_identity: {problem}");
                 c.check(&format!("ep{ep}_identity"), false);
             }
         }
         if let Err(problem) = ep_gradient_check(&par) {
-            eprintln!("rank {r}: ep{ep}_gradients: {problem}");
+            catapult_data::log_line!("rank {r}: ep{ep}_gradients: {problem}");
             c.check(&format!("ep{ep}_gradients"), false);
         }
     }

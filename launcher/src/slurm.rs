@@ -344,7 +344,22 @@ pub fn status(run: &Path) -> Result<(), crate::Failure> {
     if let Ok(b) = std::fs::read(run.join("supervisor.json")) {
         if let Ok(s) = serde_json::from_slice::<serde_json::Value>(&b) {
             out["supervisor"] = s["status"].clone();
-            out["attempts"] = s["attempts"].as_array().map_or(0, |a| a.len()).into();
+            let attempts = s["attempts"].as_array().cloned().unwrap_or_default();
+            out["attempts"] = attempts.len().into();
+            // Where each attempt started and how it ended.
+            out["history"] = attempts
+                .iter()
+                .map(|a| {
+                    serde_json::json!({
+                        "attempt": a["attempt"], "resume_step": a["resume_step"],
+                        "resumed_from": a["resumed_from"], "cause": a["cause"],
+                        "checkpoint_at_end": a["checkpoint_at_end"],
+                        "consecutive_failures": a["consecutive_failures"],
+                        "backoff_s": a["backoff_s"],
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into();
         }
     }
     if let Ok(text) = std::fs::read_to_string(run.join("metrics.jsonl")) {

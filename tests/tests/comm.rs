@@ -899,3 +899,74 @@ fn the_planner_predicts_the_memory_of_every_layout_it_proposes() {
         );
     }
 }
+
+#[test]
+fn non_finite_steps_are_skipped_or_rolled_back_alike_on_every_rank() {
+    let dir = scratch("nonfinite-ranks");
+    let sets = [
+        "train.steps=8",
+        "train.eval_every=8",
+        "checkpoint.every=2",
+        "checkpoint.async=false",
+    ];
+    let with = |extra: &'static str| -> Vec<&str> {
+        let mut v = sets.to_vec();
+        v.push(extra);
+        v
+    };
+    ok(train(&dir, "calm", 2, 2, &sets, &[]));
+    // Skip: a NaN in rank 1's gradient at step 5 drops the step on both ranks; twice the
+    // same bits, not those of the undisturbed run.
+    for name in ["skip-a", "skip-b"] {
+        let out = ok(train(
+            &dir,
+            name,
+            2,
+            2,
+            &with("train.nonfinite=skip"),
+            &[("CATAPULT_FAULT", "nan:1:5")],
+        ));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("step skipped"));
+    }
+    assert!(weights(&dir, "skip-a") == weights(&dir, "skip-b"));
+    assert!(weights(&dir, "skip-a") != weights(&dir, "calm"));
+    let skipped: Vec<u64> = metrics(&dir.join("skip-a/metrics.jsonl"))
+        .iter()
+        .filter(|l| l["nonfinite"]["action"] == "skip")
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(skipped, [5]);
+    // Rollback: a transient NaN (once) rolls both ranks back to step 4, after which the
+    // run ends with the undisturbed run's bits.
+    ok(train(
+        &dir,
+        "rolled",
+        2,
+        2,
+        &with("train.nonfinite=rollback"),
+        &[("CATAPULT_FAULT", "nan:1:5")],
+    ));
+    assert!(weights(&dir, "rolled") == weights(&dir, "calm"));
+    let back: Vec<serde_json::Value> = metrics(&dir.join("rolled/metrics.jsonl"))
+        .into_iter()
+        .filter(|l| l["nonfinite_rollback"].is_object())
+        .collect();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0]["step"], 4, "rolled back to step 4's checkpoint");
+    // A NaN that comes back every time: 3 rollbacks, then exit 1 naming the cause.
+    let out = train(
+        &dir,
+        "stuck",
+        2,
+        2,
+        &with("train.nonfinite=rollback"),
+        &[("CATAPULT_FAULT", "nan:1:5:always")],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("3 rollbacks to the last checkpoint reached it again")
+            && err.contains("rank 1's first non-finite tensor is the gradient of"),
+        "{err}"
+    );
+}

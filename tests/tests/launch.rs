@@ -140,8 +140,10 @@ fn exhausted_restarts_stop_the_run_naming_each_cause() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("failed 2 time(s), launch.max_restarts = 1 exhausted")
-            && err.contains("attempt 1: rank 1 died on signal 9")
+        err.contains(
+            "failed 2 time(s), 2 failure(s) since the last new checkpoint, \
+             launch.max_restarts = 1"
+        ) && err.contains("attempt 1: rank 1 died on signal 9")
             && err.contains("attempt 2: rank 1 died on signal 9"),
         "{err}"
     );

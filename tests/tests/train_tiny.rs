@@ -351,3 +351,74 @@ fn recomputation_gives_the_same_weights_in_under_60_percent_of_the_peak_memory()
         peak[0]
     );
 }
+
+/// `catapult train` of the tiny recipe on one process, expected to fail.
+fn train_failing(
+    dir: &Path,
+    name: &str,
+    extra: &[&str],
+    fault: Option<&str>,
+) -> std::process::Output {
+    let mut cmd = catapult(dir);
+    cmd.arg("train")
+        .arg(workspace().join("recipes").join("tiny.yaml"));
+    for s in [
+        format!("data.path={}", corpus().display()),
+        format!("output.dir={}", dir.join(name).display()),
+        "train.warmup_steps=0".into(),
+        "parallel.expert=1".into(),
+        "train.eval_every=8".into(),
+        "checkpoint.every=2".into(),
+        "checkpoint.async=false".into(),
+    ]
+    .iter()
+    .map(String::as_str)
+    .chain(extra.iter().copied())
+    {
+        cmd.args(["--set", s]);
+    }
+    if let Some(f) = fault {
+        cmd.env("CATAPULT_FAULT", f);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn a_non_finite_step_stops_the_run_before_it_reaches_the_weights() {
+    let dir = scratch("nonfinite");
+    // An infinite learning rate is bad input, refused before anything runs.
+    let out = train_failing(&dir, "inf", &["train.steps=4", "train.lr=.inf"], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`train.lr`: is inf"));
+    // A learning rate that blows the weights up, a negative norm epsilon: exit 1 at the
+    // first step whose loss is not finite, naming it, with no checkpoint written.
+    for (name, set, at) in [
+        ("lr", "train.lr=1e30", "non-finite values at step 2 (loss"),
+        (
+            "eps",
+            "model.rms_norm_eps=-1",
+            "non-finite values at step 1 (loss NaN",
+        ),
+    ] {
+        let out = train_failing(&dir, name, &["train.steps=4", set], None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert!(err.contains(at), "{name}: {err}");
+        assert!(
+            !dir.join(name).join("checkpoints/latest").exists(),
+            "{name}: no checkpoint was written"
+        );
+    }
+    // A NaN gradient at step 5, after good checkpoints: the message names the step,
+    // the rank and the tensor, and step 4's checkpoint stays the newest.
+    let out = train_failing(&dir, "nan", &["train.steps=8"], Some("nan:0:5"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("non-finite values at step 5 (gradient norm NaN)")
+            && err.contains("rank 0's first non-finite tensor is the gradient of"),
+        "{err}"
+    );
+    let latest = std::fs::read_to_string(dir.join("nan/checkpoints/latest")).unwrap();
+    assert_eq!(latest.trim(), "step-00000004");
+}

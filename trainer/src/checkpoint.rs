@@ -331,7 +331,10 @@ pub fn open_resume(
         Resume::Auto => {
             let found = store.load_newest_as(&reader, fallback)?;
             if found.is_none() {
-                eprintln!("no checkpoint under {}: starting from step 0", store.root());
+                catapult_data::log_line!(
+                    "no checkpoint under {}: starting from step 0",
+                    store.root()
+                );
             }
             Ok(found)
         }
@@ -403,7 +406,7 @@ fn same_place(a: &str, b: &str) -> bool {
 pub fn quarantine_passed_over(store: &Checkpoints, loaded: &Loaded) -> Result<(), TrainError> {
     for (step, reason) in &loaded.passed_over {
         let to = store.quarantine(*step, reason)?;
-        eprintln!(
+        catapult_data::log_line!(
             "warning: moved the broken checkpoint {} to {to} (see reason.txt there)",
             catapult_checkpoints::step_dir(*step)
         );

@@ -55,6 +55,10 @@ pub enum TrainError {
     /// A silent-data-corruption check found a rank computing different gradients twice.
     #[error("{0}")]
     Corruption(String),
+    /// A step's loss, gradient norm or learning rate, or a checkpoint's weights, are not
+    /// finite.
+    #[error("{0}")]
+    NonFinite(String),
     /// Another rank failed; its own message says why.
     #[error("rank {ranks} failed to start; its message above says why")]
     Peer {
@@ -92,7 +96,8 @@ impl TrainError {
             | TrainError::Export(_)
             | TrainError::Comm(_)
             | TrainError::Allocation(_)
-            | TrainError::Corruption(_) => false,
+            | TrainError::Corruption(_)
+            | TrainError::NonFinite(_) => false,
         }
     }
 }

@@ -175,7 +175,7 @@ impl Progress {
             let elapsed = self.started.elapsed().as_secs_f64();
             let per_step = elapsed / (done - self.start_step).max(1) as f64;
             let eta = per_step * (self.total - done) as f64;
-            eprintln!(
+            catapult_data::log_line!(
                 "{} step {done}/{} | {message} | elapsed {} | eta {}",
                 self.name,
                 self.total,
@@ -196,7 +196,7 @@ impl Progress {
     pub(crate) fn println(&self, line: String) {
         match &self.bar {
             Some(b) => b.println(line),
-            None if self.lead => eprintln!("{line}"),
+            None if self.lead => catapult_data::log_line!("{line}"),
             None => {}
         }
     }

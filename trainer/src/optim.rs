@@ -399,6 +399,7 @@ mod tests {
             recompute: Default::default(),
             sdc_check_every: 0,
             sdc_action: Default::default(),
+            nonfinite: Default::default(),
         }
     }
 

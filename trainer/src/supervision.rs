@@ -53,11 +53,21 @@ impl Heartbeat {
 /// at the start of step STEP (1-based) that rank SIGKILLs itself or blocks forever, as
 /// a crashed or wedged process would. Only in a job's first attempt (`env::ATTEMPT`
 /// unset or 0), so that a restarted job runs through, unless the value ends in
-/// `:always`.
+/// `:always`. `kills:R0@S0,R1@S1,...` kills rank Rk at step Sk of attempt k.
 pub fn fault_hook(rank: usize, step: usize) {
     let Ok(fault) = std::env::var(env::FAULT) else {
         return;
     };
+    if let Some(list) = fault.strip_prefix("kills:") {
+        let attempt: usize = std::env::var(env::ATTEMPT)
+            .ok()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(0);
+        if list.split(',').nth(attempt) == Some(format!("{rank}@{step}").as_str()) {
+            catapult_checkpoints::kill_self();
+        }
+        return;
+    }
     // `...:always` fires in every attempt (to exhaust the restarts).
     let (fault, always) = match fault.strip_suffix(":always") {
         Some(f) => (f.to_string(), true),

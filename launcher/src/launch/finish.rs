@@ -54,7 +54,7 @@ impl Supervisor {
         .into())
     }
 
-    pub(super) fn failed(&mut self) -> Result<(), crate::Failure> {
+    pub(super) fn failed(&mut self, budget: &str) -> Result<(), crate::Failure> {
         self.state.status = "failed";
         self.write_state()?;
         self.bar.abandon();
@@ -71,10 +71,9 @@ impl Supervisor {
             })
             .collect();
         Err(anyhow::anyhow!(
-            "the run failed {} time(s), launch.max_restarts = {} exhausted: {}; \
-             logs are in {}",
+            "the run failed {} time(s), {budget}: the restart budget is spent: {}; logs are \
+             in {}",
             causes.len(),
-            self.policy.max_restarts,
             causes.join("; "),
             self.run_dir.join("logs").display()
         )

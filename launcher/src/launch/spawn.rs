@@ -35,6 +35,11 @@ impl Supervisor {
             ended_unix_s: None,
             cause: None,
             stop_s: None,
+            resume_step: None,
+            resumed_from: None,
+            checkpoint_at_end: None,
+            consecutive_failures: None,
+            backoff_s: None,
         });
         self.write_state()?;
         let output = pipe_output(&mut child);

@@ -21,6 +21,16 @@ pub(super) struct Attempt {
     /// Seconds from the failure (a rank's exit, or the heartbeat deadline) to every rank
     /// stopped.
     pub(super) stop_s: Option<f64>,
+    /// The step it resumed from (0: it started afresh), as rank 0 reported it.
+    pub(super) resume_step: Option<u64>,
+    /// The checkpoint it loaded, as rank 0 reported it.
+    pub(super) resumed_from: Option<String>,
+    /// The newest complete checkpoint when it ended.
+    pub(super) checkpoint_at_end: Option<u64>,
+    /// Failures in a row without a new checkpoint, this one included.
+    pub(super) consecutive_failures: Option<usize>,
+    /// Seconds waited before the next attempt.
+    pub(super) backoff_s: Option<f64>,
 }
 
 #[derive(serde::Serialize)]
@@ -30,6 +40,7 @@ pub(super) struct State {
     pub(super) nproc: usize,
     pub(super) launcher_pid: u32,
     pub(super) max_restarts: usize,
+    pub(super) max_failures_per_hour: usize,
     pub(super) attempts: Vec<Attempt>,
 }
 
@@ -52,6 +63,7 @@ pub(super) fn write_state(run_dir: &Path, state: &State) -> anyhow::Result<()> {
 /// What `launch` settings the supervisor acts on (the recipe's `launch` section).
 pub(super) struct Policy {
     pub(super) max_restarts: usize,
+    pub(super) max_failures_per_hour: usize,
     pub(super) heartbeat_timeout_s: f64,
     pub(super) restart_backoff_s: f64,
     pub(super) requeue: bool,
@@ -73,6 +85,9 @@ pub(super) struct Supervisor {
     pub(super) logs: Logs,
     pub(super) bar: ProgressBar,
     pub(super) ranks: Ranks,
+    /// Where the run's checkpoints are (to tell a failure after progress from one
+    /// without).
+    pub(super) checkpoints: Option<catapult_checkpoints::Checkpoints>,
 }
 
 impl Supervisor {
@@ -104,6 +119,7 @@ impl Supervisor {
         let l = &recipe.launch;
         let policy = Policy {
             max_restarts: l.max_restarts,
+            max_failures_per_hour: l.max_failures_per_hour,
             heartbeat_timeout_s: l.heartbeat_timeout_s,
             restart_backoff_s: l.restart_backoff_s,
             requeue: l.requeue,
@@ -114,6 +130,7 @@ impl Supervisor {
             nproc,
             launcher_pid: std::process::id(),
             max_restarts: policy.max_restarts,
+            max_failures_per_hour: policy.max_failures_per_hour,
             attempts: Vec::new(),
         };
         if resuming {
@@ -133,6 +150,11 @@ impl Supervisor {
         );
         bar.set_prefix(format!("{} x{nproc}", recipe.name));
         let ranks = Ranks::here()?;
+        let checkpoints = catapult_checkpoints::Checkpoints::open(
+            &recipe.checkpoint_root(),
+            &recipe.checkpoint.storage.options(),
+        )
+        .ok();
         Ok(Self {
             args,
             nproc,
@@ -146,7 +168,13 @@ impl Supervisor {
             logs,
             bar,
             ranks,
+            checkpoints,
         })
+    }
+
+    /// The newest complete checkpoint's step (None: none, or the store cannot be read).
+    pub(super) fn newest_checkpoint(&self) -> Option<u64> {
+        self.checkpoints.as_ref()?.steps().ok()?.last().copied()
     }
 
     /// The attempt in progress (every attempt is recorded when its ranks start).

@@ -72,6 +72,9 @@ impl Supervisor {
         match untag(&line, is_out) {
             Some((rank, out, text)) => {
                 self.logs.write(&format!("rank-{rank}"), text);
+                if rank == 0 {
+                    self.note_resume(text);
+                }
                 let shown = format!("[rank {rank}] {text}");
                 self.bar.suspend(|| {
                     if out {
@@ -94,6 +97,25 @@ impl Supervisor {
                 }
                 mpirun_lines.push(line);
             }
+        }
+    }
+
+    /// Rank 0's word on where the attempt started: `resuming from LOC (step N)`, or
+    /// `... starting from step 0`.
+    fn note_resume(&mut self, text: &str) {
+        let parsed = match text.strip_prefix("resuming from ") {
+            Some(rest) => rest.rsplit_once(" (step ").and_then(|(at, step)| {
+                let step = step.strip_suffix(')')?.parse().ok()?;
+                Some((step, Some(at.to_string())))
+            }),
+            None if text.ends_with("starting from step 0") => Some((0, None)),
+            None => None,
+        };
+        if let Some((step, at)) = parsed {
+            let a = self.current();
+            a.resume_step = Some(step);
+            a.resumed_from = at;
+            let _ = self.write_state();
         }
     }
 

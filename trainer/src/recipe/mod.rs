@@ -26,9 +26,9 @@ pub use overrides::Override;
 pub use schema::{
     Backend, BiasControlConfig, BiasMode, CheckpointConfig, DataConfig, DatasetConfig, DeviceKind,
     Group, GroupOverride, GrowthConfig, KiSchedule, LaunchConfig, ModelConfig, MoeConfig,
-    OptimizerInit, OutputConfig, ParallelConfig, PhaseConfig, Precision, ProxyConfig, Recipe,
-    Recompute, Schedule, SdcAction, ShardMode, StorageConfig, SystemConfig, TrainConfig,
-    TransferConfig, BYTE_VOCAB,
+    NonFiniteAction, OptimizerInit, OutputConfig, ParallelConfig, PhaseConfig, Precision,
+    ProxyConfig, Recipe, Recompute, Schedule, SdcAction, ShardMode, StorageConfig, SystemConfig,
+    TrainConfig, TransferConfig, BYTE_VOCAB,
 };
 pub use validate::validate;
 

@@ -193,11 +193,15 @@ impl std::str::FromStr for OptimizerInit {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LaunchConfig {
-    /// Restarts after failures before the run gives up (0: none).
+    /// Failures in a row without a new checkpoint before the run gives up (0: no
+    /// restart); a failure after a new checkpoint starts the count again.
     pub max_restarts: usize,
+    /// Failures in any hour before the run gives up, checkpoints or not (0: no limit).
+    pub max_failures_per_hour: usize,
     /// A rank that has not finished a step (its heartbeat) for this many seconds is hung.
     pub heartbeat_timeout_s: f64,
-    /// Wait before the first restart; each further restart waits twice as long.
+    /// Wait before a restart; each further failure without a new checkpoint waits twice
+    /// as long, and a new checkpoint brings it back to this.
     pub restart_backoff_s: f64,
     /// Under Slurm, a preempted run puts its job back in the queue (`scontrol requeue`).
     pub requeue: bool,
@@ -207,6 +211,7 @@ impl Default for LaunchConfig {
     fn default() -> Self {
         Self {
             max_restarts: 3,
+            max_failures_per_hour: 0,
             heartbeat_timeout_s: 600.0,
             restart_backoff_s: 5.0,
             requeue: true,
@@ -324,6 +329,20 @@ pub enum SdcAction {
     #[default]
     Stop,
     /// Reload the last checkpoint and continue from it (at most 3 times in a row).
+    Rollback,
+}
+
+/// What a step whose loss or gradient norm is not finite does (on every rank alike: both
+/// are global).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFiniteAction {
+    /// Stop the run (exit 1) naming the step, the rank and the first non-finite tensor.
+    #[default]
+    Stop,
+    /// Drop the step: no update, the batch is consumed, training goes on.
+    Skip,
+    /// Reload the last checkpoint and continue from it (at most 3 times for one step).
     Rollback,
 }
 
@@ -851,6 +870,9 @@ pub struct TrainConfig {
     /// On a mismatch: `stop`, or `rollback` to the last checkpoint.
     #[serde(default)]
     pub sdc_action: SdcAction,
+    /// A non-finite loss or gradient norm: `stop`, `skip` the step, or `rollback`.
+    #[serde(default)]
+    pub nonfinite: NonFiniteAction,
 }
 
 /// Where a run writes.

@@ -13,6 +13,7 @@
 
 mod agree;
 mod eval;
+mod guard;
 mod line;
 mod open;
 mod options;

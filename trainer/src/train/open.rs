@@ -321,6 +321,7 @@ impl<'a> Trainer<'a> {
             tokens_seen: 0,
             data_wait_s: 0.0,
             rollbacks: 0,
+            nonfinite_rollbacks: (0, 0),
             first_val_loss: f64::NAN,
             last_val_loss: f64::NAN,
             stop_at_tokens,
@@ -341,7 +342,7 @@ impl<'a> Trainer<'a> {
         self.restore(l)?;
         self.step = l.manifest.step as usize;
         self.tokens_seen = l.manifest.tokens;
-        eprintln!("resuming from {} (step {})", l.location, self.step);
+        catapult_data::log_line!("resuming from {} (step {})", l.location, self.step);
         // What each rank read of the checkpoint's tensor files: its own part only.
         let (read, _) = self.par.world.all_gather_v(&[l.bytes_read()]);
         if self.lead() {

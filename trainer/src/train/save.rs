@@ -51,6 +51,17 @@ impl Trainer<'_> {
         );
         let sharded = (&self.optimizer, &self.shard, self.gather.as_ref());
         let mine = rank_state(self.par, &self.built, sharded, &state);
+        // Never a checkpoint of non-finite weights (every rank agrees before any writes).
+        let finite = match super::guard::check_pieces(&mine) {
+            Some(name) => Err(TrainError::NonFinite(format!(
+                "refusing to write checkpoint {}: rank {}'s {name} is not finite; the last \
+                 checkpoint stays the newest",
+                catapult_checkpoints::step_dir(done as u64),
+                self.rank()
+            ))),
+            None => Ok(()),
+        };
+        super::agree::agree(&self.par.world, finite)?;
         let bytes: usize = mine.tensors.iter().map(|t| t.data.len()).sum();
         let copied = copy_start.elapsed().as_secs_f64();
         let head = manifest_head(recipe, self.par, &state, self.tokens_seen);
@@ -99,7 +110,7 @@ impl Trainer<'_> {
         match agreed {
             Err(e) if self.recipe.checkpoint.async_save => {
                 if self.rank() == 0 {
-                    eprintln!(
+                    catapult_data::log_line!(
                         "error: a checkpoint save failed: {e}; training continues and the next \
                          save retries"
                     );
@@ -144,7 +155,9 @@ impl Trainer<'_> {
         let manifest = self.store.commit(head, files)?;
         let c = &self.recipe.checkpoint;
         if let Err(e) = self.store.retain(step, c.keep_last, c.keep_every) {
-            eprintln!("warning: checkpoint retention failed: {e}; old checkpoints were kept");
+            catapult_data::log_line!(
+                "warning: checkpoint retention failed: {e}; old checkpoints were kept"
+            );
         }
         self.metrics.write(serde_json::json!({
             "step": done,
@@ -179,7 +192,7 @@ impl Trainer<'_> {
             last_save?;
             let at = format!("{}/{step_dir}", self.store.root());
             if self.lead() {
-                eprintln!(
+                catapult_data::log_line!(
                     "the final weights ({:.0} GiB) are not gathered into one file on rank 0; \
                      they are the sharded checkpoint {at}: `catapult export {at} --hf OUT` \
                      writes the Hugging Face files",

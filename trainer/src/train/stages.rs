@@ -53,9 +53,13 @@ fn grow_into(
     let factor = recipe.model.num_layers / g.from_layers;
     let request = crate::growth::grow(&loaded, recipe, factor, g.optimizer)?;
     let manifest = store.save(request)?;
-    eprintln!(
+    catapult_data::log_line!(
         "grew {} layers to {} at step {} ({} tokens; optimizer state {:?})",
-        g.from_layers, recipe.model.num_layers, manifest.step, manifest.tokens, g.optimizer
+        g.from_layers,
+        recipe.model.num_layers,
+        manifest.step,
+        manifest.tokens,
+        g.optimizer
     );
     Ok(())
 }

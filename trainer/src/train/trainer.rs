@@ -42,6 +42,22 @@ pub(super) fn train_stage(
     trainer.finish()
 }
 
+/// What the non-finite guard did with a step.
+pub(super) enum Guarded {
+    /// Dropped: the loop goes on with the next step.
+    Skipped,
+    /// Rolled back to the last checkpoint.
+    RolledBack,
+}
+
+/// Whether the optimizer's half of a step applied an update.
+enum Stepped {
+    /// It did.
+    Applied(Update),
+    /// Nothing was applied: the loss, the gradient norm (given) or the rate is not finite.
+    NonFinite(f64),
+}
+
 /// What the optimizer's half of a step reports.
 struct Update {
     /// The gradient norm before clipping.
@@ -140,6 +156,8 @@ pub(super) struct Trainer<'a> {
     pub(super) data_wait_s: f64,
     /// Rollbacks after a silent-data-corruption check, in a row (reset by a clean check).
     pub(super) rollbacks: usize,
+    /// The step a non-finite rollback last came from, and how many times in a row.
+    pub(super) nonfinite_rollbacks: (usize, usize),
     pub(super) first_val_loss: f64,
     pub(super) last_val_loss: f64,
     pub(super) stop_at_tokens: Option<u64>,
@@ -162,6 +180,7 @@ impl Trainer<'_> {
             tch::manual_seed(self.recipe.seed as i64 ^ ((step as i64) << 20));
             let step_start = Instant::now();
             supervision::fault_hook(self.rank(), done);
+            self.nan_fault_hook(done);
             let lr = learning_rate(t, step);
 
             // Get batch: this rank's slice of the global batch.
@@ -177,15 +196,33 @@ impl Trainer<'_> {
                 let verdict =
                     sdc::verdict(&self.par.world, replay, done, t.sdc_action, self.rollbacks)?;
                 if let sdc::Verdict::RollBack { message, ranks } = verdict {
-                    self.roll_back(&message, done, ranks)?;
+                    self.rollbacks += 1;
+                    self.roll_back(&message, done, ("sdc_rollback", ranks))?;
                     continue;
                 }
                 self.rollbacks = 0;
             }
 
-            // Reduce (what backward did not overlap), clip, step, gather.
+            // Reduce (what backward did not overlap), clip, step, gather; nothing is
+            // applied when the loss, the gradient norm or the rate is not finite.
             stats.all_reduce(&self.par.world);
-            let update = self.update(lr)?;
+            let loss = stats.lm_loss + stats.balance_loss + stats.z_loss + stats.mtp_loss;
+            let update = match self.update(lr, loss)? {
+                Stepped::Applied(u) => u,
+                Stepped::NonFinite(grad_norm) => {
+                    match self.nonfinite(done, (loss, grad_norm, lr))? {
+                        Guarded::RolledBack => continue,
+                        Guarded::Skipped => {
+                            self.tokens_seen += (t.global_batch_size * batch.seq_len) as u64;
+                            self.check_stop(done);
+                            self.checkpoint(done)?;
+                            self.step += 1;
+                            self.heartbeat.beat(self.step);
+                            continue;
+                        }
+                    }
+                }
+            };
 
             // Expert-bias update from the global batch's counts: the same on every rank.
             let counts = stats.count_rows();
@@ -331,18 +368,22 @@ impl Trainer<'_> {
 
     /// The optimizer's half of a step: the gradient reductions not yet done, clipping
     /// to `train.grad_clip`, the AdamW update and the gather of sharded parameters.
-    fn update(&mut self, lr: f64) -> Result<Update, CommError> {
+    fn update(&mut self, lr: f64, loss: f64) -> Result<Stepped, CommError> {
+        let finite = |norm: f64| norm.is_finite() && loss.is_finite() && lr.is_finite();
         let Some(reducer) = self.reducer.as_mut() else {
             // One rank: nothing to reduce or gather.
             let grad_norm = self.optimizer.clip_grad_norm(self.recipe.train.grad_clip);
+            if !finite(grad_norm) {
+                return Ok(Stepped::NonFinite(grad_norm));
+            }
             let held = self.optimizer.held_bytes();
             self.optimizer.step(lr);
-            return Ok(Update {
+            return Ok(Stepped::Applied(Update {
                 grad_norm,
                 held,
                 exposed_s: [0.0, 0.0],
                 moved_bytes: [0, 0],
-            });
+            }));
         };
         let (par, plan) = (self.par, &self.shard);
         let params = self.optimizer.parameters();
@@ -353,6 +394,9 @@ impl Trainer<'_> {
         let mut v = [experts];
         par.expert.all_reduce_sum(&mut v);
         let grad_norm = (dense + v[0]).sqrt();
+        if !finite(grad_norm) {
+            return Ok(Stepped::NonFinite(grad_norm));
+        }
         let max_norm = self.recipe.train.grad_clip;
         if max_norm > 0.0 && grad_norm > max_norm {
             reducer.scale(max_norm / (grad_norm + 1e-6));
@@ -382,12 +426,12 @@ impl Trainer<'_> {
             g.invalidate();
             (gather_s, gathered_bytes) = g.end_step();
         }
-        Ok(Update {
+        Ok(Stepped::Applied(Update {
             grad_norm,
             held,
             exposed_s: [reduce_s, gather_s],
             moved_bytes: [sent_bytes, gathered_bytes],
-        })
+        }))
     }
 
     /// Writes the step line (every `train.log_every` steps and at the end) and the
@@ -480,13 +524,12 @@ impl Trainer<'_> {
     /// Restores every rank to the newest checkpoint after a failed corruption check at
     /// step `done` (`message` says what differed on which `ranks`), and rewinds the
     /// metrics to its step.
-    fn roll_back(
+    pub(super) fn roll_back(
         &mut self,
         message: &str,
         done: usize,
-        ranks: Vec<String>,
+        (key, ranks): (&str, Vec<String>),
     ) -> Result<(), TrainError> {
-        self.rollbacks += 1;
         self.progress
             .println(format!("warning: {message}; rolling back"));
         self.settle(true, done)?;
@@ -523,7 +566,7 @@ impl Trainer<'_> {
             self.metrics = Metrics::resume(self.run_dir.join("metrics.jsonl"), self.step as u64)?.0;
             self.metrics.write(serde_json::json!({
                 "step": self.step,
-                "sdc_rollback": {"detected_at": done, "ranks": ranks},
+                key: {"detected_at": done, "ranks": ranks},
             }))?;
         }
         self.progress.set_position(self.step);
