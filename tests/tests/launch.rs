@@ -93,6 +93,41 @@ fn launch_prefixes_rank_logs_and_equals_mpirun_of_the_same_recipe() {
     let again = ok(launch(&dir, "launched", &[], None));
     assert!(String::from_utf8_lossy(&again.stderr).contains("resuming it"));
     assert!(weights(&dir, "launched") == weights(&dir, "direct"));
+    // Every line arrived whole: no mpirun tag inside the console's or the logs' lines.
+    let mut texts = vec![
+        (
+            "first launch",
+            format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)),
+        ),
+        (
+            "second launch",
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&again.stdout),
+                String::from_utf8_lossy(&again.stderr)
+            ),
+        ),
+    ];
+    for r in 0..2 {
+        let log = dir.join(format!("launched/logs/rank-{r}.log"));
+        texts.push(("a rank log", std::fs::read_to_string(log).unwrap()));
+    }
+    for (what, text) in texts {
+        for tag in ["<stderr>:", "<stdout>:", "[1,"] {
+            assert!(!text.contains(tag), "{what} holds {tag:?}: {text}");
+        }
+    }
+}
+
+/// Rank 0's log lines after its last `resuming from ...` line: the first step it
+/// trained (from the progress lines, `NAME step N/M | ...`).
+fn first_step_after_resume(dir: &Path, name: &str) -> Option<u64> {
+    let log = std::fs::read_to_string(dir.join(name).join("logs/rank-0.log")).ok()?;
+    let after = &log[log.rfind("resuming from")?..];
+    after.lines().find_map(|l| {
+        let rest = l.split(" step ").nth(1)?;
+        rest.split('/').next()?.parse().ok()
+    })
 }
 
 #[test]
@@ -105,6 +140,17 @@ fn a_killed_or_hung_rank_restarts_from_the_last_checkpoint_with_the_same_weights
     assert_eq!(attempts.len(), 2, "{s}");
     assert_eq!(attempts[0]["cause"], "rank 1 died on signal 9 (Killed)");
     assert!(weights(&dir, "killed") == weights(&dir, "calm"));
+    // It restarted from step 4's checkpoint (killed at the start of step 5), and the
+    // first step it trained again was 5: nothing before it was recomputed.
+    assert_eq!(attempts[0]["resume_step"], 0, "{s}");
+    assert_eq!(attempts[1]["resume_step"], 4, "{s}");
+    assert!(
+        attempts[1]["resumed_from"]
+            .as_str()
+            .is_some_and(|a| a.ends_with("step-00000004")),
+        "{s}"
+    );
+    assert_eq!(first_step_after_resume(&dir, "killed"), Some(5));
 
     ok(launch(
         &dir,
@@ -148,6 +194,40 @@ fn exhausted_restarts_stop_the_run_naming_each_cause() {
         "{err}"
     );
     assert_eq!(state(&dir, "doomed")["status"], "failed");
+}
+
+#[test]
+fn failures_after_progress_never_spend_the_budget_and_the_backoff_stays_at_its_base() {
+    let dir = scratch("budget");
+    ok(launch(&dir, "calm", &[], None));
+    // Rank 1 dies at steps 3, 5 and 7 of attempts 1, 2 and 3, each after a new
+    // checkpoint: with launch.max_restarts = 1 the run still completes.
+    ok(launch(
+        &dir,
+        "kills",
+        &["launch.max_restarts=1"],
+        Some("kills:1@3,1@5,1@7"),
+    ));
+    let s = state(&dir, "kills");
+    let attempts = s["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 4, "{s}");
+    let resumed: Vec<u64> = attempts
+        .iter()
+        .map(|a| a["resume_step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(resumed, [0, 2, 4, 6], "{s}");
+    for a in &attempts[..3] {
+        assert_eq!(a["consecutive_failures"], 1, "{s}");
+        assert_eq!(a["backoff_s"], 0.2, "the backoff stays at its base: {s}");
+    }
+    assert!(weights(&dir, "kills") == weights(&dir, "calm"));
+    let status = ok(Command::new(catapult_binary())
+        .current_dir(&dir)
+        .args(["status", "kills"])
+        .output()
+        .unwrap());
+    let shown: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(shown["history"][2]["resume_step"], 4, "{shown}");
 }
 
 #[test]
