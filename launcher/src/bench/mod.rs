@@ -7,6 +7,7 @@
 //! - `ckpt`: checkpoint save/load against torch.save/torch.load ([`ckpt`]);
 //! - `ep`: expert-parallel steps with Single Batch Overlap on and off ([`ep`]);
 //! - `launch`: `catapult launch` against plain mpirun ([`launch`]);
+//! - `faults`: random SIGKILLs of random ranks under `catapult launch` ([`faults`]);
 //! - `growth`: model growth against random init ([`growth`]);
 //! - `init`: drawing a rank's own experts against drawing them whole ([`init`]);
 //! - `transfer`: width transfer of the learning rate ([`transfer`]).
@@ -15,6 +16,7 @@ mod ckpt;
 mod common;
 mod data;
 mod ep;
+mod faults;
 mod growth;
 mod init;
 mod launch;
@@ -118,6 +120,26 @@ pub enum BenchCommand {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
+    /// SIGKILLs of random ranks at random moments (seeded) of a 2-rank run under
+    /// `catapult launch`, against the same run undisturbed: survival, restarts, steps
+    /// lost, time to train again, backoffs, final weights (run from the project root).
+    Faults {
+        /// Recipe to train (2 ranks).
+        #[arg(long, default_value = "recipes/tiny.yaml")]
+        recipe: PathBuf,
+        /// Kills.
+        #[arg(long, default_value_t = 20)]
+        kills: usize,
+        /// Steps of the run (long enough for the kills).
+        #[arg(long, default_value_t = 300)]
+        steps: usize,
+        /// Seed of the kills' ranks and moments.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Working directory for the runs and results.json.
+        #[arg(long, default_value = "bench-results/faults")]
+        dir: PathBuf,
+    },
     /// Initialization of one rank's model: drawing only its experts' rows against
     /// drawing every expert whole and keeping its rows (as before sharded init).
     Init {
@@ -203,6 +225,19 @@ pub fn run(command: BenchCommand) -> Result<(), crate::Failure> {
             python,
             dir,
         } => data::run(&text, repeat, vocab_size, &recipe, &python, &dir),
+        BenchCommand::Faults {
+            recipe,
+            kills,
+            steps,
+            seed,
+            dir,
+        } => faults::run(&faults::Faults {
+            recipe: &recipe,
+            kills,
+            steps,
+            seed,
+            dir: &dir,
+        }),
         BenchCommand::Init {
             recipe,
             ranks,

@@ -35,7 +35,8 @@ impl Supervisor {
             ended_unix_s: None,
             cause: None,
             stop_s: None,
-            resume_step: None,
+            // A fresh start (--overwrite) begins at step 0 and says nothing of it.
+            resume_step: (attempt == 0 && self.args.overwrite).then_some(0),
             resumed_from: None,
             checkpoint_at_end: None,
             consecutive_failures: None,
