@@ -241,6 +241,23 @@ fn expert_parallel_checkpoints_resume_bitwise_and_reshard() {
     };
     assert_eq!(tail("alone").len(), 4);
     assert_close(&tail("whole"), &tail("alone"), "resharded");
+    // Both resumed runs loaded step 4's checkpoint, not a fresh start: the resume line
+    // names it, and the first loss they logged is step 5's.
+    for run in ["cut", "alone"] {
+        let line = metrics(&dir.join(run).join("metrics.jsonl"))
+            .into_iter()
+            .find(|l| l["resumed_from"].is_string())
+            .unwrap_or_else(|| panic!("{run} did not resume"));
+        assert!(
+            line["resumed_from"]
+                .as_str()
+                .unwrap()
+                .ends_with("step-00000004")
+                && line["step"] == 4,
+            "{run}: {line}"
+        );
+    }
+    assert_eq!(losses(&dir, "alone").first().map(|l| l.0), Some(5));
 }
 
 fn copy_dir(from: &Path, to: &Path) {

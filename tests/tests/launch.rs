@@ -306,3 +306,34 @@ fn preemption_checkpoints_stops_cleanly_and_resumes_to_the_same_weights() {
     ok(launch(&dir, "cut", &long, None));
     assert!(weights(&dir, "cut") == weights(&dir, "calm"));
 }
+
+#[test]
+fn random_kills_under_launch_end_with_the_undisturbed_weights() {
+    let dir = scratch("faults");
+    let out = ok(Command::new(catapult_binary())
+        .current_dir(&dir)
+        .args([
+            "bench", "faults", "--kills", "3", "--steps", "60", "--seed", "7",
+        ])
+        .arg("--recipe")
+        .arg(workspace().join("recipes/tiny.yaml"))
+        .args(["--dir", "faults", "--set"])
+        .arg(format!("data.path={}", corpus().display()))
+        .output()
+        .unwrap());
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("faults/results.json")).unwrap()).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(results["kills"], 3, "{text}");
+    assert_eq!(results["survived"], 3, "{text}");
+    assert_eq!(results["weights_equal"], true, "{text}");
+    // Every restart resumed from a checkpoint no newer than the step its rank reached.
+    for (k, r) in results["killed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(results["resumed_from"].as_array().unwrap())
+    {
+        assert!(r.as_u64().unwrap() <= k["step"].as_u64().unwrap(), "{text}");
+    }
+}

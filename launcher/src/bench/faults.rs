@@ -25,11 +25,15 @@ pub(super) struct Faults<'a> {
     pub(super) steps: usize,
     pub(super) seed: u64,
     pub(super) dir: &'a Path,
+    /// Overrides for both runs.
+    pub(super) sets: &'a [String],
 }
 
-/// The `--set`s of both runs: 2 ranks, checkpoints every 5 steps, output in `out`.
-fn sets(out: &Path, steps: usize, kills: usize) -> Vec<String> {
-    [
+/// The `--set`s of both runs: 2 ranks, checkpoints every 5 steps, output in `out`, then
+/// the user's.
+fn sets(out: &Path, f: &Faults) -> Vec<String> {
+    let (steps, kills) = (f.steps, f.kills);
+    let mut sets: Vec<String> = [
         format!("train.steps={steps}"),
         "train.warmup_steps=0".into(),
         format!("train.eval_every={steps}"),
@@ -41,7 +45,9 @@ fn sets(out: &Path, steps: usize, kills: usize) -> Vec<String> {
         format!("launch.max_restarts={kills}"),
         format!("output.dir={}", out.display()),
     ]
-    .into()
+    .into();
+    sets.extend(f.sets.iter().cloned());
+    sets
 }
 
 fn launch(exe: &Path, recipe: &Path, sets: &[String]) -> std::io::Result<Child> {
@@ -67,7 +73,7 @@ pub(super) fn run(f: &Faults) -> Result<(), crate::Failure> {
     let (calm, hit) = (f.dir.join("undisturbed"), f.dir.join("killed"));
     let p = spinner("the undisturbed run");
     let started = Instant::now();
-    let status = launch(&exe, f.recipe, &sets(&calm, f.steps, f.kills))?.wait()?;
+    let status = launch(&exe, f.recipe, &sets(&calm, f))?.wait()?;
     let calm_s = started.elapsed().as_secs_f64();
     p.finish_and_clear();
     if !status.success() {
@@ -79,7 +85,7 @@ pub(super) fn run(f: &Faults) -> Result<(), crate::Failure> {
     }
     let p = spinner(&format!("the same run with {} kills", f.kills));
     let started = Instant::now();
-    let mut child = launch(&exe, f.recipe, &sets(&hit, f.steps, f.kills))?;
+    let mut child = launch(&exe, f.recipe, &sets(&hit, f))?;
     let kills = kill_randomly(&mut child, &hit, f)?;
     let status = child.wait()?;
     let hit_s = started.elapsed().as_secs_f64();
@@ -102,8 +108,8 @@ fn rank_pids(out: &Path) -> Vec<(usize, i32)> {
         };
         let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
         let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        let is_rank = args.get(1).is_some_and(|a| *a == b"train")
-            && args.contains(&needle.as_bytes());
+        let is_rank =
+            args.get(1).is_some_and(|a| *a == b"train") && args.contains(&needle.as_bytes());
         if !is_rank {
             continue;
         }

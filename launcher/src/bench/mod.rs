@@ -139,6 +139,9 @@ pub enum BenchCommand {
         /// Working directory for the runs and results.json.
         #[arg(long, default_value = "bench-results/faults")]
         dir: PathBuf,
+        /// Overrides for both runs (KEY=VALUE, repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
     },
     /// Initialization of one rank's model: drawing only its experts' rows against
     /// drawing every expert whole and keeping its rows (as before sharded init).
@@ -231,12 +234,14 @@ pub fn run(command: BenchCommand) -> Result<(), crate::Failure> {
             steps,
             seed,
             dir,
+            sets,
         } => faults::run(&faults::Faults {
             recipe: &recipe,
             kills,
             steps,
             seed,
             dir: &dir,
+            sets: &sets,
         }),
         BenchCommand::Init {
             recipe,
