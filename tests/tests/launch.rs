@@ -302,9 +302,18 @@ fn preemption_checkpoints_stops_cleanly_and_resumes_to_the_same_weights() {
             .any(|n| n != "step-00000010" && n != "step-00000020"),
         "a checkpoint at the preempted step: {saved:?}"
     );
-    // The same command again finishes the run, as if it had never stopped.
+    // The same command again finishes the run, as if it had never stopped: it resumed
+    // from the preemption's checkpoint and trained on from the step after it.
+    let preempted: u64 = saved
+        .iter()
+        .filter_map(|n| n.strip_prefix("step-")?.parse().ok())
+        .max()
+        .unwrap();
     ok(launch(&dir, "cut", &long, None));
     assert!(weights(&dir, "cut") == weights(&dir, "calm"));
+    let s = state(&dir, "cut");
+    assert_eq!(s["attempts"][0]["resume_step"], preempted, "{s}");
+    assert_eq!(first_step_after_resume(&dir, "cut"), Some(preempted + 1));
 }
 
 #[test]
