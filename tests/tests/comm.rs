@@ -325,6 +325,22 @@ fn the_sdc_check_names_the_corrupt_rank_and_rolls_back() {
         weights(&dir, "rolled") == weights(&dir, "clean"),
         "the rolled-back run's weights differ from a clean run's"
     );
+    // A rank that computes wrongly every time: 3 rollbacks, then the run stops.
+    let broken = train(
+        &dir,
+        "broken",
+        2,
+        2,
+        &sets("train.sdc_action=rollback"),
+        &[("CATAPULT_FAULT", "sdc:1:4:always")],
+    );
+    assert_eq!(broken.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&broken.stderr).contains("silent data corruption at step 4"));
+    let rollbacks = catapult_tests::metrics(&dir.join("broken/metrics.jsonl"))
+        .iter()
+        .filter(|l| l["sdc_rollback"]["detected_at"] == 4)
+        .count();
+    assert_eq!(rollbacks, 3, "the rollback cap");
     // The check itself does not perturb training.
     ok(train(
         &dir,

@@ -186,6 +186,8 @@ fn slurm_jobs_complete_restart_requeue_and_refuse_bad_input() {
     let s = wait(&dir, &conf, "killed");
     assert_eq!(s["job_state"], "COMPLETED", "{s}");
     assert_eq!(s["attempts"], 2, "{s}");
+    // Killed at the start of step 5: the restart loaded step 4's checkpoint.
+    assert_eq!(s["history"][1]["resume_step"], 4, "{s}");
     assert!(weights(&dir, "killed") == weights(&dir, "local"));
 
     // Preemption: SIGUSR1 to the batch step checkpoints, requeues, and finishes.
@@ -219,6 +221,10 @@ fn slurm_jobs_complete_restart_requeue_and_refuse_bad_input() {
     assert_eq!(s["job_state"], "COMPLETED", "{s}");
     let out = std::fs::read_to_string(dir.join(format!("preempted/logs/slurm-{job}.out"))).unwrap();
     assert!(out.contains("requeued Slurm job"), "{out}");
+    // The requeued job resumed from the checkpoint the signal wrote (after step 3 or
+    // later), not from step 0.
+    let resumed = s["history"][0]["resume_step"].as_u64().unwrap_or(0);
+    assert!(resumed >= 3, "{s}");
     let mut calm = catapult(&dir, &conf);
     calm.arg("launch")
         .arg(workspace().join("recipes/tiny.yaml"))

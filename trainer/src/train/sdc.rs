@@ -69,12 +69,14 @@ fn first_difference(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> Option<St
 }
 
 /// Test hook (`CATAPULT_FAULT=sdc:RANK:STEP`): on that rank and step, the replayed
-/// gradients come out wrong, once per process, as a flaky unit would make them.
+/// gradients come out wrong, once per process, as a flaky unit would make them
+/// (`sdc:RANK:STEP:always`: every time, as a broken one would).
 fn fault_hook(rank: usize, step: usize, optimizer: &AdamW) {
     static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let want = format!("sdc:{rank}:{step}");
-    if std::env::var(crate::supervision::env::FAULT).is_ok_and(|f| f == want)
-        && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst)
+    let fault = std::env::var(crate::supervision::env::FAULT).unwrap_or_default();
+    if fault == format!("{want}:always")
+        || (fault == want && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst))
     {
         if let Some((_, p)) = optimizer
             .parameters()
