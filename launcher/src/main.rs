@@ -119,8 +119,9 @@ enum Command {
         #[command(subcommand)]
         command: RecipeCommand,
     },
-    /// Export a checkpoint to the Hugging Face format (config.json + model.safetensors)
-    /// that transformers' LongcatFlashForCausalLM loads.
+    /// Export a checkpoint to the Hugging Face format that transformers'
+    /// LongcatFlashForCausalLM loads (config.json and model.safetensors, or
+    /// model-0000N-of-0000M.safetensors with an index), streamed without holding it.
     Export {
         /// A run's final weights (e.g. runs/tiny/checkpoint), a sharded step checkpoint
         /// (runs/tiny/checkpoints/step-00000300), or a checkpoint root for its newest;

@@ -55,7 +55,10 @@ pub struct PlanArgs {
 }
 
 fn gib(bytes: f64) -> String {
-    format!("{:.1} GiB", bytes / (1u64 << 30) as f64)
+    match bytes >= (1u64 << 30) as f64 {
+        true => format!("{:.1} GiB", bytes / (1u64 << 30) as f64),
+        false => format!("{:.1} MiB", bytes / (1u64 << 20) as f64),
+    }
 }
 
 fn secs(s: f64) -> String {
