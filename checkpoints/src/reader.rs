@@ -355,6 +355,18 @@ impl Checkpoints {
             let file: StateFile = {
                 let name = rank_file(rank, "json");
                 let bytes = self.get(&format!("{dir}/{name}"))?;
+                // Small, and read anyway: always checked against the manifest.
+                if let Some(f) = manifest.files.iter().find(|f| f.name == name) {
+                    let found = blake3::hash(&bytes).to_hex().to_string();
+                    if found != f.blake3 {
+                        return Err(ShardError::Corrupt {
+                            location: location.clone(),
+                            file: name,
+                            rank,
+                            problem: format!("BLAKE3 {found}, the manifest says {}", f.blake3),
+                        });
+                    }
+                }
                 serde_json::from_slice(&bytes)
                     .map_err(|e| invalid(format!("rank {rank}'s state {name}: {e}")))?
             };
@@ -394,8 +406,8 @@ impl Checkpoints {
         })
     }
 
-    /// Every file of `manifest` against the listing's sizes; the state files' hashes,
-    /// and this reader's share of the tensor files' (with `verify`).
+    /// Every file of `manifest` against the listing's sizes, and this reader's share of
+    /// the tensor files' hashes (with `verify`).
     fn check_files(&self, manifest: &Manifest, reader: &Reader) -> Result<(), ShardError> {
         let dir = step_dir(manifest.step);
         let listing = self.listing()?;
@@ -414,8 +426,9 @@ impl Checkpoints {
                 }
                 _ => {}
             }
-            let state = f.name.ends_with(".json");
-            if state || (reader.verify && i % reader.world.max(1) == reader.rank) {
+            // The state files are hashed where they are read (`open_step`).
+            let tensors = f.name.ends_with(".safetensors");
+            if tensors && reader.verify && i % reader.world.max(1) == reader.rank {
                 let (key, display) = self.path(&rel);
                 let found = self.location.blake3(&key, &display)?;
                 if found != f.blake3 {

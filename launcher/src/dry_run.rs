@@ -3,7 +3,7 @@
 //! communication per step, and a step-time estimate on a stated cluster.
 
 use crate::UsageError;
-use catapult_trainer::sizing::{gpu_by_name, Cluster, Plan, GPUS};
+use catapult_trainer::sizing::{gpu_by_name, Cluster, Gpu, Plan, GPUS};
 use catapult_trainer::Recipe;
 use clap::Args;
 
@@ -45,7 +45,7 @@ fn billions(x: f64) -> String {
     }
 }
 
-fn gib(bytes: f64) -> String {
+pub(crate) fn gib(bytes: f64) -> String {
     let units = [("GiB", 30), ("MiB", 20), ("KiB", 10)];
     for (name, shift) in units {
         let unit = (1u64 << shift) as f64;
@@ -56,7 +56,7 @@ fn gib(bytes: f64) -> String {
     format!("{bytes:.0} B")
 }
 
-fn secs(s: f64) -> String {
+pub(crate) fn secs(s: f64) -> String {
     if s >= 1.0 {
         format!("{s:.3} s")
     } else if s >= 1e-3 {
@@ -90,16 +90,20 @@ pub fn run(recipe: &Recipe, args: &DryRunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The cluster the flags describe, checked against the recipe's layout.
-fn cluster(recipe: &Recipe, args: &DryRunArgs) -> Result<Cluster, UsageError> {
-    let gpu = gpu_by_name(&args.gpu).ok_or_else(|| {
+/// The accelerator `--gpu NAME` names; an unknown one is a usage error listing the table.
+pub(crate) fn gpu_flag(name: &str) -> Result<Gpu, UsageError> {
+    gpu_by_name(name).ok_or_else(|| {
         let names: Vec<&str> = GPUS.iter().map(|g| g.name).collect();
         UsageError::new(format!(
-            "--gpu {}: not in the device table; use one of {}",
-            args.gpu,
+            "--gpu {name}: not in the device table; use one of {}",
             names.join(", ")
         ))
-    })?;
+    })
+}
+
+/// The cluster the flags describe, checked against the recipe's layout.
+fn cluster(recipe: &Recipe, args: &DryRunArgs) -> Result<Cluster, UsageError> {
+    let gpu = gpu_flag(&args.gpu)?;
     if !(args.mfu > 0.0 && args.mfu <= 1.0) {
         return Err(UsageError::new(format!(
             "--mfu {}: use a fraction in (0, 1]",

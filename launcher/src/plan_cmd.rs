@@ -4,9 +4,10 @@
 //! missing dimension would change. The search and the estimates are the trainer's
 //! (`planner`, `sizing`); this module parses the flags and prints.
 
+use crate::dry_run::{gib, secs};
 use crate::UsageError;
 use catapult_trainer::planner::{missing_dimensions, search, Candidate, Goal, Search};
-use catapult_trainer::sizing::{gpu_by_name, Cluster, GPUS};
+use catapult_trainer::sizing::Cluster;
 use catapult_trainer::Recipe;
 use clap::Args;
 use std::path::PathBuf;
@@ -54,30 +55,9 @@ pub struct PlanArgs {
     pub json: bool,
 }
 
-fn gib(bytes: f64) -> String {
-    match bytes >= (1u64 << 30) as f64 {
-        true => format!("{:.1} GiB", bytes / (1u64 << 30) as f64),
-        false => format!("{:.1} MiB", bytes / (1u64 << 20) as f64),
-    }
-}
-
-fn secs(s: f64) -> String {
-    match s >= 1.0 {
-        true => format!("{s:.2} s"),
-        false => format!("{:.1} ms", s * 1e3),
-    }
-}
-
 /// The cluster and goal the flags describe (bad flags are exit 2).
 fn parse(args: &PlanArgs) -> Result<(Cluster, Goal, f64), UsageError> {
-    let gpu = gpu_by_name(&args.gpu).ok_or_else(|| {
-        let names: Vec<&str> = GPUS.iter().map(|g| g.name).collect();
-        UsageError::new(format!(
-            "--gpu {}: not in the device table; use one of {}",
-            args.gpu,
-            names.join(", ")
-        ))
-    })?;
+    let gpu = crate::dry_run::gpu_flag(&args.gpu)?;
     let bad = |flag: &str, v: f64, want: &str| UsageError::new(format!("--{flag} {v}: use {want}"));
     if args.world == 0 {
         return Err(UsageError::new(

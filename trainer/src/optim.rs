@@ -11,22 +11,6 @@ use tch::{Kind, Tensor};
 /// A checkpoint's optimizer state that does not fit the parameters.
 #[derive(Debug, thiserror::Error)]
 pub enum OptimError {
-    /// A moment tensor is missing.
-    #[error("the checkpoint has no {key}")]
-    Missing {
-        /// Its name.
-        key: String,
-    },
-    /// A moment tensor has another shape than its parameter.
-    #[error("{key} has shape {saved:?}, the parameter {parameter:?}")]
-    Shape {
-        /// Its name.
-        key: String,
-        /// The saved shape.
-        saved: Vec<i64>,
-        /// The parameter's.
-        parameter: Vec<i64>,
-    },
     /// A moment tensor could not be read.
     #[error("{key}: {problem}")]
     Read {

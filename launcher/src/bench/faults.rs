@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// One kill: when, which rank, the step it had reached, and when training resumed.
+/// One kill: which rank, the step it had reached, and the seconds until training again.
 struct Kill {
     rank: usize,
     step: u64,

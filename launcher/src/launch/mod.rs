@@ -59,7 +59,7 @@ pub fn run(args: LaunchArgs) -> Result<(), crate::Failure> {
             Outcome::Stopped(sig) => return supervisor.stopped(sig),
             Outcome::Exited if supervisor.stopping => return supervisor.preempted(),
             Outcome::Exited => return supervisor.completed(attempt),
-            Outcome::Failed { cause, stop_s } => supervisor.restart(attempt, cause, stop_s)?,
+            Outcome::Failed { cause, stop_s } => supervisor.restart(cause, stop_s)?,
         }
         attempt += 1;
     }

@@ -12,14 +12,9 @@ use super::supervisor::{unix_now, Supervisor};
 use std::time::Duration;
 
 impl Supervisor {
-    /// Records why attempt `attempt` failed and waits out the backoff; an error (the run
-    /// failed, every cause named) when no restart is left.
-    pub(super) fn restart(
-        &mut self,
-        _attempt: usize,
-        cause: String,
-        stop_s: f64,
-    ) -> Result<(), crate::Failure> {
+    /// Records why the current attempt failed and waits out the backoff; an error (the
+    /// run failed, every cause named) when no restart is left.
+    pub(super) fn restart(&mut self, cause: String, stop_s: f64) -> Result<(), crate::Failure> {
         let newest = self.newest_checkpoint();
         let (consecutive, per_hour) = self.failures_after(newest);
         let base = self.policy.restart_backoff_s;

@@ -12,7 +12,6 @@ use super::trainer::{Guarded, Trainer};
 use crate::error::TrainError;
 use crate::recipe::NonFiniteAction;
 use catapult_checkpoints::{Dtype, RankState};
-use catapult_kernels::comm::Comm;
 use tch::Tensor;
 
 /// Rollbacks for the same failing step before the run stops.
@@ -49,11 +48,6 @@ fn first_nonfinite(params: &[(String, Tensor)]) -> Option<String> {
             .find(|(_, p)| !finite(p))
             .map(|(n, _)| format!("the weights {n}"))
     })
-}
-
-/// The lowest rank's first non-finite tensor, the same answer on every rank.
-fn lowest_rank_with(comm: &Comm, mine: Option<String>) -> Option<(usize, String)> {
-    crate::checkpoint::agree_on_problem(comm, mine)
 }
 
 /// Whether the `nan:` hook fired in this process (it fires once unless `:always`).
@@ -93,10 +87,9 @@ impl Trainer<'_> {
         done: usize,
         (loss, grad_norm, lr): (f64, f64, f64),
     ) -> Result<Guarded, TrainError> {
-        let found = lowest_rank_with(
-            &self.par.world,
-            first_nonfinite(self.optimizer.parameters()),
-        );
+        // The lowest rank's first non-finite tensor, the same answer on every rank.
+        let mine = first_nonfinite(self.optimizer.parameters());
+        let found = crate::checkpoint::agree_on_problem(&self.par.world, mine);
         let culprit = match found {
             Some((rank, what)) => format!("rank {rank}'s first non-finite tensor is {what}"),
             None => "every rank's gradients and weights are finite".into(),
