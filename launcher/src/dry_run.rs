@@ -210,8 +210,12 @@ fn print_memory(recipe: &Recipe, plan: &Plan, cluster: &Cluster) {
         match recipe.parallel.shard {
             catapult_trainer::recipe::ShardMode::Gradients
             | catapult_trainer::recipe::ShardMode::Parameters => {
-                let full =
-                    mem.total - mem.weights - mem.gradients - mem.optimizer - mem.activations;
+                let full = mem.total
+                    - mem.weights
+                    - mem.gradients
+                    - mem.optimizer
+                    - mem.activations
+                    - mem.partials;
                 match full > 0.0 {
                     true => format!(
                         "  (reduced slices; the total adds {} of full gradients held \
@@ -248,6 +252,13 @@ fn print_memory(recipe: &Recipe, plan: &Plan, cluster: &Cluster) {
         recipe.data.max_seq_len(),
         gib(mem.activations)
     );
+    if mem.partials > 0.0 {
+        println!(
+            "  reduction tree partials (fp32) {:>12}  (partial sums of micro-batch gradients; \
+             parallel.reduction: ranks holds none)",
+            gib(mem.partials)
+        );
+    }
     let fits = mem.total <= gpu.memory_gib * (1u64 << 30) as f64;
     println!(
         "  total                          {:>12}  ({} a {} GiB {})",

@@ -31,20 +31,6 @@ pub fn load_balance_loss(
     alpha: f64,
 ) -> Tensor {
     let tokens = probs.size()[0] as f64;
-    load_balance_loss_global(probs, selections, tokens, s, alpha)
-}
-
-/// `load_balance_loss` with f_j from `selections` over `tokens` tokens of the global
-/// batch (every rank's), and P_j from this rank's `probs`. Each rank's loss is then a
-/// term of the global loss: the mean over ranks of their gradients equals the gradient
-/// of one process holding the whole batch.
-pub fn load_balance_loss_global(
-    probs: &Tensor,
-    selections: &Tensor,
-    tokens: f64,
-    s: BalanceShape,
-    alpha: f64,
-) -> Tensor {
     let kind = probs.kind();
     let mean_p = probs.mean_dim(0, false, kind);
     let group_p = mean_p

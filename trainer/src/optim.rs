@@ -228,49 +228,6 @@ impl AdamW {
         }
     }
 
-    /// Global L2 norm of the gradients; scales them to at most `max_norm` when it is > 0.
-    /// Returns the norm before clipping.
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        self.clip_grad_norm_sharded(max_norm, |_| false, |x| x)
-    }
-
-    /// `clip_grad_norm` where the parameters `sharded` picks hold only this rank's part of
-    /// the model: the squared norm of those is summed over the ranks that split them by
-    /// `reduce` (the same value on each), then added to the replicated parameters'.
-    pub fn clip_grad_norm_sharded(
-        &mut self,
-        max_norm: f64,
-        sharded: impl Fn(&str) -> bool,
-        reduce: impl Fn(f64) -> f64,
-    ) -> f64 {
-        tch::no_grad(|| {
-            let square_sum = |want: bool| -> f64 {
-                let squares: Vec<Tensor> = self
-                    .params
-                    .iter()
-                    .filter(|(n, p)| p.grad().defined() && sharded(n) == want)
-                    .map(|(_, p)| p.grad().to_kind(Kind::Float).square().sum(Kind::Float))
-                    .collect();
-                if squares.is_empty() {
-                    0.0
-                } else {
-                    Tensor::stack(&squares, 0)
-                        .sum(Kind::Float)
-                        .double_value(&[])
-                }
-            };
-            let norm = (square_sum(false) + reduce(square_sum(true))).sqrt();
-            if max_norm > 0.0 && norm > max_norm {
-                let scale = max_norm / (norm + 1e-6);
-                for (_, p) in self.params.iter().filter(|(_, p)| p.grad().defined()) {
-                    let mut g = p.grad();
-                    let _ = g.g_mul_scalar_(scale);
-                }
-            }
-            norm
-        })
-    }
-
     /// One AdamW update with learning rate `lr` (times each parameter's factor) from the
     /// parameters' gradients, then clears them.
     pub fn step(&mut self, base_lr: f64) {
@@ -418,19 +375,5 @@ mod tests {
         let expected = Tensor::from_slice(&[1.0 - 0.01, -2.0 + 0.01]);
         assert!(p.allclose(&expected, 1e-7, 1e-9, false), "{p}");
         assert!(!p.grad().defined() || p.grad().abs().sum(Kind::Double).double_value(&[]) == 0.0);
-    }
-
-    #[test]
-    fn clipping_scales_gradients_to_the_max_norm() {
-        let t = config(Schedule::Cosine);
-        let p = Tensor::from_slice(&[0.0f64, 0.0]).set_requires_grad(true);
-        let mut opt = AdamW::new(vec![("w".into(), p.shallow_clone())], &t);
-        (&p * Tensor::from_slice(&[3.0f64, 4.0]))
-            .sum(Kind::Double)
-            .backward();
-        let norm = opt.clip_grad_norm(1.0);
-        assert!((norm - 5.0).abs() < 1e-12);
-        let g = p.grad();
-        assert!((g.norm().double_value(&[]) - 1.0).abs() < 1e-5);
     }
 }

@@ -13,7 +13,7 @@
 //!   norms, softmax and activations ignored) + attention 2 x heads x seq x (qk + v) per
 //!   MLA block (PaLM's convention: no causal discount).
 
-use crate::recipe::{ModelConfig, Precision, Recipe, Recompute, ShardMode};
+use crate::recipe::{ModelConfig, Precision, Recipe, Recompute, Reduction, ShardMode};
 use serde::Serialize;
 
 /// Parameter counts of one model configuration.
@@ -261,6 +261,10 @@ pub struct Memory {
     pub optimizer: f64,
     /// Activations kept for backward for one micro-batch (an estimate).
     pub activations: f64,
+    /// The canonical reduction tree's partial sums of micro-batch gradients
+    /// (`parallel.reduction: tree`, more than one micro-batch per rank): ceil(log2 k)
+    /// fp32 gradient buffers at most.
+    pub partials: f64,
     /// The sum.
     pub total: f64,
 }
@@ -433,13 +437,18 @@ impl Memory {
             true => whole,
             false => 0.0,
         };
+        let partials = match (r.parallel.reduction, micro > 1) {
+            (Reduction::Tree, true) => (micro as f64).log2().ceil() * whole,
+            _ => 0.0,
+        };
         Memory {
             params: local,
             weights,
             gradients,
             optimizer,
             activations,
-            total: weights + gradients + optimizer + activations + transient,
+            partials,
+            total: weights + gradients + optimizer + activations + transient + partials,
         }
     }
 }

@@ -10,16 +10,21 @@
 //! - `faults`: random SIGKILLs of random ranks under `catapult launch` ([`faults`]);
 //! - `growth`: model growth against random init ([`growth`]);
 //! - `init`: drawing a rank's own experts against drawing them whole ([`init`]);
-//! - `transfer`: width transfer of the learning rate ([`transfer`]).
+//! - `transfer`: width transfer of the learning rate ([`transfer`]);
+//! - `controller`: the expert-bias controller's modes on three recipes ([`controller`]);
+//! - `reduction`: the canonical reduction tree against rank order, and how far apart
+//!   expert-parallel sizes end ([`reduction`]).
 
 mod ckpt;
 mod common;
+mod controller;
 mod data;
 mod ep;
 mod faults;
 mod growth;
 mod init;
 mod launch;
+mod reduction;
 mod scale;
 mod transfer;
 
@@ -28,6 +33,49 @@ use std::path::PathBuf;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// The expert-bias controller: each mode on tiny, a 4-layer model with N 16, Z 8,
+    /// K 4, K_e 3, and tiny with K_e 1, same seed and budget; per layer the worst
+    /// overshoot and undershoot, the mean absolute error over the second half, the steps
+    /// to settle within 2% of K_e and the validation loss; a PNG per recipe and mode
+    /// (run from the project root; uses the built-in corpus).
+    Controller {
+        /// The base recipe (the other two recipes override its model).
+        #[arg(long, default_value = "recipes/tiny.yaml")]
+        recipe: PathBuf,
+        /// Modes to compare.
+        #[arg(long, value_delimiter = ',', default_value = "hold,longcat,pid,sign")]
+        modes: Vec<String>,
+        /// Recipes (of tiny, n16-k4-ke3, ke1; all when not given).
+        #[arg(long, value_delimiter = ',')]
+        recipes: Vec<String>,
+        /// Steps of each run.
+        #[arg(long, default_value_t = 800)]
+        steps: usize,
+        /// Working directory for the runs, the PNGs and results.json.
+        #[arg(long, default_value = "bench-results/controller")]
+        dir: PathBuf,
+        /// Overrides for every run (KEY=VALUE, repeatable), e.g. data.path=...
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// The canonical reduction tree (`parallel.reduction: tree`) against micro-batches
+    /// summed in place and ranks in rank order (`ranks`): tokens/s and peak RSS ratios on
+    /// 1 and 4 ranks; and the weight distance between expert-parallel sizes 1, 2, 4
+    /// (mpirun; run from the project root; uses the built-in corpus).
+    Reduction {
+        /// Recipe to train (global batch 16).
+        #[arg(long, default_value = "recipes/tiny.yaml")]
+        recipe: PathBuf,
+        /// Steps per run (the first 3 are warm-up and not counted).
+        #[arg(long, default_value_t = 12)]
+        steps: usize,
+        /// Runs per setting, alternating the orders.
+        #[arg(long, default_value_t = 2)]
+        repeats: usize,
+        /// Working directory for the runs and results.json.
+        #[arg(long, default_value = "bench-results/reduction")]
+        dir: PathBuf,
+    },
     /// Model growth: the deep recipe from random init against its half-depth model
     /// trained for half the tokens, stacked and trained on (same total tokens);
     /// validation curves to growth.png (run from the project root).
@@ -213,6 +261,20 @@ pub fn run(command: BenchCommand) -> Result<(), crate::Failure> {
             steps,
             dir,
         } => transfer::run(&proxy, &widths, &lrs, steps, &dir),
+        BenchCommand::Controller {
+            recipe,
+            modes,
+            recipes,
+            steps,
+            dir,
+            sets,
+        } => controller::run(&recipe, (&modes, &recipes, &sets), steps, &dir),
+        BenchCommand::Reduction {
+            recipe,
+            steps,
+            repeats,
+            dir,
+        } => reduction::run(&recipe, (steps, repeats), &dir),
         BenchCommand::Scale {
             recipe,
             ranks,

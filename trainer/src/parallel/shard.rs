@@ -3,11 +3,12 @@
 //! ranges between the ranks. Dense parameters are split over the whole world, expert
 //! parameters over their replicas, each segment of the model (a layer, or the ends) as
 //! its own group. A group's parameters, in the optimizer's fixed order, are flattened
-//! and concatenated; rank r of P owns elements `r * S .. (r + 1) * S` with
-//! `S = ceil(total / P)` (the last rank's range padded), so every rank's slice has the
-//! same length. The same layout places every gradient reduction (`reduce`): each rank
-//! sums the elements it owns, in rank order, whatever the shard mode, so every mode
-//! computes the bits of `none`. With the optimizer sharded, the owner updates its slice
+//! and concatenated; rank r of P owns elements `r * S .. (r + 1) * S` with S the
+//! smallest multiple of `CHUNK` at least `total / P` (the last ranks' ranges padded), so
+//! every rank's slice has the same length and holds whole chunks of the flat order, the
+//! units the gradient norm is summed over in its canonical tree. The same layout places
+//! every gradient reduction (`reduce`): each rank combines the elements it owns in the
+//! same order whatever the shard mode, so every mode computes the bits of `none`. With the optimizer sharded, the owner updates its slice
 //! (AdamW's moments exist for it only) and the updated slices are all-gathered; with the
 //! parameters sharded too, the slices are all there is between passes (`gather`).
 
@@ -16,6 +17,10 @@ use crate::recipe::ShardMode;
 use catapult_kernels::NcclError;
 use std::ops::Range;
 use tch::{Kind, Tensor};
+
+/// Elements of a chunk of a group's flat order: a slice holds whole chunks, and the
+/// gradient norm sums each chunk's squares, then the chunks in the canonical tree.
+pub const CHUNK: usize = 256;
 
 /// How a group's members (tensors of `sizes` elements) are split over `ranks` ranks.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,7 +44,7 @@ impl FlatLayout {
         Self {
             offsets,
             sizes,
-            per_rank: total.div_ceil(ranks.max(1)),
+            per_rank: total.div_ceil(ranks.max(1) * CHUNK) * CHUNK,
             rank,
             ranks: ranks.max(1),
         }
@@ -138,14 +143,15 @@ impl ShardGroup {
 pub struct ShardPlan {
     groups: Vec<ShardGroup>,
     mode: ShardMode,
+    world: usize,
 }
 
 impl ShardPlan {
     /// The plan for `params` (the optimizer's, in its order) on `par` in `mode`: dense
     /// ones over the world, expert ones over their replicas, one group per segment (a
     /// layer, or the ends) so that every rank holds 1/P of each layer and gathering or
-    /// reducing one moves equal parts. A group of one rank is laid out, for the
-    /// reductions, but not split. A world of one has no groups.
+    /// reducing one moves equal parts. A group of one rank (a world of one too) is laid
+    /// out, for the reductions and the gradient norm, but not split.
     ///
     /// With a bf16 `compute` kind, a segment's parameters that `parameters` gathers as
     /// bf16 working copies (`working_kind`) form a group of their own, in every mode.
@@ -156,9 +162,6 @@ impl ShardPlan {
         compute: Kind,
     ) -> Self {
         let mut groups = Vec::new();
-        if par.world.size() < 2 {
-            return Self { groups, mode };
-        }
         let mut segments: Vec<Segment> = params.iter().map(|(n, _)| Segment::of(n)).collect();
         segments.sort();
         segments.dedup();
@@ -191,7 +194,11 @@ impl ShardPlan {
                 });
             }
         }
-        Self { groups, mode }
+        Self {
+            groups,
+            mode,
+            world: par.world.size(),
+        }
     }
 
     /// The shard mode.
@@ -227,6 +234,9 @@ impl ShardPlan {
     /// for a world of one, which writes every tensor whole.
     pub fn saved_ranges(&self, count: usize) -> Vec<Option<Range<usize>>> {
         let mut out = vec![None; count];
+        if self.world < 2 {
+            return out;
+        }
         for g in &self.groups {
             for (k, &i) in g.members.iter().enumerate() {
                 out[i] = Some(g.layout.owned(k));
@@ -344,6 +354,9 @@ impl ShardPlan {
 
 /// Every rank's `mine` (the same length on each), concatenated in rank order.
 pub(super) fn all_gather(group: &Group, mine: &Tensor) -> Result<Tensor, NcclError> {
+    if group.size() == 1 {
+        return Ok(mine.shallow_clone());
+    }
     if let Some(nccl) = group.nccl() {
         return Ok(nccl.all_gather(mine)?.reshape([-1]));
     }
@@ -362,7 +375,7 @@ mod tests {
         let sizes = vec![5, 3, 0, 9];
         for ranks in 1..=5 {
             let layout = FlatLayout::new(sizes.clone(), 0, ranks);
-            assert_eq!(layout.per_rank(), 17usize.div_ceil(ranks));
+            assert_eq!(layout.per_rank(), CHUNK, "whole chunks per rank");
             for (i, &n) in sizes.iter().enumerate() {
                 let mut covered = Vec::new();
                 for r in 0..ranks {

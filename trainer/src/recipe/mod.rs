@@ -27,8 +27,8 @@ pub use schema::{
     Backend, BiasControlConfig, BiasMode, CheckpointConfig, DataConfig, DatasetConfig, DeviceKind,
     Group, GroupOverride, GrowthConfig, KiSchedule, LaunchConfig, ModelConfig, MoeConfig,
     NonFiniteAction, OptimizerInit, OutputConfig, ParallelConfig, PhaseConfig, Precision,
-    ProxyConfig, Recipe, Recompute, Schedule, SdcAction, ShardMode, StorageConfig, SystemConfig,
-    TrainConfig, TransferConfig, BYTE_VOCAB,
+    ProxyConfig, Recipe, Recompute, Reduction, Schedule, SdcAction, ShardMode, StorageConfig,
+    SystemConfig, TrainConfig, TransferConfig, BYTE_VOCAB,
 };
 pub use validate::validate;
 

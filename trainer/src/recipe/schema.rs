@@ -243,6 +243,24 @@ pub struct ParallelConfig {
     /// `gradients` (ZeRO-2: also the reduced gradients) or `parameters` (ZeRO-3: also
     /// the parameters, gathered per layer when computed). The same bits as `none`.
     pub shard: ShardMode,
+    /// The order gradients are summed in: `tree` (the default: each canonical
+    /// micro-batch's gradient alone, summed in one binary tree over the canonical
+    /// indices, so the same global batch gives the same bits on any number of
+    /// data-parallel ranks) or `ranks` (micro-batches accumulated in place, then the
+    /// ranks' sums in rank order: the same bits only on the same layout, no extra
+    /// gradient buffers).
+    pub reduction: Reduction,
+}
+
+/// The order gradients are summed in (`parallel.reduction`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Reduction {
+    /// One binary tree over the canonical micro-batch indices.
+    #[default]
+    Tree,
+    /// In place over micro-batches, then in rank order.
+    Ranks,
 }
 
 /// What a training forward keeps for backward (`train.recompute`).
@@ -317,6 +335,7 @@ impl Default for ParallelConfig {
             fast_reductions: false,
             backend: Backend::Auto,
             shard: ShardMode::None,
+            reduction: Reduction::Tree,
         }
     }
 }
@@ -469,8 +488,12 @@ impl ModelConfig {
 pub enum BiasMode {
     /// b stays at 0.
     Off,
-    /// The report's rule: delta b = Ki(t) e (the PID with Kp = Kd = 0).
+    /// The default: the report's rule for the spread between experts, plus a common
+    /// shift of the layer's FFN biases toward the shift that, measured on the step's
+    /// own router scores, would have given K_e (bias_control.rs writes the law down).
     #[default]
+    Hold,
+    /// The report's rule: delta b = Ki(t) e (the PID with Kp = Kd = 0).
     Longcat,
     /// General velocity-form PID with Kp, Ki(t), Kd.
     Pid,
@@ -495,7 +518,7 @@ pub enum KiSchedule {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BiasControlConfig {
-    /// `longcat` (default), `pid`, `sign` or `off`.
+    /// `hold` (default), `longcat`, `pid`, `sign` or `off`.
     pub mode: BiasMode,
     /// Proportional gain (pid mode only).
     pub kp: f64,
@@ -515,12 +538,22 @@ pub struct BiasControlConfig {
     pub sign_rate: f64,
     /// Also adapt zero-expert biases (they stay frozen at 0 by default).
     pub adapt_zero_experts: bool,
+    /// Hold mode: the fraction of the measured shift applied per update (1 is
+    /// deadbeat; less averages the batch's sampling noise over updates).
+    pub hold_gain: f64,
+    /// Hold mode: the fraction of the measured shift added each update to the estimate
+    /// of the router's drift, which is applied on top (removes the lag a steadily
+    /// drifting router would leave).
+    pub hold_drift_gain: f64,
+    /// Hold mode: the largest common shift per update, in units of the mean router
+    /// probability 1 / (N + Z) (also the range of the measured shifts).
+    pub hold_max_shift: f64,
 }
 
 impl Default for BiasControlConfig {
     fn default() -> Self {
         Self {
-            mode: BiasMode::Longcat,
+            mode: BiasMode::Hold,
             kp: 0.0,
             ki: 0.01,
             kd: 0.0,
@@ -530,6 +563,9 @@ impl Default for BiasControlConfig {
             ki_min: 0.0,
             sign_rate: 0.001,
             adapt_zero_experts: false,
+            hold_gain: 0.5,
+            hold_drift_gain: 0.05,
+            hold_max_shift: 1.0,
         }
     }
 }

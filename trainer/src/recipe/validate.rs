@@ -272,14 +272,21 @@ fn validate_moe(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
         );
     }
     let bc = &moe.bias_control;
-    if bc.mode == BiasMode::Longcat && (bc.kp != 0.0 || bc.kd != 0.0) {
+    if matches!(bc.mode, BiasMode::Longcat | BiasMode::Hold) && (bc.kp != 0.0 || bc.kd != 0.0) {
         return err(
             &[
                 "moe.bias_control.mode",
                 "moe.bias_control.kp",
                 "moe.bias_control.kd",
             ],
-            "mode `longcat` is the PID with Kp = Kd = 0, but Kp or Kd is set".into(),
+            format!(
+                "mode `{}` has no proportional or derivative term, but Kp or Kd is set",
+                if bc.mode == BiasMode::Hold {
+                    "hold"
+                } else {
+                    "longcat"
+                }
+            ),
             "use mode `pid` for proportional or derivative terms",
         );
     }
@@ -288,6 +295,25 @@ fn validate_moe(r: &Recipe, origin: &str) -> Result<(), RecipeError> {
             &["moe.bias_control.ki", "moe.bias_control.ki_min"],
             format!("ki = {}, ki_min = {}", bc.ki, bc.ki_min),
             "need 0 <= ki_min <= ki",
+        );
+    }
+    let hold_ok = bc.hold_gain > 0.0
+        && bc.hold_gain <= 1.0
+        && (0.0..bc.hold_gain).contains(&bc.hold_drift_gain)
+        && bc.hold_max_shift > 0.0;
+    if bc.mode == BiasMode::Hold && !hold_ok {
+        return err(
+            &[
+                "moe.bias_control.hold_gain",
+                "moe.bias_control.hold_drift_gain",
+                "moe.bias_control.hold_max_shift",
+            ],
+            format!(
+                "hold_gain {}, hold_drift_gain {}, hold_max_shift {}",
+                bc.hold_gain, bc.hold_drift_gain, bc.hold_max_shift
+            ),
+            "need 0 < hold_gain <= 1, 0 <= hold_drift_gain < hold_gain (the loop is \
+             stable only then) and hold_max_shift > 0",
         );
     }
     if bc.ki_schedule == KiSchedule::Step

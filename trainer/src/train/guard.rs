@@ -113,9 +113,7 @@ impl Trainer<'_> {
             ))),
             NonFiniteAction::Skip => {
                 self.optimizer.zero_grad();
-                if let Some(r) = self.reducer.as_mut() {
-                    r.end_step();
-                }
+                self.reducer.end_step();
                 if let Some(g) = self.gather.as_mut() {
                     g.invalidate();
                 }
@@ -132,9 +130,7 @@ impl Trainer<'_> {
                     false => 1,
                 };
                 self.nonfinite_rollbacks = (done, count);
-                if let Some(r) = self.reducer.as_mut() {
-                    r.end_step();
-                }
+                self.reducer.end_step();
                 self.roll_back(&message, done, ("nonfinite_rollback", Vec::new()))?;
                 Ok(Guarded::RolledBack)
             }

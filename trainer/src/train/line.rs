@@ -95,6 +95,7 @@ pub fn step_line(
         "data_phase": r.phase,
         "data_wait_s": r.data_wait_s,
         "ffn_experts_per_token": r.overall(),
+        "ffn_experts_per_token_per_layer": r.per_layer,
         "load_balance_loss": r.stats.balance_loss / micro,
         "z_loss": r.stats.z_loss / micro,
         "mtp_loss": r.stats.mtp_loss / micro,

@@ -302,7 +302,15 @@ impl<'a> Trainer<'a> {
             device,
             run_dir: recipe.run_dir(),
             built,
-            reducer: (world > 1).then(|| GradReducer::new(&shard, optimizer.parameters(), world)),
+            reducer: GradReducer::new(
+                &shard,
+                par,
+                optimizer.parameters(),
+                (
+                    recipe.train.global_batch_size / world / recipe.train.micro_batch_size,
+                    recipe.parallel.reduction,
+                ),
+            ),
             gather,
             optimizer,
             shard,

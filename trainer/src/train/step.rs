@@ -1,14 +1,19 @@
 //! One optimizer step's forward and backward work: the micro-batches of a rank's share
 //! of the global batch, each through the parallel schedule, with the losses of
-//! longcat-methods (next-token, load balance with global expert counts, hidden z-loss,
-//! MTP) and what the step's metrics need (`StepStats`). Gradients accumulate in the
-//! parameters; reducing them over ranks is the loop's next step, not this module's.
+//! longcat-methods (next-token, load balance with the micro-batch's own expert counts,
+//! hidden z-loss, MTP) and what the step's metrics need (`StepStats`). Each micro-batch
+//! is a canonical one (its index over the world is rank * micro-batches + j, the same
+//! sequences on any number of ranks) and computes alone: its losses are scaled by one
+//! over the canonical micro-batches of the step, its counts are its own, and its loss
+//! values are kept apart so that the step's are summed in canonical order. Gradients
+//! land in the parameters; combining them (`parallel::reduce`) is not this module's.
 
 use crate::batch::{batch_tensors, document_mask};
-use crate::losses::{cross_entropy, hidden_z_loss, load_balance_loss_global, BalanceShape};
+use crate::bias_control::{self, SHIFT_SLOTS};
+use crate::losses::{cross_entropy, hidden_z_loss, load_balance_loss, BalanceShape};
 use crate::model::LongcatModel;
 use crate::parallel::{forward, Forward, Parallel, SegmentHooks, Training};
-use crate::recipe::{Recipe, Recompute};
+use crate::recipe::{BiasMode, Recipe, Recompute};
 use catapult_data::Batch;
 use catapult_kernels::comm::Comm;
 use catapult_kernels::ep::ExchangeStats;
@@ -29,11 +34,18 @@ pub fn balance_shape(recipe: &Recipe) -> BalanceShape {
 
 /// What one optimizer step accumulates over its micro-batches.
 pub struct StepStats {
-    /// Selections per layer and expert (layers x (N + Z), i64), over every rank.
+    /// Selections per layer and expert (layers x (N + Z), i64): this rank's until
+    /// `all_reduce`, then every rank's.
     pub counts: Tensor,
-    /// Tokens over every rank.
+    /// The `hold` controller's critical-shift histograms (layers x `SHIFT_SLOTS`, i64),
+    /// summed like the counts; None in the other modes.
+    pub shifts: Option<Tensor>,
+    /// Tokens: this rank's until `all_reduce`, then every rank's.
     pub tokens: i64,
-    /// Summed next-token loss of this rank's micro-batches.
+    /// Per micro-batch of this rank, in order: its next-token, load-balance, z and MTP
+    /// loss values.
+    pub micro_losses: Vec<[f64; 4]>,
+    /// Summed next-token loss over the step's canonical micro-batches (`all_reduce`).
     pub lm_loss: f64,
     /// Summed load-balance loss.
     pub balance_loss: f64,
@@ -58,9 +70,13 @@ impl StepStats {
             recipe.model.num_layers as i64,
             recipe.model.total_experts() as i64,
         ];
+        let hold = recipe.moe.bias_control.mode == BiasMode::Hold;
+        let slots = [shape[0], SHIFT_SLOTS as i64];
         Self {
             counts: Tensor::zeros(shape, (Kind::Int64, device)),
+            shifts: hold.then(|| Tensor::zeros(slots, (Kind::Int64, device))),
             tokens: 0,
+            micro_losses: Vec::new(),
             lm_loss: 0.0,
             balance_loss: 0.0,
             z_loss: 0.0,
@@ -72,20 +88,58 @@ impl StepStats {
         }
     }
 
-    /// Averages the loss terms over ranks (the counts are global already).
+    /// The step's statistics over every rank: counts, histograms and tokens summed
+    /// (integers: any order gives the same), each loss term the sum of every canonical
+    /// micro-batch's, added in canonical order (rank-major), so that the same global
+    /// batch gives the same bits on any number of ranks.
     pub fn all_reduce(&mut self, comm: &Comm) {
-        if comm.size() == 1 {
-            return;
+        let mut ints: Vec<i64> =
+            Vec::try_from(&self.counts.reshape([-1]).to_device(Device::Cpu)).expect("i64 counts");
+        let counted = ints.len();
+        if let Some(s) = &self.shifts {
+            ints.extend(
+                Vec::<i64>::try_from(&s.reshape([-1]).to_device(Device::Cpu)).expect("i64"),
+            );
         }
-        let world = comm.size() as f64;
-        let mut losses = [self.lm_loss, self.balance_loss, self.z_loss, self.mtp_loss];
-        comm.all_reduce_sum(&mut losses);
-        [self.lm_loss, self.balance_loss, self.z_loss, self.mtp_loss] = losses.map(|l| l / world);
+        ints.push(self.tokens);
+        if comm.size() > 1 {
+            comm.all_reduce_sum(&mut ints);
+        }
+        self.tokens = ints.pop().expect("the token count");
+        let device = self.counts.device();
+        let back = |v: &[i64], like: &Tensor| {
+            Tensor::from_slice(v)
+                .view(like.size().as_slice())
+                .to_device(device)
+        };
+        self.counts = back(&ints[..counted], &self.counts);
+        if let Some(s) = &self.shifts {
+            self.shifts = Some(back(&ints[counted..], s));
+        }
+        let mine: Vec<f64> = self.micro_losses.iter().flatten().copied().collect();
+        let (all, _) = match comm.size() {
+            1 => (mine, vec![]),
+            _ => comm.all_gather_v(&mine),
+        };
+        let mut sums = [0.0; 4];
+        for micro in all.chunks_exact(4) {
+            for (s, v) in sums.iter_mut().zip(micro) {
+                *s += v;
+            }
+        }
+        [self.lm_loss, self.balance_loss, self.z_loss, self.mtp_loss] = sums;
     }
 
     /// The counts as rows of layers.
     pub fn count_rows(&self) -> Vec<Vec<i64>> {
         Vec::try_from(&self.counts).expect("counts are a layers x experts i64 tensor")
+    }
+
+    /// The critical-shift histograms as rows of layers (empty outside `hold` mode).
+    pub fn shift_rows(&self) -> Vec<Vec<i64>> {
+        self.shifts.as_ref().map_or_else(Vec::new, |s| {
+            Vec::try_from(s).expect("histograms are a layers x slots i64 tensor")
+        })
     }
 }
 
@@ -132,29 +186,44 @@ pub struct StepContext<'a> {
     pub par: &'a Parallel,
     /// The load-balance loss's shape.
     pub shape: BalanceShape,
-    /// Micro-batches per step on this rank (each loss is scaled by its inverse).
+    /// Canonical micro-batches per step over every rank (each loss is scaled by its
+    /// inverse).
     pub micro_batches: usize,
 }
 
-/// This micro-batch's selections (layers x (N + Z)) and tokens over every rank, reduced
-/// once per micro-batch.
-fn global_counts(f: &Forward, inputs: &Tensor, world: &Comm) -> (Tensor, i64) {
-    let local = Tensor::stack(
+/// This micro-batch's selections (layers x (N + Z)).
+fn local_counts(f: &Forward) -> Tensor {
+    Tensor::stack(
         &f.routing
             .iter()
             .map(|r| r.selections.shallow_clone())
             .collect::<Vec<_>>(),
         0,
-    );
-    let mut flat: Vec<i64> =
-        Vec::try_from(&local.reshape([-1]).to_device(Device::Cpu)).expect("i64 counts");
-    flat.push(inputs.numel() as i64);
-    world.all_reduce_sum(&mut flat);
-    let global_tokens = flat.pop().expect("the token count");
-    let global = Tensor::from_slice(&flat)
-        .view(local.size().as_slice())
-        .to_device(local.device());
-    (global, global_tokens)
+    )
+}
+
+/// This micro-batch's critical-shift histograms (layers x `SHIFT_SLOTS`) for the `hold`
+/// controller, from the scores its top-K ran on.
+fn shift_histograms(cx: &StepContext, f: &Forward) -> Tensor {
+    let m = &cx.recipe.model;
+    let max = bias_control::max_shift(&cx.recipe.moe.bias_control, m);
+    let device = f.logits.device();
+    let edges = Tensor::from_slice(&bias_control::shift_edges(max)).to_device(device);
+    let per_layer: Vec<Tensor> = f
+        .routing
+        .iter()
+        .zip(&cx.model.layers)
+        .map(|(r, layer)| {
+            let scores = r.probs.detach() + &layer.moe.expert_bias;
+            bias_control::shift_histogram(
+                &scores,
+                m.n_routed_experts as i64,
+                m.moe_topk as i64,
+                &edges,
+            )
+        })
+        .collect();
+    Tensor::stack(&per_layer, 0)
 }
 
 /// The MTP loss of the micro-batch (zero before `train.mtp_start_step` or without an MTP
@@ -220,7 +289,11 @@ pub fn micro_step(
         &mut stats.exchange[0],
         hooks,
     )?;
-    let (global, global_tokens) = global_counts(&f, &batch.inputs, &cx.par.world);
+    let counts = local_counts(&f);
+    let tokens = batch.inputs.numel() as i64;
+    if let Some(shifts) = stats.shifts.as_mut() {
+        *shifts += shift_histograms(cx, &f);
+    }
     let scale = 1.0 / cx.micro_batches as f64;
     let lm_loss = cross_entropy(&f.logits, &batch.targets);
     let alpha = recipe.moe.load_balance_coeff;
@@ -229,15 +302,8 @@ pub fn micro_step(
         .iter()
         .enumerate()
         .map(|(l, r)| {
-            (alpha > 0.0).then(|| {
-                load_balance_loss_global(
-                    &r.probs,
-                    &global.get(l as i64),
-                    global_tokens as f64,
-                    cx.shape,
-                    alpha,
-                )
-            })
+            (alpha > 0.0)
+                .then(|| load_balance_loss(&r.probs, &counts.get(l as i64), cx.shape, alpha))
         })
         .collect();
     let lb_grads: Option<Vec<Tensor>> = (measure_rg && alpha > 0.0).then(|| {
@@ -261,14 +327,16 @@ pub fn micro_step(
     };
     let mtp_loss = mtp_loss(cx, batch, &f, stats.step);
     let head = (&lm_loss + &z_loss + &mtp_loss * recipe.train.mtp_loss_weight) * scale;
-    stats.lm_loss += lm_loss.double_value(&[]);
-    stats.balance_loss += balance
-        .iter()
-        .flatten()
-        .map(|b| b.double_value(&[]))
-        .sum::<f64>();
-    stats.z_loss += z_loss.double_value(&[]);
-    stats.mtp_loss += mtp_loss.double_value(&[]);
+    stats.micro_losses.push([
+        lm_loss.double_value(&[]),
+        balance
+            .iter()
+            .flatten()
+            .map(|b| b.double_value(&[]))
+            .sum::<f64>(),
+        z_loss.double_value(&[]),
+        mtp_loss.double_value(&[]),
+    ]);
     if measure_rg {
         stats.hidden_rms = tch::no_grad(|| {
             f.last_hidden
@@ -295,7 +363,7 @@ pub fn micro_step(
             None => 0.0,
         };
     }
-    stats.counts += global;
-    stats.tokens += global_tokens;
+    stats.counts += counts;
+    stats.tokens += tokens;
     Ok(())
 }

@@ -16,7 +16,7 @@ use crate::init::BuiltModel;
 use crate::metrics::{Metrics, Progress};
 use crate::optim::{learning_rate, AdamW};
 use crate::parallel::{
-    Gathering, GradReducer, NoHooks, Parallel, ParamGather, Segment, SegmentHooks, ShardPlan,
+    Gathering, GradReducer, Parallel, ParamGather, Segment, SegmentHooks, ShardPlan,
 };
 use crate::recipe::Recipe;
 use crate::supervision::{self, Heartbeat};
@@ -79,6 +79,11 @@ struct Reducing<'a> {
     par: &'a Parallel,
     plan: &'a ShardPlan,
     params: &'a [(String, Tensor)],
+    /// The micro-batch of this rank the passes are of.
+    micro: usize,
+    /// Whether its gradients are collected after each segment (not when a replay of
+    /// it follows: that collects them all afterwards).
+    collect: bool,
     start: bool,
 }
 
@@ -96,6 +101,9 @@ impl SegmentHooks for Reducing<'_> {
         // First the working copies' gradients into their stand-ins, which the
         // reduction reads.
         self.gathering.after(segment)?;
+        if self.collect {
+            self.reducer.collect(segment, self.micro, self.params);
+        }
         if self.start {
             self.reducer
                 .start(segment, self.par, self.plan, self.params)?;
@@ -134,8 +142,8 @@ pub(super) struct Trainer<'a> {
     pub(super) optimizer: AdamW,
     /// Which slice of the replicated parameters this rank updates (`parallel.shard`).
     pub(super) shard: ShardPlan,
-    /// The gradient reductions (a world of more than one rank).
-    pub(super) reducer: Option<GradReducer>,
+    /// The gradient reductions (a world of one too: the canonical tree and the norm).
+    pub(super) reducer: GradReducer,
     /// The parameter slices and gather buffers (`parallel.shard: parameters`).
     pub(super) gather: Option<ParamGather>,
     pub(super) controller: ExpertBiasController,
@@ -226,7 +234,9 @@ impl Trainer<'_> {
 
             // Expert-bias update from the global batch's counts: the same on every rank.
             let counts = stats.count_rows();
-            let bias = self.controller.update(&counts, stats.tokens);
+            let bias = self
+                .controller
+                .update(&counts, stats.tokens, &stats.shift_rows());
             self.built.set_expert_bias(bias);
 
             // Log.
@@ -240,7 +250,7 @@ impl Trainer<'_> {
                 lr,
                 grad_norm: update.grad_norm,
                 stats: &stats,
-                micro_batches: self.micro_batches(),
+                micro_batches: self.micro_batches() * self.par.world.size(),
                 tokens_per_s: step_tokens as f64 / step_s,
                 tokens: self.tokens_seen,
                 seq_len: batch.seq_len,
@@ -312,8 +322,9 @@ impl Trainer<'_> {
             recipe,
             par: self.par,
             shape: step::balance_shape(recipe),
-            micro_batches: self.micro_batches(),
+            micro_batches: self.micro_batches() * self.par.world.size(),
         };
+        let local = self.micro_batches();
         let segments = recipe.data.mask_documents.then(|| batch.segment_ids());
         let mut stats = StepStats::new(recipe, self.device, step);
         let mut replay = None;
@@ -321,7 +332,7 @@ impl Trainer<'_> {
             // Gathers since the last step's (an evaluation's) are not this step's.
             g.end_step();
         }
-        for micro in 0..cx.micro_batches {
+        for micro in 0..local {
             let input = MicroBatch::of(
                 batch,
                 segments.as_deref(),
@@ -333,22 +344,19 @@ impl Trainer<'_> {
             // reduction as soon as its gradients are complete (not when a replay of it
             // follows).
             let replayed = micro == 0 && sdc_due;
-            let start = self.par.overlap && micro + 1 == cx.micro_batches && !replayed;
+            let start = self.par.overlap && micro + 1 == local && !replayed;
             let measure = router_metrics_due && micro == 0;
-            match self.reducer.as_mut() {
-                Some(reducer) => {
-                    let mut hooks = Reducing {
-                        reducer,
-                        gathering: Gathering::new(self.gather.as_mut(), self.par, &self.shard),
-                        par: self.par,
-                        plan: &self.shard,
-                        params: self.optimizer.parameters(),
-                        start,
-                    };
-                    step::micro_step(&cx, &input, measure, &mut stats, &mut hooks)?;
-                }
-                None => step::micro_step(&cx, &input, measure, &mut stats, &mut NoHooks)?,
-            }
+            let mut hooks = Reducing {
+                reducer: &mut self.reducer,
+                gathering: Gathering::new(self.gather.as_mut(), self.par, &self.shard),
+                par: self.par,
+                plan: &self.shard,
+                params: self.optimizer.parameters(),
+                micro,
+                collect: !replayed,
+                start,
+            };
+            step::micro_step(&cx, &input, measure, &mut stats, &mut hooks)?;
             if micro == 0 && sdc_due {
                 let scratch = StepStats::new(recipe, self.device, step);
                 let rank = self.par.world.rank();
@@ -361,6 +369,7 @@ impl Trainer<'_> {
                     rank,
                     done,
                 )?);
+                self.reducer.collect_all(0, self.optimizer.parameters());
             }
         }
         Ok((stats, replay))
@@ -370,21 +379,7 @@ impl Trainer<'_> {
     /// to `train.grad_clip`, the AdamW update and the gather of sharded parameters.
     fn update(&mut self, lr: f64, loss: f64) -> Result<Stepped, CommError> {
         let finite = |norm: f64| norm.is_finite() && loss.is_finite() && lr.is_finite();
-        let Some(reducer) = self.reducer.as_mut() else {
-            // One rank: nothing to reduce or gather.
-            let grad_norm = self.optimizer.clip_grad_norm(self.recipe.train.grad_clip);
-            if !finite(grad_norm) {
-                return Ok(Stepped::NonFinite(grad_norm));
-            }
-            let held = self.optimizer.held_bytes();
-            self.optimizer.step(lr);
-            return Ok(Stepped::Applied(Update {
-                grad_norm,
-                held,
-                exposed_s: [0.0, 0.0],
-                moved_bytes: [0, 0],
-            }));
-        };
+        let reducer = &mut self.reducer;
         let (par, plan) = (self.par, &self.shard);
         let params = self.optimizer.parameters();
         reducer.finish(par, plan, params)?;
@@ -446,7 +441,7 @@ impl Trainer<'_> {
         }
         if done.is_multiple_of(recipe.moe.metrics_every) || done == t.steps {
             let ki = self.controller.ki();
-            let line = line::router_line(
+            let mut line = line::router_line(
                 report,
                 recipe,
                 counts,
@@ -454,6 +449,10 @@ impl Trainer<'_> {
                 self.param_count,
                 ki,
             );
+            if recipe.moe.bias_control.mode == crate::recipe::BiasMode::Hold {
+                line["router"]["bias_hold_shift_per_layer"] =
+                    self.controller.state().hold_shift.clone().into();
+            }
             self.metrics.write(line)?;
             let rg = report.stats.gradient_ratio;
             if rg >= 0.1 {
