@@ -1,9 +1,11 @@
-"""Baseline for `scripts/bench-train`: the same LongCat-Flash model, written the plain way
-in PyTorch eager (MLA, dense SwiGLU, a softmax router over FFN + zero experts, a loop over
-experts), trained with torch's AdamW on random byte tokens. Prints one JSON line with the
-median tokens/s over the timed steps.
+"""Baseline of `catapult bench train` (and `scripts/bench-train`): the same LongCat-Flash
+model, written the plain way in PyTorch eager (MLA, dense SwiGLU, a softmax router over
+FFN + zero experts, a loop over experts), trained with torch's AdamW on random tokens.
+With `compile`, the model is `torch.compile`d (inductor, the default mode) and the same
+loop trains it. Prints one JSON line: the median tokens/s over the steps after WARMUP,
+every timed step's rate, and the seconds before the first timed step (compilation).
 
-Usage: eager_longcat.py RESOLVED_RECIPE_JSON STEPS
+Usage: eager_longcat.py RESOLVED_RECIPE_JSON STEPS [eager|compile] [WARMUP]
 """
 import json
 import math
@@ -139,29 +141,41 @@ class Model(nn.Module):
 def main():
     recipe = json.loads(open(sys.argv[1]).read())
     steps = int(sys.argv[2])
+    mode = sys.argv[3] if len(sys.argv) > 3 else "eager"
+    warmup = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    if mode not in ("eager", "compile") or steps <= warmup:
+        sys.exit(f"usage: eager_longcat.py RECIPE_JSON STEPS [eager|compile] [WARMUP < STEPS]; got {sys.argv[1:]}")
     threads = recipe["system"]["threads"]
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(recipe["seed"])
     c, t, seq = recipe["model"], recipe["train"], recipe["data"]["seq_len"]
     model = Model(c, seq)
+    # The optimizer holds the parameters themselves; the compiled wrapper shares them.
+    run = torch.compile(model) if mode == "compile" else model
     opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], betas=(t["beta1"], t["beta2"]),
                             eps=t["adam_eps"], weight_decay=t["weight_decay"])
     micro = t["global_batch_size"] // t["micro_batch_size"]
+    vocab = min(c["vocab_size"], 257)
     rates = []
+    began = time.perf_counter()
+    first_timed = None
     for step in range(steps):
         start = time.perf_counter()
         for _ in range(micro):
-            tokens = torch.randint(0, 257, (t["micro_batch_size"], seq + 1))
-            logits = model(tokens[:, :-1])
+            tokens = torch.randint(0, vocab, (t["micro_batch_size"], seq + 1))
+            logits = run(tokens[:, :-1])
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
             (loss / micro).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
         opt.step()
         opt.zero_grad()
-        if step > 0:
+        if step == warmup:
+            first_timed = start - began
+        if step >= warmup:
             rates.append(t["global_batch_size"] * seq / (time.perf_counter() - start))
-    print(json.dumps({"impl": "pytorch-eager", "tokens_per_s": statistics.median(rates), "steps": steps}))
+    print(json.dumps({"impl": f"pytorch-{mode}", "tokens_per_s": statistics.median(rates),
+                      "rates": rates, "steps": steps, "warmup_s": first_timed}))
 
 
 if __name__ == "__main__":

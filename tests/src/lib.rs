@@ -5,16 +5,24 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-/// The workspace root.
+/// The workspace root: `CATAPULT_WORKSPACE` when set (a test binary carried to another
+/// machine, as scripts/gpu-check does), else the checkout it was built in.
 pub fn workspace() -> PathBuf {
+    if let Some(root) = std::env::var_os("CATAPULT_WORKSPACE") {
+        return PathBuf::from(root);
+    }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ sits in the workspace")
         .to_path_buf()
 }
 
-/// The release binary built by `cargo build --release` (scripts/test builds it first).
+/// The release binary built by `cargo build --release` (scripts/test builds it first),
+/// or `CATAPULT_BIN` when set (scripts/gpu-check's stripped copy).
 pub fn catapult_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("CATAPULT_BIN") {
+        return PathBuf::from(bin);
+    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target"));
@@ -84,7 +92,7 @@ pub fn file_hash(path: &Path) -> String {
     blake3::hash(&bytes).to_hex().to_string()
 }
 
-/// Whether an NVIDIA GPU is visible (tests that need one skip without it).
+/// Whether an NVIDIA GPU is visible (the `#[ignore = "needs a CUDA GPU"]` tests assert it).
 pub fn gpu_available() -> bool {
     Command::new("nvidia-smi")
         .arg("-L")

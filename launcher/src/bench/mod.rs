@@ -13,7 +13,8 @@
 //! - `transfer`: width transfer of the learning rate ([`transfer`]);
 //! - `controller`: the expert-bias controller's modes on three recipes ([`controller`]);
 //! - `reduction`: the canonical reduction tree against rank order, and how far apart
-//!   expert-parallel sizes end ([`reduction`]).
+//!   expert-parallel sizes end ([`reduction`]);
+//! - `train`: the training step against PyTorch eager and `torch.compile` ([`train`]).
 
 mod ckpt;
 mod common;
@@ -26,6 +27,7 @@ mod init;
 mod launch;
 mod reduction;
 mod scale;
+mod train;
 mod transfer;
 
 use clap::Subcommand;
@@ -33,6 +35,32 @@ use std::path::PathBuf;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// The training step against the project's PyTorch eager model
+    /// (scripts/bench/eager_longcat.py) and `torch.compile` of it, on tiny, tiny with
+    /// expert parallelism on 2 ranks, width 256 and width 512 (one process, and 2 ranks
+    /// with expert parallelism): tokens/s medians over interleaved rounds, ratios, and
+    /// each shape's model FLOP/s as a fraction of the large-matmul rate measured in the
+    /// same run (run from the project root; uses the built-in corpus).
+    Train {
+        /// The base recipe (the shapes override its model and batch).
+        #[arg(long, default_value = "recipes/tiny.yaml")]
+        recipe: PathBuf,
+        /// Shapes (of tiny, tiny-ep2, h256, h512, h512-ep2; all when not given).
+        #[arg(long, value_delimiter = ',')]
+        shapes: Vec<String>,
+        /// Steps per run (default per shape: 24, 24, 12, 8, 8; the first 3 are warm-up).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Rounds (each runs every implementation once per shape, the order rotating).
+        #[arg(long, default_value_t = 2)]
+        repeats: usize,
+        /// Python with torch (scripts/setup's venv).
+        #[arg(long, default_value = ".venv/bin/python")]
+        python: PathBuf,
+        /// Working directory for the runs and results.json.
+        #[arg(long, default_value = "bench-results/train")]
+        dir: PathBuf,
+    },
     /// The expert-bias controller: each mode on tiny, a 4-layer model with N 16, Z 8,
     /// K 4, K_e 3, and tiny with K_e 1, same seed and budget; per layer the worst
     /// overshoot and undershoot, the mean absolute error over the second half, the steps
@@ -248,6 +276,21 @@ pub enum BenchCommand {
 
 pub fn run(command: BenchCommand) -> Result<(), crate::Failure> {
     match command {
+        BenchCommand::Train {
+            recipe,
+            shapes,
+            steps,
+            repeats,
+            python,
+            dir,
+        } => train::run(&train::Args {
+            recipe: &recipe,
+            shapes: &shapes,
+            steps,
+            repeats,
+            python: &python,
+            dir: &dir,
+        }),
         BenchCommand::Growth {
             recipe,
             steps,
