@@ -1,6 +1,7 @@
 """Baseline of `catapult bench train` (and `scripts/bench-train`): the same LongCat-Flash
 model, written the plain way in PyTorch eager (MLA, dense SwiGLU, a softmax router over
-FFN + zero experts, a loop over experts), trained with torch's AdamW on random tokens.
+FFN + zero experts whose bias a sign rule moves to hold the recipe's FFN experts per token,
+a loop over experts), trained with torch's AdamW on random tokens.
 With `compile`, the model is `torch.compile`d (inductor, the default mode) and the same
 loop trains it. Prints one JSON line: the median tokens/s over the steps after WARMUP,
 every timed step's rate, and the seconds before the first timed step (compilation).
@@ -82,6 +83,11 @@ class MoE(nn.Module):
         self.router = nn.Linear(c["hidden_size"], self.n + self.z, bias=False)
         self.register_buffer("bias", torch.zeros(self.n + self.z))
         self.experts = nn.ModuleList(SwiGLU(c["hidden_size"], c["expert_ffn_hidden_size"]) for _ in range(self.n))
+        self.target = c.get("target_ffn_experts") or self.k
+        self.ffn_choices = 0  # FFN-expert choices and tokens seen (reported)
+        self.tokens = 0
+        self.step_choices = 0  # this step's, for the bias update
+        self.step_tokens = 0
 
     def forward(self, u):
         x = u.reshape(-1, u.shape[-1])
@@ -89,11 +95,24 @@ class MoE(nn.Module):
         idx = torch.topk(p.detach() + self.bias, self.k, dim=-1).indices
         w = p.gather(1, idx) * self.gamma
         out = x * (w * (idx >= self.n)).sum(-1, keepdim=True)
+        chosen = int((idx < self.n).sum())
+        self.step_choices += chosen
+        self.step_tokens += x.shape[0]
         for e in range(self.n):
             token, slot = torch.where(idx == e)
             if token.numel():
                 out = out.index_add(0, token, self.experts[e](x[token]) * w[token, slot, None])
         return out.view_as(u)
+
+    @torch.no_grad()
+    def update_bias(self, rate=1e-2):
+        """Holds FFN experts per token near the target, as the trainer's controller does
+        (the sign rule: FFN experts' bias down when above it, up when below)."""
+        per_token = self.step_choices / max(self.step_tokens, 1)
+        self.bias[: self.n] -= rate * (1.0 if per_token > self.target else -1.0)
+        self.ffn_choices += self.step_choices
+        self.tokens += self.step_tokens
+        self.step_choices = self.step_tokens = 0
 
 
 class Layer(nn.Module):
@@ -170,11 +189,17 @@ def main():
         torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
         opt.step()
         opt.zero_grad()
+        for layer in model.layers:
+            layer.moe.update_bias()
         if step == warmup:
             first_timed = start - began
         if step >= warmup:
             rates.append(t["global_batch_size"] * seq / (time.perf_counter() - start))
+    moes = [layer.moe for layer in model.layers]
+    seen = sum(m.tokens for m in moes)
+    ffn = sum(m.ffn_choices for m in moes) / seen if seen else None
     print(json.dumps({"impl": f"pytorch-{mode}", "tokens_per_s": statistics.median(rates),
+                      "ffn_experts_per_token": ffn,
                       "rates": rates, "steps": steps, "warmup_s": first_timed}))
 
 

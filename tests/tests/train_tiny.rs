@@ -109,7 +109,10 @@ fn bf16_training_runs_and_stays_finite() {
 #[ignore = "needs a CUDA GPU"]
 fn cuda_training_runs_where_a_gpu_exists() {
     // Run with --ignored on a GPU machine (scripts/gpu-check does): without one it fails.
-    assert!(gpu_available(), "no NVIDIA GPU visible (nvidia-smi -L failed)");
+    assert!(
+        gpu_available(),
+        "no NVIDIA GPU visible (nvidia-smi -L failed)"
+    );
     let dir = scratch("cuda");
     train(
         &dir,

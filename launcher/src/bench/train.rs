@@ -31,6 +31,7 @@ const H256: &[&str] = &[
     "data.seq_len=256",
     "train.global_batch_size=8",
     "train.micro_batch_size=8",
+    "data.streams=8",
 ];
 
 /// Width 512: 4 layers, 16 FFN + 8 zero experts, seq 512, vocab 4096, batch 8.
@@ -51,6 +52,7 @@ const H512: &[&str] = &[
     "data.seq_len=512",
     "train.global_batch_size=8",
     "train.micro_batch_size=4",
+    "data.streams=8",
 ];
 
 const SHAPES: &[Shape] = &[
@@ -112,7 +114,12 @@ fn matmul_rate() -> f64 {
 /// The per-step lines after warm-up of one run of our trainer on `shape`.
 fn ours(recipe: &Path, shape: &Shape, steps: usize, out: &Path) -> anyhow::Result<Vec<Value>> {
     let mut sets: Vec<String> = shape.sets.iter().map(|s| s.to_string()).collect();
-    sets.push("checkpoint.every=0".into());
+    // The learning rate warms up over the whole run (mpirun_train's default is no
+    // warm-up): the router stays near its initial state, as in the baselines' short runs.
+    sets.extend([
+        "checkpoint.every=0".into(),
+        format!("train.warmup_steps={steps}"),
+    ]);
     if shape.ranks > 1 {
         sets.push(format!("parallel.expert={}", shape.ranks));
         return mpirun_train(recipe, shape.ranks, steps, &sets, out);
@@ -120,7 +127,6 @@ fn ours(recipe: &Path, shape: &Shape, steps: usize, out: &Path) -> anyhow::Resul
     sets.extend([
         format!("output.dir={}", out.display()),
         format!("train.steps={steps}"),
-        "train.warmup_steps=0".into(),
         format!("train.eval_every={steps}"),
         "train.eval_sequences=8".into(),
         "train.log_every=1".into(),
@@ -137,9 +143,13 @@ fn ours(recipe: &Path, shape: &Shape, steps: usize, out: &Path) -> anyhow::Resul
         .collect())
 }
 
-/// The resolved recipe of `shape` as JSON for the Python baselines (one process, both
-/// cores).
-fn recipe_json(recipe: &Path, shape: &Shape, path: &Path) -> anyhow::Result<()> {
+/// The resolved recipe of `shape`, also written as JSON for the Python baselines (one
+/// process, both cores).
+fn recipe_json(
+    recipe: &Path,
+    shape: &Shape,
+    path: &Path,
+) -> anyhow::Result<catapult_trainer::Recipe> {
     let overrides: Vec<catapult_trainer::Override> = shape
         .sets
         .iter()
@@ -149,7 +159,7 @@ fn recipe_json(recipe: &Path, shape: &Shape, path: &Path) -> anyhow::Result<()> 
         .collect::<Result<_, _>>()?;
     let r = catapult_trainer::recipe::load(recipe, &overrides)?;
     std::fs::write(path, serde_json::to_string_pretty(&r)?)?;
-    Ok(())
+    Ok(r)
 }
 
 /// Timed samples of one shape, pooled over rounds.
@@ -160,6 +170,8 @@ struct Samples {
     eager: Vec<f64>,
     compiled: Vec<f64>,
     compile_warmup_s: Vec<f64>,
+    /// FFN experts per token of each implementation's timed steps (ours, eager, compile).
+    ffn: [Vec<f64>; 3],
 }
 
 /// One round of one shape: the three implementations in an order that rotates by round.
@@ -183,7 +195,9 @@ fn round(
             let out = ctx.dir.join(format!("run-{}", shape.name));
             for l in ours(ctx.recipe, shape, steps, &out)? {
                 s.ours.extend(l["tokens_per_s"].as_f64());
-                s.achieved.extend(l["achieved_tflops"].as_f64().map(|t| t * 1e12));
+                s.ffn[0].extend(l["ffn_experts_per_token"].as_f64());
+                s.achieved
+                    .extend(l["achieved_tflops"].as_f64().map(|t| t * 1e12));
             }
         } else {
             let mode = if which == 1 { "eager" } else { "compile" };
@@ -200,11 +214,16 @@ fn round(
                 ],
             )?;
             let rates = v["rates"].as_array().into_iter().flatten();
-            let into = if which == 1 { &mut s.eager } else { &mut s.compiled };
+            let into = if which == 1 {
+                &mut s.eager
+            } else {
+                &mut s.compiled
+            };
             into.extend(rates.filter_map(Value::as_f64));
             if which == 2 {
                 s.compile_warmup_s.extend(v["warmup_s"].as_f64());
             }
+            s.ffn[which].extend(v["ffn_experts_per_token"].as_f64());
         }
         p.finish_and_clear();
     }
@@ -217,13 +236,25 @@ struct Ctx<'a> {
     dir: &'a Path,
 }
 
-fn summarize(shape: &Shape, s: Samples, rate: f64) -> Value {
+fn summarize(shape: &Shape, r: &catapult_trainer::Recipe, s: Samples, rate: f64) -> Value {
     // Our achieved FLOP/s is per rank; the rate is of both cores (2 threads): with two
     // 1-thread ranks, the ranks' sum is what the rate bounds.
     let achieved = median(s.achieved) * shape.ranks as f64;
     let counts = [s.ours.len(), s.eager.len(), s.compiled.len()];
     let (o, e, c) = (median(s.ours), median(s.eager), median(s.compiled));
+    // Each implementation's model FLOP/s with its own FFN experts per token (the routers
+    // drift differently): a ratio of work done per second, not of tokens.
+    let ffn = s.ffn.map(|v| v.iter().sum::<f64>() / v.len().max(1) as f64);
+    let flops = |ffn: f64, tokens_per_s: f64| {
+        catapult_trainer::sizing::flops_per_token_uniform(&r.model, r.data.seq_len, ffn)
+            * tokens_per_s
+    };
+    let work = [flops(ffn[0], o), flops(ffn[1], e), flops(ffn[2], c)];
     json!({
+        "ffn_experts_per_token": {"catapult": ffn[0], "eager": ffn[1], "compile": ffn[2]},
+        "model_flops_per_s": {"catapult": work[0], "eager": work[1], "compile": work[2]},
+        "flops_ratio_over_eager": work[0] / work[1],
+        "flops_ratio_over_compile": work[0] / work[2],
         "shape": shape.name,
         "sets": shape.sets,
         "ranks": shape.ranks,
@@ -246,14 +277,25 @@ fn print_table(rate: f64, rates: &[f64], rows: &[Value]) {
         rates.iter().copied().fold(0.0, f64::max) / 1e9
     );
     println!(
-        "{:<10} {:>5} {:>10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>8}",
-        "shape", "ranks", "catapult", "eager", "compile", "/eager", "/compile", "GFLOP/s", "of rate"
+        "{:<10} {:>5} {:>10} {:>10} {:>10} {:>8} {:>8} {:>14} {:>9} {:>8} {:>15}",
+        "shape",
+        "ranks",
+        "catapult",
+        "eager",
+        "compile",
+        "/eager",
+        "/compile",
+        "FLOP/s ratios",
+        "GFLOP/s",
+        "of rate",
+        "ffn/tok o/e/c"
     );
     for r in rows {
         let t = &r["tokens_per_s"];
         let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+        let ffn = &r["ffn_experts_per_token"];
         println!(
-            "{:<10} {:>5} {:>10.0} {:>10.0} {:>10.0} {:>7.2}x {:>7.2}x {:>9.1} {:>7.1}%",
+            "{:<10} {:>5} {:>10.0} {:>10.0} {:>10.0} {:>7.2}x {:>7.2}x {:>6.2}x {:>6.2}x {:>9.1} {:>7.1}% {:>15}",
             r["shape"].as_str().unwrap_or("?"),
             r["ranks"],
             f(&t["catapult"]),
@@ -261,8 +303,16 @@ fn print_table(rate: f64, rates: &[f64], rows: &[Value]) {
             f(&t["compile"]),
             f(&r["ratio_over_eager"]),
             f(&r["ratio_over_compile"]),
+            f(&r["flops_ratio_over_eager"]),
+            f(&r["flops_ratio_over_compile"]),
             f(&r["achieved_flops_per_s"]) / 1e9,
-            f(&r["fraction_of_matmul_rate"]) * 100.0
+            f(&r["fraction_of_matmul_rate"]) * 100.0,
+            format!(
+                "{:.2}/{:.2}/{:.2}",
+                f(&ffn["catapult"]),
+                f(&ffn["eager"]),
+                f(&ffn["compile"])
+            )
         );
     }
 }
@@ -305,9 +355,16 @@ pub(super) fn run(a: &Args) -> Result<(), crate::Failure> {
         python: a.python,
         dir: a.dir,
     };
-    for shape in &chosen {
-        recipe_json(a.recipe, shape, &a.dir.join(format!("{}.recipe.json", shape.name)))?;
-    }
+    let recipes: Vec<catapult_trainer::Recipe> = chosen
+        .iter()
+        .map(|shape| {
+            recipe_json(
+                a.recipe,
+                shape,
+                &a.dir.join(format!("{}.recipe.json", shape.name)),
+            )
+        })
+        .collect::<Result<_, _>>()?;
     let mut samples: Vec<Samples> = chosen.iter().map(|_| Samples::default()).collect();
     let mut rates = Vec::new();
     for rnd in 0..a.repeats.max(1) {
@@ -320,8 +377,9 @@ pub(super) fn run(a: &Args) -> Result<(), crate::Failure> {
     let rate = median(rates.clone());
     let rows: Vec<Value> = chosen
         .iter()
+        .zip(&recipes)
         .zip(samples)
-        .map(|(shape, s)| summarize(shape, s, rate))
+        .map(|((shape, r), s)| summarize(shape, r, s, rate))
         .collect();
     let results = json!({
         "recipe": a.recipe.display().to_string(),

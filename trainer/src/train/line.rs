@@ -51,6 +51,10 @@ pub struct StepReport<'a> {
     /// Bytes this rank sent reducing gradients and received gathering sharded
     /// parameters (`parallel.shard: parameters`) this step.
     pub moved_bytes: [u64; 2],
+    /// Seconds of this rank's step by phase: the micro-batches' forward and backward
+    /// passes, the statistics' reduction over ranks, and the update (what is left of
+    /// the gradient reduction, the norm, clipping, AdamW, the parameter gather).
+    pub phase_s: [f64; 3],
 }
 
 impl StepReport<'_> {
@@ -100,6 +104,9 @@ pub fn step_line(
         "z_loss": r.stats.z_loss / micro,
         "mtp_loss": r.stats.mtp_loss / micro,
         "step_s": r.step_s,
+        "forward_backward_s": r.phase_s[0],
+        "stats_reduce_s": r.phase_s[1],
+        "update_s": r.phase_s[2],
         "all_to_all_exposed_s": exposed[0] + exposed[1],
         "all_to_all_forward_exposed_s": exposed[0],
         "all_to_all_backward_exposed_s": exposed[1],

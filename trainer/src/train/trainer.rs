@@ -199,7 +199,9 @@ impl Trainer<'_> {
 
             // Micro-steps: forward and backward of each micro-batch, gradients
             // accumulating; the first replayed when a corruption check is due.
+            let compute_start = Instant::now();
             let (mut stats, replay) = self.micro_steps(&batch, step, done)?;
+            let compute_s = compute_start.elapsed().as_secs_f64();
             if let Some(replay) = &replay {
                 let verdict =
                     sdc::verdict(&self.par.world, replay, done, t.sdc_action, self.rollbacks)?;
@@ -213,9 +215,14 @@ impl Trainer<'_> {
 
             // Reduce (what backward did not overlap), clip, step, gather; nothing is
             // applied when the loss, the gradient norm or the rate is not finite.
+            let stats_start = Instant::now();
             stats.all_reduce(&self.par.world);
+            let stats_s = stats_start.elapsed().as_secs_f64();
             let loss = stats.lm_loss + stats.balance_loss + stats.z_loss + stats.mtp_loss;
-            let update = match self.update(lr, loss)? {
+            let update_start = Instant::now();
+            let stepped = self.update(lr, loss)?;
+            let update_s = update_start.elapsed().as_secs_f64();
+            let update = match stepped {
                 Stepped::Applied(u) => u,
                 Stepped::NonFinite(grad_norm) => {
                     match self.nonfinite(done, (loss, grad_norm, lr))? {
@@ -263,6 +270,7 @@ impl Trainer<'_> {
                 held: update.held,
                 exposed_s: update.exposed_s,
                 moved_bytes: update.moved_bytes,
+                phase_s: [compute_s, stats_s, update_s],
             };
             self.log(&report, &counts)?;
 
