@@ -199,9 +199,8 @@ impl Trainer<'_> {
 
             // Micro-steps: forward and backward of each micro-batch, gradients
             // accumulating; the first replayed when a corruption check is due.
-            let compute_start = Instant::now();
-            let (mut stats, replay) = self.micro_steps(&batch, step, done)?;
-            let compute_s = compute_start.elapsed().as_secs_f64();
+            let (steps, compute_s) = timed(|| self.micro_steps(&batch, step, done));
+            let (mut stats, replay) = steps?;
             if let Some(replay) = &replay {
                 let verdict =
                     sdc::verdict(&self.par.world, replay, done, t.sdc_action, self.rollbacks)?;
@@ -215,14 +214,10 @@ impl Trainer<'_> {
 
             // Reduce (what backward did not overlap), clip, step, gather; nothing is
             // applied when the loss, the gradient norm or the rate is not finite.
-            let stats_start = Instant::now();
-            stats.all_reduce(&self.par.world);
-            let stats_s = stats_start.elapsed().as_secs_f64();
+            let ((), stats_s) = timed(|| stats.all_reduce(&self.par.world));
             let loss = stats.lm_loss + stats.balance_loss + stats.z_loss + stats.mtp_loss;
-            let update_start = Instant::now();
-            let stepped = self.update(lr, loss)?;
-            let update_s = update_start.elapsed().as_secs_f64();
-            let update = match stepped {
+            let (stepped, update_s) = timed(|| self.update(lr, loss));
+            let update = match stepped? {
                 Stepped::Applied(u) => u,
                 Stepped::NonFinite(grad_norm) => {
                     match self.nonfinite(done, (loss, grad_norm, lr))? {
@@ -579,4 +574,11 @@ impl Trainer<'_> {
         self.progress.set_position(self.step);
         Ok(())
     }
+}
+
+/// `f()` and the seconds it took.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    let start = Instant::now();
+    let value = f();
+    (value, start.elapsed().as_secs_f64())
 }
