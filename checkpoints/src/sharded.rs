@@ -198,37 +198,36 @@ pub fn step_dir(step: u64) -> String {
     format!("step-{step:08}")
 }
 
-/// A rank's two files (its tensors, its state and pieces as JSON), encoded and hashed,
-/// with their manifest entries; nothing is written yet.
-fn encode(r: &RankState) -> Vec<(FileEntry, Vec<Bytes>)> {
+/// A rank's two files (its tensors, its state and pieces as JSON), encoded: names and
+/// chunks; nothing is hashed or written yet.
+fn encode(r: &RankState) -> Vec<(String, Vec<Bytes>)> {
     let state = serde_json::to_vec_pretty(&serde_json::json!({
         "rank": r.rank,
         "pieces": r.pieces,
         "state": r.state,
     }))
     .expect("JSON values serialize");
-    [
+    vec![
         (
             rank_file(r.rank, "safetensors"),
             serialize_chunks(&r.tensors),
         ),
         (rank_file(r.rank, "json"), vec![Bytes::from(state)]),
     ]
-    .into_iter()
-    .map(|(name, chunks)| {
-        let mut hasher = blake3::Hasher::new();
-        for c in &chunks {
-            hasher.update(c);
-        }
-        let entry = FileEntry {
-            name,
-            rank: r.rank,
-            bytes: chunks.iter().map(|c| c.len() as u64).sum(),
-            blake3: hasher.finalize().to_hex().to_string(),
-        };
-        (entry, chunks)
-    })
-    .collect()
+}
+
+/// The manifest entry of one encoded file: its size and BLAKE3.
+fn entry_of(name: &str, rank: usize, chunks: &[Bytes]) -> FileEntry {
+    let mut hasher = blake3::Hasher::new();
+    for c in chunks {
+        hasher.update(c);
+    }
+    FileEntry {
+        name: name.to_string(),
+        rank,
+        bytes: chunks.iter().map(|c| c.len() as u64).sum(),
+        blake3: hasher.finalize().to_hex().to_string(),
+    }
 }
 
 fn different_checkpoint(location: String) -> ShardError {
@@ -360,20 +359,30 @@ impl Checkpoints {
             if let Ok(m) = serde_json::from_slice::<Manifest>(&existing) {
                 let same_head = (m.tokens, &m.recipe, &m.world, &m.growth)
                     == (head.tokens, &head.recipe, &head.world, &head.growth);
-                if !same_head || encoded.iter().any(|(e, _)| !m.files.contains(e)) {
+                let same_files = encoded
+                    .iter()
+                    .all(|(name, chunks)| m.files.contains(&entry_of(name, r.rank, chunks)));
+                if !same_head || !same_files {
                     return Err(different_checkpoint(display));
                 }
             }
         }
         let mut entries = Vec::with_capacity(encoded.len());
-        for (entry, chunks) in encoded {
-            let name = format!("{dir}/{}", entry.name);
-            if entry.name.ends_with(".safetensors") && fault("mid-shard", step, r.rank) {
+        for (file, chunks) in encoded {
+            let name = format!("{dir}/{file}");
+            if file.ends_with(".safetensors") && fault("mid-shard", step, r.rank) {
                 let whole = chunks.concat();
                 self.put(&name, whole[..whole.len() / 2].to_vec())?;
                 kill_self();
             }
-            self.put_chunks(&name, chunks)?;
+            // The hash is computed on another thread while the bytes are written (and
+            // fsynced): the save takes the longer of the two, not their sum.
+            let entry = std::thread::scope(|s| {
+                let hashing = s.spawn(|| entry_of(&file, r.rank, &chunks));
+                let written = self.put_chunks(&name, chunks.clone());
+                let entry = hashing.join().expect("the hashing thread does not panic");
+                written.map(|()| entry)
+            })?;
             entries.push(entry);
         }
         Ok(entries)

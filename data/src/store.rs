@@ -159,7 +159,10 @@ impl Location {
                 };
                 let key = ObjPath::from_absolute_path(&absolute)
                     .map_err(|e| store_err(format!("bad path ({e})")))?;
-                (Arc::new(LocalFileSystem::new()), key)
+                // Local writes are fsynced (file and directory) before they return, as
+                // for file:// URLs: a checkpoint's manifest never reaches the disk ahead
+                // of the shards it lists.
+                (Arc::new(LocalFileSystem::new().with_fsync(true)), key)
             };
         Ok(Self {
             store,

@@ -20,6 +20,8 @@ struct Times {
     parallel: (f64, f64),
     base_save: f64,
     base_load: f64,
+    /// The same bytes written raw (one file, write_all, fsync): the disk's rate.
+    raw_save: f64,
     /// Mean training step, and mean time the loop blocked per asynchronous save.
     step_s: f64,
     block_s: f64,
@@ -40,7 +42,7 @@ pub(super) fn run(
     let (a2, p2) = writers(&tensors, dir)?;
     let best = |x: (f64, f64), y: (f64, f64)| (x.0.min(y.0), x.1.min(y.1));
     let (alone, parallel) = (best(a1, a2), best(p1, p2));
-    let (save_s, load_s, shard) = save_and_load(tensors, dir)?;
+    let (save_s, load_s, shard, raw_save) = save_and_load(tensors, dir)?;
     let (base_save, base_load) = baseline(python, &shard, dir)?;
     let (step_s, block_s) = async_blocking(recipe, dir)?;
     let times = Times {
@@ -50,6 +52,7 @@ pub(super) fn run(
         parallel,
         base_save,
         base_load,
+        raw_save,
         step_s,
         block_s,
     };
@@ -183,9 +186,28 @@ fn bench_head() -> ManifestHead {
     }
 }
 
+/// The tensors' bytes written raw to one file (write_all per tensor, then fsync of the
+/// file and its directory, as the checkpoint's local writes do); the seconds.
+fn raw_write(tensors: &[HostTensor], dir: &Path) -> anyhow::Result<f64> {
+    use std::io::Write;
+    let path = dir.join("raw.bin");
+    let started = Instant::now();
+    let mut f = std::fs::File::create(&path)?;
+    for t in tensors {
+        f.write_all(&t.data)?;
+    }
+    f.sync_all()?;
+    std::fs::File::open(dir)?.sync_all()?;
+    let s = started.elapsed().as_secs_f64();
+    std::fs::remove_file(&path)?;
+    Ok(s)
+}
+
 /// catapult's save (serialize, BLAKE3, write, fsync) and verified load of `tensors` as
-/// one rank's checkpoint; the seconds of each and the shard written.
-fn save_and_load(tensors: Vec<HostTensor>, dir: &Path) -> anyhow::Result<(f64, f64, PathBuf)> {
+/// one rank's checkpoint; the seconds of each, the shard written, and the best of two raw
+/// writes of the same bytes (one before the save, one after).
+fn save_and_load(tensors: Vec<HostTensor>, dir: &Path) -> anyhow::Result<(f64, f64, PathBuf, f64)> {
+    let raw_before = raw_write(&tensors, dir)?;
     let store = Checkpoints::open(utf8(&dir.join("ckpt"))?, &Default::default())?;
     let request = SaveRequest {
         head: bench_head(),
@@ -201,6 +223,7 @@ fn save_and_load(tensors: Vec<HostTensor>, dir: &Path) -> anyhow::Result<(f64, f
     store.save(request)?;
     let shard = dir.join("ckpt/step-00000001/rank-00000.safetensors");
     let save_s = started.elapsed().as_secs_f64();
+    let raw_s = raw_before.min(raw_after(&store, dir)?);
     let started = Instant::now();
     let loaded = store.load(1, true)?;
     for name in loaded.names() {
@@ -209,7 +232,17 @@ fn save_and_load(tensors: Vec<HostTensor>, dir: &Path) -> anyhow::Result<(f64, f
     let load_s = started.elapsed().as_secs_f64();
     drop(loaded);
     p.finish_and_clear();
-    Ok((save_s, load_s, shard))
+    Ok((save_s, load_s, shard, raw_s))
+}
+
+/// A raw write of the bytes the checkpoint just saved (read back from its shard first).
+fn raw_after(store: &Checkpoints, dir: &Path) -> anyhow::Result<f64> {
+    let loaded = store.load(1, false)?;
+    let tensors: Vec<HostTensor> = loaded
+        .names()
+        .map(|n| loaded.whole(n))
+        .collect::<Result<_, _>>()?;
+    raw_write(&tensors, dir)
 }
 
 /// torch.save / torch.load of the shard's tensors: (save seconds, load seconds).
@@ -279,6 +312,7 @@ fn report(
         parallel,
         base_save,
         base_load,
+        raw_save,
         step_s,
         block_s,
     } = *t;
@@ -305,6 +339,11 @@ fn report(
         gb / load_s,
         gb / base_load,
         base_load / load_s
+    );
+    println!(
+        "raw write of the same bytes (write_all, fsync): {:.2} GB/s; catapult's save / raw: {:.2}",
+        gb / raw_save,
+        raw_save / save_s
     );
     println!(
         "(catapult's save includes BLAKE3 hashing and the manifest; its load verifies every hash)"
@@ -340,6 +379,8 @@ fn report(
     let report = serde_json::json!({
         "bytes": total, "save_gb_per_s": gb / save_s, "load_gb_per_s": gb / load_s,
         "torch_save_gb_per_s": gb / base_save, "torch_load_gb_per_s": gb / base_load,
+        "raw_write_gb_per_s": gb / raw_save, "save_over_raw": raw_save / save_s,
+        "save_over_torch": base_save / save_s, "load_over_torch": base_load / load_s,
         "async_block_s": block_s, "step_s": step_s,
         "one_writer_save_gb_per_s": gb / alone.0, "one_writer_load_gb_per_s": gb / alone.1,
         "parallel_writers": WRITERS,
