@@ -77,6 +77,20 @@ pub fn corpus() -> &'static Path {
     })
 }
 
+/// The final weights (`checkpoint/model.safetensors`) of the run in `dir/run`, as bytes.
+pub fn final_weights(dir: &Path, run: &str) -> Vec<u8> {
+    std::fs::read(dir.join(run).join("checkpoint/model.safetensors")).unwrap()
+}
+
+/// Copies the files of directory `from` (not its subdirectories) into `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
 /// Reads a JSON-lines metrics file.
 pub fn metrics(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)

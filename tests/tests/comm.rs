@@ -3,7 +3,9 @@
 //! every check passes on every rank, and the reductions give the same bits regardless
 //! of message timing.
 
-use catapult_tests::{catapult_binary, corpus, file_hash, metrics, scratch, workspace};
+use catapult_tests::{
+    catapult_binary, copy_dir, corpus, file_hash, final_weights, metrics, scratch, workspace,
+};
 use std::path::Path;
 use std::process::Command;
 
@@ -149,10 +151,6 @@ fn losses(dir: &Path, run: &str) -> Vec<(u64, f64)> {
         .collect()
 }
 
-fn weights(dir: &Path, run: &str) -> Vec<u8> {
-    std::fs::read(dir.join(run).join("checkpoint/model.safetensors")).unwrap()
-}
-
 fn assert_close(a: &[(u64, f64)], b: &[(u64, f64)], what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
     for ((s, x), (t, y)) in a.iter().zip(b) {
@@ -184,7 +182,10 @@ fn every_layout_matches_one_process_for_20_steps() {
         if expert == 1 {
             // Data parallelism alone: the canonical reduction tree gives the same bits.
             assert_eq!(losses(&dir, &name), one, "{name}");
-            assert!(weights(&dir, &name) == weights(&dir, "one"), "{name}");
+            assert!(
+                final_weights(&dir, &name) == final_weights(&dir, "one"),
+                "{name}"
+            );
         } else {
             // The experts compute on rows grouped by rank: the match is to rounding.
             assert_close(&one, &losses(&dir, &name), &name);
@@ -199,8 +200,8 @@ fn every_layout_matches_one_process_for_20_steps() {
         for e in 0..expert {
             assert!(step.join(format!("rank-{e:05}.safetensors")).exists());
         }
-        let full = weights(&dir, &name);
-        assert_eq!(full.len(), weights(&dir, "one").len(), "{name}");
+        let full = final_weights(&dir, &name);
+        assert_eq!(full.len(), final_weights(&dir, "one").len(), "{name}");
     }
 }
 
@@ -211,9 +212,9 @@ fn a_data_x_expert_parallel_run_is_bitwise_reproducible_under_timing_jitter() {
     let jitter = |ms| [("CATAPULT_COMM_JITTER_MS", ms)];
     ok(train(&dir, "calm", 4, 2, &steps, &jitter("0")));
     ok(train(&dir, "shaken", 4, 2, &steps, &jitter("20")));
-    let calm = weights(&dir, "calm");
+    let calm = final_weights(&dir, "calm");
     assert!(
-        weights(&dir, "shaken") == calm,
+        final_weights(&dir, "shaken") == calm,
         "random delays changed the weights"
     );
     // Overlap changes when the all-to-alls are waited on, never what they carry.
@@ -221,7 +222,7 @@ fn a_data_x_expert_parallel_run_is_bitwise_reproducible_under_timing_jitter() {
     sets.push("parallel.overlap=false");
     ok(train(&dir, "serial", 4, 2, &sets, &[]));
     assert!(
-        weights(&dir, "serial") == calm,
+        final_weights(&dir, "serial") == calm,
         "overlap changed the weights"
     );
 }
@@ -238,7 +239,7 @@ fn expert_parallel_checkpoints_resume_bitwise_and_reshard() {
     resumed.push(RESUME);
     ok(train(&dir, "cut", 2, 2, &resumed, &[]));
     assert!(
-        weights(&dir, "cut") == weights(&dir, "whole"),
+        final_weights(&dir, "cut") == final_weights(&dir, "whole"),
         "the resumed run's weights differ"
     );
     // The expert-parallel step-4 checkpoint, resumed by one process holding every
@@ -273,14 +274,6 @@ fn expert_parallel_checkpoints_resume_bitwise_and_reshard() {
         );
     }
     assert_eq!(losses(&dir, "alone").first().map(|l| l.0), Some(5));
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
 }
 
 #[test]
@@ -337,7 +330,7 @@ fn the_sdc_check_names_the_corrupt_rank_and_rolls_back() {
         "no rollback recorded"
     );
     assert!(
-        weights(&dir, "rolled") == weights(&dir, "clean"),
+        final_weights(&dir, "rolled") == final_weights(&dir, "clean"),
         "the rolled-back run's weights differ from a clean run's"
     );
     // A rank that computes wrongly every time: 3 rollbacks, then the run stops.
@@ -365,7 +358,7 @@ fn the_sdc_check_names_the_corrupt_rank_and_rolls_back() {
         &["train.steps=6", "train.eval_every=6"],
         &[],
     ));
-    assert!(weights(&dir, "unchecked") == weights(&dir, "clean"));
+    assert!(final_weights(&dir, "unchecked") == final_weights(&dir, "clean"));
     let checked: Vec<f64> = catapult_tests::metrics(&dir.join("clean/metrics.jsonl"))
         .iter()
         .filter_map(|l| l.get("sdc_check_fraction")?.as_f64())
@@ -485,7 +478,7 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
             let b = format!("{mode}-{ranks}-{expert}");
             ok(train(&dir, &b, ranks, expert, &with(set), &[]));
             assert!(
-                weights(&dir, &a) == weights(&dir, &b),
+                final_weights(&dir, &a) == final_weights(&dir, &b),
                 "{ranks} ranks: {set} changed the weights"
             );
             shard_checks(&dir, (&a, &b), (ranks, expert), &[set]);
@@ -501,7 +494,7 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
     two_grad.extend(["train.micro_batch_size=2", "parallel.overlap=false"]);
     ok(train(&dir, "grad-micro-4", 4, 2, &two_grad, &[]));
     assert!(
-        weights(&dir, "none-micro-4") == weights(&dir, "grad-micro-4"),
+        final_weights(&dir, "none-micro-4") == final_weights(&dir, "grad-micro-4"),
         "2 micro-batches, no overlap: sharded gradients changed the weights"
     );
     // Sharded parameters with 2 micro-batches (the layers gathered again for each),
@@ -510,7 +503,7 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
     two_param.extend(["train.micro_batch_size=2", "parallel.overlap=false"]);
     ok(train(&dir, "param-micro-4", 4, 2, &two_param, &[]));
     assert!(
-        weights(&dir, "none-micro-4") == weights(&dir, "param-micro-4"),
+        final_weights(&dir, "none-micro-4") == final_weights(&dir, "param-micro-4"),
         "2 micro-batches, no overlap: sharded parameters changed the weights"
     );
     // Recomputing every layer in backward, with sharded gradients, on DP 2 x EP 2
@@ -520,7 +513,7 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
         both.push("train.recompute=layer");
         ok(train(&dir, name, 4, 2, &both, &[]));
         assert!(
-            weights(&dir, name) == weights(&dir, "none-4-2"),
+            final_weights(&dir, name) == final_weights(&dir, "none-4-2"),
             "recomputation with {set} changed the weights"
         );
     }
@@ -539,7 +532,7 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
     ] {
         ok(train(&dir, name, 2, 1, &bf16(set), &[]));
         assert!(
-            weights(&dir, "bf16-none") == weights(&dir, name),
+            final_weights(&dir, "bf16-none") == final_weights(&dir, name),
             "bf16: {set} changed the weights"
         );
     }
@@ -568,7 +561,7 @@ fn every_shard_mode_gives_the_bits_of_none_and_resumes_in_any_mode() {
         resumed.push(RESUME);
         ok(train(&dir, to, 4, 2, &resumed, &[]));
         assert!(
-            weights(&dir, to) == weights(&dir, "none-4-2"),
+            final_weights(&dir, to) == final_weights(&dir, "none-4-2"),
             "{from} resumed as {mode}: the weights differ"
         );
         assert_eq!(
@@ -624,7 +617,7 @@ fn initial_weights_are_the_same_in_every_layout_and_no_rank_draws_a_whole_tensor
         let mut sets = frozen.to_vec();
         sets.push(&shard);
         ok(train(&dir, &name, ranks, expert, &sets, &[]));
-        let w = weights(&dir, &name);
+        let w = final_weights(&dir, &name);
         match &first {
             None => first = Some((name, w)),
             Some((a, v)) => assert!(*v == w, "{name} starts from other weights than {a}"),
@@ -748,7 +741,7 @@ fn every_rank_writes_its_own_checkpoint_and_any_layout_resumes_it() {
     resumed.push(RESUME);
     ok(train(&dir, "cut", 4, 2, &resumed, &keys));
     assert!(
-        weights(&dir, "cut") == weights(&dir, "whole"),
+        final_weights(&dir, "cut") == final_weights(&dir, "whole"),
         "the resumed run's weights differ"
     );
     let resumed_line = metrics(&dir.join("cut/metrics.jsonl"))
@@ -976,8 +969,8 @@ fn non_finite_steps_are_skipped_or_rolled_back_alike_on_every_rank() {
         ));
         assert!(String::from_utf8_lossy(&out.stderr).contains("step skipped"));
     }
-    assert!(weights(&dir, "skip-a") == weights(&dir, "skip-b"));
-    assert!(weights(&dir, "skip-a") != weights(&dir, "calm"));
+    assert!(final_weights(&dir, "skip-a") == final_weights(&dir, "skip-b"));
+    assert!(final_weights(&dir, "skip-a") != final_weights(&dir, "calm"));
     let skipped: Vec<u64> = metrics(&dir.join("skip-a/metrics.jsonl"))
         .iter()
         .filter(|l| l["nonfinite"]["action"] == "skip")
@@ -994,7 +987,7 @@ fn non_finite_steps_are_skipped_or_rolled_back_alike_on_every_rank() {
         &with("train.nonfinite=rollback"),
         &[("CATAPULT_FAULT", "nan:1:5")],
     ));
-    assert!(weights(&dir, "rolled") == weights(&dir, "calm"));
+    assert!(final_weights(&dir, "rolled") == final_weights(&dir, "calm"));
     let back: Vec<serde_json::Value> = metrics(&dir.join("rolled/metrics.jsonl"))
         .into_iter()
         .filter(|l| l["nonfinite_rollback"].is_object())

@@ -3,7 +3,7 @@
 //! checkpoint, ending with the same weights as an undisturbed run; exhausted restarts
 //! name every cause; bad input starts nothing.
 
-use catapult_tests::{catapult_binary, corpus, scratch, workspace};
+use catapult_tests::{catapult_binary, corpus, final_weights, scratch, workspace};
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -55,10 +55,6 @@ fn ok(out: Output) -> Output {
     out
 }
 
-fn weights(dir: &Path, name: &str) -> Vec<u8> {
-    std::fs::read(dir.join(name).join("checkpoint/model.safetensors")).unwrap()
-}
-
 fn state(dir: &Path, name: &str) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(dir.join(name).join("supervisor.json")).unwrap()).unwrap()
 }
@@ -88,11 +84,11 @@ fn launch_prefixes_rank_logs_and_equals_mpirun_of_the_same_recipe() {
         direct.args(["--set", &s]);
     }
     ok(direct.output().unwrap());
-    assert!(weights(&dir, "launched") == weights(&dir, "direct"));
+    assert!(final_weights(&dir, "launched") == final_weights(&dir, "direct"));
     // Launching it again resumes the finished run instead of overwriting it.
     let again = ok(launch(&dir, "launched", &[], None));
     assert!(String::from_utf8_lossy(&again.stderr).contains("resuming it"));
-    assert!(weights(&dir, "launched") == weights(&dir, "direct"));
+    assert!(final_weights(&dir, "launched") == final_weights(&dir, "direct"));
     // Every line arrived whole: no mpirun tag inside the console's or the logs' lines.
     let mut texts = vec![
         (
@@ -139,7 +135,7 @@ fn a_killed_or_hung_rank_restarts_from_the_last_checkpoint_with_the_same_weights
     let attempts = s["attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), 2, "{s}");
     assert_eq!(attempts[0]["cause"], "rank 1 died on signal 9 (Killed)");
-    assert!(weights(&dir, "killed") == weights(&dir, "calm"));
+    assert!(final_weights(&dir, "killed") == final_weights(&dir, "calm"));
     // It restarted from step 4's checkpoint (killed at the start of step 5), and the
     // first step it trained again was 5: nothing before it was recomputed.
     assert_eq!(attempts[0]["resume_step"], 0, "{s}");
@@ -170,7 +166,7 @@ fn a_killed_or_hung_rank_restarts_from_the_last_checkpoint_with_the_same_weights
     let lasted = attempts[0]["ended_unix_s"].as_f64().unwrap()
         - attempts[0]["started_unix_s"].as_f64().unwrap();
     assert!(lasted < 60.0, "the hung attempt lasted {lasted} s");
-    assert!(weights(&dir, "hung") == weights(&dir, "calm"));
+    assert!(final_weights(&dir, "hung") == final_weights(&dir, "calm"));
 }
 
 #[test]
@@ -220,7 +216,7 @@ fn failures_after_progress_never_spend_the_budget_and_the_backoff_stays_at_its_b
         assert_eq!(a["consecutive_failures"], 1, "{s}");
         assert_eq!(a["backoff_s"], 0.2, "the backoff stays at its base: {s}");
     }
-    assert!(weights(&dir, "kills") == weights(&dir, "calm"));
+    assert!(final_weights(&dir, "kills") == final_weights(&dir, "calm"));
     let status = ok(Command::new(catapult_binary())
         .current_dir(&dir)
         .args(["status", "kills"])
@@ -310,7 +306,7 @@ fn preemption_checkpoints_stops_cleanly_and_resumes_to_the_same_weights() {
         .max()
         .unwrap();
     ok(launch(&dir, "cut", &long, None));
-    assert!(weights(&dir, "cut") == weights(&dir, "calm"));
+    assert!(final_weights(&dir, "cut") == final_weights(&dir, "calm"));
     let s = state(&dir, "cut");
     assert_eq!(s["attempts"][0]["resume_step"], preempted, "{s}");
     assert_eq!(first_step_after_resume(&dir, "cut"), Some(preempted + 1));

@@ -4,7 +4,9 @@
 //! And the default expert-bias controller (`hold`) holds every layer's FFN experts per
 //! token within 2% of K_e on three recipes.
 
-use catapult_tests::{catapult_binary, corpus, metrics, scratch, workspace};
+use catapult_tests::{
+    catapult_binary, copy_dir, corpus, final_weights, metrics, scratch, workspace,
+};
 use std::path::Path;
 use std::process::Command;
 
@@ -55,10 +57,6 @@ fn train(dir: &Path, name: &str, ranks: usize, sets: &[&str], resume: bool) {
     );
 }
 
-fn weights(dir: &Path, run: &str) -> Vec<u8> {
-    std::fs::read(dir.join(run).join("checkpoint/model.safetensors")).unwrap()
-}
-
 /// (step, loss, grad_norm) of every step line.
 fn steps(dir: &Path, run: &str) -> Vec<(u64, f64, f64)> {
     metrics(&dir.join(run).join("metrics.jsonl"))
@@ -73,19 +71,11 @@ fn steps(dir: &Path, run: &str) -> Vec<(u64, f64, f64)> {
         .collect()
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
 #[test]
 fn data_parallel_worlds_of_1_2_4_give_the_same_bits_in_every_shard_mode_and_resume_elastically() {
     let dir = scratch("dp-bitwise");
     train(&dir, "w1", 1, &[], false);
-    let one = weights(&dir, "w1");
+    let one = final_weights(&dir, "w1");
     let one_steps = steps(&dir, "w1");
     assert_eq!(one_steps.len(), 10);
     for (ranks, mode) in [
@@ -107,7 +97,7 @@ fn data_parallel_worlds_of_1_2_4_give_the_same_bits_in_every_shard_mode_and_resu
             false,
         );
         assert!(
-            weights(&dir, &name) == one,
+            final_weights(&dir, &name) == one,
             "{name}: the weights differ from one process accumulating 4 micro-batches"
         );
         // The logged loss and gradient norm follow the same order: the same bits.
@@ -124,7 +114,7 @@ fn data_parallel_worlds_of_1_2_4_give_the_same_bits_in_every_shard_mode_and_resu
     train(&dir, "ranks-w1", 1, &["parallel.reduction=ranks"], false);
     train(&dir, "ranks-w2", 2, &["parallel.reduction=ranks"], false);
     assert!(
-        weights(&dir, "ranks-w1") != weights(&dir, "ranks-w2"),
+        final_weights(&dir, "ranks-w1") != final_weights(&dir, "ranks-w2"),
         "the rank-order reduction gave the same bits on 1 and 2 ranks: the test would \
          not see a reduction that depends on the world"
     );
@@ -148,7 +138,7 @@ fn data_parallel_worlds_of_1_2_4_give_the_same_bits_in_every_shard_mode_and_resu
             "{name} trained on from step 6"
         );
         assert!(
-            weights(&dir, name) == one,
+            final_weights(&dir, name) == one,
             "{name}: resuming the 4-rank checkpoint on {ranks} rank(s) changed the weights"
         );
         assert_eq!(logged, one_steps[5..].to_vec(), "{name}: losses differ");
@@ -177,7 +167,7 @@ fn every_bias_control_mode_resumes_bitwise() {
         train(&dir, &cut, 2, &sets, true);
         assert_eq!(steps(&dir, &cut).first().map(|s| s.0), Some(6), "{mode}");
         assert!(
-            weights(&dir, &cut) == weights(&dir, &whole),
+            final_weights(&dir, &cut) == final_weights(&dir, &whole),
             "{mode}: the run resumed at step 5 differs from the uninterrupted one"
         );
         let meta: serde_json::Value = serde_json::from_slice(

@@ -4,7 +4,7 @@
 //! inside the job, SIGUSR1 to the batch step checkpoints and requeues, two simulated
 //! nodes work, and bad input submits nothing.
 
-use catapult_tests::{catapult_binary, corpus, scratch, workspace};
+use catapult_tests::{catapult_binary, corpus, final_weights, scratch, workspace};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -104,10 +104,6 @@ fn wait(dir: &Path, conf: &Path, name: &str) -> serde_json::Value {
     }
 }
 
-fn weights(dir: &Path, name: &str) -> Vec<u8> {
-    std::fs::read(dir.join(name).join("checkpoint/model.safetensors")).unwrap()
-}
-
 fn ok(out: Output) -> Output {
     assert!(
         out.status.success(),
@@ -166,7 +162,7 @@ fn slurm_jobs_complete_restart_requeue_and_refuse_bad_input() {
         launch.args(["--set", &s]);
     }
     ok(launch.output().unwrap());
-    assert!(weights(&dir, "job") == weights(&dir, "local"));
+    assert!(final_weights(&dir, "job") == final_weights(&dir, "local"));
     let log = ok(catapult(&dir, &conf)
         .args(["logs", "job", "--rank", "1"])
         .output()
@@ -188,7 +184,7 @@ fn slurm_jobs_complete_restart_requeue_and_refuse_bad_input() {
     assert_eq!(s["attempts"], 2, "{s}");
     // Killed at the start of step 5: the restart loaded step 4's checkpoint.
     assert_eq!(s["history"][1]["resume_step"], 4, "{s}");
-    assert!(weights(&dir, "killed") == weights(&dir, "local"));
+    assert!(final_weights(&dir, "killed") == final_weights(&dir, "local"));
 
     // Preemption: SIGUSR1 to the batch step checkpoints, requeues, and finishes.
     let long = [
@@ -233,7 +229,7 @@ fn slurm_jobs_complete_restart_requeue_and_refuse_bad_input() {
         calm.args(["--set", &s]);
     }
     ok(calm.output().unwrap());
-    assert!(weights(&dir, "preempted") == weights(&dir, "calm"));
+    assert!(final_weights(&dir, "preempted") == final_weights(&dir, "calm"));
     drop(cluster);
 
     // Two simulated nodes, one rank each.
@@ -248,5 +244,5 @@ fn slurm_jobs_complete_restart_requeue_and_refuse_bad_input() {
     ));
     let s = wait(&dir, &conf, "nodes2");
     assert_eq!(s["job_state"], "COMPLETED", "{s}");
-    assert!(weights(&dir, "nodes2") == weights(&dir, "local"));
+    assert!(final_weights(&dir, "nodes2") == final_weights(&dir, "local"));
 }

@@ -185,6 +185,11 @@ pub(super) fn mpirun_train(
             String::from_utf8_lossy(&result.stderr)
         );
     }
+    step_lines_after_warmup(out)
+}
+
+/// The step lines of the run in `out` (its metrics.jsonl) after 3 warm-up steps.
+pub(super) fn step_lines_after_warmup(out: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
     let text = std::fs::read_to_string(out.join("metrics.jsonl"))?;
     Ok(text
         .lines()

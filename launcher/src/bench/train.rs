@@ -7,7 +7,9 @@
 //! (before each round) and each shape's model FLOPs per second (the sizing module's
 //! count, the trainer's `achieved_tflops`) is reported as a fraction of it.
 
-use super::common::{create_dir, median, mpirun_train, python_json, spinner, train_child};
+use super::common::{
+    create_dir, median, mpirun_train, python_json, spinner, step_lines_after_warmup, train_child,
+};
 use crate::UsageError;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -88,7 +90,8 @@ const SHAPES: &[Shape] = &[
     },
 ];
 
-/// Steps each run discards before timing (allocator warm-up, compilation).
+/// Steps each run discards before timing (allocator warm-up, compilation); the same 3
+/// as `step_lines_after_warmup` drops from our runs.
 const WARMUP: usize = 3;
 
 /// The machine's fp32 rate on a large square matmul (FLOP/s; median of 5 on 2 threads).
@@ -134,13 +137,7 @@ fn ours(recipe: &Path, shape: &Shape, steps: usize, out: &Path) -> anyhow::Resul
         "system.threads=2".into(),
     ]);
     train_child(recipe, &sets, &format!("catapult on {}", shape.name))?;
-    let text = std::fs::read_to_string(out.join("metrics.jsonl"))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l.get("step_s").is_some())
-        .filter(|l| l["step"].as_u64().is_some_and(|s| s as usize > WARMUP))
-        .collect())
+    step_lines_after_warmup(out)
 }
 
 /// The resolved recipe of `shape`, also written as JSON for the Python baselines (one
